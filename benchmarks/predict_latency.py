@@ -1,0 +1,141 @@
+"""CPU inference latency and throughput: PyTorch eager vs ONNX Runtime, preprocessing included.
+
+Builds a randomly initialised checkpoint (no download) in a temporary folder, exports it to ONNX, and times
+``Classifier.predict`` from encoded JPEG bytes to a Prediction: decode, resize, normalize, network, softmax.
+Prints a markdown table (single-image median / p95 latency and batch throughput) with the machine it ran on.
+
+    python benchmarks/predict_latency.py                      # ResNet-152 at 224 px, all cores
+    python benchmarks/predict_latency.py --threads 2 --runs 50
+
+Random weights time the same as trained ones: every layer does the same dense arithmetic either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from PIL import Image
+
+from braintumor.checkpoint import save_checkpoint
+from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.export import available_cores, export_onnx, load_onnx_session
+from braintumor.model import ARCHS, build_model
+from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.predict import Classifier
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet152", choices=ARCHS)
+    parser.add_argument("--image-size", type=int, default=224, help="model input size (default 224)")
+    parser.add_argument("--source-size", type=int, default=512, help="size of the encoded JPEG slice (default 512)")
+    parser.add_argument("--runs", type=int, default=30, help="timed single-image runs per backend (>= 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (allocations, lazy init)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size for the throughput measurement")
+    parser.add_argument("--batch-runs", type=int, default=3, help="timed batches per backend")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: available cores)")
+    parser.add_argument("--no-channels-last", action="store_true", help="time PyTorch in NCHW memory format")
+    args = parser.parse_args(argv)
+    if args.runs < 20:
+        parser.error("--runs must be at least 20 so that the p95 means something")
+    return args
+
+
+def jpeg_slice(size: int) -> bytes:
+    """A synthetic MRI-like slice as the JPEG bytes a client would upload."""
+    buffer = io.BytesIO()
+    Image.fromarray(make_phantom("glioma", size, 0)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def time_single(classifier: Classifier, data: bytes, runs: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of ``runs`` single-image predictions (after ``warmup`` untimed ones)."""
+    for _ in range(warmup):
+        classifier.predict(data)
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        classifier.predict(data)
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
+def time_batch(classifier: Classifier, data: bytes, batch: int, runs: int) -> float:
+    """Images per second for batches of ``batch`` predictions (median batch time; one untimed batch first)."""
+    items = [data] * batch
+    classifier.predict(items, batch_size=batch)
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        classifier.predict(items, batch_size=batch)
+        timings.append(time.perf_counter() - start)
+    return batch / statistics.median(timings)
+
+
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
+def build_classifiers(args, workdir: Path) -> dict[str, Classifier]:
+    """The same random network behind both backends."""
+    torch.manual_seed(0)
+    classes = list(PHANTOM_CLASSES)
+    model = build_model(args.arch, num_classes=len(classes), weights="none").eval()
+    checkpoint = save_checkpoint({"model": model.state_dict(), "classes": classes, "image_size": args.image_size,
+                                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": args.arch,
+                                  "config": {}, "epoch": 0, "best_val_accuracy": 0.0}, workdir / "random.pt")
+    eager = Classifier.from_checkpoint(checkpoint)
+    if not args.no_channels_last:
+        # NHWC lets oneDNN use its blocked convolutions without reordering around every layer.
+        eager.model = eager.model.to(memory_format=torch.channels_last)
+    onnx_path = export_onnx(checkpoint, workdir / "random.onnx")
+    session, meta = load_onnx_session(onnx_path, threads=args.threads)
+    ort = Classifier(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
+                     std=meta["std"], arch=meta["arch"], onnx_session=session)
+    eager_name = "PyTorch eager" + ("" if args.no_channels_last else " (channels_last)")
+    return {eager_name: eager, "ONNX Runtime": ort}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or available_cores()
+    # A benchmark script may set process-wide state; library code never does.
+    torch.set_num_threads(threads)
+    data = jpeg_slice(args.source_size)
+    load_before = load_average()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        classifiers = build_classifiers(args, Path(tmp))
+        for name, classifier in classifiers.items():
+            single = np.array(time_single(classifier, data, args.runs, args.warmup)) * 1000.0
+            throughput = time_batch(classifier, data, args.batch, args.batch_runs)
+            rows.append((name, float(np.median(single)), float(np.percentile(single, 95)), throughput))
+            print(f"# {name}: done", file=sys.stderr, flush=True)
+    load_after = load_average()
+    print(f"{args.arch} at {args.image_size} px, from a {args.source_size} px JPEG (decode + resize + normalize "
+          f"included); {threads} intra-op threads on {available_cores()} available cores "
+          f"({os.cpu_count()} logical, {platform.processor() or platform.machine()}); "
+          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; 1-minute load average "
+          f"{load_before} before, {load_after} after (above the thread count means other processes competed for the cores)\n")
+    print(f"| backend | single image median (ms) | single image p95 (ms) | batch {args.batch} throughput (img/s) |")
+    print("|---|---:|---:|---:|")
+    for name, median, p95, throughput in rows:
+        print(f"| {name} | {median:.1f} | {p95:.1f} | {throughput:.1f} |")
+    print(f"\n{args.runs} timed single-image runs after {args.warmup} warm-up runs; throughput from the median of "
+          f"{args.batch_runs} batches.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

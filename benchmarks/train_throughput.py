@@ -1,0 +1,190 @@
+"""Training throughput: reference-style loop vs the project's train path vs the compute ceiling.
+
+(a) reference: fp32, PIL DataLoader with CPU transforms, batch 32 (the notebook recipe);
+(b) project: ``braintumor.train.train`` end to end on the folder (bad-file check, grouped split, decode cache,
+    device augmentation, bf16, checkpoints, report), images/s of its last epoch and total wall time;
+(c) ceiling: the same model, dtype, batch and optimizer on synthetic tensors already on the device.
+
+On a machine without CUDA it runs in a small CPU mode (resnet18, 64 px) so that it stays usable.
+Prints a markdown table; ``--json FILE`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.flop_counter import FlopCounterMode
+
+from braintumor.config import TrainConfig
+from braintumor.data import ImageFolderDataset, discover, train_transform
+from braintumor.model import build_model
+from braintumor.optim import Ranger
+from braintumor.train import train
+
+# Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0}
+
+
+def device_peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_flops_per_image(arch: str, classes: int, image_size: int, device: torch.device) -> float:
+    """Forward + backward FLOPs of one image, counted by torch.utils.flop_counter."""
+    model = build_model(arch, classes, "none").to(device)
+    images = torch.randn(2, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def reference_loop(paths, labels, cfg: TrainConfig, device: torch.device, steps: int, workers: int) -> float:
+    """Images/s of the notebook-style loop: fp32, PIL decode + CPU transforms in workers, batch 32."""
+    dataset = ImageFolderDataset(paths, labels, train_transform(cfg.image_size, cfg.rotation))
+    sampler = RandomSampler(dataset, replacement=True, num_samples=(steps + 3) * 32)
+    loader = DataLoader(dataset, batch_size=32, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    model = build_model(cfg.arch, len(set(labels)), "none").to(device).train()
+    optimizer = Ranger(model.parameters(), lr=1e-5)
+    criterion = nn.CrossEntropyLoss()
+    seen, start = 0, None
+    for step, (images, targets) in enumerate(loader):
+        if step == 3:  # after warm-up (worker start, cudnn autotune)
+            sync(device)
+            start, seen = time.perf_counter(), 0
+        images, targets = images.to(device), targets.to(device)
+        loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # the reference loop reads the loss every step
+        seen += images.shape[0]
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def ceiling(cfg: TrainConfig, classes: int, device: torch.device, steps: int) -> tuple[float, float]:
+    """Images/s and peak memory (GiB) of the same step on synthetic tensors already on the device."""
+    model = build_model(cfg.arch, classes, "none").to(device).train()
+    amp = device.type == "cuda"
+    if amp:
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = Ranger(model.parameters(), lr=1e-5)
+    criterion = nn.CrossEntropyLoss()
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    if amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, classes, (cfg.batch_size,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(steps + 3):
+        if step == 3:
+            sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = criterion(model(images).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return steps * cfg.batch_size / seconds, peak
+
+
+def project_path(cfg: TrainConfig) -> tuple[float, float, float, str]:
+    """(last-epoch images/s, epoch seconds, end-to-end wall seconds, data path) of ``braintumor train``."""
+    start = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    config = (result.run_dir / "config.yaml").read_text()
+    return rows[-1]["images_per_second"], rows[-1]["seconds"], wall, config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="folder-per-class training set (default: generated phantoms)")
+    parser.add_argument("--arch", default=None, help="default resnet152 on CUDA, resnet18 on CPU")
+    parser.add_argument("--image-size", type=int, default=None, help="default 224 on CUDA, 64 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="project/ceiling batch (default 256 CUDA, 16 CPU)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--ref-steps", type=int, default=None, help="timed steps of the reference loop")
+    parser.add_argument("--ceiling-steps", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    arch = args.arch or ("resnet152" if gpu else "resnet18")
+    size = args.image_size or (224 if gpu else 64)
+    batch = args.batch_size or (256 if gpu else 16)
+    ref_steps = args.ref_steps or (60 if gpu else 4)
+    ceiling_steps = args.ceiling_steps or (30 if gpu else 4)
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            from braintumor.phantom import write_phantom_set
+
+            data = str(write_phantom_set(Path(tmp) / "phantoms", per_class=16 if not gpu else 400, size=size))
+        index = discover(data)
+        classes = len(index.classes)
+        cfg = TrainConfig(data=data, arch=arch, weights="none", image_size=size, epochs=args.epochs,
+                          batch_size=batch, lr=1e-5, device=device.type, data_cache="auto", workers=args.workers,
+                          out=str(Path(tmp) / "run"), progress=False)
+        print(f"device: {name}; {arch} at {size} px; {len(index.paths)} images in {data}", flush=True)
+        ref = reference_loop(index.paths, index.labels, cfg, device, ref_steps, args.workers)
+        print(f"(a) reference loop: {ref:.0f} img/s", flush=True)
+        project, epoch_seconds, wall, _ = project_path(cfg)
+        print(f"(b) project train path: {project:.0f} img/s", flush=True)
+        top, peak_gib = ceiling(cfg, classes, device, ceiling_steps)
+        print(f"(c) ceiling: {top:.0f} img/s", flush=True)
+    flops = training_flops_per_image(arch, classes, size, device)
+    peak_tflops = device_peak_tflops(name) if gpu else None
+    mfu = (project * flops / (peak_tflops * 1e12)) if peak_tflops else None
+    results = {"device": name, "date": date.today().isoformat(), "arch": arch, "image_size": size,
+               "batch_size": batch, "images": len(index.paths), "reference_img_s": ref, "project_img_s": project,
+               "ceiling_img_s": top, "project_epoch_seconds": epoch_seconds, "project_wall_seconds": wall,
+               "train_gflops_per_image": flops / 1e9, "mfu": mfu, "peak_memory_gib": peak_gib,
+               "torch": torch.__version__}
+    print(f"\n## Training throughput — {name}, {results['date']}, torch {torch.__version__}\n")
+    print(f"{arch}, {size} px, {len(index.paths)} images; project/ceiling batch {batch}, reference batch 32\n")
+    print("| path | images/s | vs (a) | vs (c) |")
+    print("|---|---:|---:|---:|")
+    print(f"| (a) reference loop: fp32, PIL DataLoader ({args.workers} workers), batch 32 | {ref:,.0f} | 1.00× | {ref / top:.0%} |")
+    print(f"| (b) `braintumor train` (last of {args.epochs} epochs) | {project:,.0f} | {project / ref:.2f}× | {project / top:.0%} |")
+    print(f"| (c) ceiling: synthetic tensors on the device | {top:,.0f} | {top / ref:.2f}× | 100% |")
+    print(f"\nepoch time (b): {epoch_seconds:.2f} s incl. validation; end to end (checks, split, decode, "
+          f"{args.epochs} epochs, report): {wall:.1f} s; training FLOPs/image {flops / 1e9:.1f} GFLOP; "
+          f"MFU of (b): {'n/a' if mfu is None else f'{mfu:.1%}'}; peak memory (c): {peak_gib:.1f} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

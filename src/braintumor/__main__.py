@@ -1,0 +1,7 @@
+"""``python -m braintumor`` (and ``torchrun -m braintumor train ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

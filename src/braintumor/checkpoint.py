@@ -1,0 +1,52 @@
+"""What a checkpoint holds, how it is written atomically, and how it is read back safely."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write
+from .errors import UserError
+from .model import build_model
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts only) atomically with ``torch.save``."""
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (no pickled code runs) and check it is one of ours."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first_line}") from err
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
+        raise UserError(f"{path} is not a braintumor checkpoint (missing classes, arch or weights)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer braintumor (format {ckpt['format_version']}); upgrade")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the network a checkpoint describes, load its weights and put it in eval mode."""
+    model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]), weights="none")
+    model.load_state_dict(ckpt["model"])
+    return model.eval()

@@ -1,0 +1,270 @@
+"""The ``braintumor`` command: parse flags, call the Python API, print, exit with a clear code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+RESEARCH_NOTE = "Research use only: not a medical device, no clinical validity is claimed."
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag on one line (exit 2) instead of usage plus message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    # Every default is None so a YAML file (--config) can set it; TrainConfig holds the real defaults.
+    p.add_argument("data", nargs="?", help="training folder with one sub-folder per class")
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--val", help="separate validation folder (default: split the training folder)")
+    p.add_argument("--val-split", type=float, help="validation fraction of the training folder (default 0.15)")
+    p.add_argument("--no-group-split", dest="group_split", action="store_false", default=None,
+                   help="allow exact/near duplicates on both sides of the split (default: kept together)")
+    p.add_argument("--arch", help="resnet18|resnet34|resnet50|resnet101|resnet152 (default resnet152)")
+    p.add_argument("--weights", help="imagenet (default), none, or a torchvision state-dict file")
+    p.add_argument("--image-size", type=int, help="square input size in pixels (default 224)")
+    p.add_argument("--rotation", type=float, help="random rotation range in degrees, +/- (default 10)")
+    p.add_argument("--epochs", type=int, help="number of epochs (default 10)")
+    p.add_argument("--batch-size", type=int, help="global batch size over all processes (default 32)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-5)")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
+    p.add_argument("--optimizer", help="ranger (default), radam, adam, adamw or sgd")
+    p.add_argument("--gc", help="gradient centralization for Ranger: all (default), conv or none")
+    p.add_argument("--lookahead-k", type=int, help="Ranger LookAhead sync period (default 6)")
+    p.add_argument("--lookahead-alpha", type=float, help="Ranger LookAhead step (default 0.5)")
+    p.add_argument("--scheduler", help="none (default), cosine or onecycle")
+    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up length in epochs (default 0)")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--data-cache", help="auto (default), none, memory or gpu: decode images once and "
+                                        "augment batches on the device")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip unreadable images (listed in the report) instead of stopping")
+    p.add_argument("--out", help="run folder (default runs/<date-time>-<name>)")
+    p.add_argument("--name", help="run name used in the default run folder")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap on steps per epoch (smoke tests)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
+
+
+TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "image_size", "rotation", "epochs",
+              "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
+              "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "device", "data_cache",
+              "compile", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
+
+
+def cmd_train(args) -> int:
+    from .config import read_config_file, resolve_config
+    from .train import resume, train
+
+    flags = {key: getattr(args, key) for key in TRAIN_KEYS}
+    if args.resume:
+        result = resume(args.resume, {k: v for k, v in flags.items() if k not in ("data", "out")})
+    else:
+        file_values = read_config_file(args.config) if args.config else {}
+        if not flags["data"] and not file_values.get("data"):
+            raise UserError("no training data folder given: braintumor train DATA_DIR (or data: in --config)")
+        result = train(resolve_config(file_values, flags))
+    if result.report is not None:
+        print(f"best validation accuracy {result.best_val_accuracy:.2%}; run folder: {result.run_dir}")
+        print(f"report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_checkpoint
+    from .report import format_table
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, device=args.device,
+                                 batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
+                                 skip_bad=args.skip_bad)
+    print(format_table(report["metrics"]))
+    for name, subset in report.get("subsets", {}).items():
+        print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import Classifier, expand_inputs
+
+    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    predictions = classifier.predict(expand_inputs(args.paths), batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in predictions], indent=2))
+    elif args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["source", "label", "confidence", *classifier.classes])
+        for p in predictions:
+            writer.writerow([p.source, p.label, f"{p.confidence:.6f}",
+                             *(f"{p.probabilities[c]:.6f}" for c in classifier.classes)])
+    else:
+        width = max(len(p.source) for p in predictions)
+        print(f"{'image':<{width}}  {'prediction':<12} " + " ".join(f"{c[:10]:>10}" for c in classifier.classes))
+        for p in predictions:
+            print(f"{p.source:<{width}}  {p.label:<12} "
+                  + " ".join(f"{p.probabilities[c]:>10.4f}" for c in classifier.classes))
+    return 0
+
+
+def cmd_make_phantoms(args) -> int:
+    from .phantom import write_phantom_set
+
+    out = write_phantom_set(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {args.per_class} phantom slices per class to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, per_class=args.per_class, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .audit import audit, write_audit
+
+    report = audit(args.data, against=args.against, progress=sys.stderr.isatty())
+    json_path, md_path = write_audit(report, args.out)
+    summary = report["summary"]
+    print(" ".join(f"{key.replace('_', ' ')}: {value}" for key, value in summary.items()))
+    print(f"report: {md_path}")
+    if args.fail_on_leak and summary.get("leaked_images", 0) > 0:
+        print(f"error: {summary['leaked_images']} image(s) of {args.against} duplicate training images",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import write_explanations
+    from .predict import Classifier, expand_inputs
+
+    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
+    written = write_explanations(classifier, expand_inputs(args.images), args.out, target=args.target)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    print(f"wrote {export(args.checkpoint, args.format, args.out)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import run_server
+
+    run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
+               max_files=args.max_files)
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="braintumor", description=f"Brain MRI slice classification. {RESEARCH_NOTE}")
+    parser.add_argument("--version", action="version", version=f"braintumor {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="fine-tune a ResNet on a folder-per-class data set")
+    _train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, confusion matrix and calibration of a checkpoint on a folder")
+    p.add_argument("checkpoint")
+    p.add_argument("data")
+    p.add_argument("--out", default="evaluation", help="report folder (default ./evaluation)")
+    p.add_argument("--exclude-duplicates-of", metavar="TRAIN_DIR",
+                   help="also report on the subset with no exact/near duplicate in TRAIN_DIR")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files or folders")
+    p.add_argument("checkpoint", help="a .pt checkpoint (or an exported .onnx file)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON output")
+    fmt.add_argument("--csv", action="store_true", help="CSV output")
+    p.add_argument("--backend", default="torch", help="torch (default) or onnx")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays for images")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--class", dest="target", help="class to explain (default: the predicted class)")
+    p.add_argument("--out", default="gradcam", help="output folder (default ./gradcam)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="output file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("audit", help="find unreadable files, duplicates and train/test leakage")
+    p.add_argument("data")
+    p.add_argument("--against", metavar="OTHER_DATA", help="a second folder (e.g. the test set) to check for leaks")
+    p.add_argument("--out", default="audit", help="report folder (default ./audit)")
+    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when OTHER_DATA duplicates DATA")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("make-phantoms", help="write a synthetic phantom data set (PNG folders)")
+    p.add_argument("out")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_phantoms)
+
+    p = sub.add_parser("demo", help="phantom data → train a small model on the CPU → report")
+    p.add_argument("--out", default="demo-run", help="demo folder (default ./demo-run)")
+    p.add_argument("--per-class", type=int, default=None, help="training phantoms per class")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="web page and JSON API for predictions")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-file-mb", type=int, default=20)
+    p.add_argument("--max-files", type=int, default=16)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for user errors, 130 when interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Folder-per-class image sets: discovery, seeded stratified splits, CPU transforms and the Dataset.
+
+A data root holds one sub-folder per class (``root/glioma/*.jpg``, ``root/notumor/*.png``, ...). Class names are
+the sorted sub-folder names. Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.DS_Store``)
+are ignored at every level. Images are found recursively inside a class folder (``root/glioma/patient1/a.dcm``
+belongs to ``glioma``), so sets that keep one sub-folder per patient or series work unchanged; files are kept when
+their extension (any case) is one of :data:`braintumor.images.IMAGE_EXTENSIONS`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from braintumor.errors import UserError
+from braintumor.images import IMAGE_EXTENSIONS, read_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageFolderIndex:
+    """What :func:`discover` found: class names, and one path and label per image (labels index ``classes``)."""
+
+    root: Path
+    classes: list[str]
+    paths: list[Path]
+    labels: list[int]
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _extensions_hint() -> str:
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """All image files below ``folder`` (recursive, hidden files and folders skipped), sorted."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        # Pruning in place stops os.walk from descending into hidden folders such as .ipynb_checkpoints.
+        subdirs[:] = [d for d in subdirs if not _is_hidden(d)]
+        for name in files:
+            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(directory) / name)
+    return sorted(found)
+
+
+def discover(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageFolderIndex:
+    """Index a folder with one sub-folder per class.
+
+    Without ``classes`` the class names are the sorted sub-folder names and at least two are required. With
+    ``classes`` (e.g. a checkpoint's class list) the folder's sub-folders must be a subset of it and labels are
+    indices into it; an evaluation folder may lack some classes. Raises UserError for a missing root, a path that
+    is not a directory, too few classes, unknown classes, or a class folder without images.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a directory: {root}")
+    folder_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+    if classes is None:
+        if len(folder_names) < 2:
+            found = f"{len(folder_names)}" + (f": {', '.join(folder_names)}" if folder_names else "")
+            raise UserError(f"need at least 2 class folders in {root}, found {found}")
+        class_names = folder_names
+    else:
+        class_names = list(classes)
+        unknown = [name for name in folder_names if name not in class_names]
+        if unknown:
+            raise UserError(
+                f"class folders in {root} are not among the model's classes: {', '.join(unknown)} "
+                f"(known: {', '.join(class_names)})"
+            )
+        if not folder_names:
+            raise UserError(f"no class folders in {root}: expected sub-folders named {', '.join(class_names)}")
+
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name in folder_names:
+        images = _images_in(root / name)
+        if not images:
+            raise UserError(f"class folder '{name}' in {root} has no images ({_extensions_hint()})")
+        paths.extend(images)
+        labels.extend([class_names.index(name)] * len(images))
+    return ImageFolderIndex(root=root, classes=class_names, paths=paths, labels=labels)
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() rounds half to even; half-up is easier to predict from the docs.
+    return int(math.floor(x + 0.5))
+
+
+def _val_target(n: int, val_fraction: float) -> int:
+    """Validation count for a class of n items: round(n*f), at least 1 in val and 1 in train when n >= 2."""
+    if n < 2:
+        return 0
+    return min(max(_round_half_up(n * val_fraction), 1), n - 1)
+
+
+def stratified_split(
+    labels: Sequence[int],
+    val_fraction: float,
+    seed: int,
+    groups: Sequence[Hashable] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Seeded split into (train_idx, val_idx), both sorted, stratified by class.
+
+    Each class with n >= 2 samples sends round(n * val_fraction) of them (at least 1, at most n - 1) to validation;
+    a class with a single sample stays in training. With ``groups`` (one hashable per sample, e.g. duplicate-group
+    ids) all members of a group land on the same side: a group counts for its majority label (ties: lowest label),
+    and per class the shuffled groups are added to validation while that moves the class's validation image count
+    closer to its target; a class with at least two groups keeps at least one group on each side.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    labels = [int(label) for label in labels]
+    rng = np.random.default_rng(seed)
+
+    if groups is None:
+        val: list[int] = []
+        for label in sorted(set(labels)):
+            members = [i for i, y in enumerate(labels) if y == label]
+            shuffled = rng.permutation(members)
+            val.extend(int(i) for i in shuffled[: _val_target(len(members), val_fraction)])
+        val_set = set(val)
+        return [i for i in range(len(labels)) if i not in val_set], sorted(val_set)
+
+    if len(groups) != len(labels):
+        raise ValueError(f"groups has {len(groups)} entries but labels has {len(labels)}")
+    members_of: dict[Hashable, list[int]] = {}
+    for i, group in enumerate(groups):  # dicts keep first-appearance order: deterministic for any hashable keys
+        members_of.setdefault(group, []).append(i)
+    group_label = {}
+    for group, members in members_of.items():
+        counts = Counter(labels[i] for i in members)
+        group_label[group] = min(counts, key=lambda y: (-counts[y], y))
+
+    val_set: set[int] = set()
+    for label in sorted(set(group_label.values())):
+        class_groups = [g for g in members_of if group_label[g] == label]
+        n_images = sum(len(members_of[g]) for g in class_groups)
+        target = _val_target(n_images, val_fraction)
+        order = [class_groups[k] for k in rng.permutation(len(class_groups))]
+        chosen: list[Hashable] = []
+        count = 0
+        for group in order:
+            if len(class_groups) - len(chosen) <= 1 or count >= target:
+                break
+            size = len(members_of[group])
+            if abs(count + size - target) < abs(count - target):
+                chosen.append(group)
+                count += size
+        if not chosen and len(class_groups) >= 2 and target > 0:
+            # Every group overshoots the target: take the smallest so that the class is still validated.
+            chosen.append(min(order, key=lambda g: len(members_of[g])))
+        for group in chosen:
+            val_set.update(members_of[group])
+    return [i for i in range(len(labels)) if i not in val_set], sorted(val_set)
+
+
+def _check_sizes(image_size: int, rotation: float = 0.0) -> None:
+    if int(image_size) != image_size or image_size < 1:
+        raise UserError(f"image size must be a positive integer, got {image_size}")
+    if rotation < 0 or rotation > 180:
+        raise UserError(f"rotation must be between 0 and 180 degrees, got {rotation}")
+
+
+def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def train_transform(
+    image_size: int,
+    rotation: float,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Training transform for a PIL RGB image: resize to (s, s), flip p=0.5, rotate U(-rotation, rotation)
+    degrees (bilinear, zero fill; 0 disables it), float tensor in [0, 1], normalize."""
+    _check_sizes(image_size, rotation)
+    steps = [v2.Resize((int(image_size), int(image_size)), antialias=True), v2.RandomHorizontalFlip(0.5)]
+    if rotation > 0:
+        steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR, fill=0))
+    return v2.Compose(steps + _to_normalized_tensor(mean, std))
+
+
+def eval_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Evaluation transform for a PIL RGB image: resize to (s, s), float tensor in [0, 1], normalize."""
+    _check_sizes(image_size)
+    return v2.Compose(
+        [v2.Resize((int(image_size), int(image_size)), antialias=True)] + _to_normalized_tensor(mean, std)
+    )
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """(image, label) pairs read with :func:`braintumor.images.read_image` and passed through ``transform``."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        labels: Sequence[int],
+        transform: Callable | None,
+    ):
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = [int(label) for label in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = read_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]

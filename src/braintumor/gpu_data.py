@@ -1,0 +1,445 @@
+"""Decode-once image cache and batched on-device augmentation.
+
+With ``--data-cache gpu|memory`` every image is decoded once to uint8 at the training size and kept resident on
+the GPU (or in pinned host memory); batches are then gathered, flipped, rotated and normalized on the device in a
+few batched kernels instead of per image in DataLoader workers. The distributions are those of
+:func:`braintumor.data.train_transform` (flip p = 0.5, angle ~ U(-deg, deg), bilinear, zero fill; torchvision's
+rotation direction and centre), and the decoded pixels are those of :func:`braintumor.data.eval_transform`'s resize
+up to rounding; tests/test_gpu_data.py checks both against data.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.errors import UserError
+from braintumor.images import read_image
+
+CACHE_MODES = ("auto", "none", "memory", "gpu")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- decoding -------------------------------------------------------------------------------------------------
+
+
+def _decode_with_pil(path: Path) -> torch.Tensor:
+    """Reference decoder (images.read_image): 16-bit, alpha, CMYK, BMP, TIFF, DICOM and anything else."""
+    # From the path, not the bytes: read_image's rules (e.g. .dcm without preamble) look at the file name.
+    image = read_image(path)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _jpeg_components(data: bytes) -> int | None:
+    """Colour components in a JPEG's frame header (1 gray, 3 YCbCr/RGB, 4 CMYK/YCCK); None when not found."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the component count after precision, H, W.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[position + 9] if position + 9 < len(data) else None
+        position += 2 + length
+    return None
+
+
+def _torchvision_decodes_like_pil(data: bytes) -> bool:
+    """True for the files whose torchvision decode equals read_image's pixels: 8-bit gray/RGB JPEG and PNG.
+
+    16-bit PNG (read_image scales it min-max), palette PNG (torchvision returns the indices), alpha (read_image
+    composites it on black), CMYK JPEG, BMP, TIFF and DICOM are left to read_image.
+    """
+    if data.startswith(_JPEG_MAGIC):
+        return _jpeg_components(data) in (1, 3)
+    if data.startswith(_PNG_MAGIC) and len(data) >= 26 and data[12:16] == b"IHDR":
+        bit_depth, colour_type = data[24], data[25]
+        return bit_depth <= 8 and colour_type in (0, 2)  # 0 gray, 2 RGB; 3 palette, 4/6 with alpha
+    return False
+
+
+def _decode_cpu(data: bytes, path: Path) -> torch.Tensor:
+    """Decode to uint8 (3, H, W) with torchvision where it gives read_image's pixels, else with read_image."""
+    if not _torchvision_decodes_like_pil(data):
+        return _decode_with_pil(path)
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except (RuntimeError, ValueError):
+        return _decode_with_pil(path)  # corrupt or truncated: read_image gives the one-line reason
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        return _decode_with_pil(path)
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> uint8 (..., 3, S, S): bilinear with antialias, as eval_transform's Resize."""
+    if images.shape[-2:] == (image_size, image_size):
+        return images
+    # v2's tensor resize uses torch's antialiased bilinear (built to match PIL's) and rounds back to uint8.
+    return TF.resize(images.contiguous(), [image_size, image_size], antialias=True)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # read_image then raises its one-line ImageReadError (missing, unreadable, ...)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="decoding images", unit="img", disable=not (enabled and sys.stderr.isatty()),
+                leave=False)
+
+
+def decode_to_tensor(
+    paths: Sequence[str | os.PathLike],
+    image_size: int,
+    device: str | torch.device = "cpu",
+    *,
+    pin_memory: bool = False,
+    progress: bool = False,
+    num_threads: int | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Decode every image once and resize it to uint8 (N, 3, S, S) on ``device``.
+
+    Files are read (and, on CPU, decoded and resized) in a thread pool with torchvision.io. On CUDA, JPEGs are
+    decoded with nvjpeg in chunks of ``chunk_size`` and resized on the GPU. Files torchvision cannot decode to the
+    same pixels as :func:`braintumor.images.read_image` (16-bit, alpha, CMYK, BMP, TIFF, DICOM, ...) are read with
+    read_image, which raises ImageReadError for unreadable files. With ``pin_memory`` and a CPU ``device`` the
+    result is in page-locked memory (when CUDA is available) for fast asynchronous copies to the GPU.
+
+    Pixels match the PIL pipeline (read_image + eval_transform's Resize) within 1 grey level for gray-content
+    JPEGs and PNGs (measured on an H200 for nvjpeg too); for colour JPEGs with chroma subsampling nvjpeg's chroma
+    upsampling differs from libjpeg's, which can move strongly coloured edges by more.
+    """
+    device = torch.device(device)
+    paths = [Path(p) for p in paths]
+    shape = (len(paths), 3, int(image_size), int(image_size))
+    if device.type == "cpu":
+        out = torch.empty(shape, dtype=torch.uint8, pin_memory=pin_memory and torch.cuda.is_available())
+    else:
+        out = torch.empty(shape, dtype=torch.uint8, device=device)
+    workers = num_threads or min(8, os.cpu_count() or 1)
+
+    def decode_cpu_resized(index: int, data: bytes | None = None) -> None:
+        raw = _read_bytes(paths[index]) if data is None else data
+        out[index].copy_(_resize(_decode_cpu(raw, paths[index]), shape[-1]))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, _progress_bar(len(paths), progress) as bar:
+        if device.type != "cuda":
+            for _ in pool.map(decode_cpu_resized, range(len(paths))):
+                bar.update(1)
+            return out
+        for start in range(0, len(paths), chunk_size):
+            indices = list(range(start, min(start + chunk_size, len(paths))))
+            datas = list(pool.map(lambda i: _read_bytes(paths[i]), indices))
+            # Gray and YCbCr JPEGs go to nvjpeg; CMYK and everything else to the CPU path below.
+            jpegs = [k for k, data in enumerate(datas) if _torchvision_decodes_like_pil(data)
+                     and data.startswith(_JPEG_MAGIC)]
+            decoded: dict[int, torch.Tensor] = {}
+            if jpegs:
+                try:
+                    images = decode_jpeg(
+                        [torch.frombuffer(bytearray(datas[k]), dtype=torch.uint8) for k in jpegs],
+                        mode=ImageReadMode.RGB,
+                        device=device,
+                    )
+                    decoded = dict(zip(jpegs, images))
+                except RuntimeError:
+                    decoded = {}  # nvjpeg refuses the whole list for one odd file (e.g. CMYK): CPU for this chunk
+            rest = [k for k in range(len(indices)) if k not in decoded]
+            for k, image in zip(rest, pool.map(lambda k: _decode_cpu(datas[k], paths[indices[k]]), rest)):
+                decoded[k] = image.to(device, non_blocking=True)
+            # Same-size images (most of a scanner's export) are resized in one batched call.
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for k, image in decoded.items():
+                by_size.setdefault(tuple(image.shape[-2:]), []).append(k)
+            for ks in by_size.values():
+                resized = _resize(torch.stack([decoded[k] for k in ks]), shape[-1])
+                out[torch.tensor([indices[k] for k in ks], device=device)] = resized
+            bar.update(len(indices))
+    return out
+
+
+# --- cache choice ---------------------------------------------------------------------------------------------
+
+
+def cache_bytes(n_images: int, image_size: int) -> int:
+    """Bytes of a decoded uint8 cache of n_images RGB images of image_size x image_size."""
+    return int(n_images) * 3 * int(image_size) ** 2
+
+
+def _available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (or sysconf), capped by a cgroup v2 memory limit when there is one."""
+    available = 0
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not available:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 0
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def choose_cache(
+    mode: str,
+    n_images: int,
+    image_size: int,
+    device: str | torch.device,
+    *,
+    free_gpu_bytes: int | None = None,
+    available_ram_bytes: int | None = None,
+) -> str:
+    """Resolve ``--data-cache`` to "gpu", "memory" or "none".
+
+    "auto": "gpu" on CUDA when the decoded set (N*3*S*S bytes) fits in a quarter of free GPU memory, else "memory"
+    when it fits in a quarter of available RAM, else "none". Explicit modes are honoured; "gpu" without a CUDA
+    device is a UserError. Memory figures are measured unless given.
+    """
+    if mode not in CACHE_MODES:
+        raise UserError(f"unknown data cache '{mode}': choose one of {', '.join(CACHE_MODES)}")
+    device = torch.device(device)
+    if mode == "gpu" and device.type != "cuda":
+        raise UserError(f"--data-cache gpu needs a CUDA device, but the device is {device}: use memory or auto")
+    if mode != "auto":
+        return mode
+    needed = cache_bytes(n_images, image_size)
+    if device.type == "cuda":
+        if free_gpu_bytes is None:
+            free_gpu_bytes = torch.cuda.mem_get_info(device)[0]
+        if needed <= free_gpu_bytes / 4:
+            return "gpu"
+    if available_ram_bytes is None:
+        available_ram_bytes = _available_ram_bytes()
+    if needed <= available_ram_bytes / 4:
+        return "memory"
+    return "none"
+
+
+# --- augmentation ---------------------------------------------------------------------------------------------
+
+
+def _mean_std(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, ...]:
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean_t, std_t
+
+
+def normalize_batch(
+    images_uint8: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, as ToDtype(scale=True) + Normalize."""
+    mean_t, std_t = _mean_std(mean, std, images_uint8.device)
+    return (images_uint8.to(torch.float32) / 255.0 - mean_t) / std_t
+
+
+def _sample_params(
+    batch_size: int, rotation_deg: float, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (flip: bool (B,), angle in degrees: float32 (B,)) as RandomHorizontalFlip(0.5) and
+    RandomRotation(rotation_deg) draw them: flip when U(0,1) < 0.5, angle ~ U(-deg, deg)."""
+    flip = torch.rand(batch_size, generator=generator, device=device) < 0.5
+    angle = (torch.rand(batch_size, generator=generator, device=device) * 2.0 - 1.0) * float(rotation_deg)
+    return flip, angle
+
+
+def _flip_rotate_theta(flip: torch.Tensor, angle_deg: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """affine_grid matrices (B, 2, 3) for a horizontal flip (where ``flip``) followed by a rotation.
+
+    torchvision rotates by +angle counter-clockwise about the image centre: output pixel p (centred pixel
+    coordinates, y down) samples input R p with R = [[cos, -sin], [sin, cos]]. affine_grid works in coordinates
+    normalized by (W/2, H/2) (align_corners=False), hence the aspect factors. The flip negates the sampled x.
+    """
+    radians = angle_deg.to(torch.float32) * (math.pi / 180.0)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zero = torch.zeros_like(cos)
+    sign = 1.0 - 2.0 * flip.to(torch.float32)
+    row_x = torch.stack([sign * cos, sign * -sin * (height / width), zero], dim=1)
+    row_y = torch.stack([sin * (width / height), cos, zero], dim=1)
+    return torch.stack([row_x, row_y], dim=1)
+
+
+def augment_batch(
+    images_uint8: torch.Tensor,
+    rotation_deg: float,
+    generator: torch.Generator | None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Random flip (p = 0.5) and rotation (U(-deg, deg), bilinear, zero fill) per sample, then normalize.
+
+    uint8 (B, 3, H, W) -> float32 on the same device; the random draws come from ``generator``, which must live on
+    that device. rotation_deg = 0 flips only.
+    """
+    batch = images_uint8.to(torch.float32) / 255.0
+    flip, angle = _sample_params(batch.shape[0], rotation_deg, generator, batch.device)
+    if rotation_deg > 0:
+        theta = _flip_rotate_theta(flip, angle, batch.shape[-2], batch.shape[-1])
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        # Zero padding before normalization is RandomRotation's fill=0 (black) in [0, 1] pixel space.
+        batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    else:
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+    mean_t, std_t = _mean_std(mean, std, batch.device)
+    return (batch - mean_t) / std_t
+
+
+# --- batches --------------------------------------------------------------------------------------------------
+
+
+def shard_indices(
+    n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True
+) -> torch.Tensor:
+    """This rank's sample indices for an epoch, as torch's DistributedSampler (drop_last=False) picks them.
+
+    The permutation comes from a CPU generator seeded with seed + epoch; with ``pad`` the list is extended by
+    wrapping around so every rank gets ceil(n / world_size) samples, then rank r takes every world_size-th
+    index from r. Without ``pad`` ranks get uneven shards and every sample exactly once (for evaluation).
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(int(seed) + int(epoch))
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.arange(n)
+    if pad and world_size > 1 and n > 0:
+        total = math.ceil(n / world_size) * world_size
+        extra = total - n
+        order = torch.cat([order, order.repeat(math.ceil(extra / n))[:extra]])
+    return order[rank::world_size]
+
+
+def _augment_seed(seed: int, epoch: int, rank: int) -> int:
+    # SeedSequence mixes (seed, epoch, rank) into independent streams; 63 bits fit manual_seed on every device.
+    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(epoch), int(rank)]).generate_state(1, np.uint64)
+    return int(state[0]) & (2**63 - 1)
+
+
+class CachedBatches:
+    """Batches (float32 images, int64 labels) on ``device`` from a decoded uint8 cache (N, 3, S, S).
+
+    Each epoch (``set_epoch``) shuffles with a generator seeded by seed + epoch and shards across DDP ranks as
+    DistributedSampler does (padding by wrap-around unless ``pad=False``). With ``augment`` every batch is
+    flipped/rotated by :func:`augment_batch` from a generator seeded by (seed, epoch, rank), so a run is
+    deterministic for a seed and resumes identically at an epoch boundary; otherwise batches are only normalized.
+    ``drop_last`` drops this rank's last incomplete batch. A CPU cache feeding a CUDA device is gathered into
+    pinned memory and copied asynchronously.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: Sequence[int] | torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        augment: bool = False,
+        rotation: float = 0.0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+        device: str | torch.device | None = None,
+    ):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(labels)} labels")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(images.device)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.augment = augment
+        self.rotation = float(rotation)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = pad
+        self.device = torch.device(device) if device is not None else images.device
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle and augmentation the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def _indices(self) -> torch.Tensor:
+        return shard_indices(self.images.shape[0], shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                             rank=self.rank, world_size=self.world_size, pad=self.pad)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (drop_last taken into account)."""
+        count = len(self._indices())
+        return (count // self.batch_size) * self.batch_size if self.drop_last else count
+
+    def __len__(self) -> int:
+        count = len(self._indices())
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images.device == self.device:
+            return self.images.index_select(0, index), self.labels.index_select(0, index)
+        if self.images.device.type == "cpu" and self.device.type == "cuda":
+            # The caching host allocator reuses pinned blocks and keeps them alive until the copy is done.
+            staging = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            torch.index_select(self.images, 0, index, out=staging)
+            return staging.to(self.device, non_blocking=True), self.labels.index_select(0, index).to(self.device)
+        return (self.images.index_select(0, index).to(self.device),
+                self.labels.index_select(0, index).to(self.device))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices().to(self.images.device)
+        generator = None
+        if self.augment:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(_augment_seed(self.seed, self.epoch, self.rank))
+        for batch_number in range(len(self)):
+            index = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
+            images, labels = self._gather(index)
+            if self.augment:
+                yield augment_batch(images, self.rotation, generator, self.mean, self.std), labels
+            else:
+                yield normalize_batch(images, self.mean, self.std), labels

@@ -1,0 +1,131 @@
+"""From a training config to batches: file checks, the train/val split, and the data path (cache or DataLoader)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from .config import TrainConfig
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, discover, eval_transform, stratified_split, train_transform
+from .distributed import DistInfo
+from .errors import UserError
+from .gpu_data import CachedBatches, choose_cache, decode_to_tensor
+from .images import find_bad_images
+
+MAX_LISTED_BAD_FILES = 10
+
+
+@dataclass
+class SplitData:
+    """Which files train and which validate, with the class list and any skipped bad files."""
+
+    classes: list[str]
+    train_paths: list[Path]
+    train_labels: list[int]
+    val_paths: list[Path]
+    val_labels: list[int]
+    val_source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicate_groups_split: bool = False
+
+
+def drop_bad_files(paths: list[Path], labels: list[int], root: str, skip_bad: bool, progress: bool,
+                   ) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
+    """Decode every file once; stop with one message listing bad files, or drop them with ``skip_bad``."""
+    bad = find_bad_images(paths, progress=progress)
+    if bad and not skip_bad:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:MAX_LISTED_BAD_FILES])
+        more = f"; and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
+        raise UserError(f"{len(bad)} unreadable image(s) in {root}: {listed}{more}. Fix or remove them, "
+                        "or rerun with --skip-bad to skip them (they are then listed in the run's report)")
+    bad_set = {Path(path) for path, _ in bad}
+    kept = [(p, y) for p, y in zip(paths, labels) if p not in bad_set]
+    return [p for p, _ in kept], [y for _, y in kept], [(str(p), reason) for p, reason in bad]
+
+
+def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
+    """Discover the data, check every file, and split (grouping duplicates) unless --val is given."""
+    index = discover(cfg.data)
+    paths, labels, skipped = drop_bad_files(index.paths, index.labels, cfg.data, cfg.skip_bad, progress)
+    if cfg.val:
+        val_index = discover(cfg.val, classes=index.classes)
+        val_paths, val_labels, val_skipped = drop_bad_files(val_index.paths, val_index.labels, cfg.val,
+                                                            cfg.skip_bad, progress)
+        return SplitData(index.classes, paths, labels, val_paths, val_labels, f"folder {cfg.val}",
+                         skipped + val_skipped)
+    groups = None
+    if cfg.group_split:
+        from .audit import duplicate_groups
+
+        groups = duplicate_groups(paths)
+    train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed, groups=groups)
+    source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {cfg.seed}"
+              f"{', duplicate groups kept on one side' if groups is not None else ''})")
+    return SplitData(index.classes, [paths[i] for i in train_idx], [labels[i] for i in train_idx],
+                     [paths[i] for i in val_idx], [labels[i] for i in val_idx], source, skipped,
+                     duplicate_groups_split=groups is not None)
+
+
+class LoaderBatches:
+    """The DataLoader path: PIL decode + CPU transforms in workers, sharded like DistributedSampler."""
+
+    def __init__(self, paths, labels, *, transform, batch_size: int, shuffle: bool, seed: int, workers: int,
+                 dist: DistInfo, pin_memory: bool, pad_shards: bool):
+        dataset = ImageFolderDataset(paths, labels, transform)
+        if pad_shards:
+            self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                              shuffle=shuffle, seed=seed)
+            source = dataset
+        else:  # evaluation: every sample exactly once over all ranks, no padding duplicates
+            self.sampler = None
+            source = Subset(dataset, list(range(dist.rank, len(dataset), dist.world_size)))
+        self.loader = DataLoader(source, batch_size=batch_size, sampler=self.sampler, shuffle=False,
+                                 num_workers=workers, pin_memory=pin_memory,
+                                 drop_last=False)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        # Workers (started afresh each epoch) seed their RNGs from this generator, so augmentations depend
+        # on (seed, epoch) alone and a resumed run sees the same images as an uninterrupted one.
+        self.loader.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: bool):
+    """Train and val batch iterables on the configured data path; returns (train, val, cache_mode)."""
+    per_rank_batch = cfg.batch_size // dist.world_size
+    if per_rank_batch < 1 or cfg.batch_size % dist.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {dist.world_size} processes")
+    n_images = len(split.train_paths) + len(split.val_paths)
+    mode = choose_cache(cfg.data_cache, n_images, cfg.image_size, device)
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if mode == "none":
+        common = dict(batch_size=per_rank_batch, seed=cfg.seed, workers=cfg.workers, dist=dist,
+                      pin_memory=device.type == "cuda")
+        train = LoaderBatches(split.train_paths, split.train_labels, shuffle=True, pad_shards=True,
+                              transform=train_transform(cfg.image_size, cfg.rotation, mean, std), **common)
+        val = LoaderBatches(split.val_paths, split.val_labels, shuffle=False, pad_shards=False,
+                            transform=eval_transform(cfg.image_size, mean, std), **common)
+        return train, val, mode
+    store = device if mode == "gpu" else torch.device("cpu")
+    show = progress and dist.is_main and sys.stderr.isatty()
+    train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, progress=show)
+    val_images = decode_to_tensor(split.val_paths, cfg.image_size, store, progress=show)
+    val_shard = slice(dist.rank, None, dist.world_size)
+    common = dict(rotation=cfg.rotation, mean=mean, std=std, device=device, seed=cfg.seed)
+    train = CachedBatches(train_images, torch.tensor(split.train_labels), per_rank_batch, shuffle=True,
+                          augment=True, rank=dist.rank, world_size=dist.world_size, **common)
+    val = CachedBatches(val_images[val_shard], torch.tensor(split.val_labels)[val_shard], per_rank_batch,
+                        shuffle=False, augment=False, **common)
+    return train, val, mode

@@ -1,0 +1,181 @@
+"""The Classifier API: one trained model, one preprocessing, used by the CLI, export, explain and serve."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import eval_transform
+from .errors import UserError
+from .images import IMAGE_EXTENSIONS, read_image
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass
+class Prediction:
+    """The predicted class of one image and every class's probability."""
+
+    source: str
+    label: str
+    index: int
+    probabilities: dict[str, float]
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.label]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "label": self.label, "confidence": self.confidence,
+                "probabilities": self.probabilities}
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """First 12 hex digits of the file's SHA-256: tells two checkpoints apart at a glance."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded (recursively, sorted, hidden entries skipped) to their images."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            images = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not images:
+                raise UserError(f"no images found in folder {path}")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"file or folder not found: {path}")
+    return found
+
+
+class Classifier:
+    """A trained classifier with its own preprocessing; thread-safe for concurrent ``predict`` calls."""
+
+    def __init__(self, model: torch.nn.Module | None, *, classes: list[str], image_size: int,
+                 mean: list[float], std: list[float], arch: str, device: str | torch.device = "cpu",
+                 fingerprint: str = "", onnx_session: Any = None, source_path: str = ""):
+        self.classes = list(classes)
+        self.image_size = int(image_size)
+        self.mean = [float(v) for v in mean]
+        self.std = [float(v) for v in std]
+        self.arch = arch
+        self.device = torch.device(device)
+        self.fingerprint = fingerprint
+        self.source_path = source_path
+        self.backend = "onnx" if onnx_session is not None else "torch"
+        self.model = model.to(self.device).eval() if model is not None else None
+        self._onnx = onnx_session
+        self._transform = eval_transform(self.image_size, self.mean, self.std)
+        # Grad-CAM mutates hooks and grad state on the shared model: serialize it.
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch") -> "Classifier":
+        """Load a ``.pt`` checkpoint (torch backend) or an exported ``.onnx`` file (onnx backend)."""
+        if backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        path = Path(path)
+        device = resolve_device(device)
+        if backend == "onnx" or path.suffix.lower() == ".onnx":
+            from .export import load_onnx_session
+
+            session, meta = load_onnx_session(path)
+            return cls(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
+                       std=meta["std"], arch=meta["arch"], fingerprint=file_fingerprint(path),
+                       onnx_session=session, source_path=str(path))
+        ckpt = load_checkpoint(path)
+        if path.is_dir():
+            path = path / ("best.pt" if (path / "best.pt").is_file() else "last.pt")
+        return cls(model_from_checkpoint(ckpt), classes=ckpt["classes"], image_size=ckpt["image_size"],
+                   mean=ckpt["mean"], std=ckpt["std"], arch=ckpt["arch"], device=device,
+                   fingerprint=file_fingerprint(path), source_path=str(path))
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, for reports and the web page."""
+        return {"classes": self.classes, "arch": self.arch, "image_size": self.image_size,
+                "mean": self.mean, "std": self.std, "backend": self.backend, "fingerprint": self.fingerprint}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image → normalized (3, S, S) float tensor, exactly as in evaluation."""
+        return self._transform(image.convert("RGB"))
+
+    def load(self, item: ImageInput) -> Image.Image:
+        """Any supported input (path, bytes, PIL image) as an RGB image."""
+        return read_image(item)
+
+    @torch.inference_mode()
+    def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
+        """Softmax probabilities (B, C) for a preprocessed batch (B, 3, S, S)."""
+        if self._onnx is not None:
+            logits = self._onnx.run(None, {self._onnx.get_inputs()[0].name: batch.numpy().astype(np.float32)})[0]
+            logits = torch.from_numpy(logits)
+        else:
+            logits = self.model(batch.to(self.device)).float().cpu()
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, x: ImageInput | list[ImageInput], batch_size: int = 32) -> Prediction | list[Prediction]:
+        """Predict one input (returns a Prediction) or a list of inputs (returns a list, same order)."""
+        single = not isinstance(x, (list, tuple))
+        items = [x] if single else list(x)
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch = torch.stack([self.preprocess(self.load(item)) for item in chunk])
+            probabilities = self.predict_proba(batch)
+            for item, row in zip(chunk, probabilities):
+                results.append(self._prediction(describe_source(item), row))
+        return results[0] if single else results
+
+    def _prediction(self, source: str, row: np.ndarray) -> Prediction:
+        index = int(np.argmax(row))
+        return Prediction(source=source, label=self.classes[index], index=index,
+                          probabilities={name: float(p) for name, p in zip(self.classes, row)})
+
+    def explain(self, x: ImageInput | list[ImageInput], target: str | None = None):
+        """Grad-CAM heat maps for one input or a list (see ``braintumor.explain``)."""
+        from .explain import explain
+
+        return explain(self, x, target=target)
+
+
+def describe_source(item: ImageInput) -> str:
+    """A short printable name for an input."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, bytes):
+        return f"<{len(item)} bytes>"
+    return "<image>"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' → CUDA when available else CPU; asking for CUDA without one is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda") from err

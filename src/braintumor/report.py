@@ -1,0 +1,170 @@
+"""Evaluation reports: confusion-matrix and reliability plots, report.md / report.json, the terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .atomic import atomic_write
+from .metrics import reliability_bins
+
+DISCLAIMER = "Research use only — not a medical device. No clinical validity is claimed."
+
+
+def _save_figure(fig: Figure, path) -> Path:
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
+    return Path(path)
+
+
+def plot_confusion_matrix(cm_normalized, class_names: Sequence[str], path) -> Path:
+    """Row-normalized confusion matrix as a PNG: values in the cells, class names on both axes."""
+    cm = np.asarray(cm_normalized, dtype=float)
+    size = max(4.0, 0.9 * len(class_names) + 2.0)  # cells stay legible from 2 to 10+ classes
+    fig = Figure(figsize=(size + 1.0, size))  # a bare Figure: no pyplot state to leak or close
+    ax = fig.add_subplot()
+    image = ax.imshow(cm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    tilt = len(class_names) > 3  # long names side by side would overlap
+    ax.set_xticks(range(len(class_names)), labels=class_names, rotation=45 if tilt else 0,
+                  ha="right" if tilt else "center")
+    ax.set_yticks(range(len(class_names)), labels=class_names)
+    for (row, col), value in np.ndenumerate(cm):
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=11 if len(cm) <= 6 else 8,
+                color="white" if value > 0.5 else "black")
+    ax.set(xlabel="Predicted class", ylabel="True class", title="Confusion matrix (rows normalized)")
+    return _save_figure(fig, path)
+
+
+def _plot_reliability_bins(bins: dict, ece: float, path) -> Path:
+    edges, fig = np.asarray(bins["bin_edges"]), Figure(figsize=(6, 7))
+    width = np.diff(edges)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(edges[:-1], [np.nan if a is None else a for a in bins["accuracy"]], width=width, align="edge",
+            edgecolor="black", label="accuracy")
+    top.plot([0, 1], [0, 1], "--", color="gray", zorder=3, label="perfect calibration")
+    top.set(ylim=(0, 1), ylabel="Accuracy", title=f"Reliability diagram (ECE = {ece:.4f})")
+    top.legend(loc="upper left")
+    bottom.bar(edges[:-1], bins["count"], width=width, align="edge", edgecolor="black", color="gray")
+    bottom.set(xlim=(0, 1), xlabel="Confidence (top-label probability)", ylabel="Images")
+    return _save_figure(fig, path)
+
+
+def plot_reliability(probabilities, y_true, path, n_bins: int = 15) -> Path:
+    """Reliability diagram PNG: accuracy per confidence bin against the diagonal, counts below, ECE in the title."""
+    bins = reliability_bins(probabilities, y_true, n_bins)
+    return _plot_reliability_bins(bins, bins["ece"], path)
+
+
+def _json_safe(value):
+    """Plain JSON types: numpy scalars/arrays unwrapped, NaN/inf -> None, Path and other objects -> str."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _fmt(value) -> str:
+    """A number with 4 decimals, a (low, high) interval, or n/a for None."""
+    if isinstance(value, (list, tuple)):
+        return f"{value[0]:.4f} – {value[1]:.4f}"
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _table(header: Sequence, rows: Sequence[Sequence]) -> list[str]:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+    return [line(header), "|" + "---|" * len(header), *map(line, rows)]
+
+
+_SUBSET_ROWS = (("Images (n)", lambda m: m["n"]), ("Accuracy", lambda m: _fmt(m["accuracy"])),
+                ("Accuracy 95 % CI", lambda m: _fmt(m["accuracy_ci95"])),
+                ("Macro-F1", lambda m: _fmt(m["macro_f1"])),
+                ("Macro-F1 95 % CI", lambda m: _fmt(m["macro_f1_ci95"])),
+                ("Weighted F1", lambda m: _fmt(m["weighted_avg"]["f1"])), ("ECE", lambda m: _fmt(m["ece"])),
+                ("Macro ROC-AUC", lambda m: _fmt(m["roc_auc_macro"])))
+
+
+def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliability: bool) -> str:
+    boot, names, m = metrics.get("bootstrap") or {}, metrics["classes"], metrics
+    lines = [f"# {title}", "", f"> **{DISCLAIMER}**", "", "## Summary", "", f"- Images evaluated: {m['n']}",
+             f"- Accuracy: {_fmt(m['accuracy'])} (95 % CI {_fmt(m['accuracy_ci95'])})",
+             f"- Macro-F1: {_fmt(m['macro_f1'])} (95 % CI {_fmt(m['macro_f1_ci95'])})",
+             f"- Expected calibration error: {_fmt(m['ece'])}",
+             f"- Macro ROC-AUC (one-vs-rest): {_fmt(m['roc_auc_macro'])}", "",
+             f"Confidence intervals: percentile bootstrap over images, {boot.get('n_resamples', 0)} resamples, "
+             f"seed {boot.get('seed')}. ECE: top-label, equal-width confidence bins.", ""]
+    if subsets:
+        rows = [(label, *map(get, subsets.values())) for label, get in _SUBSET_ROWS]
+        lines += ["## Side by side", "", *_table(["Metric", *subsets], rows), ""]
+    rows = [(name, _fmt(c["accuracy"]), _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), c["support"],
+             _fmt(c["roc_auc"])) for name, c in m["per_class"].items()]
+    rows += [(f"**{label} avg**", "", _fmt(m[f"{label}_avg"]["precision"]), _fmt(m[f"{label}_avg"]["recall"]),
+              _fmt(m[f"{label}_avg"]["f1"]), m["n"], auc)
+             for label, auc in (("macro", _fmt(m["roc_auc_macro"])), ("weighted", ""))]
+    lines += ["## Per class", "", *_table(["Class", "Accuracy", "Precision", "Recall", "F1", "Support",
+                                           "ROC-AUC"], rows), "",
+              "Per-class accuracy is the fraction of that class's images classified correctly (equal to its "
+              "recall). ROC-AUC is one-vs-rest on the predicted probabilities; n/a where the set holds no "
+              "images of the class (or only that class). Macro averages weigh classes equally, weighted "
+              "averages by support.", "", "## Confusion matrix", "",
+              "Counts; rows are the true class, columns the predicted class.", "",
+              *_table(["true \\ predicted", *names], [(n, *r) for n, r in zip(names, m["confusion_matrix"])]),
+              "", "![Confusion matrix (rows normalized)](confusion_matrix.png)", ""]
+    if has_reliability:
+        lines += ["## Calibration", "", "![Reliability diagram](reliability.png)", ""]
+    if extra:
+        lines += ["## Notes", ""]
+        for key, value in _json_safe(extra).items():
+            if isinstance(value, list) and value:  # long lists (e.g. skipped files) stay complete in report.json
+                lines += [f"- **{key}** ({len(value)}):", *[f"  - {v}" for v in value[:50]]]
+                lines += [f"  - … and {len(value) - 50} more (see report.json)"] if len(value) > 50 else []
+            else:
+                lines.append(f"- **{key}**: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(metrics: dict, out_dir, *, title: str, extra: dict | None = None,
+                 subsets: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md, confusion_matrix.png and reliability.png into out_dir, each atomically.
+
+    report.json holds the metrics at top level plus "title", "disclaimer", "extra" and "subsets". The
+    reliability diagram is skipped when the metrics have no probabilities. Returns {name: path}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix_normalized"],
+                                                       metrics["classes"], out / "confusion_matrix.png")}
+    if metrics.get("reliability"):
+        paths["reliability"] = _plot_reliability_bins(metrics["reliability"], metrics["ece"],
+                                                      out / "reliability.png")
+    markdown = _markdown(metrics, title, extra or {}, subsets or {}, "reliability" in paths)
+    paths["markdown"], paths["json"] = out / "report.md", out / "report.json"
+    atomic_write(paths["markdown"], lambda fh: fh.write(markdown), "w")
+    report = _json_safe({"title": title, "disclaimer": DISCLAIMER, **metrics, "extra": extra or {},
+                         "subsets": subsets or {}})
+    atomic_write(paths["json"], lambda fh: json.dump(report, fh, indent=2, allow_nan=False), "w")
+    return paths
+
+
+def format_table(metrics: dict) -> str:
+    """Fixed-width per-class table for the terminal, with accuracy, macro and weighted average lines."""
+    m, w = metrics, max(12, *(len(name) for name in metrics["classes"]))
+    lines = [f"{'':<{w}}" + "".join(f"{h:>10}" for h in ("accuracy", "precision", "recall", "f1", "support",
+                                                          "roc_auc"))]
+    lines += [f"{name:<{w}}{c['accuracy']:>10.4f}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
+              f"{c['support']:>10d}{_fmt(c['roc_auc']):>10}" for name, c in m["per_class"].items()]
+    ci = f"  95% CI {m['accuracy_ci95'][0]:.4f}-{m['accuracy_ci95'][1]:.4f}" if m["accuracy_ci95"] else ""
+    lines += ["", f"{'accuracy':<{w}}{m['accuracy']:>10.4f}{'':>30}{m['n']:>10d}{ci}"]
+    lines += [f"{label + ' avg':<{w}}{'':>10}{m[label + '_avg']['precision']:>10.4f}"
+              f"{m[label + '_avg']['recall']:>10.4f}{m[label + '_avg']['f1']:>10.4f}{m['n']:>10d}"
+              for label in ("macro", "weighted")]
+    return "\n".join(lines + [f"ECE {_fmt(m['ece'])}   macro ROC-AUC {_fmt(m['roc_auc_macro'])}"])

@@ -1,0 +1,327 @@
+"""The training loop: epochs, bf16 autocast on CUDA, checkpoints, exact resume, metrics log, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .atomic import atomic_write
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, write_config
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .errors import UserError
+from .loaders import SplitData, build_batches, prepare_split
+from .model import build_model
+from .optim import Ranger
+from .predict import resolve_device
+
+
+@dataclass
+class RunResult:
+    """Where a finished run wrote its files, and its headline numbers."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    best_val_accuracy: float
+    report: dict[str, Any] | None
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The project's Ranger by default; other optimizers for comparisons at the same lr."""
+    if cfg.optimizer == "ranger":
+        return Ranger(params, lr=cfg.lr, weight_decay=cfg.weight_decay, k=cfg.lookahead_k,
+                      alpha=cfg.lookahead_alpha, gc=cfg.gc)
+    if cfg.optimizer == "radam":
+        return torch.optim.RAdam(params, lr=cfg.lr, betas=(0.95, 0.999), eps=1e-5, weight_decay=cfg.weight_decay,
+                                 decoupled_weight_decay=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Per-step LR factor: constant (the reference recipe), or linear warm-up then cosine / one-cycle decay."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "none":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)  # onecycle: linear decay after the warm-up peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly."""
+    value = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and ints only, so the checkpoint loads with weights_only=True."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+class Trainer:
+    """One training run; rank 0 writes everything, other ranks only compute."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
+        self.dist = distributed.init_from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.show_progress = cfg.progress and self.dist.is_main and sys.stderr.isatty()
+        self.split: SplitData = prepare_split(cfg, progress=self.show_progress)
+        self.classes = self.split.classes
+        if resume_from is not None and resume_from["classes"] != self.classes:
+            raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")
+        self.train_batches, self.val_batches, self.cache_mode = build_batches(
+            self.split, cfg, self.device, self.dist, self.show_progress)
+        self.steps_per_epoch = len(self.train_batches)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+
+        torch.manual_seed(cfg.seed)
+        weights = "none" if resume_from is not None else cfg.weights
+        self.model = build_model(cfg.arch, len(self.classes), weights).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.start_epoch, self.best_val_accuracy = 0, -1.0
+        if resume_from is not None:
+            self.model.load_state_dict(resume_from["model"])
+            self.optimizer.load_state_dict(resume_from["optimizer"])
+            self.scheduler.load_state_dict(resume_from["scheduler"])
+            self.start_epoch = int(resume_from["epoch"])
+            self.best_val_accuracy = float(resume_from["best_val_accuracy"])
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # One autocast context for the whole loop: bf16 on CUDA (no loss scaling needed), fp32 on CPU.
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training shard; losses stay on the device until the epoch ends."""
+        self.net.train()
+        self.train_batches.set_epoch(epoch)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not self.show_progress, unit="batch")
+        for step, (images, labels) in enumerate(self.train_batches):
+            if step >= self.steps_per_epoch:
+                break
+            images, labels = self._to_device(images, labels)
+            with self.autocast:
+                logits = self.net(images)
+                loss = self.criterion(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                totals += torch.stack([loss.detach().double() * labels.numel(),
+                                       (logits.argmax(1) == labels).sum().double(),
+                                       torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
+            bar.update(1)
+        bar.close()
+        loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+                "train_images": int(count)}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss and accuracy over the whole validation set (each rank its shard, summed)."""
+        self.net.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for images, labels in self.val_batches:
+            images, labels = self._to_device(images, labels)
+            with self.autocast:
+                logits = self.model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            totals += torch.stack([loss.double(), (logits.argmax(1) == labels).sum().double(),
+                                   torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
+        loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
+        return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+
+    def checkpoint_payload(self, epoch: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
+                "classes": self.classes, "image_size": self.cfg.image_size, "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD), "arch": self.cfg.arch, "config": self.cfg.to_dict(),
+                "best_val_accuracy": self.best_val_accuracy}
+
+    def fit(self) -> RunResult:
+        """Train the remaining epochs, checkpointing each; then evaluate best.pt on the validation set."""
+        log_path = self.run_dir / "metrics.jsonl"
+        history = read_metrics(log_path, up_to_epoch=self.start_epoch) if self.dist.is_main else []
+        if self.dist.is_main and self.start_epoch == 0:
+            print(f"training {self.cfg.arch} on {len(self.split.train_paths)} images, validating on "
+                  f"{len(self.split.val_paths)} ({self.split.val_source}); classes: {', '.join(self.classes)}; "
+                  f"device {self.device}, data path: {self.cache_mode}", flush=True)
+        fit_start = time.perf_counter()
+        elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            seed_epoch(self.cfg.seed, epoch, self.dist.rank)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self.train_one_epoch(epoch))
+            train_seconds = time.perf_counter() - start
+            row.update(self.validate())
+            row["seconds"] = time.perf_counter() - start
+            row["images_per_second"] = row["train_images"] / max(train_seconds, 1e-9)
+            row["elapsed_seconds"] = elapsed_before + time.perf_counter() - fit_start
+            improved = row["val_accuracy"] > self.best_val_accuracy
+            if improved:
+                self.best_val_accuracy = row["val_accuracy"]
+            if self.dist.is_main:
+                payload = self.checkpoint_payload(epoch + 1)
+                save_checkpoint(payload, self.run_dir / "last.pt")
+                if improved:
+                    save_checkpoint(payload, self.run_dir / "best.pt")
+                history.append(row)
+                write_metrics(log_path, history)
+                plot_training_curves(history, self.run_dir / "training_curves.png")
+                print(format_epoch(row, self.cfg.epochs, improved), flush=True)
+        distributed.barrier(self.dist)
+        report = None
+        if self.dist.is_main:
+            report = self.final_report()
+        distributed.barrier(self.dist)
+        return RunResult(self.run_dir, self.run_dir / "best.pt", self.best_val_accuracy, report)
+
+    def final_report(self) -> dict[str, Any]:
+        """Full evaluation of best.pt on the validation set, written to the run folder."""
+        from .evaluate import evaluate_paths
+
+        extra = {"validation data": self.split.val_source,
+                 "note": "best.pt was selected on this validation set, so these figures are optimistic; "
+                         "evaluate on a separate test folder with `braintumor evaluate` for an unbiased estimate"}
+        if self.split.skipped:
+            extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in self.split.skipped]
+        return evaluate_paths(self.run_dir / "best.pt", self.split.val_paths, self.split.val_labels,
+                              self.run_dir, device=str(self.device), batch_size=self.cfg.batch_size,
+                              title="Validation report (best.pt)", extra=extra)
+
+
+def format_epoch(row: dict[str, Any], epochs: int, improved: bool) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:.1f} s  {row['images_per_second']:.0f} img/s{'  *best' if improved else ''}")
+
+
+def read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
+    """Earlier epochs of a resumed run (later lines, from epochs after the checkpoint, are dropped)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["epoch"] <= up_to_epoch]
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    atomic_write(path, lambda handle: handle.write(text), "w")
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy per epoch, train vs validation."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in rows]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for key, label in (("train", "train"), ("val", "validation")):
+        loss_ax.plot(epochs, [row[f"{key}_loss"] for row in rows], marker="o", label=label)
+        acc_ax.plot(epochs, [100 * row[f"{key}_accuracy"] for row in rows], marker="o", label=label)
+    loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
+    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.name}"
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train a model as ``cfg`` says; the Python entry point behind ``braintumor train``."""
+    cfg.validate()
+    run_dir = new_run_dir(cfg)
+    if (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
+    trainer = Trainer(cfg, run_dir)
+    if trainer.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir / "config.yaml")
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown(trainer.dist)
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunResult:
+    """Continue a run from its last.pt; ``overrides`` (e.g. more epochs, another device) change its config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "last.pt").is_file():
+        raise UserError(f"nothing to resume: {run_dir / 'last.pt'} not found")
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    values = {**ckpt["config"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    values["out"] = str(run_dir)
+    cfg = TrainConfig(**values).validate()
+    if ckpt["epoch"] >= cfg.epochs:
+        raise UserError(f"{run_dir} already finished {ckpt['epoch']} epochs; pass --epochs N with N > {ckpt['epoch']}")
+    trainer = Trainer(cfg, run_dir, resume_from=ckpt)
+    if trainer.dist.is_main:
+        write_config(cfg, run_dir / "config.yaml")
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown(trainer.dist)

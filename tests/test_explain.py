@@ -1,0 +1,241 @@
+"""Grad-CAM: shapes and range, batch == single, agreement with a hand-computed reference, no leftover hooks,
+restored model state, and a trained tiny model that looks at a planted lesion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.errors import UserError
+from braintumor.explain import Explanation, _normalize, explain, write_explanations
+from braintumor.phantom import make_phantom
+from braintumor.predict import Classifier
+
+SIZE = 64
+LESION_CLASSES = ("glioma", "meningioma", "pituitary")
+
+
+def random_image(seed: int, size=(90, 80)) -> Image.Image:
+    """A noisy RGB image whose size differs from the model's input size."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_checkpoint):
+    return Classifier.from_checkpoint(tiny_checkpoint)
+
+
+class TinyCNN(nn.Module):
+    """A small CNN with a 16 x 16 last block at 64 px (resnet18's is 2 x 2), named layer4 like a ResNet's."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.layer4 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        # Max pooling makes the net a lesion detector: a small bright spot is not averaged away.
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, 2))
+
+    def forward(self, x):
+        return self.head(self.layer4(self.features(x)))
+
+
+def lesion_phantom(seed: int):
+    return make_phantom(LESION_CLASSES[seed % 3], SIZE, seed, return_mask=True)
+
+
+@pytest.fixture(scope="module")
+def lesion_classifier():
+    """TinyCNN trained to tell lesion phantoms from notumor phantoms drawn with the same seeds (same heads)."""
+    images, labels = [], []
+    for seed in range(32):
+        images.append(lesion_phantom(seed)[0])
+        labels.append(1)
+        images.append(make_phantom("notumor", SIZE, seed))
+        labels.append(0)
+    torch.manual_seed(0)
+    model = TinyCNN()
+    clf = Classifier(model, classes=["notumor", "tumor"], image_size=SIZE, mean=list(IMAGENET_MEAN),
+                     std=list(IMAGENET_STD), arch="tiny-cnn")
+    inputs = torch.stack([clf.preprocess(Image.fromarray(image).convert("RGB")) for image in images])
+    targets = torch.tensor(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        loss = F.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        train_accuracy = (model(inputs).argmax(dim=1) == targets).float().mean().item()
+    assert train_accuracy >= 0.9, f"the tiny model did not learn the task (accuracy {train_accuracy:.2f})"
+    return clf
+
+
+def reference_gradcam(model: TinyCNN, inputs: torch.Tensor, class_indices: list[int]) -> np.ndarray:
+    """Grad-CAM by hand (explicit forward, autograd.grad per image, no hooks), normalized like explain()."""
+    model.eval()
+    activations = model.layer4(model.features(inputs))
+    logits = model.head(activations)
+    maps = []
+    for row, index in enumerate(class_indices):
+        (gradient,) = torch.autograd.grad(logits[row, index], activations, retain_graph=True)
+        weights = gradient[row].mean(dim=(1, 2))
+        maps.append((weights[:, None, None] * activations[row]).sum(dim=0))
+    upsampled = F.interpolate(torch.stack(maps)[:, None].detach(), size=inputs.shape[-2:], mode="bilinear",
+                              align_corners=False)[:, 0].relu().numpy()
+    result = []
+    for heat in upsampled:
+        span = heat.max() - heat.min()
+        result.append((heat - heat.min()) / span if span > 0 else np.zeros_like(heat))
+    return np.stack(result)
+
+
+def hook_count(model: nn.Module) -> int:
+    """Every module and parameter hook on the model, plus torch's global module hooks."""
+    from torch.nn.modules import module as module_globals
+
+    count = 0
+    for module in model.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            count += len(getattr(module, name))
+    for parameter in model.parameters():
+        count += len(parameter._backward_hooks or {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        count += len(getattr(module_globals, name))
+    return count
+
+
+def test_heatmap_has_input_size_and_unit_range(classifier):
+    result = explain(classifier, random_image(0))
+    assert isinstance(result, Explanation)
+    assert result.heatmap.shape == (SIZE, SIZE) and result.heatmap.dtype == np.float32
+    assert result.heatmap.min() == 0.0 and result.heatmap.max() == pytest.approx(1.0)
+    assert result.image.size == (SIZE, SIZE) and result.image.mode == "RGB"
+    prediction = classifier.predict(random_image(0))
+    assert result.predicted == result.target == prediction.label
+    assert result.probability == pytest.approx(prediction.confidence, abs=1e-5)
+    assert result.target_probability == result.probability
+
+
+def test_target_class_probability_and_unknown_class(classifier):
+    target = classifier.classes[0]
+    result = explain(classifier, random_image(1), target=target)
+    prediction = classifier.predict(random_image(1))
+    assert result.target == target and result.predicted == prediction.label
+    assert result.target_probability == pytest.approx(prediction.probabilities[target], abs=1e-5)
+    with pytest.raises(UserError, match="glioma, meningioma, notumor, pituitary"):
+        explain(classifier, random_image(1), target="astrocytoma")
+
+
+def test_onnx_backend_is_refused():
+    onnx_only = Classifier(None, classes=["a", "b"], image_size=SIZE, mean=[0.5] * 3, std=[0.5] * 3,
+                           arch="resnet18", onnx_session=object())
+    with pytest.raises(UserError, match="PyTorch checkpoint"):
+        explain(onnx_only, random_image(0))
+
+
+def test_no_hooks_left_after_repeated_calls(classifier):
+    before = hook_count(classifier.model)
+    for seed in range(3):
+        explain(classifier, [random_image(seed), random_image(seed + 10)])
+        assert hook_count(classifier.model) == before == 0
+
+
+def test_model_mode_and_requires_grad_restored(classifier):
+    model = classifier.model
+    model.train()
+    model.layer1.eval()  # e.g. a frozen block inside a training model: the mix must survive
+    for parameter in model.layer2.parameters():
+        parameter.requires_grad_(False)
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        first = explain(classifier, random_image(3))
+        second = explain(classifier, random_image(3))
+        assert [m.training for m in model.modules()] == modes
+        assert [p.requires_grad for p in model.parameters()] == flags
+        # Eval mode inside the call: dropout in the head would otherwise make two maps differ.
+        np.testing.assert_array_equal(first.heatmap, second.heatmap)
+    finally:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+
+
+def test_works_inside_inference_mode(classifier):
+    with torch.inference_mode():
+        result = explain(classifier, random_image(4))
+    assert result.heatmap.max() == pytest.approx(1.0)
+
+
+def test_normalize_scales_each_map_and_zeroes_constant_maps():
+    maps = torch.stack([torch.arange(16.0).reshape(4, 4) + 3.0, torch.full((4, 4), 2.5)])
+    normalized = _normalize(maps).numpy()
+    np.testing.assert_allclose(normalized[0], np.arange(16.0).reshape(4, 4) / 15.0, atol=1e-7)
+    np.testing.assert_array_equal(normalized[1], np.zeros((4, 4)))
+
+
+def test_overlay_blends_colormap_over_the_slice():
+    import matplotlib
+
+    heatmap = np.linspace(0, 1, SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)
+    image = random_image(5, size=(SIZE, SIZE)).convert("L").convert("RGB")
+    explanation = Explanation("x", "a", "a", 0.9, 0.9, heatmap, image)
+    np.testing.assert_array_equal(np.asarray(explanation.overlay(alpha=0.0)), np.asarray(image))
+    expected = np.rint(matplotlib.colormaps["jet"](heatmap)[..., :3] * 255)
+    np.testing.assert_allclose(np.asarray(explanation.overlay(alpha=1.0)), expected, atol=1)
+
+
+def test_planted_lesion_is_hotter_than_the_background(lesion_classifier):
+    phantoms = [lesion_phantom(seed) for seed in range(1000, 1012)]
+    results = explain(lesion_classifier, [Image.fromarray(image) for image, _ in phantoms], target="tumor")
+    inside = np.array([r.heatmap[mask].mean() for r, (_, mask) in zip(results, phantoms)])
+    outside = np.array([r.heatmap[~mask].mean() for r, (_, mask) in zip(results, phantoms)])
+    assert inside.mean() > 3 * outside.mean(), (inside, outside)
+    assert (inside > outside).sum() >= 11, (inside, outside)
+
+
+def test_batch_matches_single_images_and_hand_computed_reference(lesion_classifier):
+    # Lesion and notumor slices together: the predicted (explained) class differs within one batch.
+    images = [lesion_phantom(2000)[0], make_phantom("notumor", SIZE, 2001), lesion_phantom(2002)[0],
+              make_phantom("notumor", SIZE, 2003)]
+    pictures = [Image.fromarray(image) for image in images]
+    batch = explain(lesion_classifier, pictures, batch_size=3)  # two chunks: 3 + 1
+    assert {r.predicted for r in batch} == {"tumor", "notumor"}
+    for picture, together in zip(pictures, batch):
+        alone = explain(lesion_classifier, picture)
+        assert alone.predicted == together.predicted
+        np.testing.assert_allclose(together.heatmap, alone.heatmap, atol=1e-5)
+    inputs = torch.stack([lesion_classifier.preprocess(p.convert("RGB")) for p in pictures])
+    indices = [lesion_classifier.classes.index(r.predicted) for r in batch]
+    reference = reference_gradcam(lesion_classifier.model, inputs, indices)
+    np.testing.assert_allclose(np.stack([r.heatmap for r in batch]), reference, atol=1e-5)
+
+
+def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        random_image(6).save(tmp_path / folder / "slice.png")
+    random_image(7).save(tmp_path / "a" / "other.jpg")
+    target = classifier.classes[2]
+    written = write_explanations(classifier, [tmp_path / "a", tmp_path / "b" / "slice.png"], tmp_path / "out",
+                                 target=target)
+    assert len(written) == 3 and len(set(written)) == 3 and all(p.is_file() for p in written)
+    expected = explain(classifier, str(tmp_path / "a" / "other.jpg"), target=target)
+    assert written[0].name == f"other_gradcam_{target}_{expected.target_probability:.2f}.png"
+    assert written[1].name.startswith(f"slice_gradcam_{target}_") and written[2].name.endswith("-2.png")
+    with Image.open(written[0]) as picture:
+        assert picture.mode == "RGB"
+        assert picture.width >= 320 and picture.height > picture.width + 10  # caption bar under the square overlay

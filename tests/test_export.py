@@ -1,0 +1,158 @@
+"""ONNX and TorchScript export: same numbers as PyTorch, dynamic batch, metadata round trip, clear errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from braintumor.checkpoint import load_checkpoint
+from braintumor.errors import UserError
+from braintumor.export import (available_cores, export, export_onnx, export_torchscript, load_onnx_session,
+                               load_torchscript)
+from braintumor.predict import Classifier, expand_inputs, file_fingerprint
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def classifiers(tiny_checkpoint, onnx_path):
+    return Classifier.from_checkpoint(tiny_checkpoint), Classifier.from_checkpoint(onnx_path, backend="onnx")
+
+
+def random_batch(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_onnx_probabilities_match_pytorch_for_batches_of_three_and_one(classifiers, phantom_dir):
+    eager, onnx_backend = classifiers
+    assert onnx_backend.backend == "onnx" and onnx_backend.model is None
+    paths = expand_inputs([phantom_dir])[:3]
+    for inputs in (paths, paths[:1]):  # the batch axis is dynamic: 3 and 1 through the same graph
+        expected = eager.predict(inputs)
+        actual = onnx_backend.predict(inputs)
+        assert [p.label for p in actual] == [p.label for p in expected]
+        for got, want in zip(actual, expected):
+            assert got.probabilities.keys() == want.probabilities.keys()
+            for name in want.probabilities:
+                assert got.probabilities[name] == pytest.approx(want.probabilities[name], abs=1e-4)
+
+
+def test_onnx_logits_match_pytorch(classifiers, onnx_path):
+    # Logits, not only probabilities: an untrained model's near-uniform softmax would hide larger errors.
+    eager, _ = classifiers
+    session, _ = load_onnx_session(onnx_path)
+    for n in (3, 1):
+        batch = random_batch(n, seed=n)
+        (logits,) = session.run(None, {"input": batch.numpy()})
+        with torch.no_grad():
+            reference = eager.model(batch).numpy()
+        assert logits.shape == (n, 4)
+        np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_graph_names_opset_and_metadata(tiny_checkpoint, onnx_path):
+    model = onnx.load(str(onnx_path))
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    props = {p.key: p.value for p in model.metadata_props}
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert json.loads(props["classes"]) == ckpt["classes"]
+    assert json.loads(props["source_fingerprint"]) == file_fingerprint(tiny_checkpoint)
+
+
+def test_metadata_round_trips(tiny_checkpoint, onnx_path, classifiers):
+    import braintumor
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    _, meta = load_onnx_session(onnx_path)
+    assert meta == {"classes": ckpt["classes"], "image_size": ckpt["image_size"], "mean": list(ckpt["mean"]),
+                    "std": list(ckpt["std"]), "arch": ckpt["arch"], "braintumor_version": braintumor.__version__,
+                    "source_fingerprint": file_fingerprint(tiny_checkpoint)}
+    _, onnx_backend = classifiers
+    assert (onnx_backend.classes, onnx_backend.image_size, onnx_backend.mean, onnx_backend.std,
+            onnx_backend.arch) == (meta["classes"], 64, meta["mean"], meta["std"], "resnet18")
+
+
+def test_session_threads(onnx_path):
+    session, _ = load_onnx_session(onnx_path, threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
+    session, _ = load_onnx_session(onnx_path)
+    assert session.get_session_options().intra_op_num_threads == available_cores()
+
+
+def test_torchscript_equals_eager(tiny_checkpoint, tmp_path, classifiers):
+    eager, _ = classifiers
+    path = export_torchscript(tiny_checkpoint, tmp_path / "model.ts")
+    module, meta = load_torchscript(path)
+    assert meta["classes"] == eager.classes and meta["image_size"] == 64 and meta["arch"] == "resnet18"
+    assert meta["source_fingerprint"] == file_fingerprint(tiny_checkpoint)
+    for n in (3, 1):
+        batch = random_batch(n, seed=10 + n)
+        with torch.no_grad():
+            torch.testing.assert_close(module(batch), eager.model(batch), rtol=1e-6, atol=1e-6)
+
+
+def test_export_dispatcher(tiny_checkpoint, tmp_path):
+    written = export(tiny_checkpoint, "onnx", tmp_path / "sub" / "m.onnx")
+    assert written == tmp_path / "sub" / "m.onnx" and written.is_file()
+    assert [p.name for p in written.parent.iterdir()] == ["m.onnx"]  # no temporary file left behind
+    with pytest.raises(UserError, match="onnx, torchscript"):
+        export(tiny_checkpoint, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(UserError, match="checkpoint itself"):
+        export(tiny_checkpoint, "onnx", tiny_checkpoint)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        export(tmp_path / "missing.pt", "onnx", tmp_path / "x.onnx")
+
+
+def test_bad_files_raise_user_error(tmp_path, onnx_path):
+    with pytest.raises(UserError, match="not found"):
+        load_onnx_session(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf at all" * 10)
+    with pytest.raises(UserError, match="not a readable ONNX model"):
+        load_onnx_session(garbage)
+    with pytest.raises(UserError, match="not found"):
+        Classifier.from_checkpoint(tmp_path / "missing.onnx", backend="onnx")
+
+    # A valid ONNX model from elsewhere: loads in onnxruntime, but has no braintumor metadata.
+    node = helper.make_node("Identity", ["input"], ["logits"])
+    graph = helper.make_graph([node], "foreign", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])])
+    foreign = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    foreign.ir_version = 8
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(UserError, match="not a braintumor export"):
+        load_onnx_session(tmp_path / "foreign.onnx")
+
+    corrupt = onnx.load(str(onnx_path))
+    for prop in corrupt.metadata_props:
+        if prop.key == "classes":
+            prop.value = "[not json"
+    onnx.save(corrupt, str(tmp_path / "corrupt.onnx"))
+    with pytest.raises(UserError, match="corrupt braintumor metadata"):
+        load_onnx_session(tmp_path / "corrupt.onnx")
+
+    with pytest.raises(UserError, match="not a braintumor export"):
+        load_torchscript(_foreign_torchscript(tmp_path))
+    with pytest.raises(UserError, match="cannot load TorchScript"):
+        load_torchscript(garbage)
+
+
+def _foreign_torchscript(tmp_path):
+    path = tmp_path / "foreign.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    return path

@@ -1,0 +1,186 @@
+"""End to end: the real server on a loopback port, the page in headless Debian Chromium driven by Playwright.
+
+Playwright never downloads a browser here: it drives /usr/bin/chromium (Debian's package, installed by
+scripts/install_chromium.sh from the Makefile's test set-up). Without it the test is skipped locally and fails
+in CI (CI set), where the set-up must have installed it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor.phantom import make_phantom
+from braintumor.predict import Classifier
+from braintumor.serve import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT_COPY = Path("/tmp/braintumor_page.png")
+SCREENSHOT_PHONE_COPY = Path("/tmp/braintumor_page_375.png")
+
+
+def _require_browser():
+    """Skip (locally) or fail (in CI) when Chromium or Playwright is missing; never download a browser."""
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"{CHROMIUM} is missing (run scripts/install_chromium.sh)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "the playwright Python package is not installed"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser test cannot run in CI: {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    """uvicorn serving the app in a background thread on a free 127.0.0.1 port; yields the base URL."""
+    import uvicorn
+
+    classifier = Classifier.from_checkpoint(tiny_checkpoint)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    uv_server = uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="warning"))
+    thread = threading.Thread(target=uv_server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv_server.should_exit = True
+    thread.join(timeout=10)
+    listener.close()
+
+
+def phantom_png(path: Path, label: str, seed: int) -> Path:
+    Image.fromarray(make_phantom(label, 96, seed)).save(path)
+    return path
+
+
+def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    slice_path = phantom_png(tmp_path / "glioma_slice.png", "glioma", seed=5)
+    dropped_path = phantom_png(tmp_path / "dropped.png", "meningioma", seed=6)
+    answers = {}
+    for path in (slice_path, dropped_path):
+        response = httpx.post(f"{server}/api/predict",
+                              files=[("files", (path.name, path.read_bytes(), "image/png"))], timeout=60)
+        answers[path.name] = response.json()["results"][0]
+    model = httpx.get(f"{server}/api/model").json()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(server)
+            expect(page.locator("body")).to_have_attribute("data-ready", "true")
+            expect(page.get_by_test_id("research-note")).to_contain_text("Research use only")
+            expect(page.get_by_test_id("model-arch")).to_have_text(model["arch"])
+            expect(page.get_by_test_id("model-fingerprint")).to_have_text(model["fingerprint"])
+            expect(page.get_by_test_id("model-classes")).to_have_text(", ".join(model["classes"]))
+
+            # Choose a file through the input.
+            page.get_by_test_id("file-input").set_input_files(str(slice_path))
+            card = page.locator(f'[data-testid="result"][data-filename="{slice_path.name}"]')
+            expect(card).to_have_attribute("data-state", "done", timeout=30_000)
+            check_card(card, answers[slice_path.name])
+            expect(card.get_by_test_id("slice-image")).to_be_visible()
+            assert card.get_by_test_id("slice-image").evaluate("img => img.naturalWidth") == 96
+
+            # Drop a second file on the drop zone.
+            data = base64.b64encode(dropped_path.read_bytes()).decode()
+            transfer = page.evaluate_handle(
+                """([name, data]) => {
+                    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                    const transfer = new DataTransfer();
+                    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+                    return transfer;
+                }""", [dropped_path.name, data])
+            page.get_by_test_id("drop-zone").dispatch_event("drop", {"dataTransfer": transfer})
+            dropped = page.locator(f'[data-testid="result"][data-filename="{dropped_path.name}"]')
+            expect(dropped).to_have_attribute("data-state", "done", timeout=30_000)
+            check_card(dropped, answers[dropped_path.name])
+
+            # Grad-CAM overlay on, then off again.
+            toggle = card.get_by_test_id("gradcam-toggle")
+            toggle.click()
+            overlay = card.get_by_test_id("gradcam-image")
+            expect(overlay).to_be_visible(timeout=30_000)
+            expect(toggle).to_have_attribute("aria-pressed", "true")
+            assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0
+            assert "Grad-CAM" in overlay.get_attribute("alt")
+            expect(card.get_by_test_id("slice-image")).to_be_hidden()
+            label = answers[slice_path.name]["label"]
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"Grad-CAM for {label}")
+            toggle.click()
+            expect(overlay).to_be_hidden()
+            expect(card.get_by_test_id("slice-image")).to_be_visible()
+            toggle.click()  # cached: shown again without another request
+            expect(overlay).to_be_visible()
+            assert sum("explain=1" in url for url in requested) == 1
+
+            # An unreadable file gets its own card with the server's reason.
+            bad = tmp_path / "notes.png"
+            bad.write_text("not an image")
+            page.get_by_test_id("file-input").set_input_files(str(bad))
+            bad_card = page.locator('[data-testid="result"][data-filename="notes.png"]')
+            expect(bad_card).to_have_attribute("data-state", "error", timeout=30_000)
+            expect(bad_card.get_by_test_id("result-error")).to_contain_text("notes.png: not a readable image")
+
+            shot = tmp_path / "page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            shutil.copyfile(shot, SCREENSHOT_COPY)
+
+            page.set_viewport_size({"width": 375, "height": 800})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375, "the page scrolls sideways"
+            phone_shot = tmp_path / "page_375.png"
+            page.screenshot(path=str(phone_shot), full_page=True)
+            shutil.copyfile(phone_shot, SCREENSHOT_PHONE_COPY)
+
+            # The API docs render from /openapi.json with local files only.
+            page.goto(f"{server}/docs")
+            expect(page.get_by_test_id("operation").first).to_be_visible()
+            expect(page.get_by_test_id("endpoints")).to_contain_text("POST /api/predict")
+
+            offsite = [url for url in requested if not url.startswith((server, "data:"))]
+            assert offsite == [], f"the page requested other hosts: {offsite}"
+        finally:
+            browser.close()
+    assert Image.open(shot).size[0] == 1100 and Image.open(phone_shot).size[0] == 375
+
+
+def check_card(card, answer: dict) -> None:
+    """The card shows the API's class and each class's probability as a percentage with one decimal."""
+    from playwright.sync_api import expect
+
+    expect(card.get_by_test_id("predicted-label")).to_have_text(answer["label"])
+    rows = card.get_by_test_id("probability")
+    assert rows.count() == len(answer["probabilities"])
+    for name, probability in answer["probabilities"].items():
+        row = card.locator(f'[data-testid="probability"][data-class="{name}"]')
+        expect(row.get_by_test_id("probability-value")).to_have_text(f"{100 * probability:.1f}%")
+        assert float(row.get_attribute("data-probability")) == pytest.approx(probability, abs=1e-6)
+    width = card.locator(f'[data-class="{answer["label"]}"] .bar-fill').evaluate("el => el.style.width")
+    assert float(width.rstrip("%")) == pytest.approx(100 * answer["confidence"], abs=1e-3)
+    assert np.isclose(sum(answer["probabilities"].values()), 1.0, atol=1e-5)
