@@ -62,7 +62,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
         extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in skipped]
     leak_free = None
     if exclude_duplicates_of:
-        from .audit import leak_free_mask
+        from .dedup import leak_free_mask
 
         train_paths = discover(exclude_duplicates_of).paths
         leak_free = leak_free_mask(paths, train_paths)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +12,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, discover, eval_transform, stratified_split, train_transform
+from .decode import decode_to_tensor
 from .distributed import DistInfo
 from .errors import UserError
-from .gpu_data import CachedBatches, choose_cache, decode_to_tensor
+from .gpu_data import CachedBatches, choose_cache
 from .images import find_bad_images
 
 MAX_LISTED_BAD_FILES = 10
@@ -59,7 +61,7 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
                          skipped + val_skipped)
     groups = None
     if cfg.group_split:
-        from .audit import duplicate_groups
+        from .dedup import duplicate_groups
 
         groups = duplicate_groups(paths)
     train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed, groups=groups)
@@ -74,9 +76,9 @@ class LoaderBatches:
     """The DataLoader path: PIL decode + CPU transforms in workers, sharded like DistributedSampler."""
 
     def __init__(self, paths, labels, *, transform, batch_size: int, shuffle: bool, seed: int, workers: int,
-                 dist: DistInfo, pin_memory: bool, pad_shards: bool):
+                 dist: DistInfo, pin_memory: bool, training: bool):
         dataset = ImageFolderDataset(paths, labels, transform)
-        if pad_shards:
+        if training:
             self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
                                               shuffle=shuffle, seed=seed)
             source = dataset
@@ -85,7 +87,7 @@ class LoaderBatches:
             source = Subset(dataset, list(range(dist.rank, len(dataset), dist.world_size)))
         self.loader = DataLoader(source, batch_size=batch_size, sampler=self.sampler, shuffle=False,
                                  num_workers=workers, pin_memory=pin_memory,
-                                 drop_last=False)
+                                 drop_last=training and drop_partial_batch(len(dataset), batch_size, dist))
         self.seed = seed
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,6 +104,12 @@ class LoaderBatches:
         return iter(self.loader)
 
 
+def drop_partial_batch(n_images: int, batch_size: int, dist: DistInfo) -> bool:
+    """Training drops a last partial batch when a full one exists: BatchNorm's statistics over a handful of
+    images (a single one fails outright) would give that step wild gradients, worse the more ranks share."""
+    return math.ceil(n_images / dist.world_size) >= batch_size
+
+
 def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: bool):
     """Train and val batch iterables on the configured data path; returns (train, val, cache_mode)."""
     per_rank_batch = cfg.batch_size // dist.world_size
@@ -113,9 +121,9 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     if mode == "none":
         common = dict(batch_size=per_rank_batch, seed=cfg.seed, workers=cfg.workers, dist=dist,
                       pin_memory=device.type == "cuda")
-        train = LoaderBatches(split.train_paths, split.train_labels, shuffle=True, pad_shards=True,
+        train = LoaderBatches(split.train_paths, split.train_labels, shuffle=True, training=True,
                               transform=train_transform(cfg.image_size, cfg.rotation, mean, std), **common)
-        val = LoaderBatches(split.val_paths, split.val_labels, shuffle=False, pad_shards=False,
+        val = LoaderBatches(split.val_paths, split.val_labels, shuffle=False, training=False,
                             transform=eval_transform(cfg.image_size, mean, std), **common)
         return train, val, mode
     store = device if mode == "gpu" else torch.device("cpu")
@@ -125,7 +133,8 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     val_shard = slice(dist.rank, None, dist.world_size)
     common = dict(rotation=cfg.rotation, mean=mean, std=std, device=device, seed=cfg.seed)
     train = CachedBatches(train_images, torch.tensor(split.train_labels), per_rank_batch, shuffle=True,
-                          augment=True, rank=dist.rank, world_size=dist.world_size, **common)
+                          augment=True, rank=dist.rank, world_size=dist.world_size,
+                          drop_last=drop_partial_batch(len(split.train_paths), per_rank_batch, dist), **common)
     val = CachedBatches(val_images[val_shard], torch.tensor(split.val_labels)[val_shard], per_rank_batch,
                         shuffle=False, augment=False, **common)
     return train, val, mode

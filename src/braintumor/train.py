@@ -167,6 +167,7 @@ class Trainer:
                                        torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
             bar.update(1)
         bar.close()
+        distributed.average_buffers(self.model, self.dist)
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
                 "train_images": int(count)}

@@ -1,0 +1,120 @@
+"""DDP with torchrun: 2 CPU processes (gloo) through the real CLI, compared with one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from braintumor.checkpoint import load_checkpoint
+
+# The worker runs the real CLI and, after training, saves each rank's weights so the test can compare ranks.
+# With "group-norm" it swaps BatchNorm for GroupNorm and switches head dropout off: those two draw on the
+# batch split and the RNG, so without them two processes on a global batch must equal one process on it.
+WORKER = textwrap.dedent("""
+    import functools
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torchvision.models
+
+    import braintumor.model
+    import braintumor.train as train_module
+    from braintumor.cli import main
+
+    dump_dir, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "group-norm":
+        braintumor.model.HEAD_DROPOUT = 0.0
+        torchvision.models.resnet18 = functools.partial(
+            torchvision.models.resnet18, norm_layer=lambda channels: torch.nn.GroupNorm(8, channels))
+    original_fit = train_module.Trainer.fit
+
+    def fit_and_dump(self):
+        result = original_fit(self)
+        torch.save(self.model.state_dict(), dump_dir / f"rank{self.dist.rank}.pt")
+        return result
+
+    train_module.Trainer.fit = fit_and_dump
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def symmetric_data(phantom_dir, tmp_path_factory):
+    """Left-right symmetric phantoms: a random flip leaves them unchanged, so any shard sees the same inputs."""
+    root = tmp_path_factory.mktemp("symmetric")
+    for path in sorted(phantom_dir.rglob("*.png")):
+        pixels = np.asarray(Image.open(path), dtype=np.float32)
+        out = root / path.parent.name / path.name
+        out.parent.mkdir(exist_ok=True)
+        Image.fromarray(((pixels + pixels[:, ::-1]) / 2).round().astype(np.uint8)).save(out)
+    return root
+
+
+def run_worker(tmp_path, name, args, nproc=None, mode="batch-norm"):
+    dump = tmp_path / f"{name}-weights"
+    dump.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = [sys.executable]
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    result = subprocess.run([*launcher, str(worker), str(dump), mode, *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dump, result.stdout
+
+
+def train_args(data, out, **extra):
+    args = ["train", str(data), "--arch", "resnet18", "--weights", "none", "--epochs", "1", "--lr", "1e-3",
+            "--image-size", "32", "--batch-size", "8", "--rotation", "0", "--device", "cpu", "--workers", "0",
+            "--seed", "3", "--no-progress", "--no-group-split", "--out", str(out)]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ranks_end_identical_and_resume_works_with_another_world_size(symmetric_data, tmp_path):
+    dump, log = run_worker(tmp_path, "ddp", train_args(symmetric_data, tmp_path / "run"), nproc=2)
+    rank0 = torch.load(dump / "rank0.pt", weights_only=True)
+    rank1 = torch.load(dump / "rank1.pt", weights_only=True)
+    for key in rank0:  # parameters via gradient all-reduce, BatchNorm statistics via buffer averaging
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+    # Only rank 0 wrote: one log line, one metrics row; both shards' images counted (2 global batches of 8).
+    assert log.count("epoch 1/1") == 1
+    assert [(r["epoch"], r["train_images"]) for r in rows(tmp_path / "run")] == [(1, 16)]
+    assert torch.equal(load_checkpoint(tmp_path / "run" / "last.pt")["model"]["fc.3.weight"], rank0["fc.3.weight"])
+
+    run_worker(tmp_path, "resumed", ["train", "--resume", str(tmp_path / "run"), "--epochs", "2"])
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.parametrize("data_cache", ["none", "memory"])
+def test_two_processes_match_one_process_on_the_same_global_batch(symmetric_data, tmp_path, data_cache):
+    settings = dict(data_cache=data_cache, epochs=2)
+    ddp, _ = run_worker(tmp_path, "ddp", train_args(symmetric_data, tmp_path / "ddp", **settings), nproc=2,
+                        mode="group-norm")
+    single, _ = run_worker(tmp_path, "single", train_args(symmetric_data, tmp_path / "single", **settings),
+                           mode="group-norm")
+    ddp_weights = torch.load(ddp / "rank0.pt", weights_only=True)
+    single_weights = torch.load(single / "rank0.pt", weights_only=True)
+    worst = max((ddp_weights[k] - single_weights[k]).abs().max().item() for k in single_weights)
+    assert worst < 2e-5, worst  # 4 Ranger steps of lr 1e-3 move weights by ~1e-3: a wrong shard would show
+    for a, b in zip(rows(tmp_path / "ddp"), rows(tmp_path / "single")):
+        assert a["train_images"] == b["train_images"] == 16
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["val_accuracy"] == b["val_accuracy"]
