@@ -7,10 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import RESEARCH_NOTE, __version__
 from .errors import UserError
-
-RESEARCH_NOTE = "Research use only: not a medical device, no clinical validity is claimed."
 
 
 class Parser(argparse.ArgumentParser):
@@ -173,7 +171,7 @@ def cmd_serve(args) -> int:
     from .serve import run_server
 
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
-               max_files=args.max_files)
+               max_files=args.max_files, device=args.device, backend=args.backend)
     return 0
 
 
@@ -249,6 +247,8 @@ def build_parser() -> Parser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-file-mb", type=int, default=20)
     p.add_argument("--max-files", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--backend", default="torch", help="torch (default; needed for Grad-CAM) or onnx")
     p.set_defaults(func=cmd_serve)
     return parser
 

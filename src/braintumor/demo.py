@@ -9,7 +9,7 @@ from .config import TrainConfig
 from .phantom import write_phantom_set
 
 DEMO_IMAGE_SIZE = 128
-DEMO_PER_CLASS = 120
+DEMO_PER_CLASS = 128
 DEMO_TEST_PER_CLASS = 50
 DEMO_EPOCHS = 6
 
@@ -20,7 +20,7 @@ def demo_config(train_dir: Path, run_dir: Path, epochs: int, seed: int) -> Train
     Random initialisation needs a far larger learning rate than fine-tuning (1e-5 is for ImageNet weights).
     """
     return TrainConfig(data=str(train_dir), arch="resnet18", weights="none", image_size=DEMO_IMAGE_SIZE,
-                       epochs=epochs, batch_size=32, lr=2e-3, scheduler="cosine", device="cpu",
+                       epochs=epochs, batch_size=16, lr=3e-3, scheduler="cosine", device="cpu",
                        data_cache="memory", workers=0, seed=seed, out=str(run_dir), name="demo")
 
 

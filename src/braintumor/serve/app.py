@@ -26,10 +26,10 @@ from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from .. import RESEARCH_NOTE
 from ..errors import UserError
 from ..images import ImageReadError
 
-RESEARCH_NOTE = "Research use only: not a medical device, no clinical validity is claimed."
 STATIC_DIR = Path(__file__).with_name("static")
 FIELD = "files"
 PREVIEW_SIZE = 256  # longest side of the preview PNG returned with ?preview=1

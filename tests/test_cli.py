@@ -1,0 +1,142 @@
+"""The command line end to end: every subcommand on generated data, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+
+from braintumor.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_dir, tmp_path_factory):
+    """One tiny training run through the CLI, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", str(phantom_dir), "--arch", "resnet18", "--weights", "none", "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--workers", "0",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_writes_the_run_and_prints_where(trained_run):
+    assert (trained_run / "best.pt").is_file() and (trained_run / "report.md").is_file()
+    assert len((trained_run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_with_leak_free_subset(trained_run, phantom_dir, tmp_path, capsys):
+    code, out, _ = run(["evaluate", trained_run / "best.pt", phantom_dir, "--out", tmp_path / "eval",
+                        "--device", "cpu", "--exclude-duplicates-of", phantom_dir], capsys)
+    assert code == 0 and "macro avg" in out and "report: " in out
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n"] == 24 and set(report["per_class"]) == {"glioma", "meningioma", "notumor", "pituitary"}
+    assert "24 of 24 images are exact or near duplicates" in report["extra"]["leak check"]
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_predict_table_json_csv(trained_run, phantom_dir, capsys):
+    folder = phantom_dir / "glioma"
+    code, out, _ = run(["predict", trained_run / "best.pt", folder], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0].split()[:2] == ["image", "prediction"] and len(lines) == 7
+    code, out, _ = run(["predict", trained_run / "best.pt", folder / "glioma_0000.png", "--json"], capsys)
+    (record,) = json.loads(out)
+    assert record["source"].endswith("glioma_0000.png") and sum(record["probabilities"].values()) == \
+        pytest.approx(1.0, abs=1e-5) and record["label"] in record["probabilities"]
+    code, out, _ = run(["predict", trained_run / "best.pt", folder, "--csv"], capsys)
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert len(table) == 6 and set(table[0]) == {"source", "label", "confidence", "glioma", "meningioma",
+                                                  "notumor", "pituitary"}
+
+
+def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_path, capsys):
+    onnx_file = tmp_path / "model.onnx"
+    code, out, _ = run(["export", trained_run / "best.pt", "--format", "onnx", "--out", onnx_file], capsys)
+    assert code == 0 and onnx_file.is_file()
+    image = phantom_dir / "pituitary" / "pituitary_0001.png"
+    _, torch_out, _ = run(["predict", trained_run / "best.pt", image, "--json"], capsys)
+    code, onnx_out, _ = run(["predict", onnx_file, image, "--json", "--backend", "onnx"], capsys)
+    expected, got = json.loads(torch_out)[0], json.loads(onnx_out)[0]
+    assert code == 0 and got["label"] == expected["label"]
+    for name, p in expected["probabilities"].items():
+        assert got["probabilities"][name] == pytest.approx(p, abs=1e-4)
+
+
+def test_explain_writes_overlays(trained_run, phantom_dir, tmp_path, capsys):
+    code, out, _ = run(["explain", trained_run / "best.pt", phantom_dir / "meningioma" / "meningioma_0002.png",
+                        "--class", "meningioma", "--out", tmp_path / "cam"], capsys)
+    written = out.strip().splitlines()
+    assert code == 0 and len(written) == 1 and "meningioma" in written[0]
+    assert (tmp_path / "cam").is_dir() and any((tmp_path / "cam").iterdir())
+
+
+def test_audit_and_fail_on_leak(phantom_dir, tmp_path, capsys):
+    code, out, _ = run(["audit", phantom_dir, "--out", tmp_path / "a"], capsys)
+    assert code == 0 and (tmp_path / "a" / "audit.md").is_file() and (tmp_path / "a" / "audit.json").is_file()
+    code, _, err = run(["audit", phantom_dir, "--against", phantom_dir, "--out", tmp_path / "b",
+                        "--fail-on-leak"], capsys)
+    assert code == 1 and "duplicate training images" in err
+
+
+def test_make_phantoms(tmp_path, capsys):
+    code, out, _ = run(["make-phantoms", tmp_path / "p", "--per-class", "2", "--size", "48"], capsys)
+    assert code == 0 and len(list((tmp_path / "p").rglob("*.png"))) == 8
+
+
+@pytest.mark.parametrize("make_data, message", [
+    (lambda root: None, "error: data folder not found: {root}"),
+    (lambda root: (root / "glioma").mkdir(parents=True), "error: need at least 2 class folders in {root}, found 1"),
+    (lambda root: [(root / c).mkdir(parents=True) for c in ("a", "b")], "error: class folder 'a' in {root} has no images"),
+])
+def test_bad_data_folders_are_one_line_errors(tmp_path, capsys, make_data, message):
+    root = tmp_path / "data"
+    make_data(root)
+    code, _, err = run(["train", root, "--weights", "none", "--device", "cpu"], capsys)
+    assert code == 2 and err.startswith(message.format(root=root)) and err.count("\n") == 1
+
+
+def test_imagenet_weights_offline_through_the_cli(phantom_dir, tmp_path, capsys, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    code, _, err = run(["train", phantom_dir, "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                        "--out", tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "resnet18-f37072fd.pth" in err and str(tmp_path / "empty" / "hub" / "checkpoints") in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "x", "--arch", "vgg16"], "error: --arch must be one of resnet18"),
+    (["predict", "missing.pt", "a.png"], "error: checkpoint not found: missing.pt"),
+    (["train", "--epochs", "2"], "error: no training data folder given"),
+    (["train", "x", "--config", "nope.yaml"], "error: config file not found: nope.yaml"),
+])
+def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(args, capsys)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+def test_real_process_exit_codes_and_no_traceback(tmp_path):
+    """Through a real interpreter: argparse errors and user errors are one line on stderr, exit code 2."""
+    for args in (["train", str(tmp_path / "nowhere"), "--device", "cpu"], ["train", "d", "--epochs", "many"],
+                 ["frobnicate"]):
+        result = subprocess.run([sys.executable, "-m", "braintumor", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
