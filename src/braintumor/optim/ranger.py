@@ -11,14 +11,14 @@ Ranger (Less Wright, 2019) stacks three published ideas; this module implements 
 * **Gradient Centralization** -- Yong, Huang, Hua and Zhang, ECCV 2020 (arXiv:2004.01461). Each weight
   gradient loses its mean over every dimension but the first (per output channel / neuron).
 
-Where this differs from the papers:
+Choices made here, and where they differ from the papers:
 
 * RAdam: the update is ``m / (sqrt(v) + eps)`` with ``sqrt(1 - beta2^t)`` folded into the step size (as
   ``torch.optim.RAdam`` does), so eps is added to the un-corrected root of v. The paper rectifies once
   rho_t > 4; the threshold here is configurable (>= 4) and defaults to 5, like PyTorch and the original Ranger,
   so that with beta2 = 0.999 steps 1-5 are momentum SGD and rectification starts at step 6. Weight decay is
   the decoupled AdamW form ``p <- p * (1 - lr * wd)``, which the RAdam paper does not have.
-* LookAhead: the inner optimiser's moments are kept through a synchronisation, not reset. The step counter
+* LookAhead: a synchronisation resets only the weights; the RAdam moments carry over unchanged. The step counter
   (and with it the k-step schedule) is per parameter, so a parameter that first receives a gradient late
   starts its own schedule then.
 * Gradient Centralization: ``gc="all"`` centralizes every gradient with more than one dimension (conv and
