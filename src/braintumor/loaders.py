@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .config import TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, discover, eval_transform, stratified_split, train_transform
 from .decode import decode_to_tensor
-from .distributed import DistInfo
+from .distributed import DistInfo, broadcast_object
 from .errors import UserError
 from .gpu_data import CachedBatches, choose_cache
 from .images import find_bad_images
@@ -116,7 +116,8 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     if per_rank_batch < 1 or cfg.batch_size % dist.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {dist.world_size} processes")
     n_images = len(split.train_paths) + len(split.val_paths)
-    mode = choose_cache(cfg.data_cache, n_images, cfg.image_size, device)
+    # Rank 0 decides for all: ranks with different free memory must still share one data path.
+    mode = broadcast_object(choose_cache(cfg.data_cache, n_images, cfg.image_size, device), dist)
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if mode == "none":
         common = dict(batch_size=per_rank_batch, seed=cfg.seed, workers=cfg.workers, dist=dist,
@@ -128,8 +129,9 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
         return train, val, mode
     store = device if mode == "gpu" else torch.device("cpu")
     show = progress and dist.is_main and sys.stderr.isatty()
-    train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, progress=show)
-    val_images = decode_to_tensor(split.val_paths, cfg.image_size, store, progress=show)
+    pin = mode == "memory" and device.type == "cuda"  # pinned host memory: asynchronous copies to the GPU
+    train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, pin_memory=pin, progress=show)
+    val_images = decode_to_tensor(split.val_paths, cfg.image_size, store, pin_memory=pin, progress=show)
     val_shard = slice(dist.rank, None, dist.world_size)
     common = dict(rotation=cfg.rotation, mean=mean, std=std, device=device, seed=cfg.seed)
     train = CachedBatches(train_images, torch.tensor(split.train_labels), per_rank_batch, shuffle=True,
