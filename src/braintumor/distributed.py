@@ -74,3 +74,27 @@ def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer.div_(info.world_size)
+
+
+def run_on_main(fn, info: DistInfo):
+    """Run ``fn`` on rank 0 only and give every rank its result; an error there is raised on every rank,
+    so no rank waits forever for a result that will not come."""
+    from .errors import UserError
+
+    result, error, user_error = None, None, False
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, on rank 0 as itself
+            if not info.enabled:
+                raise
+            error, user_error = err, isinstance(err, UserError)
+    if not info.enabled:
+        return result
+    message = None if error is None else str(error)
+    result, message, user_error = broadcast_object((result, message, user_error), info)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise (UserError(message) if user_error else RuntimeError(f"rank 0 failed: {message}"))
+    return result

@@ -101,7 +101,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.show_progress = cfg.progress and self.dist.is_main and sys.stderr.isatty()
-        self.split: SplitData = prepare_split(cfg, progress=self.show_progress)
+        # Rank 0 checks the files and splits (hashing for duplicate groups once, not once per rank).
+        self.split: SplitData = distributed.run_on_main(lambda: prepare_split(cfg, self.show_progress), self.dist)
         self.classes = self.split.classes
         if resume_from is not None and resume_from["classes"] != self.classes:
             raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")
