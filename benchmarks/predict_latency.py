@@ -7,7 +7,8 @@ Prints a markdown table (single-image median / p95 latency and batch throughput)
     python benchmarks/predict_latency.py                      # ResNet-152 at 224 px, all cores
     python benchmarks/predict_latency.py --threads 2 --runs 50
 
-Random weights time the same as trained ones: every layer does the same dense arithmetic either way.
+Random weights time the same as trained ones: every layer does the same dense arithmetic either way. The int8 row
+is calibrated on 16 phantom slices; its probabilities differ from fp32 (see export.quantize_onnx).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 
 from braintumor.checkpoint import save_checkpoint
 from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
-from braintumor.export import available_cores, export_onnx, load_onnx_session
+from braintumor.export import available_cores, export_onnx, load_onnx_session, quantize_onnx
 from braintumor.model import ARCHS, build_model
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 from braintumor.predict import Classifier
@@ -45,17 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="batch size for the throughput measurement")
     parser.add_argument("--batch-runs", type=int, default=3, help="timed batches per backend")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: available cores)")
-    parser.add_argument("--no-channels-last", action="store_true", help="time PyTorch in NCHW memory format")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="time PyTorch in NHWC memory format (slower than NCHW for ResNet-152 on a 2-core EPYC)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8-quantized ONNX Runtime row")
     args = parser.parse_args(argv)
     if args.runs < 20:
         parser.error("--runs must be at least 20 so that the p95 means something")
     return args
 
 
-def jpeg_slice(size: int) -> bytes:
+def jpeg_slice(size: int, label: str = "glioma", seed: int = 0) -> bytes:
     """A synthetic MRI-like slice as the JPEG bytes a client would upload."""
     buffer = io.BytesIO()
-    Image.fromarray(make_phantom("glioma", size, 0)).save(buffer, format="JPEG", quality=90)
+    Image.fromarray(make_phantom(label, size, seed)).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
@@ -83,6 +86,17 @@ def time_batch(classifier: Classifier, data: bytes, batch: int, runs: int) -> fl
     return batch / statistics.median(timings)
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_average() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
@@ -96,15 +110,24 @@ def build_classifiers(args, workdir: Path) -> dict[str, Classifier]:
                                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": args.arch,
                                   "config": {}, "epoch": 0, "best_val_accuracy": 0.0}, workdir / "random.pt")
     eager = Classifier.from_checkpoint(checkpoint)
-    if not args.no_channels_last:
-        # NHWC lets oneDNN use its blocked convolutions without reordering around every layer.
+    if args.channels_last:
         eager.model = eager.model.to(memory_format=torch.channels_last)
     onnx_path = export_onnx(checkpoint, workdir / "random.onnx")
-    session, meta = load_onnx_session(onnx_path, threads=args.threads)
-    ort = Classifier(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
-                     std=meta["std"], arch=meta["arch"], onnx_session=session)
-    eager_name = "PyTorch eager" + ("" if args.no_channels_last else " (channels_last)")
-    return {eager_name: eager, "ONNX Runtime": ort}
+    # ONNX Runtime first: torch's OpenMP workers keep spinning for a moment after each call and would slow it.
+    classifiers = {"ONNX Runtime": onnx_classifier(onnx_path, args.threads)}
+    if not args.no_int8:
+        calibration = [jpeg_slice(args.source_size, label, seed) for seed in range(4) for label in PHANTOM_CLASSES]
+        int8_path = quantize_onnx(onnx_path, workdir / "random-int8.onnx", calibration)
+        classifiers["ONNX Runtime int8 (static QDQ)"] = onnx_classifier(int8_path, args.threads)
+    eager_name = "PyTorch eager" + (" (channels_last)" if args.channels_last else "")
+    classifiers[eager_name] = eager
+    return classifiers
+
+
+def onnx_classifier(path: Path, threads: int | None) -> Classifier:
+    session, meta = load_onnx_session(path, threads=threads)
+    return Classifier(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
+                      std=meta["std"], arch=meta["arch"], onnx_session=session)
 
 
 def main(argv=None) -> int:
@@ -124,10 +147,10 @@ def main(argv=None) -> int:
             print(f"# {name}: done", file=sys.stderr, flush=True)
     load_after = load_average()
     print(f"{args.arch} at {args.image_size} px, from a {args.source_size} px JPEG (decode + resize + normalize "
-          f"included); {threads} intra-op threads on {available_cores()} available cores "
-          f"({os.cpu_count()} logical, {platform.processor() or platform.machine()}); "
-          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; 1-minute load average "
-          f"{load_before} before, {load_after} after (above the thread count means other processes competed for the cores)\n")
+          f"included); {threads} intra-op threads on {available_cores()} available cores ({cpu_name()}, "
+          f"{os.cpu_count()} logical); torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+          f"1-minute load average {load_before} before, {load_after} after (above the thread count: other "
+          f"processes competed for the cores)\n")
     print(f"| backend | single image median (ms) | single image p95 (ms) | batch {args.batch} throughput (img/s) |")
     print("|---|---:|---:|---:|")
     for name, median, p95, throughput in rows:

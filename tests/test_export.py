@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from braintumor.checkpoint import load_checkpoint
 from braintumor.errors import UserError
 from braintumor.export import (available_cores, export, export_onnx, export_torchscript, load_onnx_session,
-                               load_torchscript)
+                               load_torchscript, quantize_onnx)
 from braintumor.predict import Classifier, expand_inputs, file_fingerprint
 
 
@@ -148,6 +148,29 @@ def test_bad_files_raise_user_error(tmp_path, onnx_path):
         load_torchscript(_foreign_torchscript(tmp_path))
     with pytest.raises(UserError, match="cannot load TorchScript"):
         load_torchscript(garbage)
+
+
+def test_int8_quantization_stays_close_and_keeps_metadata(onnx_path, phantom_dir, tmp_path):
+    paths = expand_inputs([phantom_dir])
+    quantized = quantize_onnx(onnx_path, tmp_path / "int8.onnx", paths[::2])
+    ops = {node.op_type for node in onnx.load(str(quantized)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    session, meta = load_onnx_session(quantized)
+    _, fp32_meta = load_onnx_session(onnx_path)
+    assert meta.pop("quantization") == {"type": "int8 static QDQ, per-channel weights",
+                                        "calibration_images": len(paths[::2])}
+    assert meta == fp32_meta
+    fp32_session, _ = load_onnx_session(onnx_path)
+    reader = Classifier.from_checkpoint(onnx_path)
+    batch = torch.stack([reader.preprocess(reader.load(p)) for p in paths[1::2]]).numpy()
+    (expected,) = fp32_session.run(None, {"input": batch})
+    (actual,) = session.run(None, {"input": batch})
+    # int8 is approximate by design: close, not equal (a broken scale would be off by far more).
+    assert np.corrcoef(expected.ravel(), actual.ravel())[0, 1] > 0.99
+    assert np.abs(actual - expected).max() < 0.1 * (expected.max() - expected.min())
+    assert not np.array_equal(actual, expected)
+    with pytest.raises(UserError, match="calibration images"):
+        quantize_onnx(onnx_path, tmp_path / "none.onnx", [])
 
 
 def _foreign_torchscript(tmp_path):

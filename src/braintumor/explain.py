@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from captum.attr import LayerAttribution, LayerGradCam
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 from .errors import UserError
 from .model import gradcam_layer
 from .predict import describe_source, expand_inputs

@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,53 @@ def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, d
     return module.eval(), json.loads(extra_files[TORCHSCRIPT_META])
 
 
+def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calibration_images: Sequence,
+                  max_images: int = 64) -> Path:
+    """Write an int8 copy of a braintumor ONNX export (static, per-channel weights, QDQ), calibrated on images.
+
+    About twice as fast on x86 CPUs with AVX512-VNNI, at the cost of exactness: probabilities move by up to a few
+    percent, so check accuracy on a held-out set before using it. ``calibration_images`` (paths, bytes or PIL
+    images; the first ``max_images`` are used) should look like the data the model will see, e.g. training slices.
+    """
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+
+    import onnx
+
+    from .data import eval_transform
+    from .images import read_image
+
+    _, meta = load_onnx_session(onnx_path, threads=1)  # a braintumor export, or a UserError
+    images = list(calibration_images)[:max_images]
+    if not images:
+        raise UserError("int8 quantization needs calibration images: give a few dozen typical slices")
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._items = iter(images)
+
+        def get_next(self):
+            item = next(self._items, None)
+            if item is None:
+                return None
+            return {INPUT_NAME: transform(read_image(item)).unsqueeze(0).numpy()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        # Shape inference and graph clean-up first, as onnxruntime's quantization guide prescribes.
+        quant_pre_process(str(onnx_path), str(prepared))
+        quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(quantized))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "quantization", json.dumps(
+        {"type": "int8 static QDQ, per-channel weights", "calibration_images": len(images)})
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    return atomic_write(out_path, lambda handle: handle.write(data))
+
+
 def load_onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime session for a braintumor ONNX export and its metadata dict.
 
@@ -122,7 +171,11 @@ def load_onnx_session(path: str | os.PathLike, threads: int | None = None):
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise UserError(f"{path} is not a readable ONNX model: {_first_line(err)}") from err
-    return session, _decode_meta(session.get_modelmeta().custom_metadata_map, path)
+    props = session.get_modelmeta().custom_metadata_map
+    meta = _decode_meta(props, path)
+    if "quantization" in props:
+        meta["quantization"] = json.loads(props["quantization"])
+    return session, meta
 
 
 def available_cores() -> int:
