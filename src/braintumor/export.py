@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from .atomic import atomic_write
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import UserError
 
 FORMATS = ("onnx", "torchscript")
