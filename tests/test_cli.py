@@ -75,6 +75,15 @@ def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_pat
         assert got["probabilities"][name] == pytest.approx(p, abs=1e-4)
 
 
+def test_export_int8_with_calibration_images(trained_run, phantom_dir, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    code, printed, _ = run(["export", trained_run / "best.pt", "--out", out, "--int8-calibration",
+                            phantom_dir / "glioma"], capsys)
+    assert code == 0 and out.is_file() and (tmp_path / "model.fp32.onnx").is_file() and "int8" in printed
+    code, result, _ = run(["predict", out, phantom_dir / "glioma" / "glioma_0000.png", "--json"], capsys)
+    assert code == 0 and sum(json.loads(result)[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_explain_writes_overlays(trained_run, phantom_dir, tmp_path, capsys):
     code, out, _ = run(["explain", trained_run / "best.pt", phantom_dir / "meningioma" / "meningioma_0002.png",
                         "--class", "meningioma", "--out", tmp_path / "cam"], capsys)

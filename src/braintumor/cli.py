@@ -161,9 +161,18 @@ def cmd_explain(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .export import export, quantize_onnx
+    from .predict import expand_inputs
 
-    print(f"wrote {export(args.checkpoint, args.format, args.out)}")
+    if args.int8_calibration is None:
+        print(f"wrote {export(args.checkpoint, args.format, args.out)}")
+        return 0
+    if args.format != "onnx":
+        raise UserError("--int8-calibration needs --format onnx")
+    out = Path(args.out)
+    fp32 = export(args.checkpoint, "onnx", out.with_name(out.stem + ".fp32.onnx"))
+    int8 = quantize_onnx(fp32, out, expand_inputs([args.int8_calibration]))
+    print(f"wrote {fp32} (float32) and {int8} (int8: check its accuracy with evaluate-style runs before use)")
     return 0
 
 
@@ -218,6 +227,8 @@ def build_parser() -> Parser:
     p.add_argument("checkpoint")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--int8-calibration", metavar="DIR",
+                   help="also quantize to int8 (ONNX), calibrated on images from DIR; faster on CPUs, not exact")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("audit", help="find unreadable files, duplicates and train/test leakage")
