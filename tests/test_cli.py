@@ -117,6 +117,21 @@ def test_bad_data_folders_are_one_line_errors(tmp_path, capsys, make_data, messa
     assert code == 2 and err.startswith(message.format(root=root)) and err.count("\n") == 1
 
 
+def test_unreadable_images_stop_training_with_exit_2_and_the_skip_bad_hint(phantom_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    good = (data / "notumor" / "notumor_0000.png").read_bytes()
+    (data / "notumor" / "cut.png").write_bytes(good[:200])
+    (data / "glioma" / "notes.jpg").write_text("not an image")
+    code, _, err = run(["train", data, "--weights", "none", "--arch", "resnet18", "--device", "cpu",
+                        "--out", tmp_path / "run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: 2 unreadable image(s) in ")
+    assert "cut.png (truncated image)" in err and "notes.jpg (not an image)" in err and "--skip-bad" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_imagenet_weights_offline_through_the_cli(phantom_dir, tmp_path, capsys, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import RESEARCH_NOTE, __version__
+from .dedup import DEFAULT_THRESHOLD
 from .errors import UserError
 
 
@@ -137,7 +138,7 @@ def cmd_demo(args) -> int:
 def cmd_audit(args) -> int:
     from .audit import audit, write_audit
 
-    report = audit(args.data, against=args.against, progress=sys.stderr.isatty())
+    report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty())
     json_path, md_path = write_audit(report, args.out)
     summary = report["summary"]
     print(" ".join(f"{key.replace('_', ' ')}: {value}" for key, value in summary.items()))
@@ -236,6 +237,9 @@ def build_parser() -> Parser:
     p.add_argument("--against", metavar="OTHER_DATA", help="a second folder (e.g. the test set) to check for leaks")
     p.add_argument("--out", default="audit", help="report folder (default ./audit)")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when OTHER_DATA duplicates DATA")
+    p.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
+                   help=f"near duplicates: at most this many of the 256 perceptual-hash bits differ "
+                        f"(default {DEFAULT_THRESHOLD}; 0: identical hashes only)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("make-phantoms", help="write a synthetic phantom data set (PNG folders)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,13 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
         from .dedup import duplicate_groups
 
         groups = duplicate_groups(paths)
+        largest = max(Counter(groups).values())
+        if largest > max(20, len(paths) // 10):
+            # Transitive near-duplicate chains can swallow distinct images (e.g. tiny, very uniform images);
+            # the split stays leak-free but cannot stratify well. Say so rather than fail.
+            print(f"warning: {largest} of {len(paths)} images fall into one duplicate group, so the validation "
+                  "split cannot be stratified well; if they are distinct images, use --no-group-split",
+                  file=sys.stderr)
     train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed, groups=groups)
     source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {cfg.seed}"
               f"{', duplicate groups kept on one side' if groups is not None else ''})")

@@ -205,6 +205,8 @@ class Trainer:
                   f"device {self.device}, data path: {self.cache_mode}", flush=True)
         fit_start = time.perf_counter()
         elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
+        epochs_bar = tqdm(total=self.cfg.epochs, initial=self.start_epoch, desc="epochs", unit="epoch",
+                          disable=not self.show_progress)
         for epoch in range(self.start_epoch, self.cfg.epochs):
             seed_epoch(self.cfg.seed, epoch, self.dist.rank)
             if self.device.type == "cuda":
@@ -228,7 +230,10 @@ class Trainer:
                 history.append(row)
                 write_metrics(log_path, history)
                 plot_training_curves(history, self.run_dir / "training_curves.png")
-                print(format_epoch(row, self.cfg.epochs, improved), flush=True)
+                # tqdm.write keeps the line above the progress bars (plain print when they are off).
+                tqdm.write(format_epoch(row, self.cfg.epochs, improved), file=sys.stdout)
+            epochs_bar.update(1)
+        epochs_bar.close()
         distributed.barrier(self.dist)
         report = None
         if self.dist.is_main:
