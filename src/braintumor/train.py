@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .atomic import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, write_config
+from .config import TrainConfig, field_names, write_config
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
 from .loaders import SplitData, build_batches, prepare_split
@@ -304,14 +304,7 @@ def train(cfg: TrainConfig) -> RunResult:
     run_dir = new_run_dir(cfg)
     if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
-    trainer = Trainer(cfg, run_dir)
-    if trainer.dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run_dir / "config.yaml")
-    try:
-        return trainer.fit()
-    finally:
-        distributed.shutdown(trainer.dist)
+    return _fit(Trainer(cfg, run_dir))
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunResult:
@@ -320,15 +313,22 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunR
     if not (run_dir / "last.pt").is_file():
         raise UserError(f"nothing to resume: {run_dir / 'last.pt'} not found")
     ckpt = load_checkpoint(run_dir / "last.pt")
-    values = {**ckpt["config"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    known = field_names()  # options a newer or older version wrote but this one lacks are dropped
+    values = {k: v for k, v in ckpt["config"].items() if k in known}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values["out"] = str(run_dir)
     cfg = TrainConfig(**values).validate()
     if ckpt["epoch"] >= cfg.epochs:
         raise UserError(f"{run_dir} already finished {ckpt['epoch']} epochs; pass --epochs N with N > {ckpt['epoch']}")
-    trainer = Trainer(cfg, run_dir, resume_from=ckpt)
-    if trainer.dist.is_main:
-        write_config(cfg, run_dir / "config.yaml")
+    return _fit(Trainer(cfg, run_dir, resume_from=ckpt))
+
+
+def _fit(trainer: Trainer) -> RunResult:
+    """Save the resolved config (rank 0), train, and leave the process group however training ends."""
     try:
+        if trainer.dist.is_main:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(trainer.cfg, trainer.run_dir / "config.yaml")
         return trainer.fit()
     finally:
         distributed.shutdown(trainer.dist)
