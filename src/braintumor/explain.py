@@ -7,7 +7,7 @@ that most supports the class and 0 none (a map that is constant everywhere becom
 
 The attribution runs on the classifier's shared model. captum registers its hooks for one call and removes them
 afterwards; the model's train/eval mode and its parameters' ``requires_grad`` flags are restored, and
-``classifier.lock`` is held throughout, so a long-running server can call this repeatedly.
+``classifier.lock`` is held for writing throughout (plain predictions wait), so a long-running server can call this repeatedly.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def explain(classifier, x, target: str | None = None, batch_size: int = 16):
 def _grad_cam(classifier, batch: torch.Tensor, target: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (B, C) and normalized heat maps (B, S, S) for one preprocessed batch."""
     model = classifier.model
-    with classifier.lock:
+    with classifier.lock.write():
         # Per module, not model.train(flag): a caller may keep e.g. frozen batch norms in eval inside a
         # training model, and that mix must survive.
         modes = [(module, module.training) for module in model.modules()]

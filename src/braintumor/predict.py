@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 import torch
@@ -70,6 +71,44 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
+class ReadWriteLock:
+    """Many readers (plain forward passes) or one writer (Grad-CAM); waiting writers go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class Classifier:
     """A trained classifier with its own preprocessing; thread-safe for concurrent ``predict`` calls."""
 
@@ -88,8 +127,9 @@ class Classifier:
         self.model = model.to(self.device).eval() if model is not None else None
         self._onnx = onnx_session
         self._transform = eval_transform(self.image_size, self.mean, self.std)
-        # Grad-CAM mutates hooks and grad state on the shared model: serialize it.
-        self.lock = threading.Lock()
+        # Grad-CAM hooks the shared model and changes its grad state: it holds this lock for writing, while
+        # plain forward passes (any number at once) hold it for reading.
+        self.lock = ReadWriteLock()
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch") -> "Classifier":
@@ -132,7 +172,8 @@ class Classifier:
             logits = self._onnx.run(None, {self._onnx.get_inputs()[0].name: batch.numpy().astype(np.float32)})[0]
             logits = torch.from_numpy(logits)
         else:
-            logits = self.model(batch.to(self.device)).float().cpu()
+            with self.lock.read():
+                logits = self.model(batch.to(self.device)).float().cpu()
         return torch.softmax(logits, dim=1).numpy()
 
     def predict(self, x: ImageInput | list[ImageInput], batch_size: int = 32) -> Prediction | list[Prediction]:

@@ -12,11 +12,9 @@ import base64
 import io
 import os
 import socket
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -51,44 +49,6 @@ class Upload:
 
     filename: str
     data: bytes
-
-
-class ReadWriteLock:
-    """Many readers (plain forward passes) or one writer (Grad-CAM); waiting writers go first."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 def _human(n_bytes: int) -> str:
@@ -221,7 +181,6 @@ class Analyzer:
 
     def __init__(self, classifier):
         self.classifier = classifier
-        self.model_lock = ReadWriteLock()
 
     def model_info(self) -> dict[str, Any]:
         info = self.classifier.describe()
@@ -235,8 +194,7 @@ class Analyzer:
             except ImageReadError as err:
                 raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
             upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
-        with self.model_lock.read():
-            predictions = self.classifier.predict(images)
+        predictions = self.classifier.predict(images)
         results = [{"filename": upload.filename, "label": p.label, "confidence": p.confidence,
                     "probabilities": p.probabilities, "width": image.width, "height": image.height}
                    for upload, p, image in zip(uploads, predictions, images)]
@@ -244,11 +202,10 @@ class Analyzer:
             for result, image in zip(results, images):
                 result["preview_png_base64"] = png_base64(preview_image(image))
         if explain:
-            # Grad-CAM hooks the shared model's last block (explain() also takes classifier.lock): no other
-            # forward pass may run meanwhile, or its activations would land in the hooks.
+            # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
+            # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
             try:
-                with self.model_lock.write():
-                    explanations = self.classifier.explain(images, target=target)
+                explanations = self.classifier.explain(images, target=target)
             except UserError as err:  # e.g. an ONNX model has no gradients
                 raise HTTPException(422, f"Grad-CAM is not available: {err}") from None
             for result, explanation, image in zip(results, explanations, images):
