@@ -156,6 +156,13 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
 
 
+def test_unwritable_output_is_a_one_line_error(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run(["export", trained_run / "best.pt", "--out", blocker / "model.onnx"], capsys)
+    assert code == 2 and err.startswith("error: ") and str(blocker) in err and err.count("\n") == 1
+
+
 def test_real_process_exit_codes_and_no_traceback(tmp_path):
     """Through a real interpreter: argparse errors and user errors are one line on stderr, exit code 2."""
     for args in (["train", str(tmp_path / "nowhere"), "--device", "cpu"], ["train", "d", "--epochs", "many"],

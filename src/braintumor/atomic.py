@@ -22,8 +22,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], object], mode: s
     not mkstemp's private 0600, so reports and checkpoints stay readable to the user's group as usual.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the file the caller asked for, not our temporary one
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror})") from err
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
