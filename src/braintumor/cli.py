@@ -88,7 +88,7 @@ def cmd_evaluate(args) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
-                                 skip_bad=args.skip_bad)
+                                 skip_bad=args.skip_bad, workers=args.workers)
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
@@ -203,6 +203,7 @@ def build_parser() -> Parser:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders")

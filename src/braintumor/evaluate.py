@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from .data import ImageFolderDataset, discover
 from .loaders import drop_bad_files
 from .metrics import compute_metrics
-from .report import write_report
 from .predict import Classifier
+from .report import write_report
 
 
 @torch.inference_mode()
@@ -27,11 +27,17 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 6
 
 
 def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int], out_dir: str | Path, *,
-                   device: str = "auto", batch_size: int = 64, title: str = "Evaluation report",
-                   extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
-                   workers: int = 0) -> dict[str, Any]:
-    """Metrics of ``checkpoint`` on labelled files, written as a report; ``leak_free`` adds a subset column."""
-    classifier = Classifier.from_checkpoint(checkpoint, device=device)
+                   device: str = "auto", **options) -> dict[str, Any]:
+    """Load ``checkpoint`` and evaluate it on labelled files (see :func:`evaluate_classifier`)."""
+    return evaluate_classifier(Classifier.from_checkpoint(checkpoint, device=device), paths, labels, out_dir,
+                               **options)
+
+
+def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[int], out_dir: str | Path, *,
+                        batch_size: int = 64, title: str = "Evaluation report",
+                        extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
+                        workers: int = 0) -> dict[str, Any]:
+    """Metrics of a classifier on labelled files, written as a report; ``leak_free`` adds a subset column."""
     probabilities = predict_paths(classifier, paths, batch_size, workers)
     y_true = np.asarray(labels)
     y_pred = probabilities.argmax(axis=1)
@@ -50,12 +56,10 @@ def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int],
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *,
                         device: str = "auto", batch_size: int = 64, exclude_duplicates_of: str | None = None,
-                        skip_bad: bool = False) -> dict[str, Any]:
+                        skip_bad: bool = False, workers: int = 0) -> dict[str, Any]:
     """``braintumor evaluate``: every metric on a labelled folder, optionally beside its leak-free subset."""
-    from .checkpoint import load_checkpoint
-
-    classes = load_checkpoint(checkpoint)["classes"]
-    index = discover(data_dir, classes=classes)
+    classifier = Classifier.from_checkpoint(checkpoint, device=device)
+    index = discover(data_dir, classes=classifier.classes)
     paths, labels, skipped = drop_bad_files(index.paths, index.labels, str(data_dir), skip_bad, progress=False)
     extra: dict[str, Any] = {"data": str(data_dir)}
     if skipped:
@@ -68,6 +72,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
         leak_free = leak_free_mask(paths, train_paths)
         extra["leak check"] = (f"{len(leak_free) - sum(leak_free)} of {len(leak_free)} images are exact or near "
                                f"duplicates of images in {exclude_duplicates_of}")
-    return evaluate_paths(checkpoint, paths, labels, out_dir, device=device, batch_size=batch_size,
-                          title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
-                          leak_free=leak_free)
+    return evaluate_classifier(classifier, paths, labels, out_dir, batch_size=batch_size, workers=workers,
+                               title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
+                               leak_free=leak_free)

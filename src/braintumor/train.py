@@ -252,7 +252,7 @@ class Trainer:
             extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in self.split.skipped]
         return evaluate_paths(self.run_dir / "best.pt", self.split.val_paths, self.split.val_labels,
                               self.run_dir, device=str(self.device), batch_size=self.cfg.batch_size,
-                              title="Validation report (best.pt)", extra=extra)
+                              workers=self.cfg.workers, title="Validation report (best.pt)", extra=extra)
 
 
 def format_epoch(row: dict[str, Any], epochs: int, improved: bool) -> str:
