@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .atomic import atomic_write
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, publish_copy, save_checkpoint
 from .config import TrainConfig, field_names, write_config
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
@@ -225,8 +225,8 @@ class Trainer:
             if self.dist.is_main:
                 payload = self.checkpoint_payload(epoch + 1)
                 save_checkpoint(payload, self.run_dir / "last.pt")
-                if improved:
-                    save_checkpoint(payload, self.run_dir / "best.pt")
+                if improved:  # the same bytes: link rather than serialize and write them a second time
+                    publish_copy(self.run_dir / "last.pt", self.run_dir / "best.pt")
                 history.append(row)
                 write_metrics(log_path, history)
                 plot_training_curves(history, self.run_dir / "training_curves.png")
