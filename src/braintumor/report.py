@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from . import RESEARCH_NOTE
 from .atomic import atomic_write
 from .metrics import reliability_bins
 
-DISCLAIMER = "Research use only — not a medical device. No clinical validity is claimed."
 
 
 def _save_figure(fig: Figure, path) -> Path:
@@ -95,7 +95,7 @@ _SUBSET_ROWS = (("Images (n)", lambda m: m["n"]), ("Accuracy", lambda m: _fmt(m[
 
 def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliability: bool) -> str:
     boot, names, m = metrics.get("bootstrap") or {}, metrics["classes"], metrics
-    lines = [f"# {title}", "", f"> **{DISCLAIMER}**", "", "## Summary", "", f"- Images evaluated: {m['n']}",
+    lines = [f"# {title}", "", f"> **{RESEARCH_NOTE}**", "", "## Summary", "", f"- Images evaluated: {m['n']}",
              f"- Accuracy: {_fmt(m['accuracy'])} (95 % CI {_fmt(m['accuracy_ci95'])})",
              f"- Macro-F1: {_fmt(m['macro_f1'])} (95 % CI {_fmt(m['macro_f1_ci95'])})",
              f"- Expected calibration error: {_fmt(m['ece'])}",
@@ -149,7 +149,7 @@ def write_report(metrics: dict, out_dir, *, title: str, extra: dict | None = Non
     markdown = _markdown(metrics, title, extra or {}, subsets or {}, "reliability" in paths)
     paths["markdown"], paths["json"] = out / "report.md", out / "report.json"
     atomic_write(paths["markdown"], lambda fh: fh.write(markdown), "w")
-    report = _json_safe({"title": title, "disclaimer": DISCLAIMER, **metrics, "extra": extra or {},
+    report = _json_safe({"title": title, "disclaimer": RESEARCH_NOTE, **metrics, "extra": extra or {},
                          "subsets": subsets or {}})
     atomic_write(paths["json"], lambda fh: json.dump(report, fh, indent=2, allow_nan=False), "w")
     return paths
