@@ -173,7 +173,7 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     fp32 = export(args.checkpoint, "onnx", out.with_name(out.stem + ".fp32.onnx"))
     int8 = quantize_onnx(fp32, out, expand_inputs([args.int8_calibration]))
-    print(f"wrote {fp32} (float32) and {int8} (int8: check its accuracy with evaluate-style runs before use)")
+    print(f"wrote {fp32} (float32) and {int8} (int8, not exact: check it with `braintumor evaluate {int8} DATA`)")
     return 0
 
 
