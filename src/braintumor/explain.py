@@ -7,7 +7,8 @@ that most supports the class and 0 none (a map that is constant everywhere becom
 
 The attribution runs on the classifier's shared model. captum registers its hooks for one call and removes them
 afterwards; the model's train/eval mode and its parameters' ``requires_grad`` flags are restored, and
-``classifier.lock`` is held for writing throughout (plain predictions wait), so a long-running server can call this repeatedly.
+``classifier.lock`` is held for writing throughout (plain predictions wait), so a long-running server can call
+this repeatedly.
 """
 
 from __future__ import annotations
