@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install browser clean
+.PHONY: demo test install browser clean reference-model
 
 install: $(STAMP)
 
@@ -23,6 +23,14 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The shipped reference model (MODEL_CARD.md): train the scratch-cpu recipe on the real Training folder (about
+# an hour on 2 idle cores), then keep its validated weights in float16 inside the package.
+REAL_DATA ?= ../shared/data/brain-tumor-mri/Training
+REFERENCE_RUN ?= runs/reference
+reference-model: $(STAMP)
+	$(VENV)/bin/braintumor train $(REAL_DATA) --recipe scratch-cpu --seed 0 --out $(REFERENCE_RUN) --no-progress
+	$(PY) scripts/make_reference_model.py $(REFERENCE_RUN)
 
 clean:
 	rm -rf $(VENV) demo-run runs .pytest_cache

@@ -1,8 +1,13 @@
-"""Time to accuracy: train from random initialisation with a fixed seed and report the wall time at which the
-validation accuracy first reaches 95 %, 97 % and 98 %, and the final accuracy.
+"""Time to accuracy of a training recipe over several seeds.
 
-Wall time is counted from the start of ``braintumor.train.train`` (file checks, grouped split and decoding
-included) and, separately, from the start of the first epoch.
+    python benchmarks/time_to_accuracy.py --data Training --recipe scratch-gpu --seeds 0 1 2
+    python benchmarks/time_to_accuracy.py --summarize RUN_DIR [RUN_DIR ...]   # runs made before
+
+Each seed trains the recipe (flags such as --epochs override it) on the same 15 % duplicate-grouped validation
+split (the split's seed stays fixed with --split-seed, so only initialisation, shuffling and augmentation change
+with the seed). Reported: per seed and as mean ± standard deviation, the best and the final validation accuracy,
+and the wall time (seconds since the first epoch started) at which validation first reached 97 / 98 / 99 %.
+``--summarize`` reads the metrics.jsonl of finished run folders instead of training.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -18,65 +24,98 @@ from pathlib import Path
 
 import torch
 
-from braintumor.config import TrainConfig
+from braintumor.config import read_recipe, resolve_config
 from braintumor.train import train
 
-THRESHOLDS = (0.95, 0.97, 0.98)
+THRESHOLDS = (0.97, 0.98, 0.99)
+
+
+def summarize_run(rows: list[dict]) -> dict:
+    """Best / final accuracy and seconds to each threshold (None: not reached) of one run's metrics rows."""
+    reached = {}
+    for threshold in THRESHOLDS:
+        hit = next((row for row in rows if row["val_accuracy"] >= threshold), None)
+        reached[str(threshold)] = None if hit is None else {"epoch": hit["epoch"],
+                                                            "seconds": hit["elapsed_seconds"]}
+    return {"best": max(row["val_accuracy"] for row in rows), "final": rows[-1]["val_accuracy"],
+            "epochs": len(rows), "train_seconds": rows[-1]["elapsed_seconds"], "reached": reached}
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def print_table(runs: dict[str, dict], title: str) -> None:
+    print(f"\n## {title}\n")
+    head = "| seed | best val % | final val % | epochs | train s | " + " | ".join(
+        f"s to {t:.0%}" for t in THRESHOLDS) + " |"
+    print(head)
+    print("|" + "---|" * (5 + len(THRESHOLDS)))
+    for seed, run in runs.items():
+        times = [("–" if run["reached"][str(t)] is None else f"{run['reached'][str(t)]['seconds']:.0f}")
+                 for t in THRESHOLDS]
+        print(f"| {seed} | {100 * run['best']:.2f} | {100 * run['final']:.2f} | {run['epochs']} | "
+              f"{run['train_seconds']:.0f} | " + " | ".join(times) + " |")
+    values = list(runs.values())
+    times = []
+    for t in THRESHOLDS:
+        hits = [run["reached"][str(t)]["seconds"] for run in values if run["reached"][str(t)] is not None]
+        times.append(f"{mean_std(hits)} ({len(hits)}/{len(values)})")
+    print(f"| mean ± sd | {mean_std([100 * r['best'] for r in values])} | {mean_std([100 * r['final'] for r in values])}"
+          f" | | {mean_std([r['train_seconds'] for r in values])} | " + " | ".join(times) + " |")
+
+
+def device_name(device: str) -> str:
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder-per-class training set (15 %% is held out)")
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--optimizer", default="ranger")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="folder-per-class training set (15 %% is held out)")
+    parser.add_argument("--recipe", default="scratch-gpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (fixed)")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--image-size", type=int, help="override the recipe's image size")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    parser.add_argument("--arch", help="override the recipe's architecture")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="run folder to keep (default: a temporary one)")
+    parser.add_argument("--out", help="keep the run folders under this folder (default: temporary)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="report finished runs, train nothing")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or str(Path(tmp) / "run")
-        cfg = TrainConfig(data=args.data, arch=args.arch, weights="none", image_size=args.image_size,
-                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                          scheduler="cosine", warmup_epochs=args.warmup_epochs,
-                          label_smoothing=args.label_smoothing, seed=args.seed, device=args.device,
-                          data_cache="auto", workers=min(15, os.cpu_count() or 1), out=out, progress=False)
-        start = time.perf_counter()
-        result = train(cfg)
-        wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    setup = wall - rows[-1]["elapsed_seconds"]  # before the first epoch and the final report after it
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
-        f"CPU ({os.cpu_count()} cores)"
-    reached = {}
-    for threshold in THRESHOLDS:
-        hit = next((row for row in rows if row["val_accuracy"] >= threshold), None)
-        reached[threshold] = None if hit is None else (hit["epoch"], hit["elapsed_seconds"])
-    print(f"\n## Time to accuracy — {name}, {date.today().isoformat()}, torch {torch.__version__}\n")
-    print(f"{args.arch} from random init, {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr "
-          f"{args.lr:g} cosine ({args.warmup_epochs:g} warm-up epochs), label smoothing {args.label_smoothing:g}, "
-          f"{args.epochs} epochs, seed {args.seed}; validation: 15 % grouped stratified split\n")
-    print("| validation accuracy | epoch | seconds of training | seconds incl. set-up |")
-    print("|---|---:|---:|---:|")
-    for threshold, value in reached.items():
-        if value is None:
-            print(f"| ≥ {threshold:.0%} | not reached | | |")
-        else:
-            print(f"| ≥ {threshold:.0%} | {value[0]} | {value[1]:.1f} | {value[1] + setup:.1f} |")
-    best = max(row["val_accuracy"] for row in rows)
-    print(f"\nfinal validation accuracy {rows[-1]['val_accuracy']:.2%} (best {best:.2%}) after {len(rows)} epochs; "
-          f"total wall time {wall:.1f} s, of which {setup:.1f} s set-up and final report")
+    runs: dict[str, dict] = {}
+    if args.summarize:
+        for run_dir in map(Path, args.summarize):
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            runs[run_dir.name] = summarize_run(rows)
+        print_table(runs, f"Time to accuracy of {len(runs)} finished run(s)")
+    else:
+        if not args.data:
+            parser.error("--data is required unless --summarize is given")
+        overrides = {key: getattr(args, key) for key in ("epochs", "image_size", "batch_size", "arch")}
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.out or tmp)
+            for seed in args.seeds:
+                cfg = resolve_config(read_recipe(args.recipe), {
+                    **overrides, "data": args.data, "seed": seed, "device": args.device, "progress": False,
+                    "out": str(root / f"seed{seed}"), "split_seed": args.split_seed})
+                start = time.perf_counter()
+                result = train(cfg)
+                rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+                runs[str(seed)] = {**summarize_run(rows), "wall_seconds": time.perf_counter() - start}
+        print_table(runs, f"Time to accuracy — recipe {args.recipe}, {device_name(args.device)}, "
+                          f"{date.today().isoformat()}, torch {torch.__version__}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "wall_seconds": wall,
-                                               "reached": {str(k): v for k, v in reached.items()},
-                                               "epochs": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": device_name(args.device), "args": vars(args),
+                                               "runs": runs}, indent=2))
     return 0
 
 

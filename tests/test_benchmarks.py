@@ -29,11 +29,18 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
     assert "| (b) `braintumor train`" in table and "MFU of (b): n/a" in table
 
 
-def test_time_to_accuracy_reports_thresholds(phantom_dir, tmp_path, capsys):
+def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tmp_path, capsys):
     out = tmp_path / "tta.json"
-    assert load("time_to_accuracy").main(["--data", str(phantom_dir), "--arch", "resnet18", "--image-size", "32",
-                                          "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+    assert load("time_to_accuracy").main(["--data", str(phantom_dir), "--recipe", "scratch-cpu", "--arch", "resnet18",
+                                          "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--device",
+                                          "cpu", "--seeds", "0", "1", "--out", str(tmp_path / "runs"),
                                           "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results["reached"]) == {"0.95", "0.97", "0.98"} and len(results["epochs"]) == 1
-    assert "| ≥ 98% |" in capsys.readouterr().out
+    assert set(results["runs"]) == {"0", "1"}
+    assert all(set(run["reached"]) == {"0.97", "0.98", "0.99"} for run in results["runs"].values())
+    table = capsys.readouterr().out
+    assert "| mean ± sd |" in table and "recipe scratch-cpu" in table
+    splits = {(tmp_path / "runs" / f"seed{s}" / "config.yaml").read_text().count("split_seed: 0") for s in (0, 1)}
+    assert splits == {1}  # both seeds validated on the split of seed 0
+    assert load("time_to_accuracy").main(["--summarize", str(tmp_path / "runs" / "seed0")]) == 0
+    assert "seed0" in capsys.readouterr().out

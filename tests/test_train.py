@@ -12,13 +12,7 @@ from braintumor.checkpoint import load_checkpoint
 from braintumor.config import TrainConfig
 from braintumor.errors import UserError
 from braintumor.train import make_optimizer, make_scheduler, resume, train
-
-
-def tiny_config(data, out, **overrides) -> TrainConfig:
-    values = dict(data=str(data), arch="resnet18", weights="none", image_size=32, epochs=2, batch_size=8,
-                  lr=1e-3, device="cpu", workers=0, seed=7, out=str(out), progress=False)
-    values.update(overrides)
-    return TrainConfig(**values)
+from helpers import tiny_config
 
 
 @pytest.mark.parametrize("data_cache", ["none", "memory"])
@@ -108,3 +102,38 @@ def test_every_optimizer_choice_builds_and_steps(name):
         scheduler.step()
     assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1)  # linear warm-up over 2 steps
     assert lrs[2] > lrs[3] > 0  # cosine decay afterwards
+
+
+@pytest.mark.parametrize("data_cache", ["none", "memory"])
+def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentation(phantom_dir, tmp_path,
+                                                                                     data_cache):
+    options = dict(image_size=48, progressive_resize=32, progressive_until=0.5, ema=0.9, tta=True, scale=0.1,
+                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, data_cache=data_cache)
+    straight = train(tiny_config(phantom_dir, tmp_path / "straight", epochs=4, **options))
+    first = train(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2, **options))
+    resumed = resume(first.run_dir, {"epochs": 4})
+    rows = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["image_size"] for row in rows] == [32, 32, 48, 48]  # the planned sizes, the change after resume
+    a = load_checkpoint(straight.run_dir / "last.pt")
+    b = load_checkpoint(resumed.run_dir / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["ema"]["module"][key], b["ema"]["module"][key]), key
+    assert a["ema"]["updates"] == b["ema"]["updates"] > 0
+    # Inference uses the averaged weights at the full size, with the stored TTA setting.
+    from braintumor.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(b)
+    assert all(torch.equal(v, b["ema"]["module"][k]) for k, v in model.state_dict().items())
+    assert b["image_size"] == 48 and b["tta"] is True
+
+
+def test_eval_image_size_is_what_validation_and_the_model_use(phantom_dir, tmp_path):
+    result = train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, image_size=32, eval_image_size=40,
+                               data_cache="memory"))
+    assert load_checkpoint(result.best_checkpoint)["image_size"] == 40
+    from braintumor.predict import Classifier
+
+    classifier = Classifier.from_checkpoint(result.best_checkpoint)
+    assert classifier.image_size == 40
+    assert classifier.preprocess(classifier.load(next(phantom_dir.rglob("*.png")))).shape == (3, 40, 40)

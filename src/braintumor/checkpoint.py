@@ -15,6 +15,25 @@ from .model import build_model
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
+# The model shipped inside the package (see MODEL_CARD.md); "reference" names it wherever a checkpoint is expected.
+REFERENCE_NAME = "reference"
+REFERENCE_MODEL = Path(__file__).with_name("reference") / "reference-resnet18.pt"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file a user means: "reference" (the shipped model), a run folder (its best.pt, else
+    last.pt), or the path itself."""
+    if str(path) == REFERENCE_NAME:
+        if not REFERENCE_MODEL.is_file():
+            raise UserError(f"the reference model is missing from this installation ({REFERENCE_MODEL}); "
+                            "reinstall braintumor or build it with `make reference-model`")
+        return REFERENCE_MODEL
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+    return path
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -42,12 +61,7 @@ def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no pickled code runs) and check it is one of ours."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -65,5 +79,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the network a checkpoint describes, load its weights and put it in eval mode."""
     model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]), weights="none")
-    model.load_state_dict(ckpt["model"])
+    # A run with --ema is used through its averaged weights; fp16 weights (the shipped model) load into fp32.
+    weights = ckpt["ema"]["module"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
+    model.load_state_dict(weights)
     return model.eval()

@@ -22,6 +22,7 @@ class Parser(argparse.ArgumentParser):
 def _train_flags(p: argparse.ArgumentParser) -> None:
     # Every default is None so a YAML file (--config) can set it; TrainConfig holds the real defaults.
     p.add_argument("data", nargs="?", help="training folder with one sub-folder per class")
+    p.add_argument("--recipe", help="a shipped recipe (see `braintumor recipes`); --config and flags override it")
     p.add_argument("--config", help="YAML file of options (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--val", help="separate validation folder (default: split the training folder)")
@@ -32,6 +33,24 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="imagenet (default), none, or a torchvision state-dict file")
     p.add_argument("--image-size", type=int, help="square input size in pixels (default 224)")
     p.add_argument("--rotation", type=float, help="random rotation range in degrees, +/- (default 10)")
+    p.add_argument("--scale", type=float, help="random scale U(1-s, 1+s) (default 0: off)")
+    p.add_argument("--translate", type=float, help="random shift up to this fraction of the size (default 0)")
+    p.add_argument("--brightness", type=float, help="random brightness factor U(1-b, 1+b) (default 0)")
+    p.add_argument("--contrast", type=float, help="random contrast factor U(1-c, 1+c) (default 0)")
+    p.add_argument("--gamma", type=float, help="random gamma exp(U(-g, g)) (default 0)")
+    p.add_argument("--progressive-resize", type=int, metavar="START_SIZE",
+                   help="train at START_SIZE first, growing to --image-size (default 0: off)")
+    p.add_argument("--progressive-until", type=float,
+                   help="fraction of the epochs after which training is at full size (default 0.5)")
+    p.add_argument("--eval-image-size", type=int,
+                   help="size for validation and the saved model (default: --image-size)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights (e.g. 0.999; default 0: off)")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="test-time augmentation: average each slice with its mirror (stored in the model)")
+    p.add_argument("--teacher", metavar="CKPT", help="distil from this trained checkpoint (same classes)")
+    p.add_argument("--distill-weight", type=float, help="weight of the teacher's soft targets (default 0.5)")
+    p.add_argument("--distill-temperature", type=float, help="softening temperature (default 4)")
     p.add_argument("--epochs", type=int, help="number of epochs (default 10)")
     p.add_argument("--batch-size", type=int, help="global batch size over all processes (default 32)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-5)")
@@ -45,6 +64,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--split-seed", type=int,
+                   help="seed of the validation split (default: --seed); fix it to compare seeds on one split")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--data-cache", help="auto (default), none, memory or gpu: decode images once and "
                                         "augment batches on the device")
@@ -58,21 +79,24 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="no progress bars")
 
 
-TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "image_size", "rotation", "epochs",
+TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "image_size", "rotation", "scale",
+              "translate", "brightness", "contrast", "gamma", "progressive_resize", "progressive_until",
+              "eval_image_size", "ema", "tta", "teacher", "distill_weight", "distill_temperature", "epochs",
               "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
-              "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "device", "data_cache",
+              "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "split_seed", "device", "data_cache",
               "compile", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
 
 
 def cmd_train(args) -> int:
-    from .config import read_config_file, resolve_config
+    from .config import read_config_file, read_recipe, resolve_config
     from .train import resume, train
 
     flags = {key: getattr(args, key) for key in TRAIN_KEYS}
     if args.resume:
         result = resume(args.resume, {k: v for k, v in flags.items() if k not in ("data", "out")})
     else:
-        file_values = read_config_file(args.config) if args.config else {}
+        file_values = read_recipe(args.recipe) if args.recipe else {}
+        file_values.update(read_config_file(args.config) if args.config else {})
         if not flags["data"] and not file_values.get("data"):
             raise UserError("no training data folder given: braintumor train DATA_DIR (or data: in --config)")
         result = train(resolve_config(file_values, flags))
@@ -82,13 +106,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from .config import list_recipes
+
+    recipes = list_recipes()
+    width = max(map(len, recipes))
+    for name, description in recipes.items():
+        print(f"{name:<{width}}  {description}")
+    print("use: braintumor train DATA --recipe NAME (flags override the recipe's options)")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_checkpoint
     from .report import format_table
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
-                                 skip_bad=args.skip_bad, workers=args.workers)
+                                 skip_bad=args.skip_bad, workers=args.workers, tta=args.tta)
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
@@ -99,7 +134,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import Classifier, expand_inputs
 
-    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, tta=args.tta)
     predictions = classifier.predict(expand_inputs(args.paths), batch_size=args.batch_size)
     if args.json:
         print(json.dumps([p.to_dict() for p in predictions], indent=2))
@@ -162,7 +197,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export, quantize_onnx
+    from .export import default_export_path, export, quantize_onnx
     from .predict import expand_inputs
 
     if args.int8_calibration is None:
@@ -170,7 +205,7 @@ def cmd_export(args) -> int:
         return 0
     if args.format != "onnx":
         raise UserError("--int8-calibration needs --format onnx")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_export_path(args.checkpoint, "onnx")
     fp32 = export(args.checkpoint, "onnx", out.with_name(out.stem + ".fp32.onnx"))
     int8 = quantize_onnx(fp32, out, expand_inputs([args.int8_calibration]))
     print(f"wrote {fp32} (float32) and {int8} (int8, not exact: check it with `braintumor evaluate {int8} DATA`)")
@@ -181,8 +216,17 @@ def cmd_serve(args) -> int:
     from .serve import run_server
 
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
-               max_files=args.max_files, device=args.device, backend=args.backend)
+               max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta)
     return 0
+
+
+CHECKPOINT_HELP = ("a .pt checkpoint, a run folder, an exported .onnx file, or 'reference' "
+                   "(the model shipped with braintumor; see MODEL_CARD.md)")
+
+
+def _tta_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each slice's prediction with its mirror's (default: as stored in the model)")
 
 
 def build_parser() -> Parser:
@@ -194,10 +238,14 @@ def build_parser() -> Parser:
     _train_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("recipes", help="list the shipped training recipes")
+    p.set_defaults(func=cmd_recipes)
+
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and calibration of a checkpoint on a folder")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("data")
     p.add_argument("--out", default="evaluation", help="report folder (default ./evaluation)")
+    _tta_flag(p)
     p.add_argument("--exclude-duplicates-of", metavar="TRAIN_DIR",
                    help="also report on the subset with no exact/near duplicate in TRAIN_DIR")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
@@ -207,8 +255,9 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders")
-    p.add_argument("checkpoint", help="a .pt checkpoint (or an exported .onnx file)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH")
+    _tta_flag(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
@@ -218,7 +267,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays for images")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--class", dest="target", help="class to explain (default: the predicted class)")
     p.add_argument("--out", default="gradcam", help="output folder (default ./gradcam)")
@@ -226,9 +275,10 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", help="output file (default: beside the checkpoint; ./braintumor-reference.onnx "
+                                 "for the reference model)")
     p.add_argument("--int8-calibration", metavar="DIR",
                    help="also quantize to int8 (ONNX), calibrated on images from DIR; faster on CPUs, not exact")
     p.set_defaults(func=cmd_export)
@@ -258,7 +308,9 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="web page and JSON API for predictions")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", default="reference",
+                   help=CHECKPOINT_HELP + " (default: reference)")
+    _tta_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-file-mb", type=int, default=20)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from braintumor.augment import Augmentation, RandomIntensity, intensity_enabled
 from braintumor.errors import UserError
 from braintumor.images import IMAGE_EXTENSIONS, read_image
 
@@ -188,14 +189,28 @@ def train_transform(
     rotation: float,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    *,
+    augmentation: Augmentation | None = None,
 ) -> v2.Compose:
     """Training transform for a PIL RGB image: resize to (s, s), flip p=0.5, rotate U(-rotation, rotation)
-    degrees (bilinear, zero fill; 0 disables it), float tensor in [0, 1], normalize."""
-    _check_sizes(image_size, rotation)
+    degrees (bilinear, zero fill; 0 disables it), float tensor in [0, 1], normalize.
+
+    ``augmentation`` (its rotation replaces ``rotation``) adds RandomAffine's scale and shift (RandomAffine then
+    replaces RandomRotation) and random gamma / brightness / contrast before normalizing.
+    """
+    aug = augmentation if augmentation is not None else Augmentation(rotation=rotation)
+    _check_sizes(image_size, aug.rotation)
     steps = [v2.Resize((int(image_size), int(image_size)), antialias=True), v2.RandomHorizontalFlip(0.5)]
-    if rotation > 0:
-        steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR, fill=0))
-    return v2.Compose(steps + _to_normalized_tensor(mean, std))
+    if aug.affine:
+        steps.append(v2.RandomAffine(aug.rotation, translate=(aug.translate, aug.translate),
+                                     scale=(1.0 - aug.scale, 1.0 + aug.scale),
+                                     interpolation=InterpolationMode.BILINEAR, fill=0))
+    elif aug.rotation > 0:
+        steps.append(v2.RandomRotation(aug.rotation, interpolation=InterpolationMode.BILINEAR, fill=0))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if intensity_enabled(aug.brightness, aug.contrast, aug.gamma):
+        steps.append(RandomIntensity(aug.brightness, aug.contrast, aug.gamma))
+    return v2.Compose(steps + [v2.Normalize(list(mean), list(std))])
 
 
 def eval_transform(

@@ -56,12 +56,13 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *,
                         device: str = "auto", batch_size: int = 64, exclude_duplicates_of: str | None = None,
-                        skip_bad: bool = False, workers: int = 0) -> dict[str, Any]:
-    """``braintumor evaluate``: every metric on a labelled folder, optionally beside its leak-free subset."""
-    classifier = Classifier.from_checkpoint(checkpoint, device=device)
+                        skip_bad: bool = False, workers: int = 0, tta: bool | None = None) -> dict[str, Any]:
+    """``braintumor evaluate``: every metric on a labelled folder, optionally beside its leak-free subset;
+    ``tta`` overrides the model's stored test-time augmentation setting."""
+    classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta)
     index = discover(data_dir, classes=classifier.classes)
     paths, labels, skipped = drop_bad_files(index.paths, index.labels, str(data_dir), skip_bad, progress=False)
-    extra: dict[str, Any] = {"data": str(data_dir)}
+    extra: dict[str, Any] = {"data": str(data_dir), "test-time augmentation": "mirror" if classifier.tta else "off"}
     if skipped:
         extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in skipped]
     leak_free = None

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_write
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import REFERENCE_MODEL, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .errors import UserError
 
 FORMATS = ("onnx", "torchscript")
@@ -34,6 +34,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TORCHSCRIPT_META = "braintumor.json"
 # The keys every braintumor export carries; their presence is what tells our files from other ONNX models.
 META_KEYS = ("classes", "image_size", "mean", "std", "arch", "braintumor_version", "source_fingerprint")
+# Keys added later; files without them get the default.
+OPTIONAL_META = {"tta": False}
 MIN_OPSET = 13
 
 
@@ -43,10 +45,18 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | Non
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     source = _checkpoint_file(checkpoint)
     if out is None:
-        out = source.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+        out = default_export_path(source, fmt)
     if Path(out).resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another file name")
     return export_onnx(source, out) if fmt == "onnx" else export_torchscript(source, out)
+
+
+def default_export_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """Beside the checkpoint, named after it; the reference model's export goes to the current folder (never
+    into the installed package)."""
+    source = _checkpoint_file(checkpoint)
+    suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
+    return Path(f"braintumor-reference{suffix}") if source == REFERENCE_MODEL else source.with_suffix(suffix)
 
 
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 17) -> Path:
@@ -189,13 +199,8 @@ def available_cores() -> int:
 
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
-    """A run folder resolves to its best.pt (else last.pt), as load_checkpoint does."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-    return path
+    """"reference" or a run folder resolved to a file, as load_checkpoint does."""
+    return resolve_checkpoint(path)
 
 
 def _load_for_export(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -213,13 +218,14 @@ def _load_for_export(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Modul
         "arch": str(ckpt["arch"]),
         "braintumor_version": __version__,
         "source_fingerprint": file_fingerprint(source),
+        "tta": bool(ckpt.get("tta", False)),
     }
     return model, meta
 
 
 def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
     """ONNX metadata values are strings: JSON for each one, so lists and numbers round-trip exactly."""
-    return {key: json.dumps(meta[key]) for key in META_KEYS}
+    return {key: json.dumps(meta[key]) for key in (*META_KEYS, *OPTIONAL_META) if key in meta}
 
 
 def _decode_meta(props: dict[str, str], path: Path) -> dict[str, Any]:
@@ -229,6 +235,8 @@ def _decode_meta(props: dict[str, str], path: Path) -> dict[str, Any]:
                         f"{', '.join(missing)}); create it with `braintumor export CHECKPOINT --format onnx`")
     try:
         meta = {key: json.loads(props[key]) for key in META_KEYS}
+        meta.update({key: json.loads(props[key]) if key in props else default
+                     for key, default in OPTIONAL_META.items()})
         meta["image_size"] = int(meta["image_size"])
         if not (isinstance(meta["classes"], list) and len(meta["classes"]) >= 2
                 and len(meta["mean"]) == 3 and len(meta["std"]) == 3):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.errors import UserError
+from braintumor.augment import Augmentation, random_intensity
 
 CACHE_MODES = ("auto", "none", "memory", "gpu")
 
@@ -128,13 +129,38 @@ def _flip_rotate_theta(flip: torch.Tensor, angle_deg: torch.Tensor, height: int,
     coordinates, y down) samples input R p with R = [[cos, -sin], [sin, cos]]. affine_grid works in coordinates
     normalized by (W/2, H/2) (align_corners=False), hence the aspect factors. The flip negates the sampled x.
     """
+    ones = torch.ones_like(angle_deg, dtype=torch.float32)
+    return _affine_theta(flip, angle_deg, ones, 0.0 * ones, 0.0 * ones, height, width)
+
+
+def _affine_theta(flip: torch.Tensor, angle_deg: torch.Tensor, scale: torch.Tensor, shift_x: torch.Tensor,
+                  shift_y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """affine_grid matrices (B, 2, 3) for a flip, then torchvision's affine (rotation and scale about the centre,
+    then a shift of (shift_x, shift_y) pixels, x right, y down).
+
+    torchvision's inverse map samples input q = R(-angle) (p - t) / scale for output p (centred coordinates); in
+    affine_grid's normalized coordinates t becomes (2 shift_x / W, 2 shift_y / H). The flip negates the sampled x.
+    """
     radians = angle_deg.to(torch.float32) * (math.pi / 180.0)
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    zero = torch.zeros_like(cos)
+    cos, sin = torch.cos(radians) / scale, torch.sin(radians) / scale
     sign = 1.0 - 2.0 * flip.to(torch.float32)
-    row_x = torch.stack([sign * cos, sign * -sin * (height / width), zero], dim=1)
-    row_y = torch.stack([sin * (width / height), cos, zero], dim=1)
+    a, b = cos, -sin * (height / width)
+    c, d = sin * (width / height), cos
+    tx, ty = 2.0 * shift_x.to(torch.float32) / width, 2.0 * shift_y.to(torch.float32) / height
+    row_x = torch.stack([sign * a, sign * b, -sign * (a * tx + b * ty)], dim=1)
+    row_y = torch.stack([c, d, -(c * tx + d * ty)], dim=1)
     return torch.stack([row_x, row_y], dim=1)
+
+
+def _sample_affine(batch_size: int, scale: float, translate: float, size: int, generator: torch.Generator | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (scale, shift_x, shift_y) as RandomAffine draws them: scale ~ U(1 - s, 1 + s); shifts in whole
+    pixels, round(U(-t * size, t * size)) (torchvision rounds its translation to pixels)."""
+    draws = torch.rand(batch_size, 3, generator=generator, device=device)
+    factor = 1.0 + (draws[:, 0] * 2.0 - 1.0) * scale
+    max_shift = float(translate * size)
+    shifts = torch.round((draws[:, 1:] * 2.0 - 1.0) * max_shift)
+    return factor, shifts[:, 0], shifts[:, 1]
 
 
 def augment_batch(
@@ -143,21 +169,43 @@ def augment_batch(
     generator: torch.Generator | None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    *,
+    scale: float = 0.0,
+    translate: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    gamma: float = 0.0,
+    out_size: int | None = None,
 ) -> torch.Tensor:
     """Random flip (p = 0.5) and rotation (U(-deg, deg), bilinear, zero fill) per sample, then normalize.
 
     uint8 (B, 3, H, W) -> float32 on the same device; the random draws come from ``generator``, which must live on
-    that device. rotation_deg = 0 flips only.
+    that device. rotation_deg = 0 flips only. ``scale`` / ``translate`` add RandomAffine's scale U(1 - s, 1 + s) and
+    shift of up to ``translate`` of the size; ``brightness`` / ``contrast`` / ``gamma`` add
+    :func:`braintumor.augment.random_intensity`; each draws random numbers only when switched on, so switching
+    none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
+    the DataLoader path's Resize; progressive resizing).
     """
     batch = images_uint8.to(torch.float32) / 255.0
     flip, angle = _sample_params(batch.shape[0], rotation_deg, generator, batch.device)
-    if rotation_deg > 0:
+    if scale > 0 or translate > 0:
+        factor, shift_x, shift_y = _sample_affine(batch.shape[0], scale, translate, batch.shape[-1], generator,
+                                                  batch.device)
+        theta = _affine_theta(flip, angle, factor, shift_x, shift_y, batch.shape[-2], batch.shape[-1])
+    elif rotation_deg > 0:
         theta = _flip_rotate_theta(flip, angle, batch.shape[-2], batch.shape[-1])
+    else:
+        theta = None
+    if theta is not None:
         grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
         # Zero padding before normalization is RandomRotation's fill=0 (black) in [0, 1] pixel space.
         batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     else:
         batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+    if out_size is not None and out_size != batch.shape[-1]:
+        batch = F.interpolate(batch, size=(out_size, out_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+    batch = random_intensity(batch, brightness, contrast, gamma, generator)
     mean_t, std_t = _mean_std(mean, std, batch.device)
     return (batch - mean_t) / std_t
 
@@ -213,6 +261,7 @@ class CachedBatches:
         seed: int = 0,
         augment: bool = False,
         rotation: float = 0.0,
+        augmentation: Augmentation | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         drop_last: bool = False,
@@ -235,7 +284,9 @@ class CachedBatches:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.augment = augment
-        self.rotation = float(rotation)
+        self.augmentation = augmentation if augmentation is not None else Augmentation(rotation=float(rotation))
+        self.rotation = self.augmentation.rotation
+        self.out_size: int | None = None
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.drop_last = drop_last
@@ -248,6 +299,10 @@ class CachedBatches:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle and augmentation the next iteration uses."""
         self.epoch = int(epoch)
+
+    def set_image_size(self, size: int | None) -> None:
+        """Resize batches to ``size`` (progressive resizing); None keeps the cached size."""
+        self.out_size = None if size is None or size == self.images.shape[-1] else int(size)
 
     def _indices(self) -> torch.Tensor:
         return shard_indices(self.images.shape[0], shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
@@ -284,6 +339,13 @@ class CachedBatches:
             index = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
             images, labels = self._gather(index)
             if self.augment:
-                yield augment_batch(images, self.rotation, generator, self.mean, self.std), labels
+                aug = self.augmentation
+                yield augment_batch(images, aug.rotation, generator, self.mean, self.std, scale=aug.scale,
+                                    translate=aug.translate, out_size=self.out_size,
+                                    **aug.intensity_kwargs()), labels
             else:
-                yield normalize_batch(images, self.mean, self.std), labels
+                batch = normalize_batch(images, self.mean, self.std)
+                if self.out_size is not None:
+                    batch = F.interpolate(batch, size=(self.out_size, self.out_size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+                yield batch, labels

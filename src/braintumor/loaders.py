@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from .augment import Augmentation
 from .config import TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, discover, eval_transform, stratified_split, train_transform
 from .decode import decode_to_tensor
@@ -72,8 +73,9 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
             print(f"warning: {largest} of {len(paths)} images fall into one duplicate group, so the validation "
                   "split cannot be stratified well; if they are distinct images, use --no-group-split",
                   file=sys.stderr)
-    train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed, groups=groups)
-    source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {cfg.seed}"
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_idx, val_idx = stratified_split(labels, cfg.val_split, split_seed, groups=groups)
+    source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {split_seed}"
               f"{', duplicate groups kept on one side' if groups is not None else ''})")
     return SplitData(index.classes, [paths[i] for i in train_idx], [labels[i] for i in train_idx],
                      [paths[i] for i in val_idx], [labels[i] for i in val_idx], source, skipped,
@@ -84,8 +86,10 @@ class LoaderBatches:
     """The DataLoader path: PIL decode + CPU transforms in workers, sharded like DistributedSampler."""
 
     def __init__(self, paths, labels, *, transform, batch_size: int, shuffle: bool, seed: int, workers: int,
-                 dist: DistInfo, pin_memory: bool, training: bool):
+                 dist: DistInfo, pin_memory: bool, training: bool, transform_for_size=None):
         dataset = ImageFolderDataset(paths, labels, transform)
+        self.dataset = dataset
+        self.transform_for_size = transform_for_size
         if training:
             self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
                                               shuffle=shuffle, seed=seed)
@@ -104,6 +108,11 @@ class LoaderBatches:
         # Workers (started afresh each epoch) seed their RNGs from this generator, so augmentations depend
         # on (seed, epoch) alone and a resumed run sees the same images as an uninterrupted one.
         self.loader.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def set_image_size(self, size: int | None) -> None:
+        """Build batches at ``size`` from the next epoch on (progressive resizing; workers start each epoch)."""
+        if size is not None and self.transform_for_size is not None:
+            self.dataset.transform = self.transform_for_size(size)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -127,21 +136,28 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     # Rank 0 decides for all: ranks with different free memory must still share one data path.
     mode = broadcast_object(choose_cache(cfg.data_cache, n_images, cfg.image_size, device), dist)
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    augmentation = Augmentation.from_config(cfg)
+    val_size = cfg.inference_image_size
     if mode == "none":
         common = dict(batch_size=per_rank_batch, seed=cfg.seed, workers=cfg.workers, dist=dist,
                       pin_memory=device.type == "cuda")
+
+        def transform_for_size(size: int):
+            return train_transform(size, cfg.rotation, mean, std, augmentation=augmentation)
+
         train = LoaderBatches(split.train_paths, split.train_labels, shuffle=True, training=True,
-                              transform=train_transform(cfg.image_size, cfg.rotation, mean, std), **common)
+                              transform=transform_for_size(cfg.image_size), transform_for_size=transform_for_size,
+                              **common)
         val = LoaderBatches(split.val_paths, split.val_labels, shuffle=False, training=False,
-                            transform=eval_transform(cfg.image_size, mean, std), **common)
+                            transform=eval_transform(val_size, mean, std), **common)
         return train, val, mode
     store = device if mode == "gpu" else torch.device("cpu")
     show = progress and dist.is_main and sys.stderr.isatty()
     pin = mode == "memory" and device.type == "cuda"  # pinned host memory: asynchronous copies to the GPU
     train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, pin_memory=pin, progress=show)
-    val_images = decode_to_tensor(split.val_paths, cfg.image_size, store, pin_memory=pin, progress=show)
+    val_images = decode_to_tensor(split.val_paths, val_size, store, pin_memory=pin, progress=show)
     val_shard = slice(dist.rank, None, dist.world_size)
-    common = dict(rotation=cfg.rotation, mean=mean, std=std, device=device, seed=cfg.seed)
+    common = dict(augmentation=augmentation, mean=mean, std=std, device=device, seed=cfg.seed)
     train = CachedBatches(train_images, torch.tensor(split.train_labels), per_rank_batch, shuffle=True,
                           augment=True, rank=dist.rank, world_size=dist.world_size,
                           drop_last=drop_partial_batch(len(split.train_paths), per_rank_batch, dist), **common)

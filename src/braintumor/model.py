@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,15 @@ def build_model(arch: str = "resnet152", num_classes: int = 4, weights: str | os
         _load_backbone_file(model, Path(weights))
     model.fc = classification_head(model.fc.in_features, num_classes)
     return model
+
+
+def forward_probabilities(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (float32) of a batch; with ``tta`` the mean of the batch's and its horizontal mirror's
+    (test-time augmentation: slices are roughly left-right symmetric, tumours are not tied to one side)."""
+    probabilities = torch.softmax(model(images).float(), dim=1)
+    if tta:
+        probabilities = 0.5 * (probabilities + torch.softmax(model(images.flip(-1)).float(), dim=1))
+    return probabilities
 
 
 def gradcam_layer(model: nn.Module) -> nn.Module:

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .data import eval_transform
 from .errors import UserError
 from .images import IMAGE_EXTENSIONS, read_image
+from .model import forward_probabilities
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 BACKENDS = ("torch", "onnx")
@@ -114,7 +115,7 @@ class Classifier:
 
     def __init__(self, model: torch.nn.Module | None, *, classes: list[str], image_size: int,
                  mean: list[float], std: list[float], arch: str, device: str | torch.device = "cpu",
-                 fingerprint: str = "", onnx_session: Any = None, source_path: str = ""):
+                 fingerprint: str = "", onnx_session: Any = None, source_path: str = "", tta: bool = False):
         self.classes = list(classes)
         self.image_size = int(image_size)
         self.mean = [float(v) for v in mean]
@@ -124,6 +125,7 @@ class Classifier:
         self.fingerprint = fingerprint
         self.source_path = source_path
         self.backend = "onnx" if onnx_session is not None else "torch"
+        self.tta = bool(tta)  # test-time augmentation: mean of the slice's and its mirror's probabilities
         self.model = model.to(self.device).eval() if model is not None else None
         self._onnx = onnx_session
         self._transform = eval_transform(self.image_size, self.mean, self.std)
@@ -132,11 +134,13 @@ class Classifier:
         self.lock = ReadWriteLock()
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch") -> "Classifier":
-        """Load a ``.pt`` checkpoint (torch backend) or an exported ``.onnx`` file (onnx backend)."""
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch",
+                        tta: bool | None = None) -> "Classifier":
+        """Load a ``.pt`` checkpoint (torch backend), an exported ``.onnx`` file (onnx backend), a run folder, or
+        "reference" (the model shipped with braintumor). ``tta`` overrides the model's stored TTA setting."""
         if backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        path = Path(path)
+        path = resolve_checkpoint(path)
         device = resolve_device(device)
         if backend == "onnx" or path.suffix.lower() == ".onnx":
             from .export import load_onnx_session
@@ -144,18 +148,26 @@ class Classifier:
             session, meta = load_onnx_session(path)
             return cls(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
                        std=meta["std"], arch=meta["arch"], fingerprint=file_fingerprint(path),
-                       onnx_session=session, source_path=str(path))
+                       onnx_session=session, source_path=str(path),
+                       tta=meta.get("tta", False) if tta is None else tta)
         ckpt = load_checkpoint(path)
-        if path.is_dir():
-            path = path / ("best.pt" if (path / "best.pt").is_file() else "last.pt")
         return cls(model_from_checkpoint(ckpt), classes=ckpt["classes"], image_size=ckpt["image_size"],
                    mean=ckpt["mean"], std=ckpt["std"], arch=ckpt["arch"], device=device,
-                   fingerprint=file_fingerprint(path), source_path=str(path))
+                   fingerprint=file_fingerprint(path), source_path=str(path),
+                   tta=bool(ckpt.get("tta", False)) if tta is None else tta)
 
     def describe(self) -> dict[str, Any]:
         """What the model is, for reports and the web page."""
         return {"classes": self.classes, "arch": self.arch, "image_size": self.image_size,
-                "mean": self.mean, "std": self.std, "backend": self.backend, "fingerprint": self.fingerprint}
+                "mean": self.mean, "std": self.std, "backend": self.backend, "fingerprint": self.fingerprint,
+                "tta": self.tta}
+
+    def set_image_size(self, size: int) -> None:
+        """Run the network at another input size (ResNets pool globally; for measuring, e.g. larger than trained)."""
+        if self._onnx is not None and size != self.image_size:
+            raise UserError("an ONNX export runs at its exported size; use the .pt checkpoint to change it")
+        self.image_size = int(size)
+        self._transform = eval_transform(self.image_size, self.mean, self.std)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image → normalized (3, S, S) float tensor, exactly as in evaluation."""
@@ -169,12 +181,13 @@ class Classifier:
     def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
         """Softmax probabilities (B, C) for a preprocessed batch (B, 3, S, S)."""
         if self._onnx is not None:
-            logits = self._onnx.run(None, {self._onnx.get_inputs()[0].name: batch.numpy().astype(np.float32)})[0]
-            logits = torch.from_numpy(logits)
-        else:
-            with self.lock.read():
-                logits = self.model(batch.to(self.device)).float().cpu()
-        return torch.softmax(logits, dim=1).numpy()
+            def run(images: torch.Tensor) -> torch.Tensor:
+                feed = {self._onnx.get_inputs()[0].name: images.numpy().astype(np.float32)}
+                return torch.from_numpy(self._onnx.run(None, feed)[0])
+
+            return forward_probabilities(run, batch, tta=self.tta).numpy()
+        with self.lock.read():
+            return forward_probabilities(self.model, batch.to(self.device), tta=self.tta).cpu().numpy()
 
     def predict(self, x: ImageInput | list[ImageInput], batch_size: int = 32) -> Prediction | list[Prediction]:
         """Predict one input (returns a Prediction) or a list of inputs (returns a list, same order)."""

@@ -23,9 +23,11 @@ from .atomic import atomic_write
 from .checkpoint import load_checkpoint, publish_copy, save_checkpoint
 from .config import TrainConfig, field_names, write_config
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .distill import Teacher, distillation_loss
+from .ema import ModelEma
 from .errors import UserError
 from .loaders import SplitData, build_batches, prepare_split
-from .model import build_model
+from .model import build_model, forward_probabilities
 from .optim import Ranger
 from .predict import resolve_device
 
@@ -119,12 +121,18 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.ema = ModelEma(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.teacher = Teacher(cfg.teacher, self.classes, self.device) if cfg.teacher else None
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.start_epoch, self.best_val_accuracy = 0, -1.0
         if resume_from is not None:
             self.model.load_state_dict(resume_from["model"])
             self.optimizer.load_state_dict(resume_from["optimizer"])
             self.scheduler.load_state_dict(resume_from["scheduler"])
+            if self.ema is not None:
+                if "ema" not in resume_from:
+                    raise UserError("--ema cannot be switched on when resuming a run that trained without it")
+                self.ema.load_state_dict(resume_from["ema"])
             self.start_epoch = int(resume_from["epoch"])
             self.best_val_accuracy = float(resume_from["best_val_accuracy"])
         self.net: nn.Module = self.model
@@ -157,11 +165,19 @@ class Trainer:
             images, labels = self._to_device(images, labels)
             with self.autocast:
                 logits = self.net(images)
-                loss = self.criterion(logits.float(), labels)
+                if self.teacher is not None:
+                    loss = distillation_loss(logits.float(), self.teacher.logits(images), labels,
+                                             weight=self.cfg.distill_weight,
+                                             temperature=self.cfg.distill_temperature,
+                                             label_smoothing=self.cfg.label_smoothing)
+                else:
+                    loss = self.criterion(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             with torch.no_grad():
                 totals += torch.stack([loss.detach().double() * labels.numel(),
                                        (logits.argmax(1) == labels).sum().double(),
@@ -169,31 +185,48 @@ class Trainer:
             bar.update(1)
         bar.close()
         distributed.average_buffers(self.model, self.dist)
+        if self.ema is not None:  # the averaged BatchNorm statistics, not this rank's last ones
+            self.ema.copy_buffers(self.model)
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
                 "train_images": int(count)}
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and saved for inference: the EMA when --ema is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss and accuracy over the whole validation set (each rank its shard, summed)."""
+        """Loss and accuracy over the whole validation set (each rank its shard, summed); with --tta the mean
+        probabilities of each slice and its mirror."""
         self.net.eval()
+        model = self.eval_model
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for images, labels in self.val_batches:
             images, labels = self._to_device(images, labels)
             with self.autocast:
-                logits = self.model(images)
-            loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-            totals += torch.stack([loss.double(), (logits.argmax(1) == labels).sum().double(),
+                if self.cfg.tta:
+                    probabilities = forward_probabilities(model, images, tta=True)
+                    loss = nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="sum")
+                else:
+                    probabilities = model(images).float()  # logits: same argmax
+                    loss = nn.functional.cross_entropy(probabilities, labels, reduction="sum")
+            totals += torch.stack([loss.double(), (probabilities.argmax(1) == labels).sum().double(),
                                    torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
         return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
     def checkpoint_payload(self, epoch: int) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "classes": self.classes, "image_size": self.cfg.image_size, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD), "arch": self.cfg.arch, "config": self.cfg.to_dict(),
-                "best_val_accuracy": self.best_val_accuracy}
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
+                   "classes": self.classes, "image_size": self.cfg.inference_image_size,
+                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": self.cfg.arch,
+                   "tta": bool(self.cfg.tta), "config": self.cfg.to_dict(),
+                   "best_val_accuracy": self.best_val_accuracy}
+        if self.ema is not None:  # inference (model_from_checkpoint) uses these weights
+            payload["ema"] = self.ema.state_dict()
+        return payload
 
     def fit(self) -> RunResult:
         """Train the remaining epochs, checkpointing each; then evaluate best.pt on the validation set."""
@@ -212,7 +245,10 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             start = time.perf_counter()
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            train_size = self.cfg.train_image_size(epoch)
+            self.train_batches.set_image_size(train_size)
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                                   "image_size": train_size}
             row.update(self.train_one_epoch(epoch))
             train_seconds = time.perf_counter() - start
             row.update(self.validate())

@@ -314,7 +314,7 @@ def _check_port(host: str, port: int) -> None:
 
 def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_file_bytes: int = 20 * 2**20,
                max_files: int = 16, workers_threads: int | None = None, device: str = "cpu",
-               backend: str = "torch") -> None:
+               backend: str = "torch", tta: bool | None = None) -> None:
     """Load ``checkpoint`` and serve the page and API with uvicorn until interrupted (127.0.0.1 by default)."""
     import uvicorn
 
@@ -322,7 +322,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
 
     if not 0 <= int(port) <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
-    classifier = Classifier.from_checkpoint(checkpoint, device=device, backend=backend)
+    classifier = Classifier.from_checkpoint(checkpoint, device=device, backend=backend, tta=tta)
     app = create_app(classifier, max_file_bytes=max_file_bytes, max_files=max_files,
                      inference_threads=workers_threads)
     _check_port(host, int(port))

@@ -1,0 +1,54 @@
+"""Which inference settings help a trained model: evaluation size × test-time augmentation, on the run's own
+validation split (the same files training validated on, rebuilt from the run's config.yaml).
+
+    python benchmarks/inference_variants.py RUN_DIR --sizes 128 144 160
+
+Prints accuracy and mean negative log-likelihood per variant. The split is the one best.pt was selected on, so
+small differences (a few slices) are within noise; see MODEL_CARD.md for how the shipped setting was chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from braintumor.config import TrainConfig, field_names
+from braintumor.evaluate import predict_paths
+from braintumor.loaders import prepare_split
+from braintumor.predict import Classifier
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", help="model to evaluate (default RUN_DIR/best.pt)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 144, 160])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    values = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
+    split = prepare_split(cfg, progress=False)
+    labels = np.asarray(split.val_labels)
+    classifier = Classifier.from_checkpoint(args.checkpoint or args.run_dir / "best.pt")
+    print(f"{len(labels)} validation slices ({split.val_source})\n")
+    print("| size | TTA | accuracy % | errors | mean NLL |")
+    print("|---:|---|---:|---:|---:|")
+    for size in args.sizes:
+        classifier.set_image_size(size)
+        for tta in (False, True):
+            classifier.tta = tta
+            probabilities = predict_paths(classifier, split.val_paths, workers=args.workers)
+            predicted = probabilities.argmax(1)
+            nll = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean()
+            print(f"| {size} | {'mirror' if tta else 'off'} | {100 * (predicted == labels).mean():.2f} | "
+                  f"{int((predicted != labels).sum())} | {nll:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

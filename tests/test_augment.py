@@ -1,0 +1,100 @@
+"""Scale / shift / intensity augmentation: geometry and arithmetic against torchvision, and the DataLoader path
+(data.train_transform) against the cached path (gpu_data.augment_batch) in distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+import braintumor.gpu_data as gpu_data
+from braintumor.augment import Augmentation, RandomIntensity, apply_intensity, sample_intensity
+from braintumor.data import train_transform
+from braintumor.gpu_data import augment_batch
+from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+
+IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("angle,scale,shift", [(0.0, 1.2, (0, 0)), (0.0, 1.0, (3, -2)), (20.0, 0.85, (-2, 4))])
+def test_affine_matrix_matches_torchvision_affine(angle, scale, shift):
+    size = 33
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disk = (xx**2 + yy**2) < (0.3 * size) ** 2
+    image = torch.from_numpy(np.random.default_rng(1).random((3, size, size)) * disk).float()
+    for flip in (False, True):
+        theta = gpu_data._affine_theta(torch.tensor([flip]), torch.tensor([angle]), torch.tensor([scale]),
+                                       torch.tensor([float(shift[0])]), torch.tensor([float(shift[1])]), size, size)
+        grid = torch.nn.functional.affine_grid(theta, [1, 3, size, size], align_corners=False)
+        ours = torch.nn.functional.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros",
+                                               align_corners=False)[0]
+        source = TF.horizontal_flip(image) if flip else image
+        # TF.affine turns clockwise for positive angles (TF.rotate counter-clockwise, as we do); RandomAffine
+        # draws angles symmetric about 0, so the direction does not change the distribution.
+        reference = TF.affine(source, angle=-angle, translate=list(shift), scale=scale, shear=[0.0, 0.0],
+                              interpolation=InterpolationMode.BILINEAR, fill=0)
+        # Interpolation details differ at the disk's rim; the bulk must agree.
+        assert (ours - reference).abs().mean() < 0.01, flip
+
+
+def test_intensity_arithmetic_matches_torchvision_functionals():
+    gray = torch.rand(1, 16, 16).expand(3, -1, -1)
+    factors = torch.tensor([[1.3, 1.4, 0.7]])  # gamma, brightness, contrast
+    ours = apply_intensity(gray[None], factors)[0]
+    reference = TF.adjust_contrast(TF.adjust_brightness(TF.adjust_gamma(gray, 1.3), 1.4), 0.7)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)  # grey weights sum to 0.9999
+
+
+def test_intensity_factors_are_drawn_in_range():
+    factors = sample_intensity(5000, 0.2, 0.3, 0.1, torch.Generator().manual_seed(0), torch.device("cpu"))
+    gamma, brightness, contrast = factors.T
+    assert gamma.log().abs().max() <= 0.1 + 1e-6 and abs(gamma.log().mean()) < 0.01  # log-uniform, centred
+    assert brightness.min() >= 0.8 and brightness.max() <= 1.2 and abs(brightness.mean() - 1) < 0.01
+    assert contrast.min() >= 0.7 and contrast.max() <= 1.3
+    with pytest.raises(ValueError):
+        RandomIntensity(brightness=1.5)
+
+
+def _augment_both_paths(augmentation: Augmentation, size: int = 32, repeats: int = 200):
+    rng = np.random.default_rng(0)
+    pils = [Image.fromarray(make_phantom(label, size, rng)).convert("RGB") for label in PHANTOM_CLASSES]
+    batch = torch.stack([torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1) for p in pils])
+    torch.manual_seed(0)
+    transform = train_transform(size, augmentation.rotation, *IDENTITY, augmentation=augmentation)
+    cpu = torch.stack([torch.stack([transform(p) for _ in range(repeats)]) for p in pils])
+    cached = augment_batch(batch.repeat_interleave(repeats, 0), augmentation.rotation,
+                           torch.Generator().manual_seed(1), *IDENTITY, scale=augmentation.scale,
+                           translate=augmentation.translate, **augmentation.intensity_kwargs()).view(cpu.shape)
+    return cpu, cached
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean over pixels of |difference| in the per-pixel mean and spread over augmentations."""
+    return (a.mean(1) - b.mean(1)).abs().mean().item(), (a.std(1) - b.std(1)).abs().mean().item()
+
+
+@pytest.mark.parametrize("augmentation", [
+    Augmentation(rotation=10.0, scale=0.2),
+    Augmentation(rotation=0.0, translate=0.1),
+    Augmentation(rotation=0.0, brightness=0.3, contrast=0.3, gamma=0.3),
+    Augmentation(rotation=10.0, scale=0.1, translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1),
+], ids=["scale", "translate", "intensity", "recipe"])
+def test_both_data_paths_agree_in_distribution(augmentation):
+    cpu, cached = _augment_both_paths(augmentation)
+    mean_gap, spread_gap = _distance(cpu, cached)
+    # The test has power: switching the augmentation off on one side moves the statistics far more.
+    plain_cpu, _ = _augment_both_paths(Augmentation(rotation=augmentation.rotation))
+    off_mean, off_spread = _distance(plain_cpu, cached)
+    assert mean_gap < 0.01 and spread_gap < 0.01, (mean_gap, spread_gap)
+    assert max(off_mean, off_spread) > 2 * max(mean_gap, spread_gap), (off_mean, off_spread, mean_gap, spread_gap)
+
+
+def test_switching_nothing_on_replays_the_flip_and_rotation_stream():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    plain = augment_batch(images, 15.0, torch.Generator().manual_seed(3))
+    zeros = augment_batch(images, 15.0, torch.Generator().manual_seed(3), scale=0.0, translate=0.0,
+                          brightness=0.0, contrast=0.0, gamma=0.0)
+    assert torch.equal(plain, zeros)

@@ -1,0 +1,58 @@
+"""distill.py: the loss against a hand computation; weight 0 is plain training, end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from braintumor.checkpoint import load_checkpoint
+from braintumor.distill import distillation_loss
+from braintumor.errors import UserError
+from braintumor.train import train
+from conftest import make_checkpoint
+from helpers import tiny_config
+
+
+def test_loss_matches_a_hand_computation_on_fixed_logits():
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.2]])
+    teacher = torch.tensor([[3.0, 0.0, 0.0], [-1.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 2])
+    weight, temperature = 0.3, 2.0
+
+    def softmax(row, t):
+        exps = [math.exp(v / t) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    hard = -sum(math.log(softmax(s, 1.0)[y]) for s, y in zip(student.tolist(), labels.tolist())) / 2
+    soft = 0.0
+    for s, t in zip(student.tolist(), teacher.tolist()):
+        p_t, p_s = softmax(t, temperature), softmax(s, temperature)
+        soft += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+    expected = (1 - weight) * hard + weight * temperature**2 * soft / 2
+    got = distillation_loss(student, teacher, labels, weight=weight, temperature=temperature)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # Weight 0: exactly the cross-entropy; weight 1: only the teacher's term.
+    assert torch.equal(distillation_loss(student, teacher, labels, weight=0.0, temperature=4.0),
+                       torch.nn.functional.cross_entropy(student, labels))
+    only_soft = distillation_loss(student, teacher, labels, weight=1.0, temperature=temperature)
+    assert only_soft.item() == pytest.approx(temperature**2 * soft / 2, rel=1e-6)
+
+
+def test_weight_zero_trains_exactly_like_no_teacher(phantom_dir, tmp_path):
+    teacher = train(tiny_config(phantom_dir, tmp_path / "teacher", epochs=1, data_cache="memory"))
+    plain = train(tiny_config(phantom_dir, tmp_path / "plain", epochs=1, data_cache="memory", seed=3))
+    taught = train(tiny_config(phantom_dir, tmp_path / "taught", epochs=1, data_cache="memory", seed=3,
+                               teacher=str(teacher.best_checkpoint), distill_weight=0.0))
+    nonzero = train(tiny_config(phantom_dir, tmp_path / "nonzero", epochs=1, data_cache="memory", seed=3,
+                                teacher=str(teacher.best_checkpoint), distill_weight=0.5))
+    a, b, c = (load_checkpoint(run.run_dir / "last.pt")["model"] for run in (plain, taught, nonzero))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)  # the teacher really takes part
+
+
+def test_teacher_with_other_classes_is_refused(phantom_dir, tmp_path):
+    other = make_checkpoint(tmp_path / "other.pt", classes=("a", "b"), image_size=32)
+    with pytest.raises(UserError, match="teacher"):
+        train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, teacher=str(other)))

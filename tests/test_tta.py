@@ -1,0 +1,69 @@
+"""Test-time augmentation: a mirror-symmetric input gives the same answer with and without it; otherwise the
+mirrored slice really reaches the model, on the torch and ONNX backends alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from braintumor.model import forward_probabilities
+from braintumor.predict import Classifier
+
+
+def test_forward_probabilities_with_tta_is_the_mean_over_the_mirror():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3)).eval()
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        plain = forward_probabilities(model, images)
+        tta = forward_probabilities(model, images, tta=True)
+        mirror = torch.softmax(model(images.flip(-1)), dim=1)
+        torch.testing.assert_close(tta, (plain + mirror) / 2)
+        assert not torch.allclose(tta, plain)  # the mirror changes the answer for an asymmetric model and input
+        symmetric = images + images.flip(-1)
+        torch.testing.assert_close(forward_probabilities(model, symmetric, tta=True),
+                                   forward_probabilities(model, symmetric), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_checkpoint, tmp_path_factory):
+    from braintumor.export import export
+
+    return export(tiny_checkpoint, "onnx", tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+def test_classifier_tta_on_both_backends(tiny_checkpoint, onnx_export):
+    rng = np.random.default_rng(0)
+    asymmetric = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    asymmetric[:, :20] = 255
+    symmetric = np.concatenate([asymmetric[:, :32], asymmetric[:, :32][:, ::-1]], axis=1)
+    from PIL import Image
+
+    for path in (tiny_checkpoint, onnx_export):
+        plain = Classifier.from_checkpoint(path, tta=False)
+        tta = Classifier.from_checkpoint(path, tta=True)
+        assert tta.tta and not plain.tta and tta.describe()["tta"]
+        a = plain.predict(Image.fromarray(asymmetric)).probabilities
+        b = tta.predict(Image.fromarray(asymmetric)).probabilities
+        mirrored = plain.predict(Image.fromarray(asymmetric[:, ::-1].copy())).probabilities
+        for name in plain.classes:
+            assert b[name] == pytest.approx((a[name] + mirrored[name]) / 2, abs=1e-5)
+        assert max(abs(a[n] - b[n]) for n in plain.classes) > 1e-4
+        s1 = plain.predict(Image.fromarray(symmetric)).probabilities
+        s2 = tta.predict(Image.fromarray(symmetric)).probabilities
+        assert all(s1[n] == pytest.approx(s2[n], abs=1e-6) for n in plain.classes)
+
+
+def test_stored_setting_is_the_default_and_travels_into_onnx(tmp_path):
+    from braintumor.checkpoint import load_checkpoint, save_checkpoint
+    from braintumor.export import export
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m.pt", image_size=32)
+    ckpt = load_checkpoint(path)
+    save_checkpoint({**ckpt, "tta": True}, path)
+    assert Classifier.from_checkpoint(path).tta
+    onnx_path = export(path, "onnx", tmp_path / "m.onnx")
+    assert Classifier.from_checkpoint(onnx_path).tta
+    assert not Classifier.from_checkpoint(onnx_path, tta=False).tta
