@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from braintumor.config import TrainConfig, field_names
-from braintumor.evaluate import predict_paths
+from braintumor.evaluate import evaluate_classifier, predict_paths
 from braintumor.loaders import prepare_split
 from braintumor.predict import Classifier
 
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="model to evaluate (default RUN_DIR/best.pt)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 144, 160])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--report", metavar="DIR",
+                        help="also write the full evaluation report of the model's own setting to DIR")
     args = parser.parse_args(argv)
 
     values = yaml.safe_load((args.run_dir / "config.yaml").read_text())
@@ -35,6 +37,14 @@ def main(argv=None) -> int:
     split = prepare_split(cfg, progress=False)
     labels = np.asarray(split.val_labels)
     classifier = Classifier.from_checkpoint(args.checkpoint or args.run_dir / "best.pt")
+    if args.report:
+        report = evaluate_classifier(classifier, split.val_paths, split.val_labels, args.report,
+                                     title=f"Validation report ({Path(classifier.source_path).name})",
+                                     extra={"validation data": split.val_source,
+                                            "test-time augmentation": "mirror" if classifier.tta else "off"},
+                                     workers=args.workers)
+        print(f"report of the stored setting (size {classifier.image_size}, TTA {classifier.tta}): "
+              f"accuracy {report['metrics']['accuracy']:.4f}, written to {args.report}\n")
     print(f"{len(labels)} validation slices ({split.val_source})\n")
     print("| size | TTA | accuracy % | errors | mean NLL |")
     print("|---:|---|---:|---:|---:|")

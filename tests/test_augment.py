@@ -41,7 +41,7 @@ def test_affine_matrix_matches_torchvision_affine(angle, scale, shift):
 
 
 def test_intensity_arithmetic_matches_torchvision_functionals():
-    gray = torch.rand(1, 16, 16).expand(3, -1, -1)
+    gray = (0.7 * torch.rand(1, 16, 16)).expand(3, -1, -1)  # brightness 1.4 keeps it below 1: no clipping
     factors = torch.tensor([[1.3, 1.4, 0.7]])  # gamma, brightness, contrast
     ours = apply_intensity(gray[None], factors)[0]
     reference = TF.adjust_contrast(TF.adjust_brightness(TF.adjust_gamma(gray, 1.3), 1.4), 0.7)

@@ -41,12 +41,13 @@ def test_loss_matches_a_hand_computation_on_fixed_logits():
 
 
 def test_weight_zero_trains_exactly_like_no_teacher(phantom_dir, tmp_path):
-    teacher = train(tiny_config(phantom_dir, tmp_path / "teacher", epochs=1, data_cache="memory"))
+    # An untrained teacher serves; its 48 px input size exercises resizing the student's 32 px batches.
+    teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=48, seed=5)
     plain = train(tiny_config(phantom_dir, tmp_path / "plain", epochs=1, data_cache="memory", seed=3))
     taught = train(tiny_config(phantom_dir, tmp_path / "taught", epochs=1, data_cache="memory", seed=3,
-                               teacher=str(teacher.best_checkpoint), distill_weight=0.0))
+                               teacher=str(teacher), distill_weight=0.0))
     nonzero = train(tiny_config(phantom_dir, tmp_path / "nonzero", epochs=1, data_cache="memory", seed=3,
-                                teacher=str(teacher.best_checkpoint), distill_weight=0.5))
+                                teacher=str(teacher), distill_weight=0.5))
     a, b, c = (load_checkpoint(run.run_dir / "last.pt")["model"] for run in (plain, taught, nonzero))
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert not all(torch.equal(a[key], c[key]) for key in a)  # the teacher really takes part

@@ -4,9 +4,10 @@ Scanners and protocols differ in overall intensity, contrast and the shape of th
 changes of the three make a classifier less sensitive to them. Per image, on float pixels in [0, 1] and in this
 order: gamma ``x ** g`` with ``log g ~ U(-gamma, gamma)`` (log-uniform, so darkening and brightening are equally
 likely), brightness ``x * b`` with ``b ~ U(1 - brightness, 1 + brightness)``, contrast ``(x - m) * c + m`` with
-``c ~ U(1 - contrast, 1 + contrast)`` and ``m`` the image's mean, clipping to [0, 1] after each step as
-torchvision's functional ``adjust_*`` do (torchvision's ``adjust_contrast`` uses the mean of
-the grey image; on grey slices the two agree). Zero-valued background stays zero under
+``c ~ U(1 - contrast, 1 + contrast)`` and ``m`` the image's mean (torchvision's ``adjust_contrast`` uses the mean
+of the grey image; on grey slices the two agree), then clipping to [0, 1] once at the end (torchvision's
+functional ``adjust_*`` clip after each step; the two differ only where brightness pushes pixels past 1; the
+shipped reference model was trained with this arithmetic). Zero-valued background stays zero under
 gamma and brightness. The DataLoader path calls :class:`RandomIntensity` per image, the cached path calls
 :func:`random_intensity` per batch: the same arithmetic, so the two paths agree in distribution.
 """
@@ -66,7 +67,7 @@ def apply_intensity(batch: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Apply (B, 3) gamma / brightness / contrast factors to float images (B, C, H, W) in [0, 1]."""
     view = (-1, 1, 1, 1)
     gamma, brightness, contrast = (factors[:, k].view(view) for k in range(3))
-    out = (batch.clamp(0.0, 1.0).pow(gamma) * brightness).clamp(0.0, 1.0)  # clipped as adjust_brightness does
+    out = batch.clamp(0.0, 1.0).pow(gamma) * brightness
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean).clamp(0.0, 1.0)
 
