@@ -26,7 +26,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .. import RESEARCH_NOTE
 from ..errors import UserError
-from ..images import ImageReadError
+from ..images import ImageReadError, estimate_decode_bytes, read_image
+from .budget import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
 
 STATIC_DIR = Path(__file__).with_name("static")
 FIELD = "files"
@@ -179,8 +180,9 @@ def preview_image(image: Image.Image, size: int = PREVIEW_SIZE) -> Image.Image:
 class Analyzer:
     """Decode, predict and explain uploads with one shared Classifier; called from worker threads."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, decode_budget: DecodeBudget | None = None):
         self.classifier = classifier
+        self.decode_budget = decode_budget or DecodeBudget()
 
     def model_info(self) -> dict[str, Any]:
         info = self.classifier.describe()
@@ -190,7 +192,11 @@ class Analyzer:
         images = []
         for upload in uploads:
             try:
-                images.append(self.classifier.load(upload.data))
+                # Read by the file name's rules, as the command line reads files; decode memory is budgeted
+                # server-wide, so concurrent large uploads wait their turn instead of multiplying memory.
+                weight = estimate_decode_bytes(upload.data, upload.filename) + len(upload.data)
+                with self.decode_budget.hold(weight):
+                    images.append(read_image(upload.data, name=upload.filename))
             except ImageReadError as err:
                 raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
             upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
@@ -217,10 +223,11 @@ class Analyzer:
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
-               inference_threads: int | None = None) -> FastAPI:
+               inference_threads: int | None = None, decode_budget_bytes: int | None = None) -> FastAPI:
     """The FastAPI app: page at /, static files, /api/health, /api/model, /api/predict, docs at /docs.
 
-    ``inference_threads`` bounds how many requests run the model at once (default: the CPU count, at most 8).
+    ``inference_threads`` bounds how many requests run the model at once (default: the CPU count, at most 8);
+    ``decode_budget_bytes`` bounds the estimated memory of all decodes in flight (default 1 GiB).
     """
     max_file_bytes, max_files = int(max_file_bytes), int(max_files)
     if max_file_bytes < 1 or max_files < 1:
@@ -228,7 +235,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     if inference_threads is not None and int(inference_threads) < 1:
         raise UserError("the number of inference threads must be at least 1")
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
-    analyzer = Analyzer(classifier)
+    analyzer = Analyzer(classifier, DecodeBudget(decode_budget_bytes or DEFAULT_DECODE_BUDGET_BYTES))
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
                   description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM). {RESEARCH_NOTE}")
     app.state.analyzer = analyzer
