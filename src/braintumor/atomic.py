@@ -31,7 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], object], mode: s
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as raw:
-            handle = _WriteErrors(raw)
+            handle = _WriteErrors(raw, path)
             write(handle)
             handle.flush()
             os.fsync(raw.fileno())
@@ -52,8 +52,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], object], mode: s
 class _WriteErrors:
     """A file wrapper that remembers the first OSError its write/flush raised (writers may hide it)."""
 
-    def __init__(self, file: IO):
+    def __init__(self, file: IO, target: Path):
         self._file = file
+        self.target = target  # the file being replaced (a seam for tests that simulate a full disk)
         self.error: OSError | None = None
 
     def write(self, data):

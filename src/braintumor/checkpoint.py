@@ -79,9 +79,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise UserError(f"cannot read checkpoint {path}: not a braintumor checkpoint (it holds Python objects "
                             "other than tensors and plain data, and braintumor will not unpickle it)") from None
         raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 - torch's loader fails on foreign bytes in many ways
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if first_line.isdigit() or isinstance(err, KeyError):  # e.g. "101": a magic-number mismatch inside torch
+        # e.g. "101" (a magic-number mismatch inside torch), IndexError/KeyError from the unpickler on text
+        if first_line.isdigit() or isinstance(err, (KeyError, IndexError, TypeError, EOFError)):
             raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
         raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
