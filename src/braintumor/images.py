@@ -220,6 +220,10 @@ def estimate_decode_bytes(data: bytes, name: str | None = None) -> int:
         if _has_dicom_magic(head) or (name and _suffix(name) == ".dcm"):
             import pydicom
 
+            inflated = _deflated_size(io.BytesIO(data), MAX_DECODED_BYTES * 2 + (1 << 20))
+            if inflated is not None:  # pydicom would inflate everything just to read the header
+                return 3 * inflated
+
             dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
             rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
             samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("BitsAllocated", 8))
@@ -433,27 +437,26 @@ def _read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Im
 _DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
 
 
-def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
-    """Refuse a deflated DICOM whose data would inflate past the budget, before pydicom inflates all of it."""
+def _deflated_size(file: Path | io.BytesIO, limit: int) -> int | None:
+    """Bytes a deflated DICOM's data set inflates to (counted up to just past ``limit``, in O(1 MiB) memory);
+    None when the file is not a deflated DICOM or its meta group cannot be read."""
     import zlib
 
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     handle = file.open("rb") if isinstance(file, Path) else file
     try:
-        head = handle.read(4096)
-        if _DEFLATED_UID not in head:
-            return
+        if _DEFLATED_UID not in handle.read(4096):
+            return None
         handle.seek(0)
         try:
             read_preamble(handle, True)
             meta = _read_file_meta_info(handle)
         except Exception:  # noqa: BLE001 - a broken meta group: pydicom's own reading gives the reason
-            return
+            return None
         if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED_UID.decode():
-            return
+            return None
         inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-        limit = MAX_DECODED_BYTES * 2 + (1 << 20)  # the pixels plus the other elements, with room to spare
         while total <= limit and not inflater.eof:
             piece = inflater.unconsumed_tail or handle.read(1 << 16)
             if not piece:
@@ -461,15 +464,22 @@ def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
             try:
                 total += len(inflater.decompress(piece, 1 << 20))
             except zlib.error:
-                return  # corrupt: pydicom reports it
-        if total > limit:
-            raise ImageReadError(label, f"too large: the deflated DICOM data inflate to more than "
-                                        f"{limit // 2**20} MiB (limit: {MAX_DECODED_BYTES // 2**20} MiB per image)")
+                return None  # corrupt: pydicom reports it
+        return total
     finally:
         if isinstance(file, Path):
             handle.close()
         else:
             file.seek(0)
+
+
+def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
+    """Refuse a deflated DICOM whose data would inflate past the budget, before pydicom inflates all of it."""
+    limit = MAX_DECODED_BYTES * 2 + (1 << 20)  # the pixels plus the other elements, with room to spare
+    total = _deflated_size(file, limit)
+    if total is not None and total > limit:
+        raise ImageReadError(label, f"too large: the deflated DICOM data inflate to more than "
+                                    f"{limit // 2**20} MiB (limit: {MAX_DECODED_BYTES // 2**20} MiB per image)")
 
 
 def _modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:

@@ -8,10 +8,13 @@ threads; plain forward passes may run side by side, while Grad-CAM (which hooks 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,8 @@ _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+LARGE_DECODE_BYTES = 32 * 2**20  # uploads estimated to need more than this decode in the large lane
+LARGE_DECODE_NICENESS = 10
 _MULTIPART_HELP = "send multipart/form-data with one or more image files in the field 'files'"
 
 
@@ -188,18 +193,26 @@ class Analyzer:
         info = self.classifier.describe()
         return {key: info[key] for key in ("arch", "classes", "image_size", "backend", "fingerprint")}
 
-    def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None) -> dict:
-        images = []
-        for upload in uploads:
-            try:
-                # Read by the file name's rules, as the command line reads files; decode memory is budgeted
-                # server-wide, so concurrent large uploads wait their turn instead of multiplying memory.
-                weight = estimate_decode_bytes(upload.data, upload.filename) + len(upload.data)
-                with self.decode_budget.hold(weight):
-                    images.append(read_image(upload.data, name=upload.filename))
-            except ImageReadError as err:
-                raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
-            upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
+    @staticmethod
+    def decode_cost(upload: Upload) -> int:
+        """Estimated peak bytes of decoding an upload (read from its header; nothing is decoded)."""
+        return estimate_decode_bytes(upload.data, upload.filename) + len(upload.data)
+
+    def decode(self, upload: Upload, cost: int | None = None) -> Image.Image:
+        """Decode one upload by its file name's rules (as the command line reads files), within the budget."""
+        try:
+            # Decode memory is budgeted server-wide: concurrent large uploads wait their turn.
+            with self.decode_budget.hold(self.decode_cost(upload) if cost is None else cost):
+                image = read_image(upload.data, name=upload.filename)
+        except ImageReadError as err:
+            raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
+        upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
+        return image
+
+    def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None,
+                 images: list[Image.Image] | None = None) -> dict:
+        if images is None:
+            images = [self.decode(upload) for upload in uploads]
         predictions = self.classifier.predict(images)
         results = [{"filename": upload.filename, "label": p.label, "confidence": p.confidence,
                     "probabilities": p.probabilities, "width": image.width, "height": image.height}
@@ -281,13 +294,35 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
         uploads = await read_uploads(request, max_file_bytes, max_files)
         if app.state.limiter is None:
             app.state.limiter = anyio.CapacityLimiter(threads)
+            # Uploads that decode to large images take a lane of their own: one thread, at a lower CPU priority,
+            # so they can neither occupy the threads that ordinary requests need nor crowd out their CPU time.
+            app.state.large_lane = ThreadPoolExecutor(1, thread_name_prefix="large-decode",
+                                                      initializer=_nice_this_thread)
+        images = []
+        for upload in uploads:
+            cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
+            if cost > LARGE_DECODE_BYTES:
+                image = await asyncio.get_running_loop().run_in_executor(
+                    app.state.large_lane, analyzer.decode, upload, cost)
+            else:
+                image = await anyio.to_thread.run_sync(analyzer.decode, upload, cost, limiter=app.state.limiter)
+            images.append(image)
 
         def work() -> dict:
-            return analyzer(uploads, explain=explain, preview=preview, target=target)
+            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images)
 
         return await anyio.to_thread.run_sync(work, limiter=app.state.limiter)
 
     return app
+
+
+def _nice_this_thread() -> None:
+    """Lower this thread's CPU priority (Linux threads have their own nice value); a no-op where unsupported."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LARGE_DECODE_NICENESS))
+    except (OSError, AttributeError):
+        pass
 
 
 def _predict_openapi(max_files: int) -> dict:
