@@ -47,7 +47,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 PIL_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF"})
 MAX_DECODED_BYTES = 256 * 2**20  # per image, in the file's own mode: a 9000x9000 16-bit slice is 155 MiB
 MAX_DECODED_SIDE = 4096  # longer images are box-shrunk by an integer factor right after decoding
-_ROW_CHUNK_PIXELS = 1 << 20  # high-bit-depth conversion works on about this many pixels at a time
+_ROW_CHUNK_PIXELS = 1 << 18  # high-bit-depth conversion works on about this many pixels at a time
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2,
                     "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4,
                     "CMYK": 4, "I": 4, "F": 4}
