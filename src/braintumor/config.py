@@ -93,7 +93,12 @@ class TrainConfig:
              f"--eval-image-size must be 0 (same as --image-size) or at least 32, got {self.eval_image_size}"),
             (0.0 <= self.ema < 1.0, f"--ema must be a decay in [0, 1) (0: off), got {self.ema}"),
             (0.0 <= self.distill_weight <= 1.0, f"--distill-weight must be in [0, 1], got {self.distill_weight}"),
-            (self.distill_temperature > 0, f"--distill-temperature must be positive, got {self.distill_temperature}"),
+            (math.isfinite(self.distill_temperature) and self.distill_temperature > 0,
+             f"--distill-temperature must be positive and finite, got {self.distill_temperature}"),
+            (self.eval_image_size <= MAX_IMAGE_SIZE,
+             f"--eval-image-size must be at most {MAX_IMAGE_SIZE}, got {self.eval_image_size}"),
+            (self.split_seed is None or 0 <= self.split_seed < 2**32,
+             f"--split-seed must be between 0 and 2**32 - 1, got {self.split_seed}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.epochs <= 100_000, f"--epochs must be at most 100000, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
@@ -147,13 +152,14 @@ def _check_types(cfg: "TrainConfig") -> None:
     for f in dataclasses.fields(cfg):
         value, kind = getattr(cfg, f.name), str(f.type)
         ok = {"int": type(value) is int, "float": type(value) in (int, float), "bool": type(value) is bool,
-              "str": isinstance(value, str), "str | None": value is None or isinstance(value, str)}.get(kind, True)
+              "str": isinstance(value, str), "str | None": value is None or isinstance(value, str),
+          "int | None": value is None or type(value) is int}.get(kind, True)
         if not ok:
             raise UserError(f"option {f.name} must be {_KIND_WORDS.get(kind, kind)}, got {value!r}")
 
 
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
-               "str | None": "text"}
+               "str | None": "text", "int | None": "a whole number"}
 
 
 def coerce_option(key: str, value: Any, source: str) -> Any:
@@ -164,17 +170,18 @@ def coerce_option(key: str, value: Any, source: str) -> Any:
     """
     kind = str({f.name: f.type for f in dataclasses.fields(TrainConfig)}.get(key, ""))
     words = _KIND_WORDS.get(kind, kind)
-    if kind in ("int", "float") and isinstance(value, str):
+    if kind in ("int", "float", "int | None") and isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
             raise UserError(f"{key} in {source} must be {words}, got {value!r}") from None
-    if kind == "int" and isinstance(value, float) and value.is_integer() and math.isfinite(value):
+    if kind in ("int", "int | None") and isinstance(value, float) and value.is_integer() and math.isfinite(value):
         value = int(value)
     if kind in ("str", "str | None") and isinstance(value, (int, float)) and not isinstance(value, bool):
         raise UserError(f"{key} in {source} must be {words}, got {value!r}")
     ok = {"int": type(value) is int, "float": type(value) in (int, float), "bool": type(value) is bool,
-          "str": isinstance(value, str), "str | None": value is None or isinstance(value, str)}.get(kind, True)
+          "str": isinstance(value, str), "str | None": value is None or isinstance(value, str),
+          "int | None": value is None or type(value) is int}.get(kind, True)
     if not ok:
         raise UserError(f"{key} in {source} must be {words}, got {value!r}")
     return float(value) if kind == "float" else value

@@ -16,7 +16,7 @@ from .checkpoint import publish_copy
 from .errors import UserError
 
 # Options that may differ on --resume: they change neither the model, nor the optimizer, nor the data order.
-CHANGEABLE_ON_RESUME = ("epochs", "device", "workers", "data_cache", "compile", "progress", "skip_bad")
+CHANGEABLE_ON_RESUME = ("epochs", "device", "workers", "data_cache", "compile", "progress", "skip_bad", "tta")
 _IGNORED_ON_RESUME = ("data", "out", "name", "config")
 
 
