@@ -7,6 +7,12 @@ limit is passed, so it doubles as a smoke test (tests/test_serve.py runs it in a
 
     python benchmarks/serve_load.py --arch resnet18 --image-size 224            # 200 requests, 8 concurrent
     python benchmarks/serve_load.py --checkpoint runs/demo/best.pt --explain-every 10
+    python benchmarks/serve_load.py --concurrency 16 --hostile-every 4   # every 4th request: two memory bombs
+
+Hostile mode interleaves requests carrying two small files that decode to huge images (a 16-bit 9000 px PNG of
+about 160 KB and a deflated 16-bit 9000 px DICOM of about 180 KB): they may be answered or refused, but must not
+fail the normal requests; the server's peak resident memory (VmHWM) and its memory afterwards are printed, and
+the normal requests' latencies are reported on their own.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--server-threads", type=int, default=None, help="server's inference threads")
     parser.add_argument("--device", default="cpu", help="server's device: cpu, cuda or auto")
     parser.add_argument("--timeout", type=float, default=600.0, help="limit on the whole run, seconds")
+    parser.add_argument("--hostile-every", type=int, default=0,
+                        help="every k-th request uploads two memory-bomb files instead of a slice (0: never)")
+    parser.add_argument("--bomb-side", type=int, default=9000, help="side of the memory-bomb images, pixels")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
@@ -108,11 +117,35 @@ def phantom_pngs(size: int, count: int = 8) -> list[tuple[str, bytes]]:
     return slices
 
 
+def bomb_files(side: int) -> list[tuple[str, bytes]]:
+    from braintumor.bombs import dicom_deflate_bomb, png16_bomb
+
+    return [("bomb16.png", png16_bomb(side)), ("bomb.dcm", dicom_deflate_bomb(side))]
+
+
+def server_memory_mib(pid: int) -> dict[str, float]:
+    """Peak (VmHWM) and current (VmRSS) resident memory of a process, MiB (Linux)."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                values[key] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return values
+
+
 def run_load(base: str, args, deadline: float) -> tuple[list[float], list[str], float]:
-    """Send the requests; returns per-request latencies (s) of successes, error strings and wall time."""
+    """Send the requests; returns per-request latencies (s) of successes, error strings and wall time.
+
+    Hostile requests (``--hostile-every``) are not counted there: their outcomes go to ``args.hostile_results``.
+    """
     import httpx
 
     slices = phantom_pngs(args.slice_size)
+    bombs = bomb_files(args.bomb_side) if args.hostile_every else []
+    args.hostile_results = []
     local = threading.local()
     latencies: list[float] = []
     errors: list[str] = []
@@ -129,6 +162,17 @@ def run_load(base: str, args, deadline: float) -> tuple[list[float], list[str], 
         name, data = slices[index % len(slices)]
         explain = args.explain_every and index % args.explain_every == 0
         url = f"{base}/api/predict" + ("?explain=1" if explain else "")
+        if bombs and index % args.hostile_every == args.hostile_every - 1:
+            start = time.perf_counter()
+            try:
+                response = local.client.post(url, files=[("files", (n, d, "application/octet-stream"))
+                                                         for n, d in bombs], timeout=remaining)
+                outcome = f"HTTP {response.status_code}"
+            except httpx.HTTPError as err:
+                outcome = f"{type(err).__name__}"
+            with lock:
+                args.hostile_results.append((outcome, time.perf_counter() - start))
+            return
         start = time.perf_counter()
         try:
             response = local.client.post(url, files=[("files", (name, data, "image/png"))], timeout=remaining)
@@ -166,6 +210,8 @@ def main(argv=None) -> int:
                 with httpx.Client() as client:
                     model = wait_until_up(client, base, server, deadline)
                 latencies, errors, wall = run_load(base, args, deadline)
+                time.sleep(1.0)  # let the server finish any request the client gave up on
+                memory = server_memory_mib(server.pid)
             except (RuntimeError, TimeoutError) as err:
                 print(f"error: {err}\n--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}")
                 return 1
@@ -189,6 +235,16 @@ def main(argv=None) -> int:
         p50, p95 = np.percentile(np.array(latencies) * 1000, [50, 95])
         print(f"latency: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {max(latencies) * 1000:.1f} ms")
     print(f"throughput: {len(latencies) / wall:.2f} requests/s over {wall:.1f} s")
+    if memory:
+        print(f"server memory: peak RSS {memory.get('VmHWM', 0):.0f} MiB, RSS after the run "
+              f"{memory.get('VmRSS', 0):.0f} MiB")
+    if args.hostile_every:
+        from collections import Counter
+
+        outcomes = Counter(outcome for outcome, _ in args.hostile_results)
+        slowest = max((seconds for _, seconds in args.hostile_results), default=0.0)
+        print(f"hostile requests (2 bomb files of {args.bomb_side} px each): {len(args.hostile_results)}, "
+              f"outcomes {dict(outcomes)}, slowest {slowest:.1f} s")
     for problem in errors[:10]:
         print(f"  {problem}")
     return 1 if errors else 0

@@ -190,7 +190,8 @@ def test_file_too_large_and_too_many_files(client):
 
 
 @pytest.mark.parametrize("name,data,reason", [
-    ("notes.txt", b"this is not an image\n", "not an image"),
+    ("notes.txt", b"this is not an image\n", "unsupported file type"),  # the CLI's rule
+    ("notes.png", b"this is not an image\n", "not an image"),
     ("cut.jpg", jpeg_bytes()[:len(jpeg_bytes()) * 2 // 3], "truncated image"),
     ("empty.png", b"", "empty"),
 ])

@@ -22,7 +22,9 @@ from braintumor.dedup import (
     hash_files,
 )
 from braintumor.errors import UserError
-from braintumor.images import IMAGE_EXTENSIONS
+from braintumor.atomic import atomic_write
+from braintumor.data import _full_suffix, unsupported_files
+from braintumor.images import IMAGE_EXTENSIONS, unsupported_type_reason
 
 MD_LIST_LIMIT = 20
 
@@ -35,16 +37,20 @@ def _load_set(root, cache_dir, progress) -> dict:
     if not root.is_dir():
         problem = "is not a directory" if root.exists() else "not found"
         raise UserError(f"data folder {root} {problem}: pass a folder of images or of class folders")
-    if any(entry.is_dir() and not entry.name.startswith(".") for entry in root.iterdir()):
-        index = discover(root)
+    folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if folders:
+        index = discover(root, classes=folders)  # one class folder is fine for an audit
         paths, labels = index.paths, [index.classes[label] for label in index.labels]
     else:
-        paths, labels = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+        paths, labels = sorted(p for p in root.iterdir() if not p.is_dir() and not p.name.startswith(".")
                                and p.suffix.lower() in IMAGE_EXTENSIONS), None
         if not paths:
             raise UserError(f"no images in {root}: expected image files or class folders of images")
     records, cache = hash_files(paths, cache_dir=cache_dir, progress=progress)
-    return {"root": os.path.abspath(root), "paths": [os.path.abspath(p) for p in paths], "labels": labels,
+    # Files of other types are listed as unreadable rather than silently left out.
+    others = [{"path": os.path.abspath(p), "reason": unsupported_type_reason(_full_suffix(p))}
+              for p in unsupported_files(root, recursive=bool(folders))]
+    return {"unsupported": others, "root": os.path.abspath(root), "paths": [os.path.abspath(p) for p in paths], "labels": labels,
             "records": records, "cache": cache}
 
 
@@ -56,7 +62,8 @@ def _summary(data: dict) -> dict:
         "class_counts": dict(sorted(counts.items())) if counts else None,
         "class_fractions": {k: v / len(records) for k, v in sorted(counts.items())} if counts else None,
         "imbalance_ratio": max(counts.values()) / min(counts.values()) if counts else None,
-        "unreadable": [{"path": p, "reason": r["error"]} for p, r in zip(data["paths"], records) if "error" in r],
+        "unreadable": [{"path": p, "reason": r["error"]} for p, r in zip(data["paths"], records) if "error" in r]
+        + data.get("unsupported", []),
         "image_sizes": dict(Counter(f"{r['width']}x{r['height']}" for r in readable).most_common()),
         "image_modes": dict(Counter(r["mode"] for r in readable).most_common()),
     }
@@ -201,6 +208,7 @@ def write_audit(report: dict, out_dir) -> tuple[Path, Path]:
     except OSError as error:
         raise UserError(f"cannot create output folder {out_dir}: {error.strerror}") from None
     json_path, md_path = out_dir / "audit.json", out_dir / "audit.md"
-    json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    md_path.write_text(_markdown(report).rstrip("\n") + "\n", encoding="utf-8")
+    json_text, md_text = json.dumps(report, indent=1) + "\n", _markdown(report).rstrip("\n") + "\n"
+    atomic_write(json_path, lambda handle: handle.write(json_text), "w")
+    atomic_write(md_path, lambda handle: handle.write(md_text), "w")
     return json_path, md_path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +66,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is named as an ONNX export, not a .pt checkpoint; this command reads checkpoints "
+                        "(predict and evaluate read exports with --backend onnx)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise on top of our one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            # Do not repeat torch's advice to retry with weights_only=False: that would run the file's code.
+            raise UserError(f"cannot read checkpoint {path}: not a braintumor checkpoint (it holds Python objects "
+                            "other than tensors and plain data, and braintumor will not unpickle it)") from None
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
+    except Exception as err:  # noqa: BLE001 - torch's loader fails on foreign bytes in many ways
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first_line}") from err
+        # e.g. "101" (a magic-number mismatch inside torch), IndexError/KeyError from the unpickler on text
+        if first_line.isdigit() or isinstance(err, (KeyError, IndexError, TypeError, EOFError)):
+            raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
         raise UserError(f"{path} is not a braintumor checkpoint (missing classes, arch or weights)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
@@ -76,10 +92,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint") -> nn.Module:
     """Rebuild the network a checkpoint describes, load its weights and put it in eval mode."""
-    model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]), weights="none")
+    arch, classes = ckpt["arch"], ckpt["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{source} is damaged: its class list is not a list of names")
+    try:
+        model = build_model(arch, num_classes=len(classes), weights="none")
+    except (ValueError, KeyError, UserError):
+        raise UserError(f"{source} is damaged: unknown architecture {arch!r}") from None
     # A run with --ema is used through its averaged weights; fp16 weights (the shipped model) load into fp32.
     weights = ckpt["ema"]["module"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(f"{source} is damaged: its weights do not fit a {arch} with {len(classes)} classes "
+                        f"({detail})") from None
     return model.eval()

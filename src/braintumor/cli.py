@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import RESEARCH_NOTE, __version__
@@ -17,6 +18,27 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: a finite ``kind`` value in [low, high], else a one-line flag error before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (low <= value <= high):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def one_line(message: str) -> str:
+    """A message on one line whatever it quotes: newlines and other control characters in names are escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -133,25 +155,17 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .predict import Classifier, expand_inputs
+    from .streaming import PredictionWriter, stream_predictions
 
-    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, tta=args.tta)
-    predictions = classifier.predict(expand_inputs(args.paths), batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps([p.to_dict() for p in predictions], indent=2))
-    elif args.csv:
-        import csv
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["source", "label", "confidence", *classifier.classes])
-        for p in predictions:
-            writer.writerow([p.source, p.label, f"{p.confidence:.6f}",
-                             *(f"{p.probabilities[c]:.6f}" for c in classifier.classes)])
-    else:
-        width = max(len(p.source) for p in predictions)
-        print(f"{'image':<{width}}  {'prediction':<12} " + " ".join(f"{c[:10]:>10}" for c in classifier.classes))
-        for p in predictions:
-            print(f"{p.source:<{width}}  {p.label:<12} "
-                  + " ".join(f"{p.probabilities[c]:>10.4f}" for c in classifier.classes))
+    classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
+                                         tta=args.tta)
+    paths = expand_inputs(args.paths)
+    writer = PredictionWriter(sys.stdout, classifier.classes, "json" if args.json else "csv" if args.csv else "table",
+                              width=max(len(str(p)) for p in paths))
+    skipped = stream_predictions(classifier, paths, writer, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    if skipped:
+        print(one_line(f"skipped {len(skipped)} unreadable file(s): "
+                       + "; ".join(f"{path} ({reason})" for path, reason in skipped)), file=sys.stderr)
     return 0
 
 
@@ -250,8 +264,9 @@ def build_parser() -> Parser:
                    help="also report on the subset with no exact/near duplicate in TRAIN_DIR")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
+    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=64)
+    p.add_argument("--workers", type=bounded(int, 0, 256), default=0,
+                   help="DataLoader processes decoding images (default 0)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders")
@@ -263,7 +278,9 @@ def build_parser() -> Parser:
     fmt.add_argument("--csv", action="store_true", help="CSV output")
     p.add_argument("--backend", default="torch", help="torch (default) or onnx")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=32)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable files (listed on stderr at the end) instead of stopping at the first")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays for images")
@@ -288,23 +305,23 @@ def build_parser() -> Parser:
     p.add_argument("--against", metavar="OTHER_DATA", help="a second folder (e.g. the test set) to check for leaks")
     p.add_argument("--out", default="audit", help="report folder (default ./audit)")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when OTHER_DATA duplicates DATA")
-    p.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=bounded(int, 0, 64), default=DEFAULT_THRESHOLD,
                    help=f"near duplicates: at most this many of the 256 perceptual-hash bits differ "
                         f"(default {DEFAULT_THRESHOLD}; 0: identical hashes only)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("make-phantoms", help="write a synthetic phantom data set (PNG folders)")
     p.add_argument("out")
-    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--per-class", type=bounded(int, 1, 100_000), default=100)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_make_phantoms)
 
     p = sub.add_parser("demo", help="phantom data → train a small model on the CPU → report")
     p.add_argument("--out", default="demo-run", help="demo folder (default ./demo-run)")
-    p.add_argument("--per-class", type=int, default=None, help="training phantoms per class")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=bounded(int, 2, 100_000), default=None, help="training phantoms per class")
+    p.add_argument("--epochs", type=bounded(int, 1, 100_000), default=None)
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="web page and JSON API for predictions")
@@ -312,25 +329,32 @@ def build_parser() -> Parser:
                    help=CHECKPOINT_HELP + " (default: reference)")
     _tta_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-file-mb", type=int, default=20)
-    p.add_argument("--max-files", type=int, default=16)
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000)
+    p.add_argument("--max-file-mb", type=bounded(int, 1, 1024), default=20)
+    p.add_argument("--max-files", type=bounded(int, 1, 1024), default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--backend", default="torch", help="torch (default; needed for Grad-CAM) or onnx")
     p.set_defaults(func=cmd_serve)
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(one_line(f"warning: {message}"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, 130 when interrupted)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(one_line(f"error: {err}"), file=sys.stderr)
         return err.exit_code
     except OSError as err:  # an output folder that cannot be written, a full disk, ...: the user's to fix
-        print(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        print(one_line(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else "")),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

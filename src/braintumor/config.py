@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ OPTIMIZERS = ("ranger", "radam", "adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
 DATA_CACHES = ("auto", "none", "memory", "gpu")
 GC_MODES = ("all", "conv", "none")
+MAX_IMAGE_SIZE = 1024  # ResNet-152 at 1024 px already needs tens of GB per batch of 32
 
 
 @dataclass
@@ -70,11 +72,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise UserError for any option outside its range; returns self."""
+        _check_types(self)
         checks = [
             (bool(self.data), "no training data folder given"),
             (self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
             (0.0 < self.val_split < 1.0, f"--val-split must be between 0 and 1, got {self.val_split}"),
             (self.image_size >= 32, f"--image-size must be at least 32, got {self.image_size}"),
+            (self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}"),
             (0.0 <= self.rotation <= 180.0, f"--rotation must be in [0, 180] degrees, got {self.rotation}"),
             (0.0 <= self.scale < 1.0, f"--scale must be in [0, 1), got {self.scale}"),
             (0.0 <= self.translate <= 0.5, f"--translate must be in [0, 0.5], got {self.translate}"),
@@ -89,17 +93,29 @@ class TrainConfig:
              f"--eval-image-size must be 0 (same as --image-size) or at least 32, got {self.eval_image_size}"),
             (0.0 <= self.ema < 1.0, f"--ema must be a decay in [0, 1) (0: off), got {self.ema}"),
             (0.0 <= self.distill_weight <= 1.0, f"--distill-weight must be in [0, 1], got {self.distill_weight}"),
-            (self.distill_temperature > 0, f"--distill-temperature must be positive, got {self.distill_temperature}"),
+            (math.isfinite(self.distill_temperature) and self.distill_temperature > 0,
+             f"--distill-temperature must be positive and finite, got {self.distill_temperature}"),
+            (self.eval_image_size <= MAX_IMAGE_SIZE,
+             f"--eval-image-size must be at most {MAX_IMAGE_SIZE}, got {self.eval_image_size}"),
+            (self.split_seed is None or 0 <= self.split_seed < 2**32,
+             f"--split-seed must be between 0 and 2**32 - 1, got {self.split_seed}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.epochs <= 100_000, f"--epochs must be at most 100000, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.batch_size <= 65_536, f"--batch-size must be at most 65536, got {self.batch_size}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive and finite, got {self.lr}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
+            (self.lookahead_k >= 1, f"--lookahead-k must be at least 1, got {self.lookahead_k}"),
+            (0.0 < self.lookahead_alpha <= 1.0, f"--lookahead-alpha must be in (0, 1], got {self.lookahead_alpha}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.gc in GC_MODES, f"--gc must be one of {', '.join(GC_MODES)}"),
             (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.warmup_epochs <= self.epochs,
+             f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), got {self.warmup_epochs}"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (0 <= self.workers <= 256, f"--workers must be between 0 and 256, got {self.workers}"),
+            (0 <= self.seed < 2**32, f"--seed must be between 0 and 2**32 - 1, got {self.seed}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.data_cache in DATA_CACHES, f"--data-cache must be one of {', '.join(DATA_CACHES)}"),
@@ -131,6 +147,46 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_types(cfg: "TrainConfig") -> None:
+    """Each option holds its field's type (YAML and the Python API can hand over anything)."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        ok = {"int": type(value) is int, "float": type(value) in (int, float), "bool": type(value) is bool,
+              "str": isinstance(value, str), "str | None": value is None or isinstance(value, str),
+          "int | None": value is None or type(value) is int}.get(kind, True)
+        if not ok:
+            raise UserError(f"option {f.name} must be {_KIND_WORDS.get(kind, kind)}, got {value!r}")
+
+
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+               "str | None": "text", "int | None": "a whole number"}
+
+
+def coerce_option(key: str, value: Any, source: str) -> Any:
+    """A YAML value as its field's type: '1e-5' (PyYAML reads it as text) becomes 1e-05, 64.0 becomes 64.
+
+    Anything that is not cleanly that type (1.5 for an integer, 'maybe' for a switch) is a UserError naming the
+    key and ``source``.
+    """
+    kind = str({f.name: f.type for f in dataclasses.fields(TrainConfig)}.get(key, ""))
+    words = _KIND_WORDS.get(kind, kind)
+    if kind in ("int", "float", "int | None") and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise UserError(f"{key} in {source} must be {words}, got {value!r}") from None
+    if kind in ("int", "int | None") and isinstance(value, float) and value.is_integer() and math.isfinite(value):
+        value = int(value)
+    if kind in ("str", "str | None") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise UserError(f"{key} in {source} must be {words}, got {value!r}")
+    ok = {"int": type(value) is int, "float": type(value) in (int, float), "bool": type(value) is bool,
+          "str": isinstance(value, str), "str | None": value is None or isinstance(value, str),
+          "int | None": value is None or type(value) is int}.get(kind, True)
+    if not ok:
+        raise UserError(f"{key} in {source} must be {words}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
 def field_names() -> set[str]:
     """Names of every option, as written in YAML files (underscores)."""
     return {f.name for f in dataclasses.fields(TrainConfig)}
@@ -150,7 +206,7 @@ def _read_yaml_options(path: Path, allowed_extra: tuple[str, ...] = ()) -> dict[
     unknown = sorted(set(values) - field_names() - set(allowed_extra))
     if unknown:
         raise UserError(f"unknown option(s) in {path}: {', '.join(unknown)}")
-    return values
+    return {key: coerce_option(key, value, str(path)) for key, value in values.items()}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -58,6 +58,42 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _full_suffix(path: Path) -> str:
+    """'.nii.gz' for a gzipped NIfTI, else the last extension (lower case)."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def unsupported_files(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Files in a data folder that are not read (e.g. .gif, .nii, .nii.gz): reported, never silently skipped."""
+    root = Path(root)
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not _is_hidden(d)] if recursive else []
+        found += [Path(directory) / name for name in files
+                  if not _is_hidden(name) and os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def unsupported_files_warning(root: str | os.PathLike, files: list[Path]) -> str:
+    """One line naming how many files are not read and the first few of them."""
+    shown = ", ".join(f"'{p.relative_to(root)}'" for p in files[:5]) + (", ..." if len(files) > 5 else "")
+    return (f"warning: {len(files)} file(s) in {root} are not images this tool reads and are left out: {shown} "
+            f"(supported: {_extensions_hint()})")
+
+
+def report_unsupported(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """Warn (one line on stderr) about files of other types in a data folder; returns (path, reason) for reports."""
+    import sys
+
+    from braintumor.images import unsupported_type_reason
+
+    files = unsupported_files(root) if Path(root).is_dir() else []
+    if files:
+        print(unsupported_files_warning(root, files), file=sys.stderr)
+    return [(str(p), unsupported_type_reason(_full_suffix(p))) for p in files]
+
+
 def discover(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageFolderIndex:
     """Index a folder with one sub-folder per class.
 

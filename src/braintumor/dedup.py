@@ -35,6 +35,7 @@ HASH_BITS = HASH_SIDE * HASH_SIDE
 # slices of one series start at about 22; 64-bit pHash could not separate the two at any threshold.
 DEFAULT_THRESHOLD = 16
 BOX_MASS_TAIL = 0.005  # foreground mass left outside the content box on each side
+CACHE_LOCK_WAIT_SECONDS = 10.0  # then hash without the cache rather than wait on another process
 HASH_VERSION = "v1"  # bump when a record's content changes so stale cache entries are ignored
 
 
@@ -109,7 +110,7 @@ def _open_cache(cache_dir) -> tuple[sqlite3.Connection, Path]:
     schema = "CREATE TABLE IF NOT EXISTS records (path TEXT PRIMARY KEY, size INT, mtime_ns INT, record TEXT)"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=60)
+        db = sqlite3.connect(path, timeout=CACHE_LOCK_WAIT_SECONDS)
         db.execute(schema)
     except (OSError, sqlite3.Error) as error:
         # A read-only home must not stop an audit: hash everything, keep nothing.
@@ -119,27 +120,41 @@ def _open_cache(cache_dir) -> tuple[sqlite3.Connection, Path]:
     return db, path
 
 
+def _memory_cache(path: Path, error: Exception) -> sqlite3.Connection:
+    """Fall back to no cache when the on-disk one fails mid-run (e.g. locked by another process)."""
+    warnings.warn(f"hash cache {path} unavailable ({error}; waited {CACHE_LOCK_WAIT_SECONDS} s); "
+                  "continuing without a cache", stacklevel=3)
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE IF NOT EXISTS records (path TEXT PRIMARY KEY, size INT, mtime_ns INT, record TEXT)")
+    return db
+
+
 def hash_files(paths, *, cache_dir=None, progress: bool = False) -> tuple[list[dict], dict]:
     """Per-file records (``exact``, ``phash``, size, mode, or ``error``) in input order, and cache stats.
 
     Records are cached by (absolute path, size, mtime_ns); missing ones are computed in threads (PIL
     decodes and resizes without the GIL, and threads need no pickling).
     """
-    keys = {}
+    keys, records = {}, {}
     for path in paths:
+        name = os.path.abspath(path)
         try:
             stat = os.stat(path)
-        except OSError as error:
-            raise UserError(f"cannot read {path}: {error.strerror}") from None
-        keys[os.path.abspath(path)] = (stat.st_size, stat.st_mtime_ns)
+        except OSError as error:  # a dangling or self-referential link: listed as unreadable, not fatal
+            records[name] = {"error": f"cannot access file ({error.strerror})"}
+            continue
+        keys[name] = (stat.st_size, stat.st_mtime_ns)
     db, cache_path = _open_cache(cache_dir)
-    records = {}
     try:
         names = list(keys)
-        for start in range(0, len(names), 500):
-            chunk = names[start:start + 500]
-            rows = db.execute(f"SELECT * FROM records WHERE path IN ({','.join('?' * len(chunk))})", chunk)
-            records.update({p: json.loads(r) for p, size, mtime, r in rows if keys[p] == (size, mtime)})
+        try:
+            for start in range(0, len(names), 500):
+                chunk = names[start:start + 500]
+                rows = db.execute(f"SELECT * FROM records WHERE path IN ({','.join('?' * len(chunk))})", chunk)
+                records.update({p: json.loads(r) for p, size, mtime, r in rows if keys[p] == (size, mtime)})
+        except sqlite3.Error as error:  # e.g. locked by another audit for longer than we wait
+            db.close()
+            db = _memory_cache(cache_path, error)
         missing = [name for name in names if name not in records]
         with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
             results = pool.map(_compute_record, missing)
@@ -149,11 +164,18 @@ def hash_files(paths, *, cache_dir=None, progress: bool = False) -> tuple[list[d
                 results = tqdm(results, total=len(missing), desc="hashing", unit="img")
             for done, (name, record) in enumerate(zip(missing, results), 1):
                 records[name] = record
-                db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
-                           (name, *keys[name], json.dumps(record)))
-                if done % 1000 == 0:  # an interrupted run keeps what it hashed
-                    db.commit()
-        db.commit()
+                try:
+                    db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
+                               (name, *keys[name], json.dumps(record)))
+                    if done % 1000 == 0:  # an interrupted run keeps what it hashed
+                        db.commit()
+                except sqlite3.Error as error:
+                    db.close()
+                    db = _memory_cache(cache_path, error)
+        try:
+            db.commit()
+        except sqlite3.Error as error:
+            _memory_cache(cache_path, error).close()
     finally:
         db.close()
     stats = {"hits": len(keys) - len(missing), "computed": len(missing), "path": str(cache_path)}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ImageFolderDataset, discover
+from .data import ImageFolderDataset, discover, report_unsupported
 from .loaders import drop_bad_files
 from .metrics import compute_metrics
 from .predict import Classifier
@@ -62,6 +62,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta)
     index = discover(data_dir, classes=classifier.classes)
     paths, labels, skipped = drop_bad_files(index.paths, index.labels, str(data_dir), skip_bad, progress=False)
+    skipped += report_unsupported(data_dir)
     extra: dict[str, Any] = {"data": str(data_dir), "test-time augmentation": "mirror" if classifier.tta else "off"}
     if skipped:
         extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in skipped]

@@ -209,7 +209,7 @@ def _load_for_export(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Modul
 
     source = _checkpoint_file(checkpoint_path)
     ckpt = load_checkpoint(source)
-    model = model_from_checkpoint(ckpt).float().cpu().eval()
+    model = model_from_checkpoint(ckpt, source).float().cpu().eval()
     meta = {
         "classes": [str(name) for name in ckpt["classes"]],
         "image_size": int(ckpt["image_size"]),

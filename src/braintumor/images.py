@@ -15,6 +15,16 @@ Conversion rules:
 
 Truncated files are detected by decoding fully (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed), and
 images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused as too large.
+
+Memory is bounded per image: an image whose decoded pixels (width x height x bytes per pixel of the file's own
+mode, before any conversion) exceed :data:`MAX_DECODED_BYTES` is refused before decoding; high bit depths are
+scaled to 8 bit in row chunks (never the whole image in float64); images longer than :data:`MAX_DECODED_SIDE`
+on a side are shrunk by an integer box filter right after decoding (JPEG: during decoding, by DCT scaling), so
+no conversion ever holds a full-size float or RGB copy. Classification resizes far below that size anyway.
+
+Which files are read is decided the same way for paths and for named bytes (an upload with its file name):
+the DICOM magic first, then the extension (``.dcm`` without preamble is still read as DICOM), then the
+content must be one of :data:`PIL_FORMATS` (a GIF renamed ``.png`` is refused as it is under its own name).
 """
 
 from __future__ import annotations
@@ -33,6 +43,14 @@ from PIL import Image, UnidentifiedImageError
 from braintumor.errors import UserError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm"})
+# What PIL may decode (by content, whatever the extension says); MPO is a multi-picture JPEG from cameras.
+PIL_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF"})
+MAX_DECODED_BYTES = 256 * 2**20  # per image, in the file's own mode: a 9000x9000 16-bit slice is 155 MiB
+MAX_DECODED_SIDE = 4096  # longer images are box-shrunk by an integer factor right after decoding
+_ROW_CHUNK_PIXELS = 1 << 18  # high-bit-depth conversion works on about this many pixels at a time
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2,
+                    "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4,
+                    "CMYK": 4, "I": 4, "F": 4}
 
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
@@ -57,7 +75,8 @@ def read_image(
     """Decode ``source`` (path, encoded bytes or PIL image) fully into a new mode-"RGB" PIL image.
 
     ``name`` labels the source in error messages (e.g. an uploaded file's name); by default the path, or
-    "<image bytes>" / "<PIL image>".
+    "<image bytes>" / "<PIL image>". Bytes with a ``name`` that has an extension are read by exactly the rules
+    of a file of that name (so the server reads what the command line reads); unnamed bytes by content alone.
     Raises ImageReadError (a UserError) for missing, empty, unsupported, corrupt, truncated or too large inputs.
     """
     if isinstance(source, Image.Image):
@@ -68,6 +87,9 @@ def read_image(
         label = name or "<image bytes>"
         if not data:
             raise ImageReadError(label, "empty file (0 bytes)")
+        suffix = _suffix(name) if name else ""
+        if suffix:
+            return _read_by_rules(io.BytesIO(data), data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)], suffix, label)
         if _has_dicom_magic(data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)]):
             return _read_dicom(io.BytesIO(data), label, force=False)
         return _read_pil(io.BytesIO(data), label)
@@ -124,18 +146,30 @@ def _read_path(path: Path, label: str) -> Image.Image:
             header = handle.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
     except OSError as error:
         raise ImageReadError(label, f"cannot open file ({_one_line(error.strerror or error)})") from None
-    suffix = path.suffix.lower()
+    return _read_by_rules(path, header, path.suffix.lower(), label)
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name.replace("\\", "/").rsplit("/", 1)[-1])[1].lower()
+
+
+def _read_by_rules(file: Path | io.BytesIO, header: bytes, suffix: str, label: str) -> Image.Image:
+    """The one rule for files and named uploads: DICOM magic, then the extension, then PIL by content."""
     # DICOM exports often carry no extension (IM000001) or a wrong one, so the magic decides first.
     if _has_dicom_magic(header):
-        return _read_dicom(path, label, force=False)
+        return _read_dicom(file, label, force=False)
     if suffix == ".dcm":
         # DICOM without the 128-byte preamble is still valid on some scanners' exports.
-        return _read_dicom(path, label, force=True)
+        return _read_dicom(file, label, force=True)
     if suffix not in IMAGE_EXTENSIONS:
-        shown = f"'{suffix}'" if suffix else "(no extension)"
-        supported = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ImageReadError(label, f"unsupported file type {shown}; supported: {supported}")
-    return _read_pil(path, label)
+        raise ImageReadError(label, unsupported_type_reason(suffix))
+    return _read_pil(file, label)
+
+
+def unsupported_type_reason(suffix: str) -> str:
+    """The reason given for a file whose extension is not read (e.g. '.gif', '.nii')."""
+    shown = f"'{suffix}'" if suffix else "(no extension)"
+    return f"unsupported file type {shown}; supported: {', '.join(sorted(IMAGE_EXTENSIONS))}"
 
 
 def _has_dicom_magic(header: bytes) -> bool:
@@ -159,6 +193,54 @@ def _check_pixel_limit(width: int, height: int, label: str) -> None:
         raise ImageReadError(label, _too_large_reason(f"{width}x{height} pixels"))
 
 
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Bytes of an image's decoded pixels in its own mode (what the decoder must hold at once)."""
+    return int(width) * int(height) * _BYTES_PER_PIXEL.get(mode, 4)
+
+
+def _check_byte_budget(width: int, height: int, mode: str, label: str) -> None:
+    needed = decoded_bytes(width, height, mode)
+    if needed > MAX_DECODED_BYTES:
+        raise ImageReadError(label, f"too large: {width}x{height} pixels of mode {mode} decode to "
+                                    f"{needed / 2**20:.0f} MiB, over the limit of {MAX_DECODED_BYTES // 2**20} MiB "
+                                    "per image (braintumor.images.MAX_DECODED_BYTES)")
+
+
+def _shrink_factor(width: int, height: int) -> int:
+    return max(1, -(-max(width, height) // MAX_DECODED_SIDE))
+
+
+def estimate_decode_bytes(data: bytes, name: str | None = None) -> int:
+    """Rough peak memory of decoding ``data`` (header only; nothing is decoded); 0 when the header is unreadable.
+
+    The server weighs its in-flight decode budget with this before decoding.
+    """
+    try:
+        head = data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)]
+        if _has_dicom_magic(head) or (name and _suffix(name) == ".dcm"):
+            import pydicom
+
+            inflated = _deflated_size(io.BytesIO(data), MAX_DECODED_BYTES * 2 + (1 << 20))
+            if inflated is not None:  # pydicom would inflate everything just to read the header
+                return 3 * inflated
+
+            dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+            samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("BitsAllocated", 8))
+            native = rows * columns * samples * max(1, -(-bits // 8))
+            return 2 * native + rows * columns * 4
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height, mode = image.width, image.height, image.mode
+    except Exception:  # noqa: BLE001 - unreadable headers are refused by read_image itself, cheaply
+        return 0
+    # The decoded image, one working copy of high bit depths, and the 8-bit result before shrinking.
+    native = decoded_bytes(width, height, mode)
+    extra = native if mode in _HIGH_BIT_DEPTH_GRAY_MODES else 0
+    return native + extra + width * height * 3 // _shrink_factor(width, height) ** 2 + width * height
+
+
 # --- PIL formats ---------------------------------------------------------------------------------------------
 
 
@@ -179,7 +261,15 @@ def _read_pil(file: Path | io.BytesIO, label: str) -> Image.Image:
     except Exception as error:  # noqa: BLE001 - corrupt headers surface as many exception types
         raise ImageReadError(label, f"corrupt image header ({_one_line(error)})") from None
     with image:
+        if image.format not in PIL_FORMATS:
+            raise ImageReadError(label, f"unsupported image format {image.format or 'unknown'}; supported: "
+                                        "JPEG, PNG, BMP, TIFF and DICOM")
         _check_pixel_limit(image.width, image.height, label)
+        factor = _shrink_factor(image.width, image.height)
+        if factor > 1 and image.format in ("JPEG", "MPO"):
+            # DCT scaling: the decoder itself produces a 1/2, 1/4 or 1/8 size image, never the full one.
+            image.draft(image.mode, (-(-image.width // factor), -(-image.height // factor)))
+        _check_byte_budget(image.width, image.height, image.mode, label)
         image = _load_pil(image, label)
         return _pil_to_rgb(image, label)
 
@@ -200,7 +290,11 @@ def _pil_to_rgb(image: Image.Image, label: str) -> Image.Image:
     """Convert a loaded PIL image of any supported mode to a new RGB image."""
     mode = image.mode
     if mode in _HIGH_BIT_DEPTH_GRAY_MODES:
-        return _gray_array_to_rgb(np.asarray(image))
+        values = np.asarray(image)
+        image.close()  # frees the decoder's copy: only the array and the 8-bit result live at once
+        return _gray_array_to_rgb(values)
+    image = _shrink(image)
+    mode = image.mode
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"
@@ -217,25 +311,63 @@ def _pil_to_rgb(image: Image.Image, label: str) -> Image.Image:
         raise ImageReadError(label, f"unsupported colour mode {mode} ({_one_line(error)})") from None
 
 
-def _minmax_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale finite values linearly so min -> 0 and max -> 255; constant or empty input gives zeros."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
+def _shrink(image: Image.Image) -> Image.Image:
+    """Box-shrink an image longer than MAX_DECODED_SIDE by an integer factor (before any colour conversion)."""
+    factor = _shrink_factor(image.width, image.height)
+    if factor == 1:
+        return image
+    if image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F"):
+        image = image.convert("RGBA" if image.mode in ("P", "PA") else "RGB")
+    return image.reduce(factor)
+
+
+def _row_chunks(values: np.ndarray):
+    """Slices of leading rows covering about _ROW_CHUNK_PIXELS pixels each (bounded temporaries)."""
+    flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(-1, 1)
+    step = max(1, _ROW_CHUNK_PIXELS // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        yield slice(start, start + step)
+
+
+def _finite_range(values: np.ndarray, transform=None) -> tuple[float, float] | None:
+    """(min, max) of the finite values of ``transform(values)``, computed chunk by chunk; None if none."""
+    low, high = np.inf, -np.inf
+    for rows in _row_chunks(values):
+        chunk = values[rows] if transform is None else transform(values[rows])
+        if chunk.dtype.kind in "iub":
+            if chunk.size:
+                low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+            continue
+        finite = chunk[np.isfinite(chunk)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return None if low > high else (low, high)
+
+
+def _minmax_to_uint8(values: np.ndarray, transform=None) -> np.ndarray:
+    """Scale finite values linearly so min -> 0 and max -> 255; constant or empty input gives zeros.
+
+    Works in row chunks (float64 within a chunk, so results do not depend on the chunking), with an optional
+    per-chunk ``transform`` (e.g. a DICOM modality LUT) applied first.
+    """
+    values = np.asarray(values)
     out = np.zeros(values.shape, dtype=np.uint8)
-    if not finite.any():
+    span = _finite_range(values, transform)
+    if span is None or span[1] <= span[0]:
         return out
-    low = values[finite].min()
-    high = values[finite].max()
-    if high <= low:
-        return out
-    scaled = (values[finite] - low) / (high - low) * 255.0
-    out[finite] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    low, high = span
+    for rows in _row_chunks(values):
+        chunk = np.asarray(values[rows] if transform is None else transform(values[rows]), dtype=np.float64)
+        finite = np.isfinite(chunk)
+        scaled = (np.where(finite, chunk, low) - low) / (high - low) * 255.0
+        out[rows] = np.where(finite, np.clip(np.rint(scaled), 0, 255), 0).astype(np.uint8)
     return out
 
 
 def _gray_array_to_rgb(values: np.ndarray) -> Image.Image:
     gray = values if values.dtype == np.uint8 else _minmax_to_uint8(values)
-    return Image.fromarray(np.ascontiguousarray(gray), mode="L").convert("RGB")
+    del values
+    return _shrink(Image.fromarray(np.ascontiguousarray(gray), mode="L")).convert("RGB")
 
 
 # --- DICOM ---------------------------------------------------------------------------------------------------
@@ -245,6 +377,7 @@ def _read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Im
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _check_deflated_size(file, label)
     try:
         dataset = pydicom.dcmread(file, force=force)
     except InvalidDicomError:
@@ -263,6 +396,10 @@ def _read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Im
         )
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     _check_pixel_limit(columns, rows, label)
+    samples_per_pixel = int(dataset.get("SamplesPerPixel", 1) or 1)
+    bytes_per_sample = max(1, -(-int(dataset.get("BitsAllocated", 8) or 8) // 8))
+    _check_byte_budget(columns, rows, {1: "L", 2: "I;16", 4: "I"}.get(bytes_per_sample * samples_per_pixel, "RGB")
+                       if samples_per_pixel == 1 else ("RGB" if bytes_per_sample == 1 else "RGBA"), label)
     file_meta = getattr(dataset, "file_meta", None)
     if force and file_meta is not None and "TransferSyntaxUID" not in file_meta:
         # Preamble-less files read with force=True have no meta header; their encoding is what pydicom guessed.
@@ -294,7 +431,55 @@ def _read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Im
         raise
     except ValueError as error:
         raise ImageReadError(label, f"cannot convert DICOM pixel data ({_one_line(error)})") from None
-    return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+    return _shrink(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB"))
+
+
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+def _deflated_size(file: Path | io.BytesIO, limit: int) -> int | None:
+    """Bytes a deflated DICOM's data set inflates to (counted up to just past ``limit``, in O(1 MiB) memory);
+    None when the file is not a deflated DICOM or its meta group cannot be read."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    handle = file.open("rb") if isinstance(file, Path) else file
+    try:
+        if _DEFLATED_UID not in handle.read(4096):
+            return None
+        handle.seek(0)
+        try:
+            read_preamble(handle, True)
+            meta = _read_file_meta_info(handle)
+        except Exception:  # noqa: BLE001 - a broken meta group: pydicom's own reading gives the reason
+            return None
+        if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED_UID.decode():
+            return None
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while total <= limit and not inflater.eof:
+            piece = inflater.unconsumed_tail or handle.read(1 << 16)
+            if not piece:
+                break
+            try:
+                total += len(inflater.decompress(piece, 1 << 20))
+            except zlib.error:
+                return None  # corrupt: pydicom reports it
+        return total
+    finally:
+        if isinstance(file, Path):
+            handle.close()
+        else:
+            file.seek(0)
+
+
+def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
+    """Refuse a deflated DICOM whose data would inflate past the budget, before pydicom inflates all of it."""
+    limit = MAX_DECODED_BYTES * 2 + (1 << 20)  # the pixels plus the other elements, with room to spare
+    total = _deflated_size(file, limit)
+    if total is not None and total > limit:
+        raise ImageReadError(label, f"too large: the deflated DICOM data inflate to more than "
+                                    f"{limit // 2**20} MiB (limit: {MAX_DECODED_BYTES // 2**20} MiB per image)")
 
 
 def _modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
@@ -345,21 +530,27 @@ def _window_to_uint8(values: np.ndarray, center: float, width: float, function: 
 
 
 def _gray_array_to_rgb_dicom(pixels: np.ndarray, dataset, photometric: str) -> Image.Image:
-    values = _modality_lut(pixels, dataset)
+    # The modality LUT and the window run on row chunks: never a full-size float64 copy of a large slice.
+    def modality(chunk: np.ndarray) -> np.ndarray:
+        return _modality_lut(chunk, dataset)
+
     gray = None
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
         center = _first_value(dataset.WindowCenter)
         width = _first_value(dataset.WindowWidth)
         function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR")
         try:
-            gray = _window_to_uint8(values, center, width, function)
+            gray = np.empty(pixels.shape, dtype=np.uint8)
+            for rows in _row_chunks(pixels):
+                gray[rows] = _window_to_uint8(modality(pixels[rows]), center, width, function)
         except ValueError:
             gray = None  # an invalid window in the file: fall back to min–max rather than refuse the slice
     if gray is None:
-        gray = _minmax_to_uint8(values)
+        gray = _minmax_to_uint8(pixels, modality)
+    del pixels
     if photometric == "MONOCHROME1":
-        gray = 255 - gray  # MONOCHROME1: low values are bright
-    return Image.fromarray(np.ascontiguousarray(gray), mode="L").convert("RGB")
+        np.subtract(255, gray, out=gray)  # MONOCHROME1: low values are bright
+    return _shrink(Image.fromarray(np.ascontiguousarray(gray), mode="L")).convert("RGB")
 
 
 def _dicom_color_to_uint8(pixels: np.ndarray, dataset, photometric: str) -> np.ndarray:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .augment import Augmentation
 from .config import TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, discover, eval_transform, stratified_split, train_transform
+from .data import report_unsupported
 from .decode import decode_to_tensor
 from .distributed import DistInfo, broadcast_object
 from .errors import UserError
@@ -55,10 +56,12 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
     """Discover the data, check every file, and split (grouping duplicates) unless --val is given."""
     index = discover(cfg.data)
     paths, labels, skipped = drop_bad_files(index.paths, index.labels, cfg.data, cfg.skip_bad, progress)
+    skipped += report_unsupported(cfg.data)
     if cfg.val:
         val_index = discover(cfg.val, classes=index.classes)
         val_paths, val_labels, val_skipped = drop_bad_files(val_index.paths, val_index.labels, cfg.val,
                                                             cfg.skip_bad, progress)
+        val_skipped += report_unsupported(cfg.val)
         return SplitData(index.classes, paths, labels, val_paths, val_labels, f"folder {cfg.val}",
                          skipped + val_skipped)
     groups = None

@@ -151,7 +151,7 @@ class Classifier:
                        onnx_session=session, source_path=str(path),
                        tta=meta.get("tta", False) if tta is None else tta)
         ckpt = load_checkpoint(path)
-        return cls(model_from_checkpoint(ckpt), classes=ckpt["classes"], image_size=ckpt["image_size"],
+        return cls(model_from_checkpoint(ckpt, path), classes=ckpt["classes"], image_size=ckpt["image_size"],
                    mean=ckpt["mean"], std=ckpt["std"], arch=ckpt["arch"], device=device,
                    fingerprint=file_fingerprint(path), source_path=str(path),
                    tta=bool(ckpt.get("tta", False)) if tta is None else tta)

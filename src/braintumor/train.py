@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, runstate
 from .atomic import atomic_write
 from .checkpoint import load_checkpoint, publish_copy, save_checkpoint
 from .config import TrainConfig, field_names, write_config
@@ -124,17 +124,25 @@ class Trainer:
         self.ema = ModelEma(self.model, cfg.ema) if cfg.ema > 0 else None
         self.teacher = Teacher(cfg.teacher, self.classes, self.device) if cfg.teacher else None
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        self.start_epoch, self.best_val_accuracy = 0, -1.0
+        self.start_epoch, self.best_val_accuracy, self.best_epoch = 0, -1.0, 0
+        self.saved_history: list[dict[str, Any]] | None = None
         if resume_from is not None:
-            self.model.load_state_dict(resume_from["model"])
-            self.optimizer.load_state_dict(resume_from["optimizer"])
-            self.scheduler.load_state_dict(resume_from["scheduler"])
+            try:
+                self.model.load_state_dict(resume_from["model"])
+                self.optimizer.load_state_dict(resume_from["optimizer"])
+                self.scheduler.load_state_dict(resume_from["scheduler"])
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise UserError(f"{run_dir / 'last.pt'} does not fit a {cfg.arch} run with the {cfg.optimizer} "
+                                f"optimizer ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})"
+                                ) from None
             if self.ema is not None:
                 if "ema" not in resume_from:
                     raise UserError("--ema cannot be switched on when resuming a run that trained without it")
                 self.ema.load_state_dict(resume_from["ema"])
             self.start_epoch = int(resume_from["epoch"])
             self.best_val_accuracy = float(resume_from["best_val_accuracy"])
+            self.best_epoch = int(resume_from.get("best_epoch", 0))
+            self.saved_history = resume_from.get("history")
         self.net: nn.Module = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -157,6 +165,8 @@ class Trainer:
         self.net.train()
         self.train_batches.set_epoch(epoch)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)  # first non-finite loss
+        check_each_step = self.device.type == "cpu" and not self.dist.enabled  # free on the CPU: stop at once
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not self.show_progress, unit="batch")
         for step, (images, labels) in enumerate(self.train_batches):
@@ -172,6 +182,11 @@ class Trainer:
                                              label_smoothing=self.cfg.label_smoothing)
                 else:
                     loss = self.criterion(logits.float(), labels)
+            finite = torch.isfinite(loss.detach())
+            if check_each_step and not bool(finite):
+                raise self.diverged(epoch, step)
+            # On a GPU (or with several ranks) no per-step sync: the first bad step is recorded on the device.
+            first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -188,6 +203,8 @@ class Trainer:
         if self.ema is not None:  # the averaged BatchNorm statistics, not this rank's last ones
             self.ema.copy_buffers(self.model)
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
+        if not math.isfinite(loss_sum):  # reduced over all ranks: every rank stops together
+            raise self.diverged(epoch, int(first_bad_step.item()))
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
                 "train_images": int(count)}
 
@@ -195,6 +212,15 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         """The weights that are validated and saved for inference: the EMA when --ema is on."""
         return self.ema.module if self.ema is not None else self.model
+
+    def diverged(self, epoch: int, step: int) -> UserError:
+        """The one-line error for a non-finite loss: where it happened and which checkpoint is still good."""
+        where = f"epoch {epoch + 1}, step {step + 1}" if step >= 0 else f"epoch {epoch + 1} (on another process)"
+        last = self.run_dir / "last.pt"
+        kept = (f"the last good checkpoint, {last} (epoch {epoch}), is unchanged" if epoch > 0 and last.is_file()
+                else "no checkpoint had been written yet")
+        return UserError(f"training diverged: the loss became non-finite at {where}; stopped, and {kept}. "
+                         "Try a lower --lr or a warm-up (--warmup-epochs)")
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -217,13 +243,14 @@ class Trainer:
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
         return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
-    def checkpoint_payload(self, epoch: int) -> dict[str, Any]:
+    def checkpoint_payload(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
                    "classes": self.classes, "image_size": self.cfg.inference_image_size,
                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": self.cfg.arch,
                    "tta": bool(self.cfg.tta), "config": self.cfg.to_dict(),
-                   "best_val_accuracy": self.best_val_accuracy}
+                   "best_val_accuracy": self.best_val_accuracy, "best_epoch": self.best_epoch,
+                   "history": [dict(row) for row in history]}
         if self.ema is not None:  # inference (model_from_checkpoint) uses these weights
             payload["ema"] = self.ema.state_dict()
         return payload
@@ -231,7 +258,14 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train the remaining epochs, checkpointing each; then evaluate best.pt on the validation set."""
         log_path = self.run_dir / "metrics.jsonl"
-        history = read_metrics(log_path, up_to_epoch=self.start_epoch) if self.dist.is_main else []
+        history: list[dict[str, Any]] = []
+        if self.dist.is_main:
+            # The checkpoint's own copy of the metrics is the truth (a kill may have come before or after the
+            # metrics file was written); older checkpoints without one fall back to the file.
+            history = ([row for row in self.saved_history if row["epoch"] <= self.start_epoch]
+                       if self.saved_history is not None else read_metrics(log_path, up_to_epoch=self.start_epoch))
+            if self.start_epoch:
+                write_metrics(log_path, history)
         if self.dist.is_main and self.start_epoch == 0:
             print(f"training {self.cfg.arch} on {len(self.split.train_paths)} images, validating on "
                   f"{len(self.split.val_paths)} ({self.split.val_source}); classes: {', '.join(self.classes)}; "
@@ -257,19 +291,22 @@ class Trainer:
             row["elapsed_seconds"] = elapsed_before + time.perf_counter() - fit_start
             improved = row["val_accuracy"] > self.best_val_accuracy
             if improved:
-                self.best_val_accuracy = row["val_accuracy"]
+                self.best_val_accuracy, self.best_epoch = row["val_accuracy"], epoch + 1
             if self.dist.is_main:
-                payload = self.checkpoint_payload(epoch + 1)
-                save_checkpoint(payload, self.run_dir / "last.pt")
-                if improved:  # the same bytes: link rather than serialize and write them a second time
-                    publish_copy(self.run_dir / "last.pt", self.run_dir / "best.pt")
+                # Metrics first, then last.pt (which holds them too), then best.pt: runstate repairs a kill
+                # between any two of these writes on resume.
                 history.append(row)
                 write_metrics(log_path, history)
+                save_checkpoint(self.checkpoint_payload(epoch + 1, history), self.run_dir / "last.pt")
+                if improved:  # the same bytes: link rather than serialize and write them a second time
+                    publish_copy(self.run_dir / "last.pt", self.run_dir / "best.pt")
                 plot_training_curves(history, self.run_dir / "training_curves.png")
                 # tqdm.write keeps the line above the progress bars (plain print when they are off).
                 tqdm.write(format_epoch(row, self.cfg.epochs, improved), file=sys.stdout)
             epochs_bar.update(1)
         epochs_bar.close()
+        if self.dist.is_main and history and not (self.run_dir / "training_curves.png").is_file():
+            plot_training_curves(history, self.run_dir / "training_curves.png")
         distributed.barrier(self.dist)
         report = None
         if self.dist.is_main:
@@ -340,6 +377,7 @@ def train(cfg: TrainConfig) -> RunResult:
     run_dir = new_run_dir(cfg)
     if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
+    runstate.remove_stale_temp_files(run_dir)
     return _fit(Trainer(cfg, run_dir))
 
 
@@ -348,14 +386,22 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunR
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file():
         raise UserError(f"nothing to resume: {run_dir / 'last.pt'} not found")
+    runstate.remove_stale_temp_files(run_dir)
     ckpt = load_checkpoint(run_dir / "last.pt")
     known = field_names()  # options a newer or older version wrote but this one lacks are dropped
     values = {k: v for k, v in ckpt["config"].items() if k in known}
+    runstate.check_resume_overrides(values, overrides or {}, run_dir)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values["out"] = str(run_dir)
     cfg = TrainConfig(**values).validate()
-    if ckpt["epoch"] >= cfg.epochs:
-        raise UserError(f"{run_dir} already finished {ckpt['epoch']} epochs; pass --epochs N with N > {ckpt['epoch']}")
+    if ckpt["epoch"] > cfg.epochs:
+        raise UserError(f"{run_dir} already trained {ckpt['epoch']} epochs; --epochs must be at least that")
+    runstate.repair_best(run_dir, ckpt)
+    if ckpt["epoch"] == cfg.epochs:
+        if runstate.report_is_current(run_dir):
+            raise UserError(f"{run_dir} already finished {ckpt['epoch']} epochs and its report; "
+                            f"pass --epochs N with N > {ckpt['epoch']} to train longer")
+        print(f"{run_dir} finished training but not its report: making the report", flush=True)
     return _fit(Trainer(cfg, run_dir, resume_from=ckpt))
 
 

@@ -8,10 +8,13 @@ threads; plain forward passes may run side by side, while Grad-CAM (which hooks 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .. import RESEARCH_NOTE
 from ..errors import UserError
-from ..images import ImageReadError
+from ..images import ImageReadError, estimate_decode_bytes, read_image
+from .budget import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
 
 STATIC_DIR = Path(__file__).with_name("static")
 FIELD = "files"
@@ -40,6 +44,8 @@ _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+LARGE_DECODE_BYTES = 32 * 2**20  # uploads estimated to need more than this decode in the large lane
+LARGE_DECODE_NICENESS = 10
 _MULTIPART_HELP = "send multipart/form-data with one or more image files in the field 'files'"
 
 
@@ -179,21 +185,34 @@ def preview_image(image: Image.Image, size: int = PREVIEW_SIZE) -> Image.Image:
 class Analyzer:
     """Decode, predict and explain uploads with one shared Classifier; called from worker threads."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, decode_budget: DecodeBudget | None = None):
         self.classifier = classifier
+        self.decode_budget = decode_budget or DecodeBudget()
 
     def model_info(self) -> dict[str, Any]:
         info = self.classifier.describe()
         return {key: info[key] for key in ("arch", "classes", "image_size", "backend", "fingerprint")}
 
-    def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None) -> dict:
-        images = []
-        for upload in uploads:
-            try:
-                images.append(self.classifier.load(upload.data))
-            except ImageReadError as err:
-                raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
-            upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
+    @staticmethod
+    def decode_cost(upload: Upload) -> int:
+        """Estimated peak bytes of decoding an upload (read from its header; nothing is decoded)."""
+        return estimate_decode_bytes(upload.data, upload.filename) + len(upload.data)
+
+    def decode(self, upload: Upload, cost: int | None = None) -> Image.Image:
+        """Decode one upload by its file name's rules (as the command line reads files), within the budget."""
+        try:
+            # Decode memory is budgeted server-wide: concurrent large uploads wait their turn.
+            with self.decode_budget.hold(self.decode_cost(upload) if cost is None else cost):
+                image = read_image(upload.data, name=upload.filename)
+        except ImageReadError as err:
+            raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
+        upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
+        return image
+
+    def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None,
+                 images: list[Image.Image] | None = None) -> dict:
+        if images is None:
+            images = [self.decode(upload) for upload in uploads]
         predictions = self.classifier.predict(images)
         results = [{"filename": upload.filename, "label": p.label, "confidence": p.confidence,
                     "probabilities": p.probabilities, "width": image.width, "height": image.height}
@@ -217,10 +236,11 @@ class Analyzer:
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
-               inference_threads: int | None = None) -> FastAPI:
+               inference_threads: int | None = None, decode_budget_bytes: int | None = None) -> FastAPI:
     """The FastAPI app: page at /, static files, /api/health, /api/model, /api/predict, docs at /docs.
 
-    ``inference_threads`` bounds how many requests run the model at once (default: the CPU count, at most 8).
+    ``inference_threads`` bounds how many requests run the model at once (default: the CPU count, at most 8);
+    ``decode_budget_bytes`` bounds the estimated memory of all decodes in flight (default 1 GiB).
     """
     max_file_bytes, max_files = int(max_file_bytes), int(max_files)
     if max_file_bytes < 1 or max_files < 1:
@@ -228,7 +248,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     if inference_threads is not None and int(inference_threads) < 1:
         raise UserError("the number of inference threads must be at least 1")
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
-    analyzer = Analyzer(classifier)
+    analyzer = Analyzer(classifier, DecodeBudget(decode_budget_bytes or DEFAULT_DECODE_BUDGET_BYTES))
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
                   description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM). {RESEARCH_NOTE}")
     app.state.analyzer = analyzer
@@ -274,13 +294,35 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
         uploads = await read_uploads(request, max_file_bytes, max_files)
         if app.state.limiter is None:
             app.state.limiter = anyio.CapacityLimiter(threads)
+            # Uploads that decode to large images take a lane of their own: one thread, at a lower CPU priority,
+            # so they can neither occupy the threads that ordinary requests need nor crowd out their CPU time.
+            app.state.large_lane = ThreadPoolExecutor(1, thread_name_prefix="large-decode",
+                                                      initializer=_nice_this_thread)
+        images = []
+        for upload in uploads:
+            cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
+            if cost > LARGE_DECODE_BYTES:
+                image = await asyncio.get_running_loop().run_in_executor(
+                    app.state.large_lane, analyzer.decode, upload, cost)
+            else:
+                image = await anyio.to_thread.run_sync(analyzer.decode, upload, cost, limiter=app.state.limiter)
+            images.append(image)
 
         def work() -> dict:
-            return analyzer(uploads, explain=explain, preview=preview, target=target)
+            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images)
 
         return await anyio.to_thread.run_sync(work, limiter=app.state.limiter)
 
     return app
+
+
+def _nice_this_thread() -> None:
+    """Lower this thread's CPU priority (Linux threads have their own nice value); a no-op where unsupported."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LARGE_DECODE_NICENESS))
+    except (OSError, AttributeError):
+        pass
 
 
 def _predict_openapi(max_files: int) -> dict:

@@ -1,0 +1,63 @@
+"""What a run folder says about how far a run got, and repairs after a crash at any write boundary.
+
+A run writes, per epoch: ``metrics.jsonl`` (the history so far, also stored in the checkpoint), then ``last.pt``,
+then (when validation improved) ``best.pt`` as a link to it; after the last epoch, the report, ``report.json``
+last. A kill between any two of these leaves a state this module recognises and repairs on resume: a stale
+``best.pt`` is relinked, metrics are taken from the checkpoint, a missing report is made, temp files removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import publish_copy
+from .errors import UserError
+
+# Options that may differ on --resume: they change neither the model, nor the optimizer, nor the data order.
+CHANGEABLE_ON_RESUME = ("epochs", "device", "workers", "data_cache", "compile", "progress", "skip_bad", "tta")
+_IGNORED_ON_RESUME = ("data", "out", "name", "config")
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in the run folder (``.NAME.*.tmp``)."""
+    removed = []
+    if run_dir.is_dir():
+        for path in run_dir.glob(".*.tmp"):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def check_resume_overrides(saved: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> None:
+    """Refuse, on one line, flags that would change what the checkpoint's weights or optimizer state mean."""
+    for key, value in overrides.items():
+        if value is None or key in CHANGEABLE_ON_RESUME or key in _IGNORED_ON_RESUME or key not in saved:
+            continue
+        if value != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            allowed = ", ".join("--" + k.replace("_", "-") for k in CHANGEABLE_ON_RESUME)
+            raise UserError(f"--resume cannot change {flag} (the run in {run_dir} used {saved[key]!r}, got "
+                            f"{value!r}); on resume only these may change: {allowed}. Start a new run to change it")
+
+
+def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """Relink best.pt when the kill came between writing last.pt and linking it as the new best."""
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    best_epoch = ckpt.get("best_epoch")
+    if best_epoch is not None and best_epoch == ckpt.get("epoch"):
+        if not best.exists() or not os.path.samefile(last, best):
+            publish_copy(last, best)
+    elif not best.exists():
+        raise UserError(f"{best} is missing and cannot be rebuilt (its epoch {best_epoch} is no longer "
+                        f"last.pt); start a new run")
+
+
+def report_is_current(run_dir: Path) -> bool:
+    """True when report.json (written last) was written after the final last.pt."""
+    report, last = run_dir / "report.json", run_dir / "last.pt"
+    return report.is_file() and last.is_file() and report.stat().st_mtime_ns >= last.stat().st_mtime_ns
