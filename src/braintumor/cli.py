@@ -69,7 +69,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--data-cache", help="auto (default), none, memory or gpu: decode images once and "
                                         "augment batches on the device")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (short for --train-step compile)")
+    p.add_argument("--train-step", help="auto (default), eager, compile, compile-step (model and Ranger update) "
+                                        "or cuda-graphs; a mode that cannot run falls back with a notice")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable images (listed in the report) instead of stopping")
     p.add_argument("--out", help="run folder (default runs/<date-time>-<name>)")
@@ -84,7 +87,7 @@ TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "ima
               "eval_image_size", "ema", "tta", "teacher", "distill_weight", "distill_temperature", "epochs",
               "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
               "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "split_seed", "device", "data_cache",
-              "compile", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
+              "compile", "train_step", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
 
 
 def cmd_train(args) -> int:
