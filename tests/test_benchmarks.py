@@ -27,6 +27,10 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
         assert results[key] > 0, key
     table = capsys.readouterr().out
     assert "| (b) `braintumor train`" in table and "MFU of (b): n/a" in table
+    # The CPU mode measures the eager step variants: the ceiling's batch, and twice it with twice the lr.
+    assert results["variants"]["eager-2x-batch"]["batch_size"] == 16 and results["variants"]["eager"]["img_s"] > 0
+    assert "| eager-2x-batch | eager | 16 | 2.0e-05 |" in table
+    assert results["project_first_epoch_seconds"] > 0 and results["project_seconds_to_first_epoch"] > 0
 
 
 def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tmp_path, capsys):
