@@ -264,7 +264,9 @@ def build_parser() -> Parser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
-    p.add_argument("--backend", default="torch", help="torch (default) or onnx")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: a checked CPU export beside the checkpoint when one passed, else torch), "
+                        "torch, onnx or openvino")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
