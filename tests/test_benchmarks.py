@@ -48,3 +48,16 @@ def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tm
     assert splits == {1}  # both seeds validated on the split of seed 0
     assert load("time_to_accuracy").main(["--summarize", str(tmp_path / "runs" / "seed0")]) == 0
     assert "seed0" in capsys.readouterr().out
+
+
+def test_gpu_session_script_plans_every_gpu_measurement(tmp_path):
+    import subprocess
+
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path),
+                                                         "PYTHON": "false", "DATA": "Training"})
+    assert result.returncode == 0, result.stderr
+    plan = result.stdout
+    assert "benchmarks/train_throughput.py --data Training --epochs 3" in plan and f"--json {tmp_path}" in plan
+    assert "benchmarks/optimizer_step.py --device cuda --arch resnet152" in plan
+    assert "scratch_gpu_recipe: skipped (this checkout has no --recipe)" in plan
