@@ -35,7 +35,7 @@ def test_auto_backend_takes_the_fastest_passing_export_of_this_checkpoint(tiny_c
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
     fingerprint = file_fingerprint(checkpoint)
-    assert resolve_auto_backend(checkpoint, fingerprint) is None  # nothing measured: PyTorch
+    assert resolve_auto_backend(checkpoint) is None  # nothing measured: PyTorch
     onnx_path = export_onnx(checkpoint, tmp_path / "best.onnx")
     write_verdict(onnx_path, "openvino-fp32", {**verdict_for(900, 900, 1000), "latency_ms": 90.0,
                                                "source_fingerprint": fingerprint})
@@ -43,11 +43,11 @@ def test_auto_backend_takes_the_fastest_passing_export_of_this_checkpoint(tiny_c
                                                             "source_fingerprint": fingerprint})
     write_verdict(onnx_path, "onnxruntime-fp32", {**verdict_for(900, 900, 1000), "latency_ms": 10.0,
                                                   "source_fingerprint": "another-ckpt"})
-    assert resolve_auto_backend(checkpoint, fingerprint) == (onnx_path, "openvino")
+    assert resolve_auto_backend(checkpoint) == (onnx_path, "openvino")
     failing.unlink()
     write_verdict(onnx_path, "openvino-fp32", {**verdict_for(900, 880, 960), "latency_ms": 90.0,
                                                "source_fingerprint": fingerprint})
-    assert resolve_auto_backend(checkpoint, fingerprint) is None
+    assert resolve_auto_backend(checkpoint) is None
     line = capsys.readouterr().err.strip()
     assert line == ("note: openvino-fp32 stays opt-in: accuracy 88.00 % vs 90.00 % in float32 (-2.00 points), "
                     "same class on 96.0 % of 1000 slices (default needs accuracy gap <= 0.3 points and "

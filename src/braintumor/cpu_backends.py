@@ -79,13 +79,18 @@ def read_verdicts(folder: str | os.PathLike) -> list[dict[str, Any]]:
     return verdicts
 
 
-def resolve_auto_backend(checkpoint: Path, fingerprint: str) -> tuple[Path, str] | None:
-    """(export, backend) of the fastest verified export made from this checkpoint, or None (stay on PyTorch).
+def resolve_auto_backend(checkpoint: Path) -> tuple[Path, str] | None:
+    """(export, backend) of the fastest verified export made from this checkpoint file, or None (stay on PyTorch).
 
     Verdicts of other checkpoints (another fingerprint) are ignored; failed ones print their gap in one line.
     """
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    mine = [v for v in read_verdicts(folder) if v.get("source_fingerprint") == fingerprint]
+    from .predict import file_fingerprint
+
+    verdicts = read_verdicts(checkpoint.parent)
+    if not verdicts:  # the usual case: no hashing of a large checkpoint just to find nothing
+        return None
+    fingerprint = file_fingerprint(checkpoint)
+    mine = [v for v in verdicts if v.get("source_fingerprint") == fingerprint]
     passed = [v for v in mine if v.get("default_ok")]
     if not passed:
         for verdict in mine:

@@ -151,7 +151,7 @@ class Classifier:
             if backend == "torch" and device.type == "cpu" and path.is_file():
                 from .cpu_backends import resolve_auto_backend
 
-                found = resolve_auto_backend(path, file_fingerprint(path))
+                found = resolve_auto_backend(path)
                 if found is not None:
                     path, backend = found
         if backend == "openvino":
