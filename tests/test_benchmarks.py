@@ -60,4 +60,4 @@ def test_gpu_session_script_plans_every_gpu_measurement(tmp_path):
     plan = result.stdout
     assert "benchmarks/train_throughput.py --data Training --epochs 3" in plan and f"--json {tmp_path}" in plan
     assert "benchmarks/optimizer_step.py --device cuda --arch resnet152" in plan
-    assert "scratch_gpu_recipe: skipped (this checkout has no --recipe)" in plan
+    assert "time_to_accuracy.py --data Training --recipe scratch-gpu --seeds 0" in plan
