@@ -1,5 +1,9 @@
 """Time one optimizer step over a ResNet's parameters: braintumor's Ranger vs torch.optim.RAdam(foreach=True).
 
+Rows: RAdam foreach (the baseline), RAdam fused where this torch has a fused RAdam, Adam fused on CUDA (the floor
+of a fused kernel of the same shape), and Ranger foreach, per tensor and compiled (``CompiledRanger``, on CUDA
+or with ``--compiled`` on the CPU, where compiling takes a minute); the compiled row's compile time is printed.
+
 Every optimizer gets its own copy of the parameters with the same fixed random gradients. After ``--warmup``
 steps (so RAdam's rectification is active, its slowest branch), each repeat times ``k`` consecutive steps -- one
 full LookAhead cycle, so the synchronisation step is paid for -- and divides by k. The optimizers take turns
@@ -12,6 +16,7 @@ repeat by repeat, so a change in machine load hits all of them alike. The table 
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import statistics
 import time
@@ -21,6 +26,7 @@ import torch
 import torchvision
 
 from braintumor.optim import Ranger
+from braintumor.optim.ranger_compiled import CompiledRanger
 
 BASELINE = "torch.optim.RAdam(foreach=True)"
 
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=6, help="LookAhead period; also the steps per timed block")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--gc", choices=("all", "conv", "none"), default="all", help="Ranger's gradient centralization")
+    parser.add_argument("--compiled", action="store_true", help="also time CompiledRanger on the CPU (always on CUDA)")
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -72,6 +79,18 @@ def main(argv: list[str] | None = None) -> None:
             p, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=args.k, gc=args.gc, foreach=False
         ),
     }
+    if "fused" in inspect.signature(torch.optim.RAdam).parameters:
+        factories["torch.optim.RAdam(fused=True)"] = lambda p: torch.optim.RAdam(
+            p, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True, fused=True
+        )
+    if device.type == "cuda":
+        factories["torch.optim.Adam(fused=True)"] = lambda p: torch.optim.Adam(
+            p, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
+        )
+    if device.type == "cuda" or args.compiled:
+        factories["CompiledRanger"] = lambda p: CompiledRanger(
+            p, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=args.k, gc=args.gc
+        )
     optimizers = {}
     n_params = 0
     for name, make in factories.items():
@@ -83,10 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for optimizer in optimizers.values():
+    warmup_seconds = {}
+    for name, optimizer in optimizers.items():
+        start = time.perf_counter()
         for _ in range(args.warmup):
             optimizer.step()
-    synchronize()
+        synchronize()
+        warmup_seconds[name] = time.perf_counter() - start
     wall: dict[str, list[float]] = {name: [] for name in optimizers}
     cpu: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.repeats):
@@ -105,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}; Ranger gc={args.gc!r}; median of {args.repeats} blocks of {args.k} steps "
         f"after {args.warmup} warm-up steps.\n"
     )
+    if "torch.optim.RAdam(fused=True)" not in optimizers:
+        print(f"torch {torch.__version__} has no fused RAdam; Adam(fused=True) is shown on CUDA as the fused floor.\n")
+    if "CompiledRanger" in optimizers:
+        print(f"CompiledRanger: {warmup_seconds['CompiledRanger']:.1f} s for its {args.warmup} warm-up steps, "
+              f"compilation included.\n")
     if device.type == "cpu":
         print("| optimizer | wall ms / step | ratio to RAdam | CPU ms / step | ratio to RAdam |")
         print("|---|---:|---:|---:|---:|")

@@ -27,6 +27,10 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
         assert results[key] > 0, key
     table = capsys.readouterr().out
     assert "| (b) `braintumor train`" in table and "MFU of (b): n/a" in table
+    # The CPU mode measures the eager step variants: the ceiling's batch, and twice it with twice the lr.
+    assert results["variants"]["eager-2x-batch"]["batch_size"] == 16 and results["variants"]["eager"]["img_s"] > 0
+    assert "| eager-2x-batch | eager | 16 | 2.0e-05 |" in table
+    assert results["project_first_epoch_seconds"] > 0 and results["project_seconds_to_first_epoch"] > 0
 
 
 def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tmp_path, capsys):
@@ -44,3 +48,16 @@ def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tm
     assert splits == {1}  # both seeds validated on the split of seed 0
     assert load("time_to_accuracy").main(["--summarize", str(tmp_path / "runs" / "seed0")]) == 0
     assert "seed0" in capsys.readouterr().out
+
+
+def test_gpu_session_script_plans_every_gpu_measurement(tmp_path):
+    import subprocess
+
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path),
+                                                         "PYTHON": "false", "DATA": "Training"})
+    assert result.returncode == 0, result.stderr
+    plan = result.stdout
+    assert "benchmarks/train_throughput.py --data Training --epochs 3" in plan and f"--json {tmp_path}" in plan
+    assert "benchmarks/optimizer_step.py --device cuda --arch resnet152" in plan
+    assert "time_to_accuracy.py --data Training --recipe scratch-gpu --seeds 0" in plan

@@ -132,3 +132,54 @@ def test_a_user_error_on_rank_0_stops_every_rank(symmetric_data, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: 1 unreadable image(s) in") == 2  # printed by both ranks, then both exit
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_nodes(tmp_path, name, args, mode="group-norm"):
+    """Two torchrun agents as two nodes of one process each, meeting by c10d rendezvous on 127.0.0.1 (gloo)."""
+    dump = tmp_path / f"{name}-weights"
+    dump.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node_rank in (0, 1):
+        # Node 0 hosts the rendezvous store; node 1 only connects to it (is_host says so explicitly, since both
+        # "machines" share the address).
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+                   "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                   "--rdzv-id", f"{name}-{os.getpid()}", "--rdzv-conf", f"is_host={node_rank == 0}",
+                   "--local-addr", "127.0.0.1", str(worker), str(dump), mode, *args]
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return dump, "".join(stdout for stdout, _ in outputs)
+
+
+def test_two_nodes_match_one_process_on_the_same_global_batch(symmetric_data, tmp_path):
+    """Multi-node: the same c10d rendezvous and gloo all-reduce a cluster uses, with both nodes on loopback."""
+    settings = dict(data_cache="memory", epochs=2)
+    nodes, log = run_two_nodes(tmp_path, "nodes", train_args(symmetric_data, tmp_path / "nodes", **settings))
+    single, _ = run_worker(tmp_path, "single", train_args(symmetric_data, tmp_path / "single", **settings),
+                           mode="group-norm")
+    assert log.count("epoch 2/2") == 1  # one rank 0 over both nodes writes and prints
+    rank0 = torch.load(nodes / "rank0.pt", weights_only=True)
+    rank1 = torch.load(nodes / "rank1.pt", weights_only=True)
+    single_weights = torch.load(single / "rank0.pt", weights_only=True)
+    for key in single_weights:
+        assert torch.equal(rank0[key], rank1[key]), f"nodes disagree on {key}"
+    worst = max((rank0[k] - single_weights[k]).abs().max().item() for k in single_weights)
+    assert worst < 2e-5, worst
+    for a, b in zip(rows(tmp_path / "nodes"), rows(tmp_path / "single")):
+        assert a["train_images"] == b["train_images"] == 16
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["val_accuracy"] == b["val_accuracy"]

@@ -91,7 +91,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--data-cache", help="auto (default), none, memory or gpu: decode images once and "
                                         "augment batches on the device")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (short for --train-step compile)")
+    p.add_argument("--train-step", help="auto (default), eager, compile, compile-step (model and Ranger update) "
+                                        "or cuda-graphs; a mode that cannot run falls back with a notice")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable images (listed in the report) instead of stopping")
     p.add_argument("--out", help="run folder (default runs/<date-time>-<name>)")
@@ -106,7 +109,7 @@ TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "ima
               "eval_image_size", "ema", "tta", "teacher", "distill_weight", "distill_temperature", "epochs",
               "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
               "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "split_seed", "device", "data_cache",
-              "compile", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
+              "compile", "train_step", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
 
 
 def cmd_train(args) -> int:
@@ -276,7 +279,9 @@ def build_parser() -> Parser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
-    p.add_argument("--backend", default="torch", help="torch (default) or onnx")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: a checked CPU export beside the checkpoint when one passed, else torch), "
+                        "torch, onnx or openvino")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=32)
     p.add_argument("--skip-bad", action="store_true",

@@ -13,6 +13,7 @@ import yaml
 
 from .errors import UserError
 from .model import ARCHS
+from .train_step import STEP_MODES
 
 OPTIMIZERS = ("ranger", "radam", "adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle")
@@ -64,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     data_cache: str = "auto"
     compile: bool = False
+    train_step: str = "auto"
     skip_bad: bool = False
     out: str | None = None
     name: str = "run"
@@ -119,6 +121,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.data_cache in DATA_CACHES, f"--data-cache must be one of {', '.join(DATA_CACHES)}"),
+            (self.train_step in STEP_MODES, f"--train-step must be one of {', '.join(STEP_MODES)}"),
             (self.max_steps_per_epoch >= 0, "--max-steps-per-epoch must be >= 0"),
         ]
         for ok, message in checks:

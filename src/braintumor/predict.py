@@ -21,7 +21,7 @@ from .images import IMAGE_EXTENSIONS, read_image
 from .model import forward_probabilities
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino", "auto")
 
 
 @dataclass
@@ -136,12 +136,34 @@ class Classifier:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch",
                         tta: bool | None = None) -> "Classifier":
-        """Load a ``.pt`` checkpoint (torch backend), an exported ``.onnx`` file (onnx backend), a run folder, or
-        "reference" (the model shipped with braintumor). ``tta`` overrides the model's stored TTA setting."""
+        """Load a ``.pt`` checkpoint (torch backend), an exported ``.onnx`` file (onnx or openvino backend), a run
+        folder, or "reference" (the model shipped with braintumor). ``tta`` overrides the model's stored TTA setting.
+
+        ``auto``: an ``.onnx`` file runs on onnxruntime; a checkpoint runs on the fastest CPU export beside it that
+        passed its accuracy check (see ``braintumor.cpu_backends``), else on PyTorch.
+        """
         if backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         path = resolve_checkpoint(path)
         device = resolve_device(device)
+        if backend == "auto":
+            backend = "onnx" if path.suffix.lower() == ".onnx" else "torch"
+            if backend == "torch" and device.type == "cpu" and path.is_file():
+                from .cpu_backends import resolve_auto_backend
+
+                found = resolve_auto_backend(path)
+                if found is not None:
+                    path, backend = found
+        if backend == "openvino":
+            from .cpu_backends import load_openvino
+
+            session, meta = load_openvino(path)
+            classifier = cls(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
+                             std=meta["std"], arch=meta["arch"], fingerprint=file_fingerprint(path),
+                             onnx_session=session, source_path=str(path),
+                             tta=meta.get("tta", False) if tta is None else tta)
+            classifier.backend = "openvino"
+            return classifier
         if backend == "onnx" or path.suffix.lower() == ".onnx":
             from .export import load_onnx_session
 

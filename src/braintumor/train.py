@@ -29,7 +29,9 @@ from .errors import UserError
 from .loaders import SplitData, build_batches, prepare_split
 from .model import build_model, forward_probabilities
 from .optim import Ranger
+from .optim.ranger_compiled import CompiledRanger
 from .predict import resolve_device
+from .train_step import choose_step_mode, pad_batch, wrap_network
 
 
 @dataclass
@@ -42,10 +44,12 @@ class RunResult:
     report: dict[str, Any] | None
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """The project's Ranger by default; other optimizers for comparisons at the same lr."""
+def make_optimizer(cfg: TrainConfig, params, compiled: bool = False) -> torch.optim.Optimizer:
+    """The project's Ranger by default (``compiled``: its update fused by torch.compile); other optimizers for
+    comparisons at the same lr."""
     if cfg.optimizer == "ranger":
-        return Ranger(params, lr=cfg.lr, weight_decay=cfg.weight_decay, k=cfg.lookahead_k,
+        ranger = CompiledRanger if compiled else Ranger
+        return ranger(params, lr=cfg.lr, weight_decay=cfg.weight_decay, k=cfg.lookahead_k,
                       alpha=cfg.lookahead_alpha, gc=cfg.gc)
     if cfg.optimizer == "radam":
         return torch.optim.RAdam(params, lr=cfg.lr, betas=(0.95, 0.999), eps=1e-5, weight_decay=cfg.weight_decay,
@@ -96,6 +100,7 @@ class Trainer:
     """One training run; rank 0 writes everything, other ranks only compute."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: dict[str, Any] | None = None):
+        self.created_at = time.perf_counter()
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
@@ -113,6 +118,13 @@ class Trainer:
         self.steps_per_epoch = len(self.train_batches)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        # Validation pads its last batch to this size, so compiled steps and cuDNN autotuning see one shape.
+        self.val_batch_size = cfg.batch_size // self.dist.world_size
+        self.step_plan = choose_step_mode("compile" if cfg.compile and cfg.train_step == "auto" else cfg.train_step,
+                                          self.device, distributed=self.dist.enabled, optimizer=cfg.optimizer,
+                                          total_steps=cfg.epochs * self.steps_per_epoch)
+        if self.step_plan.notice and self.dist.is_main:
+            print(self.step_plan.notice, file=sys.stderr, flush=True)
 
         torch.manual_seed(cfg.seed)
         weights = "none" if resume_from is not None else cfg.weights
@@ -120,7 +132,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.optimizer = make_optimizer(cfg, self.model.parameters(), compiled=self.step_plan.compiles_optimizer)
         self.ema = ModelEma(self.model, cfg.ema) if cfg.ema > 0 else None
         self.teacher = Teacher(cfg.teacher, self.classes, self.device) if cfg.teacher else None
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
@@ -147,8 +159,7 @@ class Trainer:
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.net = torch.compile(self.net)
+        self.net = wrap_network(self.net, self.step_plan)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         # One autocast context for the whole loop: bf16 on CUDA (no loss scaling needed), fp32 on CPU.
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -230,13 +241,13 @@ class Trainer:
         model = self.eval_model
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for images, labels in self.val_batches:
-            images, labels = self._to_device(images, labels)
-            with self.autocast:
+            images, labels = self._to_device(pad_batch(images, self.val_batch_size), labels)
+            with self.autocast:  # [: labels.numel()]: the padded rows are not counted
                 if self.cfg.tta:
-                    probabilities = forward_probabilities(model, images, tta=True)
+                    probabilities = forward_probabilities(model, images, tta=True)[: labels.numel()]
                     loss = nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="sum")
                 else:
-                    probabilities = model(images).float()  # logits: same argmax
+                    probabilities = model(images)[: labels.numel()].float()  # logits: same argmax
                     loss = nn.functional.cross_entropy(probabilities, labels, reduction="sum")
             totals += torch.stack([loss.double(), (probabilities.argmax(1) == labels).sum().double(),
                                    torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
@@ -289,6 +300,8 @@ class Trainer:
             row["seconds"] = time.perf_counter() - start
             row["images_per_second"] = row["train_images"] / max(train_seconds, 1e-9)
             row["elapsed_seconds"] = elapsed_before + time.perf_counter() - fit_start
+            if epoch == 0:  # set-up (file check, split, decode, model) + first epoch: what a user waits for
+                row["seconds_to_first_epoch"] = time.perf_counter() - self.created_at
             improved = row["val_accuracy"] > self.best_val_accuracy
             if improved:
                 self.best_val_accuracy, self.best_epoch = row["val_accuracy"], epoch + 1

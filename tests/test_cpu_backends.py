@@ -1,0 +1,110 @@
+"""cpu_backends.py: the default rule for accelerated CPU backends, its verdict files, and agreement on a trained model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from braintumor.cpu_backends import compare_predictions, judge, resolve_auto_backend, write_verdict
+from braintumor.predict import Classifier, file_fingerprint
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def verdict_for(correct_reference: int, correct: int, agree: int, n: int = 1000) -> dict:
+    return judge({"n": n, "reference_accuracy": correct_reference / n, "accuracy": correct / n,
+                  "agreement": agree / n})
+
+
+def test_default_needs_accuracy_within_0_3_points_and_99_percent_agreement():
+    assert verdict_for(950, 947, 990)["default_ok"]  # exactly -0.3 points and 99 %
+    assert not verdict_for(950, 946, 995)["default_ok"]  # -0.4 points
+    assert not verdict_for(950, 950, 989)["default_ok"]  # same accuracy, but only 98.9 % agreement
+    assert verdict_for(950, 955, 995)["accuracy_gap_points"] == pytest.approx(-0.5)
+    comparison = compare_predictions(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 0]), np.array([0, 1, 1, 3]))
+    assert comparison == {"n": 4, "reference_accuracy": 0.75, "accuracy": 0.5, "agreement": 0.75}
+
+
+def test_auto_backend_takes_the_fastest_passing_export_of_this_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    from braintumor.export import export_onnx
+
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
+    fingerprint = file_fingerprint(checkpoint)
+    assert resolve_auto_backend(checkpoint) is None  # nothing measured: PyTorch
+    onnx_path = export_onnx(checkpoint, tmp_path / "best.onnx")
+    write_verdict(onnx_path, "openvino-fp32", {**verdict_for(900, 900, 1000), "latency_ms": 90.0,
+                                               "source_fingerprint": fingerprint})
+    failing = write_verdict(onnx_path, "onnxruntime-int8", {**verdict_for(900, 880, 960), "latency_ms": 40.0,
+                                                            "source_fingerprint": fingerprint})
+    write_verdict(onnx_path, "onnxruntime-fp32", {**verdict_for(900, 900, 1000), "latency_ms": 10.0,
+                                                  "source_fingerprint": "another-ckpt"})
+    assert resolve_auto_backend(checkpoint) == (onnx_path, "openvino")
+    failing.unlink()
+    write_verdict(onnx_path, "openvino-fp32", {**verdict_for(900, 880, 960), "latency_ms": 90.0,
+                                               "source_fingerprint": fingerprint})
+    assert resolve_auto_backend(checkpoint) is None
+    line = capsys.readouterr().err.strip()
+    assert line == ("note: openvino-fp32 stays opt-in: accuracy 88.00 % vs 90.00 % in float32 (-2.00 points), "
+                    "same class on 96.0 % of 1000 slices (default needs accuracy gap <= 0.3 points and "
+                    "agreement >= 99%)")
+    assert Classifier.from_checkpoint(checkpoint, backend="auto").backend == "torch"
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_dir, tmp_path_factory):
+    """A ResNet-18 at 32 px fitted to the phantoms (full-batch Adam, a few seconds), saved as a run's best.pt."""
+    import torch
+
+    from braintumor.checkpoint import save_checkpoint
+    from braintumor.data import discover
+
+    from conftest import make_checkpoint
+
+    run = tmp_path_factory.mktemp("trained")
+    classifier = Classifier.from_checkpoint(make_checkpoint(run / "init.pt", image_size=32))
+    index = discover(phantom_dir)
+    images = torch.stack([classifier.preprocess(classifier.load(path)) for path in index.paths])
+    labels = torch.tensor(index.labels)
+    model = classifier.model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ckpt = torch.load(run / "init.pt", weights_only=True)
+    save_checkpoint({**ckpt, "model": model.eval().state_dict()}, run / "best.pt")
+    return run
+
+
+def test_accelerated_backends_agree_with_float32_on_a_trained_model(trained_run, phantom_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("cpu_inference", BENCHMARKS / "cpu_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = tmp_path / "results.json"
+    assert module.main(["--checkpoint", str(trained_run), "--data", str(phantom_dir), "--calibration",
+                        str(phantom_dir), "--latency-runs", "3", "--threads", "1", "--json", str(results)]) == 0
+    rows = json.loads(results.read_text())["rows"]
+    reference = rows["onnxruntime-fp32"]
+    assert reference["agreement"] == 1.0 and reference["n"] == 24
+    assert reference["accuracy"] > 0.5  # trained: well above the 25 % of chance on four classes
+    assert rows["onnxruntime-int8"]["agreement"] >= 0.9
+    for name, row in rows.items():
+        assert row["total_ms"] > 0 and row["network_ms"] > 0 and row["decode_ms"] > 0, name
+    verdict = json.loads(Path(rows["onnxruntime-int8"]["verdict_file"]).read_text())
+    assert verdict["source_fingerprint"] == file_fingerprint(trained_run / "best.pt")
+    if importlib.util.find_spec("openvino"):
+        assert rows["openvino-fp32"]["agreement"] == 1.0
+    table = capsys.readouterr().out
+    assert "| onnxruntime-int8 |" in table and "| pytorch-fp32 |" in table
+    # predict --backend auto now finds what passed (or stays on PyTorch, printing the gap).
+    passed = [name for name, row in rows.items() if row.get("default_ok") and "verdict_file" in row]
+    fastest = min(passed, key=lambda name: rows[name]["total_ms"], default="torch")
+    expected = {"torch": "torch", "onnxruntime-int8": "onnx"}.get(fastest, "openvino")
+    assert Classifier.from_checkpoint(trained_run, backend="auto").backend == expected
