@@ -43,7 +43,7 @@ def test_evaluate_with_leak_free_subset(trained_run, phantom_dir, tmp_path, caps
     assert code == 0 and "macro avg" in out and "report: " in out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == 24 and set(report["per_class"]) == {"glioma", "meningioma", "notumor", "pituitary"}
-    assert "24 of 24 images are exact or near duplicates" in report["extra"]["leak check"]
+    assert "24 of 24 images are exact or near duplicates" in report["extra"]["leak_check"]
     assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
 
 

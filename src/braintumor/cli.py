@@ -19,6 +19,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+GROUPS_HELP = ("CSV with columns path,group (patient or series id): a group never straddles the split "
+               "(default: per-patient sub-folders of the class folders, when there are any)")
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     # Every default is None so a YAML file (--config) can set it; TrainConfig holds the real defaults.
     p.add_argument("data", nargs="?", help="training folder with one sub-folder per class")
@@ -29,6 +33,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", type=float, help="validation fraction of the training folder (default 0.15)")
     p.add_argument("--no-group-split", dest="group_split", action="store_false", default=None,
                    help="allow exact/near duplicates on both sides of the split (default: kept together)")
+    p.add_argument("--groups", metavar="FILE.csv", help=GROUPS_HELP)
     p.add_argument("--arch", help="resnet18|resnet34|resnet50|resnet101|resnet152 (default resnet152)")
     p.add_argument("--weights", help="imagenet (default), none, or a torchvision state-dict file")
     p.add_argument("--image-size", type=int, help="square input size in pixels (default 224)")
@@ -79,8 +84,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="no progress bars")
 
 
-TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "image_size", "rotation", "scale",
-              "translate", "brightness", "contrast", "gamma", "progressive_resize", "progressive_until",
+TRAIN_KEYS = ("data", "val", "val_split", "group_split", "groups", "arch", "weights", "image_size", "rotation",
+              "scale", "translate", "brightness", "contrast", "gamma", "progressive_resize", "progressive_until",
               "eval_image_size", "ema", "tta", "teacher", "distill_weight", "distill_temperature", "epochs",
               "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
               "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "split_seed", "device", "data_cache",
