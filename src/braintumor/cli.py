@@ -12,6 +12,17 @@ from .dedup import DEFAULT_THRESHOLD
 from .errors import UserError
 
 
+def probability(text: str) -> float:
+    """An argparse type: a number between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag on one line (exit 2) instead of usage plus message."""
 
@@ -128,18 +139,24 @@ def cmd_evaluate(args) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
-                                 skip_bad=args.skip_bad, workers=args.workers, tta=args.tta)
+                                 skip_bad=args.skip_bad, workers=args.workers, tta=args.tta, groups=args.groups,
+                                 backend=args.backend)
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
+    print(f"per-image results: {Path(args.out) / 'predictions.csv'}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+NOT_RECOGNISED = "not recognised as a brain MRI slice like the training data"
 
 
 def cmd_predict(args) -> int:
     from .predict import Classifier, expand_inputs
 
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, tta=args.tta)
+    classifier.min_confidence = args.min_confidence
     predictions = classifier.predict(expand_inputs(args.paths), batch_size=args.batch_size)
     if args.json:
         print(json.dumps([p.to_dict() for p in predictions], indent=2))
@@ -147,17 +164,37 @@ def cmd_predict(args) -> int:
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(["source", "label", "confidence", *classifier.classes])
+        writer.writerow(["source", "label", "confidence", *classifier.classes, "status", "ood_score",
+                         "out_of_distribution"])
         for p in predictions:
             writer.writerow([p.source, p.label, f"{p.confidence:.6f}",
-                             *(f"{p.probabilities[c]:.6f}" for c in classifier.classes)])
+                             *(f"{p.probabilities[c]:.6f}" for c in classifier.classes), p.status,
+                             "" if p.ood_score is None else f"{p.ood_score:.4f}",
+                             "" if p.out_of_distribution is None else str(p.out_of_distribution).lower()])
     else:
-        width = max(len(p.source) for p in predictions)
-        print(f"{'image':<{width}}  {'prediction':<12} " + " ".join(f"{c[:10]:>10}" for c in classifier.classes))
-        for p in predictions:
-            print(f"{p.source:<{width}}  {p.label:<12} "
-                  + " ".join(f"{p.probabilities[c]:>10.4f}" for c in classifier.classes))
+        print(format_predictions(predictions, classifier))
     return 0
+
+
+def format_predictions(predictions, classifier) -> str:
+    """The terminal table: an out-of-distribution or low-confidence slice shows no class in its prediction
+    column (its probabilities stay for reference), with a legend below."""
+    shown = {"out_of_distribution": "NOT RECOGNISED", "low_confidence": "uncertain"}
+    width = max(len("image"), *(len(p.source) for p in predictions))
+    lines = [f"{'image':<{width}}  {'prediction':<14} " + " ".join(f"{c[:10]:>10}" for c in classifier.classes)
+             + f" {'ood_score':>9}"]
+    for p in predictions:
+        score = "n/a" if p.ood_score is None else f"{p.ood_score:.2f}"
+        lines.append(f"{p.source:<{width}}  {shown.get(p.status, p.label):<14} "
+                     + " ".join(f"{p.probabilities[c]:>10.4f}" for c in classifier.classes) + f" {score:>9}")
+    statuses = {p.status for p in predictions}
+    if "out_of_distribution" in statuses:
+        lines.append(f"NOT RECOGNISED: {NOT_RECOGNISED} (ood_score above 1); its probabilities mean nothing")
+    if "low_confidence" in statuses:
+        lines.append(f"uncertain: highest probability below --min-confidence {classifier.min_confidence:g}")
+    if not classifier.has_ood:
+        lines.append("note: this model has no out-of-distribution detector; run `braintumor calibrate` on it")
+    return "\n".join(lines)
 
 
 def cmd_make_phantoms(args) -> int:
@@ -178,7 +215,8 @@ def cmd_demo(args) -> int:
 def cmd_audit(args) -> int:
     from .audit import audit, write_audit
 
-    report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty())
+    report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty(),
+                   groups=args.groups)
     json_path, md_path = write_audit(report, args.out)
     summary = report["summary"]
     print(" ".join(f"{key.replace('_', ' ')}: {value}" for key, value in summary.items()))
@@ -187,6 +225,15 @@ def cmd_audit(args) -> int:
         print(f"error: {summary['leaked_images']} image(s) of {args.against} duplicate training images",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .trust import describe_trust, fit_trust_for_checkpoint
+
+    trust = fit_trust_for_checkpoint(args.checkpoint, data=args.data, val=args.val, accept_rate=args.accept_rate,
+                                     device=args.device, batch_size=args.batch_size, workers=args.workers)
+    print(f"fitted into {args.checkpoint}: {describe_trust(trust)}")
     return 0
 
 
@@ -221,7 +268,8 @@ def cmd_serve(args) -> int:
     from .serve import run_server
 
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
-               max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta)
+               max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta,
+               min_confidence=args.min_confidence)
     return 0
 
 
@@ -257,6 +305,9 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
+    p.add_argument("--groups", metavar="FILE.csv", help="patient/series groups (columns path,group; default: "
+                   "per-patient sub-folders): with --exclude-duplicates-of, a group seen in training is not leak-free")
+    p.add_argument("--backend", default="torch", help="torch (default) or onnx (no Grad-CAM in the gallery)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders")
@@ -269,6 +320,8 @@ def build_parser() -> Parser:
     p.add_argument("--backend", default="torch", help="torch (default) or onnx")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                   help="abstain (status low_confidence, no class in the table) below this probability")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays for images")
@@ -296,7 +349,20 @@ def build_parser() -> Parser:
     p.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD,
                    help=f"near duplicates: at most this many of the 256 perceptual-hash bits differ "
                         f"(default {DEFAULT_THRESHOLD}; 0: identical hashes only)")
+    p.add_argument("--groups", metavar="FILE.csv", help="patient/series groups (columns path,group; default: "
+                   "per-patient sub-folders): reports groups found on both sides of --against")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("calibrate", help="fit the OOD detector and temperature into a trained checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint or run folder (its best.pt is rewritten in place)")
+    p.add_argument("--data", help="training folder (default: the one stored in the checkpoint's config)")
+    p.add_argument("--val", help="separate validation folder (default: the run's own split of --data)")
+    p.add_argument("--accept-rate", type=probability, default=0.95,
+                   help="fraction of validation slices the OOD threshold accepts (default 0.95)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("make-phantoms", help="write a synthetic phantom data set (PNG folders)")
     p.add_argument("out")
@@ -322,6 +388,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-files", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--backend", default="torch", help="torch (default; needed for Grad-CAM) or onnx")
+    p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                   help="abstain (shown as uncertain) below this probability")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -52,6 +52,8 @@ def fit_trust(checkpoint_or_classifier, train_paths, train_labels, val_paths, va
     classifier = checkpoint_or_classifier
     if not isinstance(classifier, Classifier):
         classifier = Classifier.from_checkpoint(checkpoint_or_classifier, device=device)
+    if not 0.0 < accept_rate < 1.0:
+        raise UserError(f"the OOD acceptance rate must be between 0 and 1 (exclusive), got {accept_rate}")
     if len(train_paths) == 0 or len(val_paths) == 0:
         raise UserError("fitting the OOD detector and temperature needs training and validation images")
     _, train_features = logits_and_features(classifier, train_paths, batch_size, workers)
