@@ -219,6 +219,8 @@ def cmd_audit(args) -> int:
                    groups=args.groups)
     json_path, md_path = write_audit(report, args.out)
     summary = report["summary"]
+    if report.get("leak_headline"):
+        print(report["leak_headline"])
     print(" ".join(f"{key.replace('_', ' ')}: {value}" for key, value in summary.items()))
     print(f"report: {md_path}")
     if args.fail_on_leak and summary.get("leaked_images", 0) > 0:
