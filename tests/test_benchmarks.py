@@ -44,3 +44,19 @@ def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tm
     assert splits == {1}  # both seeds validated on the split of seed 0
     assert load("time_to_accuracy").main(["--summarize", str(tmp_path / "runs" / "seed0")]) == 0
     assert "seed0" in capsys.readouterr().out
+
+
+def test_ood_benchmark_smoke_mode(tmp_path, capsys):
+    out = tmp_path / "ood.json"
+    assert load("ood").main(["--smoke", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["sets"]) == {"photos", "noise", "blanks", "gradients", "text", "mri-wrong"}
+    for row in results["sets"].values():
+        assert {"mahalanobis", "energy", "max_softmax"} <= set(row)
+        assert 0 <= row["mahalanobis"]["auroc"] <= 1 and 0 <= row["mahalanobis"]["far_at_stored_threshold"] <= 1
+    assert "| photos |" in capsys.readouterr().out
+
+
+def test_ood_benchmark_needs_a_fitted_detector(tiny_checkpoint, phantom_dir, capsys):
+    assert load("ood").main(["--checkpoint", str(tiny_checkpoint), "--data", str(phantom_dir)]) == 2
+    assert "braintumor calibrate" in capsys.readouterr().err
