@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_photos() -> dict[str, Image.Image]:
+def sample_photos(with_skimage: bool = True) -> dict[str, Image.Image]:
     """Natural photos shipped by installed packages (no download)."""
     import matplotlib
     from sklearn.datasets import load_sample_image
@@ -62,6 +62,8 @@ def sample_photos() -> dict[str, Image.Image]:
     for name in ("china.jpg", "flower.jpg"):
         photos[name.split(".")[0]] = Image.fromarray(load_sample_image(name))
     try:
+        if not with_skimage:
+            raise ImportError
         import skimage.data
 
         for name in ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text",
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
             paths = [paths[i] for i in sorted(rng.choice(len(paths), args.max_id, replace=False))]
         id_images = [classifier.load(path) for path in paths]
         n = 4 if args.smoke else 30
-        photos = photo_variants(sample_photos(), rng)
+        photos = photo_variants(sample_photos(with_skimage=not args.smoke), rng)
         sets = {"photos": photos[:n * 2] if args.smoke else photos, **synthetic_sets(rng, n),
                 "mri-wrong": mri_wrong(id_images[:n])}
         id_scores = scores_of(classifier, id_images, args.batch_size)

@@ -48,9 +48,11 @@ def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int],
 def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[int], out_dir: str | Path, *,
                         batch_size: int = 64, title: str = "Evaluation report",
                         extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
-                        workers: int = 0, groups: list | None = None) -> dict[str, Any]:
+                        workers: int = 0, groups: list | None = None,
+                        duplicate_of_train: list[bool] | None = None) -> dict[str, Any]:
     """Metrics of a classifier on labelled files, written as a report with predictions.csv, ROC curves and the
-    worst mistakes; ``leak_free`` adds a subset column (and a predictions.csv column)."""
+    worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train`` and ``groups`` add
+    predictions.csv columns."""
     logits, ood_scores = infer_paths(classifier, paths, batch_size, workers)
     probabilities = classifier.calibrated(logits)
     y_true = np.asarray(labels)
@@ -77,7 +79,7 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
 
     write_predictions_csv(out / "predictions.csv", paths, y_true, probabilities, classifier.classes,
                           ood_scores=ood_scores,
-                          duplicate_of_train=None if leak_free is None else [not f for f in leak_free], groups=groups)
+                          duplicate_of_train=duplicate_of_train, groups=groups)
     figures = []
     if plot_roc_curves(y_true, probabilities, classifier.classes, out / "roc_curves.png"):
         figures.append("roc_curves.png")
@@ -109,12 +111,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     test_groups, group_source = find_groups(paths, data_dir, groups)
     if group_source:
         extra["groups"] = group_source
-    leak_free = None
+    leak_free = duplicates = None
     if exclude_duplicates_of:
         from .dedup import leak_free_mask
 
         train_paths = discover(exclude_duplicates_of).paths
         leak_free = leak_free_mask(paths, train_paths)
+        duplicates = [not free for free in leak_free]
         extra["leak check"] = (f"{len(leak_free) - sum(leak_free)} of {len(leak_free)} images are exact or near "
                                f"duplicates of images in {exclude_duplicates_of}")
         if group_source:
@@ -125,4 +128,5 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
                                          f"images in {exclude_duplicates_of}; left out of the leak-free subset")
     return evaluate_classifier(classifier, paths, labels, out_dir, batch_size=batch_size, workers=workers,
                                title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
-                               leak_free=leak_free, groups=test_groups if group_source else None)
+                               leak_free=leak_free, groups=test_groups if group_source else None,
+                               duplicate_of_train=duplicates)

@@ -64,22 +64,30 @@ def plot_worst_mistakes(classifier, paths: Sequence, y_true, probabilities, path
     y_true, probabilities = np.asarray(y_true), np.asarray(probabilities)
     images = [classifier.load(paths[i]).resize((classifier.image_size,) * 2) for i in indices]
     explanations = classifier.explain([str(paths[i]) for i in indices]) if classifier.model is not None else None
-    columns = 2 if explanations else 1
-    fig = Figure(figsize=(3.2 * columns, 3.0 * len(indices)), layout="constrained")
-    axes = np.asarray(fig.subplots(len(indices), columns, squeeze=False))
-    for row, (i, image) in enumerate(zip(indices, images)):
+    per_item = 2 if explanations else 1  # the slice, and its Grad-CAM beside it
+    per_row = 2 if len(indices) > 3 else 1
+    rows = -(-len(indices) // per_row)
+    fig = Figure(figsize=(3.0 * per_item * per_row + (1.0 if explanations else 0), 3.1 * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, per_item * per_row, squeeze=False))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, (i, image) in enumerate(zip(indices, images)):
+        row, column = divmod(k, per_row)
+        slice_ax = axes[row, column * per_item]
         predicted = int(probabilities[i].argmax())
-        axes[row, 0].imshow(image)
-        axes[row, 0].set_title(f"{Path(paths[i]).name}\ntrue {classifier.classes[y_true[i]]} · predicted "
-                               f"{classifier.classes[predicted]} ({probabilities[i, predicted]:.0%})", fontsize=8)
+        slice_ax.imshow(image)
+        slice_ax.set_title(f"{Path(paths[i]).name}\ntrue {classifier.classes[y_true[i]]} · predicted "
+                           f"{classifier.classes[predicted]} ({probabilities[i, predicted]:.0%})", fontsize=8)
         if explanations:
-            shown = axes[row, 1].imshow(explanations[row].overlay(alpha=0.0), cmap="gray")
-            shown = axes[row, 1].imshow(explanations[row].heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            axes[row, 1].set_title(f"Grad-CAM for {explanations[row].target}", fontsize=8)
-            if row == 0:
-                fig.colorbar(shown, ax=axes[:, 1], shrink=0.3, label="Grad-CAM (0 none, 1 strongest)")
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            cam_ax = axes[row, column * per_item + 1]
+            cam_ax.imshow(explanations[k].overlay(alpha=0.0))
+            cam_ax.imshow(explanations[k].heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            cam_ax.set_title(f"Grad-CAM for {explanations[k].target}", fontsize=8)
+    if explanations:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes, shrink=min(0.8, 1.5 / rows),
+                     label="Grad-CAM (0 none, 1 strongest)")
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     return Path(path)
