@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .calibration import softmax
 from .data import ImageFolderDataset, discover
 from .loaders import drop_bad_files
 from .metrics import compute_metrics
@@ -19,23 +18,23 @@ from .report import plot_roc_curves, write_report
 
 @torch.inference_mode()
 def infer_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
-                workers: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """Raw logits (N, C) and OOD scores (N,) (None without a detector) for image files, decoded and
-    preprocessed in DataLoader workers."""
+                workers: int = 0) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Raw logits (N, C) of each test-time view (one, or two with TTA) and OOD scores (N,) (None without a
+    detector) for image files, decoded and preprocessed in DataLoader workers."""
     dataset = ImageFolderDataset(paths, [0] * len(paths), classifier.preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    outputs = [classifier.infer(images) for images, _ in loader]
+    outputs = [classifier.infer_views(images) for images, _ in loader]
     if not outputs:
-        return np.zeros((0, len(classifier.classes)), dtype=np.float32), None
-    logits = np.concatenate([logit for logit, _ in outputs])
+        return [np.zeros((0, len(classifier.classes)), dtype=np.float32)], None
+    views = [np.concatenate([batch_views[v] for batch_views, _ in outputs]) for v in range(len(outputs[0][0]))]
     scores = None if outputs[0][1] is None else np.concatenate([score for _, score in outputs])
-    return logits, scores
+    return views, scores
 
 
 def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
                   workers: int = 0) -> np.ndarray:
-    """Calibrated probabilities (N, C) for image files."""
-    return classifier.calibrated(infer_paths(classifier, paths, batch_size, workers)[0])
+    """Calibrated probabilities (N, C) for image files (mirror-averaged with TTA)."""
+    return classifier.probabilities(infer_paths(classifier, paths, batch_size, workers)[0])
 
 
 def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int], out_dir: str | Path, *,
@@ -53,11 +52,11 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
     """Metrics of a classifier on labelled files, written as a report with predictions.csv, ROC curves and the
     worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train`` and ``groups`` add
     predictions.csv columns."""
-    logits, ood_scores = infer_paths(classifier, paths, batch_size, workers)
-    probabilities = classifier.calibrated(logits)
+    views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+    probabilities = classifier.probabilities(views)
     y_true = np.asarray(labels)
     y_pred = probabilities.argmax(axis=1)
-    uncalibrated = softmax(logits) if classifier.temperature != 1.0 else None
+    uncalibrated = classifier.probabilities(views, temperature=1.0) if classifier.temperature != 1.0 else None
     metrics = compute_metrics(y_true, y_pred, probabilities, classifier.classes, uncalibrated_probabilities=uncalibrated)
     metrics["temperature"] = classifier.temperature
     metrics["ood"] = {"detector": ood_scores is not None}
