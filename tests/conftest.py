@@ -39,3 +39,20 @@ def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "not
 def tiny_checkpoint(tmp_path_factory):
     """Path of an untrained resnet18 checkpoint at 64 px with the four phantom classes."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def trusted_checkpoint(tmp_path_factory, tiny_checkpoint, phantom_dir):
+    """The tiny checkpoint with an OOD detector and temperature fitted on phantoms (train: phantom_dir,
+    validation: 6 other phantoms per class). Untrained, but its features still tell phantoms from photos."""
+    import shutil
+
+    from braintumor.data import discover
+    from braintumor.phantom import write_phantom_set
+    from braintumor.trust import fit_trust, store_trust
+
+    root = tmp_path_factory.mktemp("trusted")
+    path = shutil.copy(tiny_checkpoint, root / "trusted.pt")
+    train, val = discover(phantom_dir), discover(write_phantom_set(root / "val", per_class=6, size=64, seed=321))
+    store_trust(path, fit_trust(path, train.paths, train.labels, val.paths, val.labels))
+    return path

@@ -60,7 +60,7 @@ def test_audit_across_two_folders_reports_leaks(tmp_path):
     json_path, md_path = write_audit(report, tmp_path / "out")
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(report))
     markdown = md_path.read_text()
-    assert "3 of 7 images (42.9%) duplicate an image of this set; 1 (14.3%) are pixel-identical" in markdown
+    assert "Other side: 3 of 7 images (42.9%) duplicate an image of this set; 1 (14.3%) are pixel-identical" in markdown
     assert "| `glioma/t0.png` | `glioma/x.png` | exact |" in markdown
 
 
@@ -135,3 +135,41 @@ def test_real_data_audit_runs(tmp_path):
     assert report["n_images"] > 0 and report["n_readable"] == report["n_images"] - len(report["unreadable"])
     assert report["duplicate_groups"]["largest"] < report["n_images"] / 20  # no runaway near-duplicate chains
     write_audit(report, tmp_path / "out")
+
+
+def test_leak_headline_counts_the_audited_set_first(tmp_path, capsys):
+    from braintumor.cli import main
+
+    train, test, _ = train_and_test_folders(tmp_path)
+    report = audit(test, against=train)  # a user auditing a test set against the training set
+    leaks = report["leaks"]
+    assert (leaks["audited_exact_images"], leaks["audited_duplicated_images"]) == (1, 3)
+    assert report["leak_headline"].startswith(
+        "1 of 7 images of test (14.3%) are pixel-identical to an image of train; 3 (42.9%) are exact or near "
+        "duplicates of one. On the other side, 3 of 6 images of train")
+    assert list(report["summary"])[:3] == ["images", "pixel_identical_to_against", "duplicating_against"]
+    assert main(["audit", str(test), "--against", str(train), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == report["leak_headline"]
+    markdown = (tmp_path / "out" / "audit.md").read_text().splitlines()
+    assert markdown[2] == f"**Leakage:** {report['leak_headline']}"
+    saved = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert list(saved["summary"])[1] == "pixel_identical_to_against"
+
+
+def test_audit_reports_patient_groups_that_straddle_the_two_sets(tmp_path):
+    train, test = tmp_path / "train", tmp_path / "test"
+    for i in range(4):
+        _save(train / PHANTOM_CLASSES[i % 2] / f"patient{i}" / f"a{i}.png", _phantom(i))
+    for i in range(3, 6):  # patient3 appears in both sets, with a different slice
+        _save(test / PHANTOM_CLASSES[i % 2] / f"patient{i}" / f"b{i}.png", _phantom(20 + i))
+    report = audit(test, against=train)
+    groups = report["groups"]
+    assert groups["source"] == "per-patient sub-folders" and groups["n_groups"] == 3
+    assert groups["straddling"] == [{"group": "patient3", "images": 1, "against_images": 1}]
+    assert report["summary"]["straddling_groups"] == 1
+    # The same from a CSV, whose paths are relative to its own folder.
+    csv_file = tmp_path / "groups.csv"
+    rows = [f"{p.relative_to(tmp_path)},case-{p.stem[1:]}" for p in sorted(tmp_path.rglob("*.png"))]
+    csv_file.write_text("path,group\n" + "\n".join(rows) + "\n")
+    by_csv = audit(test, against=train, groups=csv_file)["groups"]
+    assert by_csv["source"] == str(csv_file) and [g["group"] for g in by_csv["straddling"]] == ["case-3"]

@@ -61,3 +61,19 @@ def test_gpu_session_script_plans_every_gpu_measurement(tmp_path):
     assert "benchmarks/train_throughput.py --data Training --epochs 3" in plan and f"--json {tmp_path}" in plan
     assert "benchmarks/optimizer_step.py --device cuda --arch resnet152" in plan
     assert "time_to_accuracy.py --data Training --recipe scratch-gpu --seeds 0" in plan
+
+
+def test_ood_benchmark_smoke_mode(tmp_path, capsys):
+    out = tmp_path / "ood.json"
+    assert load("ood").main(["--smoke", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["sets"]) == {"photos", "noise", "blanks", "gradients", "text", "mri-wrong"}
+    for row in results["sets"].values():
+        assert {"mahalanobis", "energy", "max_softmax"} <= set(row)
+        assert 0 <= row["mahalanobis"]["auroc"] <= 1 and 0 <= row["mahalanobis"]["far_at_stored_threshold"] <= 1
+    assert "| photos |" in capsys.readouterr().out
+
+
+def test_ood_benchmark_needs_a_fitted_detector(tiny_checkpoint, phantom_dir, capsys):
+    assert load("ood").main(["--checkpoint", str(tiny_checkpoint), "--data", str(phantom_dir)]) == 2
+    assert "braintumor calibrate" in capsys.readouterr().err

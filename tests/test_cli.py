@@ -43,7 +43,7 @@ def test_evaluate_with_leak_free_subset(trained_run, phantom_dir, tmp_path, caps
     assert code == 0 and "macro avg" in out and "report: " in out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == 24 and set(report["per_class"]) == {"glioma", "meningioma", "notumor", "pituitary"}
-    assert "24 of 24 images are exact or near duplicates" in report["extra"]["leak check"]
+    assert "24 of 24 images are exact or near duplicates" in report["extra"]["leak_check"]
     assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
 
 
@@ -59,7 +59,43 @@ def test_predict_table_json_csv(trained_run, phantom_dir, capsys):
     code, out, _ = run(["predict", trained_run / "best.pt", folder, "--csv"], capsys)
     table = list(csv.DictReader(io.StringIO(out)))
     assert len(table) == 6 and set(table[0]) == {"source", "label", "confidence", "glioma", "meningioma",
-                                                  "notumor", "pituitary"}
+                                                  "notumor", "pituitary", "status", "ood_score",
+                                                  "out_of_distribution"}
+    # Training fitted the OOD detector into best.pt: every output carries the flag and the score.
+    assert all(row["out_of_distribution"] in ("true", "false") and float(row["ood_score"]) >= 0 for row in table)
+    assert {"status", "out_of_distribution", "ood_score", "abstained"} <= set(record)
+
+
+def test_predict_rejects_a_blank_image_and_abstains_below_min_confidence(trained_run, phantom_dir, tmp_path,
+                                                                         capsys):
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (64, 64), "black").save(blank)
+    code, out, _ = run(["predict", trained_run / "best.pt", blank], capsys)
+    row = out.splitlines()[1]
+    assert code == 0 and "NOT RECOGNISED" in row and "not recognised as a brain MRI slice" in out
+    assert not any(name in row.split()[1] for name in ("glioma", "meningioma", "notumor", "pituitary"))
+    code, out, _ = run(["predict", trained_run / "best.pt", phantom_dir / "glioma", "--json",
+                        "--min-confidence", "1"], capsys)
+    records = json.loads(out)
+    assert code == 0 and all(r["abstained"] for r in records)
+    assert {r["status"] for r in records} <= {"low_confidence", "out_of_distribution"}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(trained_run / "best.pt"), str(blank), "--min-confidence", "1.5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "between 0 and 1" in err and err.count("\n") == 1
+
+
+def test_calibrate_refits_a_checkpoint_from_its_own_run(trained_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy.pt"
+    shutil.copy(trained_run / "last.pt", copy)  # last.pt has no trust entry: as a checkpoint trained earlier
+    assert "trust" not in torch.load(copy, weights_only=True)
+    code, out, _ = run(["calibrate", copy, "--device", "cpu", "--accept-rate", "0.9"], capsys)
+    trust = torch.load(copy, weights_only=True)["trust"]
+    assert code == 0 and "temperature" in out and trust["accept_rate"] == 0.9 and trust["n_val"] == 4
 
 
 def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_path, capsys):
@@ -149,6 +185,7 @@ def test_imagenet_weights_offline_through_the_cli(phantom_dir, tmp_path, capsys,
     (["predict", "missing.pt", "a.png"], "error: checkpoint not found: missing.pt"),
     (["train", "--epochs", "2"], "error: no training data folder given"),
     (["train", "x", "--config", "nope.yaml"], "error: config file not found: nope.yaml"),
+    (["calibrate", "missing.pt"], "error: checkpoint not found: missing.pt"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -30,8 +30,8 @@ def test_full_and_leak_free_metrics_side_by_side(tiny_checkpoint, phantom_dir, p
     assert set(result["subsets"]) == {"full set", "leak-free subset"}
     assert result["subsets"]["leak-free subset"]["n"] == 8
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["extra"]["leak check"].startswith("4 of 12 images are exact or near duplicates")
-    assert report["subsets"]["leak-free subset"]["n"] == 8
+    assert report["extra"]["leak_check"].startswith("4 of 12 images are exact or near duplicates")
+    assert report["subsets"]["leak_free_subset"]["n"] == 8
     markdown = (tmp_path / "report.md").read_text()
     assert "| Metric | full set | leak-free subset |" in markdown
 
@@ -47,3 +47,34 @@ def test_folder_classes_must_belong_to_the_model(tiny_checkpoint, tmp_path):
     (other / "glioma").rename(other / "astrocytoma")
     with pytest.raises(UserError, match="not among the model's classes: astrocytoma"):
         evaluate_checkpoint(tiny_checkpoint, other, tmp_path / "out", device="cpu")
+
+
+def test_predictions_csv_rows_match_the_reports_counts(tiny_checkpoint, phantom_dir, planted_leak, tmp_path):
+    import csv
+
+    evaluate_checkpoint(tiny_checkpoint, planted_leak, tmp_path, device="cpu", exclude_duplicates_of=str(phantom_dir))
+    report = json.loads((tmp_path / "report.json").read_text())
+    with open(tmp_path / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    classes = report["classes"]
+    assert len(rows) == report["n"] == 12
+    counts = [[0] * len(classes) for _ in classes]
+    for row in rows:
+        counts[classes.index(row["true_class"])][classes.index(row["predicted_class"])] += 1
+        assert sum(float(row[f"p_{name}"]) for name in classes) == pytest.approx(1.0, abs=1e-4)
+        assert (row["correct"] == "true") == (row["true_class"] == row["predicted_class"])
+    assert counts == report["confusion_matrix"]
+    assert sum(row["correct"] == "true" for row in rows) == round(report["accuracy"] * report["n"])
+    # The 4 planted copies are the rows marked as duplicates of a training image.
+    assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows if row["duplicate_in_train"] == "true") == \
+        ["leaked_0.png", "leaked_0.png", "leaked_1.png", "leaked_1.png"]
+    # Per-class sensitivity/specificity, an exact accuracy interval, snake_case keys, and the figures.
+    glioma = report["per_class"]["glioma"]
+    assert glioma["sensitivity"] == glioma["recall"] and 0 <= glioma["specificity"] <= 1
+    assert "Clopper-Pearson" in report["intervals"]["accuracy_ci95"]
+    assert all(key == key.lower() and " " not in key for key in report["extra"])
+    wrong = sum(row["correct"] == "false" for row in rows)
+    assert (tmp_path / "roc_curves.png").stat().st_size > 1000
+    assert (tmp_path / "worst_mistakes.png").is_file() == (wrong > 0)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "(roc_curves.png)" in markdown and "Specificity" in markdown

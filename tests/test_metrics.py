@@ -47,7 +47,12 @@ def test_metrics_match_hand_computed_values():
     assert m["confusion_matrix"] == [[2, 1, 1, 0], [1, 2, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]]
     np.testing.assert_allclose(m["confusion_matrix_normalized"],
                                [[0.5, 0.25, 0.25, 0], [1 / 3, 2 / 3, 0, 0], [0, 1 / 3, 2 / 3, 0], [0, 0, 0, 0]])
-    assert m["accuracy_ci95"] is None and m["macro_f1_ci95"] is None
+    assert m["accuracy_ci95"] == pytest.approx(list(metrics.clopper_pearson(6, 10))) and m["macro_f1_ci95"] is None
+    # Specificity: images of the other classes not predicted as this one; sensitivity is recall.
+    assert m["per_class"]["glioma"]["specificity"] == pytest.approx(5 / 6)
+    assert m["per_class"]["meningioma"]["specificity"] == pytest.approx(5 / 7)
+    assert m["per_class"]["glioma"]["sensitivity"] == pytest.approx(2 / 4)
+    assert m["per_class"]["notumor"]["sensitivity"] is None and m["per_class"]["notumor"]["specificity"] == 1.0
     assert m["roc_auc"]["notumor"] is None and m["per_class"]["notumor"]["roc_auc"] is None
     json.dumps(m, allow_nan=False)  # plain Python types only
 
@@ -125,7 +130,8 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_n():
         widths.append(np.subtract(*metrics.bootstrap_ci(t, p, metrics.accuracy, 500, seed=0)[::-1]))
     assert widths[1] < widths[0] / 3  # ~1/sqrt(20) as wide
     m = metrics.compute_metrics(y_true, y_pred, None, ["a", "b", "c"], bootstrap=200, seed=1)
-    assert m["accuracy_ci95"] == list(metrics.bootstrap_ci(y_true, y_pred, metrics.accuracy, 200, 1))
+    assert m["macro_f1_ci95"] == list(metrics.bootstrap_ci(y_true, y_pred, metrics.macro_f1, 200, 1))
+    assert "Clopper-Pearson" in m["intervals"]["accuracy_ci95"] and "bootstrap" in m["intervals"]["macro_f1_ci95"]
     assert m["ece"] is None and m["reliability"] is None and m["roc_auc_macro"] is None
 
 
@@ -136,3 +142,16 @@ def test_input_errors():
         metrics.compute_metrics([0, 2], [0, 1], None, ["a", "b"])
     with pytest.raises(ValueError, match="shape"):
         metrics.compute_metrics([0, 1], [0, 1], np.ones((2, 3)) / 3, ["a", "b"])
+
+
+def test_accuracy_interval_is_exact_and_never_zero_width():
+    # 76 of 76 correct: the bootstrap gives 100-100 %; Clopper-Pearson gives (0.05/2)^(1/76) = 95.3 % to 100 %.
+    m = metrics.compute_metrics([0] * 40 + [1] * 36, [0] * 40 + [1] * 36, None, ["a", "b"], bootstrap=0)
+    low, high = m["accuracy_ci95"]
+    assert low == pytest.approx(0.025 ** (1 / 76), abs=1e-9) and low == pytest.approx(0.9526, abs=1e-4)
+    assert high == 1.0
+    # Against the textbook beta-quantile form (an independent reference).
+    from scipy.stats import beta
+
+    low, high = metrics.clopper_pearson(7, 20)
+    assert low == pytest.approx(beta.ppf(0.025, 7, 14)) and high == pytest.approx(beta.ppf(0.975, 8, 13))

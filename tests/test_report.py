@@ -47,14 +47,15 @@ def test_write_report_files_json_markdown_and_images(tmp_path):
     assert report["title"] == "Test report"
     for key in ("accuracy", "per_class", "confusion_matrix", "accuracy_ci95", "ece", "roc_auc", "macro_avg"):
         assert report[key] == pytest.approx(full[key]) if isinstance(full[key], float) else report[key] == full[key]
-    assert report["subsets"]["leak-free subset"]["n"] == 7
-    assert report["extra"]["skipped bad files"] == [[str(tmp_path / "x.jpg"), "truncated image"]]
-    assert report["extra"]["images/s"] == 12.5
+    assert report["subsets"]["leak_free_subset"]["n"] == 7  # JSON keys are snake_case
+    assert report["extra"]["skipped_bad_files"] == [[str(tmp_path / "x.jpg"), "truncated image"]]
+    assert report["extra"]["images_s"] == 12.5
     md = paths["markdown"].read_text()
     assert "# Test report" in md and "not a medical device" in md
-    assert "| Class | Accuracy | Precision | Recall | F1 | Support | ROC-AUC |" in md
-    assert "| glioma | 0.5000 | 0.6667 | 0.5000 | 0.5714 | 4 | " in md
-    assert "| notumor | 0.0000 | 0.0000 | 0.0000 | 0.0000 | 0 | n/a |" in md
+    assert "| Class | Accuracy | Precision | Sensitivity (recall) | Specificity | F1 | Support | ROC-AUC |" in md
+    assert "| glioma | 0.5000 | 0.6667 | 0.5000 | 0.8333 | 0.5714 | 4 | " in md
+    assert "| notumor | 0.0000 | 0.0000 | 0.0000 | 1.0000 | 0.0000 | 0 | n/a |" in md
+    assert "exact Clopper–Pearson" in md and "bootstrap over images (100 resamples" in md
     assert "| Metric | full set | leak-free subset |" in md and "| Images (n) | 10 | 7 |" in md
     assert "| glioma | 2 | 1 | 1 | 0 |" in md  # confusion matrix counts
     assert f"Accuracy: 0.6000 (95 % CI {full['accuracy_ci95'][0]:.4f}" in md

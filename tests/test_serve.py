@@ -369,3 +369,25 @@ def test_load_benchmark_runs_in_small_mode(tiny_checkpoint):
         capture_output=True, text=True, timeout=180, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "errors: 0" in result.stdout and "p95" in result.stdout and "cores" in result.stdout
+
+
+def test_api_flags_out_of_distribution_and_low_confidence(trusted_checkpoint):
+    from sklearn.datasets import load_sample_image
+
+    classifier = Classifier.from_checkpoint(trusted_checkpoint)
+    photo, slice_png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(load_sample_image("flower.jpg")).save(photo, format="JPEG")
+    Image.fromarray(make_phantom("glioma", 64, 5)).save(slice_png, format="PNG")
+    with TestClient(create_app(classifier)) as test_client:
+        assert test_client.get("/favicon.ico").status_code == 200
+        model = test_client.get("/api/model").json()
+        assert model["ood_detector"] is True and model["temperature"] > 0
+        files = [("files", ("flower.jpg", photo.getvalue(), "image/jpeg")),
+                 ("files", ("slice.png", slice_png.getvalue(), "image/png"))]
+        flower, phantom = test_client.post("/api/predict", files=files).json()["results"]
+        assert flower["out_of_distribution"] is True and flower["ood_score"] > 1
+        assert flower["status"] == "out_of_distribution" and len(flower["probabilities"]) == 4
+        assert phantom["out_of_distribution"] is False and phantom["status"] == "ok"
+        classifier.min_confidence = 0.99  # what serve --min-confidence 0.99 sets
+        phantom = test_client.post("/api/predict", files=files[1:]).json()["results"][0]
+        assert phantom["abstained"] is True and phantom["status"] == "low_confidence"

@@ -8,6 +8,7 @@ in CI (CI set), where the set-up must have installed it.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import socket
@@ -48,11 +49,12 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    """uvicorn serving the app in a background thread on a free 127.0.0.1 port; yields the base URL."""
+def server(trusted_checkpoint):
+    """uvicorn serving the app (a model with an OOD detector) in a background thread on a free 127.0.0.1 port;
+    yields the base URL."""
     import uvicorn
 
-    classifier = Classifier.from_checkpoint(tiny_checkpoint)
+    classifier = Classifier.from_checkpoint(trusted_checkpoint)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -92,13 +94,17 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             requested: list[str] = []
+            failed_responses: list[str] = []
             page.on("request", lambda request: requested.append(request.url))
+            page.on("response", lambda response: failed_responses.append(f"{response.status} {response.url}")
+                    if response.status >= 400 and "/api/predict" not in response.url else None)
             page.goto(server)
             expect(page.locator("body")).to_have_attribute("data-ready", "true")
             expect(page.get_by_test_id("research-note")).to_contain_text("Research use only")
             expect(page.get_by_test_id("model-arch")).to_have_text(model["arch"])
             expect(page.get_by_test_id("model-fingerprint")).to_have_text(model["fingerprint"])
             expect(page.get_by_test_id("model-classes")).to_have_text(", ".join(model["classes"]))
+            expect(page.get_by_test_id("model-ood")).to_contain_text("on; probabilities calibrated")
 
             # Choose a file through the input.
             page.get_by_test_id("file-input").set_input_files(str(slice_path))
@@ -122,7 +128,7 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(dropped).to_have_attribute("data-state", "done", timeout=30_000)
             check_card(dropped, answers[dropped_path.name])
 
-            # Grad-CAM overlay on, then off again.
+            # Grad-CAM beside the slice (not instead of it), with an opacity slider; off, then on again.
             toggle = card.get_by_test_id("gradcam-toggle")
             toggle.click()
             overlay = card.get_by_test_id("gradcam-image")
@@ -130,15 +136,37 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(toggle).to_have_attribute("aria-pressed", "true")
             assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0
             assert "Grad-CAM" in overlay.get_attribute("alt")
-            expect(card.get_by_test_id("slice-image")).to_be_hidden()
+            expect(card.get_by_test_id("slice-image")).to_be_visible()
+            slice_box = card.get_by_test_id("slice-image").bounding_box()
+            overlay_box = overlay.bounding_box()
+            assert overlay_box["x"] >= slice_box["x"] + slice_box["width"] - 1  # side by side
+            expect(card.locator(".colour-bar")).to_be_visible()
             label = answers[slice_path.name]["label"]
             expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"Grad-CAM for {label}")
+            card.get_by_test_id("gradcam-opacity").fill("80")
+            assert overlay.evaluate("img => getComputedStyle(img).opacity") == "0.8"
             toggle.click()
             expect(overlay).to_be_hidden()
             expect(card.get_by_test_id("slice-image")).to_be_visible()
             toggle.click()  # cached: shown again without another request
             expect(overlay).to_be_visible()
             assert sum("explain=1" in url for url in requested) == 1
+
+            # A natural photo is rejected: no class, a banner, the probabilities kept for reference.
+            photo = tmp_path / "temple.jpg"
+            from sklearn.datasets import load_sample_image
+
+            Image.fromarray(load_sample_image("china.jpg")).save(photo, quality=90)
+            page.get_by_test_id("file-input").set_input_files(str(photo))
+            photo_card = page.locator('[data-testid="result"][data-filename="temple.jpg"]')
+            expect(photo_card).to_have_attribute("data-state", "done", timeout=30_000)
+            expect(photo_card).to_have_attribute("data-status", "out_of_distribution")
+            expect(photo_card.get_by_test_id("predicted-label")).to_have_text("Not recognised")
+            expect(photo_card.get_by_test_id("trust-banner")).to_contain_text(
+                "Not recognised as a brain MRI slice like the training data")
+            assert photo_card.get_by_test_id("probability").count() == len(model["classes"])
+            expect(photo_card.get_by_test_id("probabilities-note")).to_be_visible()
+            expect(card).to_have_attribute("data-status", "ok")
 
             # An unreadable file gets its own card with the server's reason.
             bad = tmp_path / "notes.png"
@@ -147,6 +175,20 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             bad_card = page.locator('[data-testid="result"][data-filename="notes.png"]')
             expect(bad_card).to_have_attribute("data-state", "error", timeout=30_000)
             expect(bad_card.get_by_test_id("result-error")).to_contain_text("notes.png: not a readable image")
+            expect(page.get_by_test_id("status")).to_have_text(
+                "4 file(s): 3 analysed (1 not recognised), 1 unreadable.")
+
+            # Results download as JSON and CSV.
+            with page.expect_download() as download:
+                page.get_by_test_id("download-json").click()
+            saved = json.loads(Path(download.value.path()).read_text())
+            assert [r["status"] for r in saved["results"]] == ["ok", "ok", "out_of_distribution"]
+            assert saved["results"][2]["ood_score"] > 1 and "preview_png_base64" not in saved["results"][0]
+            with page.expect_download() as download:
+                page.get_by_test_id("download-csv").click()
+            rows = Path(download.value.path()).read_text().splitlines()
+            assert rows[0].startswith("filename,status,label,confidence") and len(rows) == 4
+            assert rows[3].startswith("temple.jpg,out_of_distribution,")
 
             shot = tmp_path / "page.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -163,8 +205,9 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(page.get_by_test_id("operation").first).to_be_visible()
             expect(page.get_by_test_id("endpoints")).to_contain_text("POST /api/predict")
 
-            offsite = [url for url in requested if not url.startswith((server, "data:"))]
+            offsite = [url for url in requested if not url.startswith((server, "data:", "blob:"))]
             assert offsite == [], f"the page requested other hosts: {offsite}"
+            assert failed_responses == [], f"requests that failed (a missing favicon?): {failed_responses}"
         finally:
             browser.close()
     assert Image.open(shot).size[0] == 1100 and Image.open(phone_shot).size[0] == 375

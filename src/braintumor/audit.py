@@ -101,10 +101,17 @@ def _leaks(data: dict, other: dict, threshold: int) -> dict:
     pairs = _cross_pairs(data["records"], other["records"], threshold)
     leaked, n_other = {j for _, j, _, _ in pairs}, len(other["records"])
     leaked_exact = {j for _, j, kind, _ in pairs if kind == "exact"}
+    n_data = len(data["records"])
+    audited = {i for i, _, _, _ in pairs}
+    audited_exact = {i for i, _, kind, _ in pairs if kind == "exact"}
     listed = [{"data": data["paths"][i], "against": other["paths"][j], "kind": kind, "distance": distance,
                "data_label": data["labels"][i] if data["labels"] else None,
                "against_label": other["labels"][j] if other["labels"] else None} for i, j, kind, distance in pairs]
     return {
+        # The audited set first: how many of its images also appear (exactly, or nearly) in the other set.
+        "audited_exact_images": len(audited_exact), "audited_exact_fraction": len(audited_exact) / n_data,
+        "audited_duplicated_images": len(audited), "audited_duplicated_fraction": len(audited) / n_data,
+        # Then the other side's count.
         "leaked_images": len(leaked), "leaked_fraction": len(leaked) / n_other,
         "exact_leaked_images": len(leaked_exact), "exact_leaked_fraction": len(leaked_exact) / n_other,
         "data_images_involved": len({i for i, _, _, _ in pairs}),
@@ -115,12 +122,47 @@ def _leaks(data: dict, other: dict, threshold: int) -> dict:
     }
 
 
+def leak_headline(report: dict) -> str | None:
+    """One sentence, audited set first: "N of M images of TEST (x %) are pixel-identical to an image of TRAIN; K
+    (y %) are exact or near duplicates", then the other side's counts."""
+    leaks = report.get("leaks")
+    if leaks is None:
+        return None
+    name, other = os.path.basename(report["root"]), os.path.basename(report["against"]["root"])
+    return (f"{leaks['audited_exact_images']} of {report['n_images']} images of {name} "
+            f"({leaks['audited_exact_fraction']:.1%}) are pixel-identical to an image of {other}; "
+            f"{leaks['audited_duplicated_images']} ({leaks['audited_duplicated_fraction']:.1%}) are exact or near "
+            f"duplicates of one. On the other side, {leaks['leaked_images']} of {report['against']['n_images']} "
+            f"images of {other} ({leaks['leaked_fraction']:.1%}) duplicate an image of {name}; "
+            f"{leaks['exact_leaked_images']} ({leaks['exact_leaked_fraction']:.1%}) are pixel-identical.")
+
+
+def _group_report(data: dict, other: dict | None, groups_csv) -> dict | None:
+    """Patient/series groups (CSV or per-patient sub-folders) and those found in both sets."""
+    from braintumor.groups import find_groups
+
+    mine, source = find_groups(data["paths"], data["root"], groups_csv)
+    theirs, other_source = find_groups(other["paths"], other["root"], groups_csv) if other else ([], "")
+    if not source and not other_source:
+        return None
+    mine_counts, their_counts = Counter(g for g in mine if g is not None), Counter(g for g in theirs if g is not None)
+    shared = sorted(set(mine_counts) & set(their_counts), key=str)
+    return {"source": source or other_source, "n_groups": len(mine_counts),
+            "against_n_groups": len(their_counts) if other else None,
+            "n_straddling": len(shared),
+            "images_in_straddling_groups": sum(mine_counts[g] for g in shared),
+            "straddling": [{"group": g, "images": mine_counts[g], "against_images": their_counts[g]}
+                           for g in shared]}
+
+
 def audit(data_root, against=None, *, threshold: int = DEFAULT_THRESHOLD, cache_dir=None,
-          progress: bool = False) -> dict:
+          progress: bool = False, groups=None) -> dict:
     """Audit an image folder and, with ``against`` (e.g. the test set), its leakage; a JSON-able report.
 
-    Labels come from class folders when ``data_root`` has them. Leak figures count the images of
-    ``against`` that are exact or near duplicates of an image of ``data_root`` (the training set).
+    Labels come from class folders when ``data_root`` has them. Leak figures count, first, the images of
+    ``data_root`` that are exact or near duplicates of an image of ``against``, then the images of ``against``
+    that duplicate one of ``data_root``. ``groups`` (a CSV; default: per-patient sub-folders) adds the patient
+    or series groups found in both sets.
     """
     _check_threshold(threshold)
     start = time.perf_counter()
@@ -136,11 +178,21 @@ def audit(data_root, against=None, *, threshold: int = DEFAULT_THRESHOLD, cache_
         "images_in_duplicate_groups": report["duplicate_groups"]["n_images"],
         "label_conflict_groups": report["label_conflicts"]["n_groups"]}
     report["cache"] = data["cache"]
+    other = None
     if against is not None:
         other = _load_set(against, cache_dir, progress)
         report.update(against=_summary(other), leaks=_leaks(data, other, threshold))
-        report["summary"].update(against_images=len(other["records"]), leaked_images=report["leaks"]["leaked_images"])
+        leaks = report["leaks"]
+        report["summary"] = {"images": report["n_images"],
+                             "pixel_identical_to_against": leaks["audited_exact_images"],
+                             "duplicating_against": leaks["audited_duplicated_images"],
+                             **{k: v for k, v in report["summary"].items() if k != "images"},
+                             "against_images": len(other["records"]), "leaked_images": leaks["leaked_images"]}
+        report["leak_headline"] = leak_headline(report)
         report["cache"] = {**data["cache"], **{k: data["cache"][k] + other["cache"][k] for k in ("hits", "computed")}}
+    report["groups"] = _group_report(data, other if against is not None else None, groups)
+    if report["groups"] and against is not None:
+        report["summary"]["straddling_groups"] = report["groups"]["n_straddling"]
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
 
@@ -172,6 +224,18 @@ def _markdown(report: dict) -> str:
              f"({groups['n_images']}, {groups['n_redundant']}) |",
              f"| distinct images | {groups['n_unique_images']} |",
              f"| groups with conflicting labels (images) | {conflicts['n_groups']} ({conflicts['n_images']}) |", ""]
+    if leaks is not None:  # the headline a user auditing a test set wants, before everything else
+        lines[2:2] = [f"**Leakage:** {report['leak_headline']}", ""]
+    group_info = report.get("groups")
+    if group_info:
+        lines += ["## Patient / series groups", "",
+                  f"{group_info['n_groups']} groups (from {group_info['source']})."
+                  + (f" {group_info['n_straddling']} of them also have images in `{other_root}` "
+                     f"({group_info['images_in_straddling_groups']} images of this set): they straddle the two sets."
+                     if group_info["against_n_groups"] is not None else ""), ""]
+        if group_info["straddling"]:
+            lines += ["| group | images here | images in the other set |", "|---|---:|---:|"] + _truncated(
+                [f"| {g['group']} | {g['images']} | {g['against_images']} |" for g in group_info["straddling"]])
     if report["class_counts"]:
         lines += ["## Class balance", "", "| class | images | share |", "|---|---:|---:|"]
         lines += [f"| {name} | {count} | {report['class_fractions'][name]:.1%} |"
@@ -188,8 +252,12 @@ def _markdown(report: dict) -> str:
         if items:
             lines += [f"## {title}", ""] + _truncated([f"{k}. {item}" for k, item in enumerate(items, 1)])
     if leaks is not None:
-        lines += [f"## Leakage: images of `{other_root}` that duplicate this set", "",
-                  f"{leaks['leaked_images']} of {report['against']['n_images']} images "
+        lines += [f"## Leakage between this set and `{other_root}`", "",
+                  f"{leaks['audited_exact_images']} of {report['n_images']} images of this set "
+                  f"({leaks['audited_exact_fraction']:.1%}) are pixel-identical to an image of the other set; "
+                  f"{leaks['audited_duplicated_images']} ({leaks['audited_duplicated_fraction']:.1%}) are exact or "
+                  "near duplicates of one.", "",
+                  f"Other side: {leaks['leaked_images']} of {report['against']['n_images']} images "
                   f"({leaks['leaked_fraction']:.1%}) duplicate an image of this set; {leaks['exact_leaked_images']} "
                   f"({leaks['exact_leaked_fraction']:.1%}) are pixel-identical. {leaks['data_images_involved']} "
                   f"images of this set are involved; {leaks['n_label_conflicts']} pairs carry different labels.", ""]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +10,17 @@ from pathlib import Path
 from . import RESEARCH_NOTE, __version__
 from .dedup import DEFAULT_THRESHOLD
 from .errors import UserError
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,6 +51,10 @@ def one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
+GROUPS_HELP = ("CSV with columns path,group (patient or series id): a group never straddles the split "
+               "(default: per-patient sub-folders of the class folders, when there are any)")
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     # Every default is None so a YAML file (--config) can set it; TrainConfig holds the real defaults.
     p.add_argument("data", nargs="?", help="training folder with one sub-folder per class")
@@ -51,6 +65,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", type=float, help="validation fraction of the training folder (default 0.15)")
     p.add_argument("--no-group-split", dest="group_split", action="store_false", default=None,
                    help="allow exact/near duplicates on both sides of the split (default: kept together)")
+    p.add_argument("--groups", metavar="FILE.csv", help=GROUPS_HELP)
     p.add_argument("--arch", help="resnet18|resnet34|resnet50|resnet101|resnet152 (default resnet152)")
     p.add_argument("--weights", help="imagenet (default), none, or a torchvision state-dict file")
     p.add_argument("--image-size", type=int, help="square input size in pixels (default 224)")
@@ -104,8 +119,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="no progress bars")
 
 
-TRAIN_KEYS = ("data", "val", "val_split", "group_split", "arch", "weights", "image_size", "rotation", "scale",
-              "translate", "brightness", "contrast", "gamma", "progressive_resize", "progressive_until",
+TRAIN_KEYS = ("data", "val", "val_split", "group_split", "groups", "arch", "weights", "image_size", "rotation",
+              "scale", "translate", "brightness", "contrast", "gamma", "progressive_resize", "progressive_until",
               "eval_image_size", "ema", "tta", "teacher", "distill_weight", "distill_temperature", "epochs",
               "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
               "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "split_seed", "device", "data_cache",
@@ -148,10 +163,12 @@ def cmd_evaluate(args) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
-                                 skip_bad=args.skip_bad, workers=args.workers, tta=args.tta)
+                                 skip_bad=args.skip_bad, workers=args.workers, tta=args.tta, groups=args.groups,
+                                 backend=args.backend)
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
+    print(f"per-image results: {Path(args.out) / 'predictions.csv'}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -161,9 +178,10 @@ def cmd_predict(args) -> int:
     from .streaming import PredictionWriter, stream_predictions
 
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
-                                         tta=args.tta)
+                                            tta=args.tta)
+    classifier.min_confidence = args.min_confidence
     paths = expand_inputs(args.paths)
-    writer = PredictionWriter(sys.stdout, classifier.classes, "json" if args.json else "csv" if args.csv else "table",
+    writer = PredictionWriter(sys.stdout, classifier, "json" if args.json else "csv" if args.csv else "table",
                               width=max(len(str(p)) for p in paths))
     skipped = stream_predictions(classifier, paths, writer, batch_size=args.batch_size, skip_bad=args.skip_bad)
     if skipped:
@@ -190,15 +208,27 @@ def cmd_demo(args) -> int:
 def cmd_audit(args) -> int:
     from .audit import audit, write_audit
 
-    report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty())
+    report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty(),
+                   groups=args.groups)
     json_path, md_path = write_audit(report, args.out)
     summary = report["summary"]
+    if report.get("leak_headline"):
+        print(report["leak_headline"])
     print(" ".join(f"{key.replace('_', ' ')}: {value}" for key, value in summary.items()))
     print(f"report: {md_path}")
     if args.fail_on_leak and summary.get("leaked_images", 0) > 0:
         print(f"error: {summary['leaked_images']} image(s) of {args.against} duplicate training images",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .trust import describe_trust, fit_trust_for_checkpoint
+
+    trust = fit_trust_for_checkpoint(args.checkpoint, data=args.data, val=args.val, accept_rate=args.accept_rate,
+                                     device=args.device, batch_size=args.batch_size, workers=args.workers)
+    print(f"fitted into {args.checkpoint}: {describe_trust(trust)}")
     return 0
 
 
@@ -233,7 +263,8 @@ def cmd_serve(args) -> int:
     from .serve import run_server
 
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
-               max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta)
+               max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta,
+               min_confidence=args.min_confidence)
     return 0
 
 
@@ -270,6 +301,9 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=64)
     p.add_argument("--workers", type=bounded(int, 0, 256), default=0,
                    help="DataLoader processes decoding images (default 0)")
+    p.add_argument("--groups", metavar="FILE.csv", help="patient/series groups (columns path,group; default: "
+                   "per-patient sub-folders): with --exclude-duplicates-of, a group seen in training is not leak-free")
+    p.add_argument("--backend", default="torch", help="torch (default) or onnx (no Grad-CAM in the gallery)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files or folders")
@@ -286,6 +320,8 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=32)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable files (listed on stderr at the end) instead of stopping at the first")
+    p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                   help="abstain (status low_confidence, no class in the table) below this probability")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays for images")
@@ -313,7 +349,20 @@ def build_parser() -> Parser:
     p.add_argument("--threshold", type=bounded(int, 0, 64), default=DEFAULT_THRESHOLD,
                    help=f"near duplicates: at most this many of the 256 perceptual-hash bits differ "
                         f"(default {DEFAULT_THRESHOLD}; 0: identical hashes only)")
+    p.add_argument("--groups", metavar="FILE.csv", help="patient/series groups (columns path,group; default: "
+                   "per-patient sub-folders): reports groups found on both sides of --against")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("calibrate", help="fit the OOD detector and temperature into a trained checkpoint")
+    p.add_argument("checkpoint", help="a .pt checkpoint or run folder (its best.pt is rewritten in place)")
+    p.add_argument("--data", help="training folder (default: the one stored in the checkpoint's config)")
+    p.add_argument("--val", help="separate validation folder (default: the run's own split of --data)")
+    p.add_argument("--accept-rate", type=probability, default=0.95,
+                   help="fraction of validation slices the OOD threshold accepts (default 0.95)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("make-phantoms", help="write a synthetic phantom data set (PNG folders)")
     p.add_argument("out")
@@ -339,6 +388,8 @@ def build_parser() -> Parser:
     p.add_argument("--max-files", type=bounded(int, 1, 1024), default=16)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--backend", default="torch", help="torch (default; needed for Grad-CAM) or onnx")
+    p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                   help="abstain (shown as uncertain) below this probability")
     p.set_defaults(func=cmd_serve)
     return parser
 

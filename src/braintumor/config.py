@@ -30,6 +30,7 @@ class TrainConfig:
     val: str | None = None
     val_split: float = 0.15
     group_split: bool = True
+    groups: str | None = None
     arch: str = "resnet152"
     weights: str = "imagenet"
     image_size: int = 224

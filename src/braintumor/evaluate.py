@@ -13,17 +13,28 @@ from .data import ImageFolderDataset, discover, report_unsupported
 from .loaders import drop_bad_files
 from .metrics import compute_metrics
 from .predict import Classifier
-from .report import write_report
+from .report import plot_roc_curves, write_report
 
 
 @torch.inference_mode()
-def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
-                  workers: int = 0) -> np.ndarray:
-    """Probabilities (N, C) for image files, decoded and preprocessed in DataLoader workers."""
+def infer_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
+                workers: int = 0) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Raw logits (N, C) of each test-time view (one, or two with TTA) and OOD scores (N,) (None without a
+    detector) for image files, decoded and preprocessed in DataLoader workers."""
     dataset = ImageFolderDataset(paths, [0] * len(paths), classifier.preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    rows = [classifier.predict_proba(images) for images, _ in loader]
-    return np.concatenate(rows) if rows else np.zeros((0, len(classifier.classes)))
+    outputs = [classifier.infer_views(images) for images, _ in loader]
+    if not outputs:
+        return [np.zeros((0, len(classifier.classes)), dtype=np.float32)], None
+    views = [np.concatenate([batch_views[v] for batch_views, _ in outputs]) for v in range(len(outputs[0][0]))]
+    scores = None if outputs[0][1] is None else np.concatenate([score for _, score in outputs])
+    return views, scores
+
+
+def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
+                  workers: int = 0) -> np.ndarray:
+    """Calibrated probabilities (N, C) for image files (mirror-averaged with TTA)."""
+    return classifier.probabilities(infer_paths(classifier, paths, batch_size, workers)[0])
 
 
 def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int], out_dir: str | Path, *,
@@ -36,12 +47,23 @@ def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int],
 def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[int], out_dir: str | Path, *,
                         batch_size: int = 64, title: str = "Evaluation report",
                         extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
-                        workers: int = 0) -> dict[str, Any]:
-    """Metrics of a classifier on labelled files, written as a report; ``leak_free`` adds a subset column."""
-    probabilities = predict_paths(classifier, paths, batch_size, workers)
+                        workers: int = 0, groups: list | None = None,
+                        duplicate_of_train: list[bool] | None = None) -> dict[str, Any]:
+    """Metrics of a classifier on labelled files, written as a report with predictions.csv, ROC curves and the
+    worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train`` and ``groups`` add
+    predictions.csv columns."""
+    views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+    probabilities = classifier.probabilities(views)
     y_true = np.asarray(labels)
     y_pred = probabilities.argmax(axis=1)
-    metrics = compute_metrics(y_true, y_pred, probabilities, classifier.classes)
+    uncalibrated = classifier.probabilities(views, temperature=1.0) if classifier.temperature != 1.0 else None
+    metrics = compute_metrics(y_true, y_pred, probabilities, classifier.classes, uncalibrated_probabilities=uncalibrated)
+    metrics["temperature"] = classifier.temperature
+    metrics["ood"] = {"detector": ood_scores is not None}
+    if ood_scores is not None:
+        flagged = ood_scores > 1.0
+        metrics["ood"].update(n_flagged=int(flagged.sum()), fraction_flagged=float(flagged.mean()),
+                              accept_rate=classifier.trust.get("accept_rate"))
     extra = {"checkpoint": f"{classifier.source_path} (sha256 {classifier.fingerprint})", **(extra or {})}
     subsets = None
     if leak_free is not None:
@@ -50,30 +72,61 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
         if mask.any():
             subsets["leak-free subset"] = compute_metrics(y_true[mask], y_pred[mask], probabilities[mask],
                                                           classifier.classes)
-    write_report(metrics, out_dir, title=title, extra=extra, subsets=subsets)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from .per_image import plot_worst_mistakes, write_predictions_csv
+
+    write_predictions_csv(out / "predictions.csv", paths, y_true, probabilities, classifier.classes,
+                          ood_scores=ood_scores,
+                          duplicate_of_train=duplicate_of_train, groups=groups)
+    figures = []
+    if plot_roc_curves(y_true, probabilities, classifier.classes, out / "roc_curves.png"):
+        figures.append("roc_curves.png")
+    if plot_worst_mistakes(classifier, paths, y_true, probabilities, out / "worst_mistakes.png"):
+        figures.append("worst_mistakes.png")
+    write_report(metrics, out, title=title, extra=extra, subsets=subsets, figures=figures)
     return {"metrics": metrics, "subsets": subsets or {}, "out_dir": str(out_dir)}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *,
                         device: str = "auto", batch_size: int = 64, exclude_duplicates_of: str | None = None,
-                        skip_bad: bool = False, workers: int = 0, tta: bool | None = None) -> dict[str, Any]:
+                        skip_bad: bool = False, workers: int = 0, tta: bool | None = None,
+                        groups: str | None = None, backend: str = "torch") -> dict[str, Any]:
     """``braintumor evaluate``: every metric on a labelled folder, optionally beside its leak-free subset;
-    ``tta`` overrides the model's stored test-time augmentation setting."""
-    classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta)
+    ``tta`` overrides the model's stored test-time augmentation setting.
+
+    With ``exclude_duplicates_of`` (the training folder), an image is left out of the leak-free subset when it
+    duplicates a training image or, with patient groups (``groups`` CSV or per-patient sub-folders), when its
+    group also has images in the training folder.
+    """
+    from .groups import find_groups
+
+    classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta, backend=backend)
     index = discover(data_dir, classes=classifier.classes)
     paths, labels, skipped = drop_bad_files(index.paths, index.labels, str(data_dir), skip_bad, progress=False)
     skipped += report_unsupported(data_dir)
     extra: dict[str, Any] = {"data": str(data_dir), "test-time augmentation": "mirror" if classifier.tta else "off"}
     if skipped:
         extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in skipped]
-    leak_free = None
+    test_groups, group_source = find_groups(paths, data_dir, groups)
+    if group_source:
+        extra["groups"] = group_source
+    leak_free = duplicates = None
     if exclude_duplicates_of:
         from .dedup import leak_free_mask
 
         train_paths = discover(exclude_duplicates_of).paths
         leak_free = leak_free_mask(paths, train_paths)
+        duplicates = [not free for free in leak_free]
         extra["leak check"] = (f"{len(leak_free) - sum(leak_free)} of {len(leak_free)} images are exact or near "
                                f"duplicates of images in {exclude_duplicates_of}")
+        if group_source:
+            train_groups = set(find_groups(train_paths, exclude_duplicates_of, groups)[0]) - {None}
+            shared = [group is not None and group in train_groups for group in test_groups]
+            leak_free = [free and not share for free, share in zip(leak_free, shared)]
+            extra["group leak check"] = (f"{sum(shared)} of {len(shared)} images belong to a group that also has "
+                                         f"images in {exclude_duplicates_of}; left out of the leak-free subset")
     return evaluate_classifier(classifier, paths, labels, out_dir, batch_size=batch_size, workers=workers,
                                title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
-                               leak_free=leak_free)
+                               leak_free=leak_free, groups=test_groups if group_source else None,
+                               duplicate_of_train=duplicates)

@@ -3,6 +3,8 @@
 ONNX files hold the network (input ``input`` (B, 3, S, S) normalized float32, output ``logits`` (B, C), dynamic batch
 axis) and, in the model's ``metadata_props``, everything :class:`braintumor.predict.Classifier` needs to run it
 alone: classes (JSON), image_size, mean, std, arch, the braintumor version and the source checkpoint's fingerprint.
+When the checkpoint holds a fitted OOD detector and temperature (:mod:`braintumor.trust`), the graph has a second
+output ``ood_score`` (B,) computed inside it, and ``trust`` in the metadata holds the temperature and fit summary.
 
 Exporter choice (torch 2.14, onnx 1.23, onnxscript 0.7): the TorchScript-based exporter (``dynamo=False``)
 writes the requested opset 17 directly, takes ~2 s for resnet18, and matches eager PyTorch to ~1e-6 relative.
@@ -30,7 +32,7 @@ from .checkpoint import REFERENCE_MODEL, load_checkpoint, model_from_checkpoint,
 from .errors import UserError
 
 FORMATS = ("onnx", "torchscript")
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME, OUTPUT_NAME, OOD_OUTPUT_NAME = "input", "logits", "ood_score"
 TORCHSCRIPT_META = "braintumor.json"
 # The keys every braintumor export carries; their presence is what tells our files from other ONNX models.
 META_KEYS = ("classes", "image_size", "mean", "std", "arch", "braintumor_version", "source_fingerprint")
@@ -66,15 +68,18 @@ def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UserError(f"ONNX opset must be an integer >= {MIN_OPSET}, got {opset!r}")
     model, meta = _load_for_export(checkpoint_path)
+    output_names = [OUTPUT_NAME]
+    if meta.get("trust") is not None and model_trust_detector(model) is not None:
+        output_names.append(OOD_OUTPUT_NAME)
     example = torch.zeros(2, 3, meta["image_size"], meta["image_size"])
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter announces its own deprecation; the choice is explained above.
         warnings.simplefilter("ignore", DeprecationWarning)
         buffer = io.BytesIO()
         torch.onnx.export(
-            model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
             opset_version=opset, dynamo=False, do_constant_folding=True,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
         )
     proto = onnx.load_from_string(buffer.getvalue())
     del proto.metadata_props[:]
@@ -89,7 +94,7 @@ def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
 
 def export_torchscript(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Write the checkpoint's network as TorchScript (scripted: any batch size) with ``braintumor.json`` inside."""
-    model, meta = _load_for_export(checkpoint_path)
+    model, meta = _load_for_export(checkpoint_path, with_ood=False)
     extra_files = {TORCHSCRIPT_META: json.dumps(meta)}
     with warnings.catch_warnings():
         # torch.jit warns that it is deprecated in favour of torch.export; TorchScript is what was asked for.
@@ -184,6 +189,8 @@ def load_onnx_session(path: str | os.PathLike, threads: int | None = None):
         raise UserError(f"{path} is not a readable ONNX model: {_first_line(err)}") from err
     props = session.get_modelmeta().custom_metadata_map
     meta = _decode_meta(props, path)
+    if "trust" in props:
+        meta["trust"] = json.loads(props["trust"])
     if "quantization" in props:
         meta["quantization"] = json.loads(props["quantization"])
     return session, meta
@@ -203,8 +210,16 @@ def _checkpoint_file(path: str | os.PathLike) -> Path:
     return resolve_checkpoint(path)
 
 
-def _load_for_export(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The checkpoint's network in eval mode, fp32, on CPU, and the metadata that goes with it."""
+def model_trust_detector(model: torch.nn.Module):
+    """The OOD detector of a network prepared for export, or None."""
+    return getattr(model, "detector", None)
+
+
+def _load_for_export(checkpoint_path: str | os.PathLike, with_ood: bool = True,
+                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The checkpoint's network in eval mode, fp32, on CPU (with its OOD detector as a second output when it has
+    one and ``with_ood``), and the metadata that goes with it."""
+    from .ood import MahalanobisDetector, ScoringNet
     from .predict import file_fingerprint
 
     source = _checkpoint_file(checkpoint_path)
@@ -220,12 +235,18 @@ def _load_for_export(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Modul
         "source_fingerprint": file_fingerprint(source),
         "tta": bool(ckpt.get("tta", False)),
     }
+    trust = ckpt.get("trust")
+    if trust is not None:
+        # The temperature and the fit's summary travel as metadata; the detector's tensors live in the graph.
+        meta["trust"] = {key: value for key, value in trust.items() if key != "ood"}
+        if with_ood and trust.get("ood") is not None:
+            model = ScoringNet(model, MahalanobisDetector.from_state(trust["ood"])).eval()
     return model, meta
 
 
 def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
     """ONNX metadata values are strings: JSON for each one, so lists and numbers round-trip exactly."""
-    return {key: json.dumps(meta[key]) for key in (*META_KEYS, *OPTIONAL_META) if key in meta}
+    return {key: json.dumps(meta[key]) for key in (*META_KEYS, *OPTIONAL_META, "trust") if key in meta}
 
 
 def _decode_meta(props: dict[str, str], path: Path) -> dict[str, Any]:

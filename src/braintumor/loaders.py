@@ -64,11 +64,14 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
         val_skipped += report_unsupported(cfg.val)
         return SplitData(index.classes, paths, labels, val_paths, val_labels, f"folder {cfg.val}",
                          skipped + val_skipped)
+    from .groups import find_groups, merge_groups
+
+    patients, patient_source = find_groups(paths, cfg.data, cfg.groups)
     groups = None
     if cfg.group_split:
         from .dedup import duplicate_groups
 
-        groups = duplicate_groups(paths)
+        groups = merge_groups(patients, duplicate_groups(paths))
         largest = max(Counter(groups).values())
         if largest > max(20, len(paths) // 10):
             # Transitive near-duplicate chains can swallow distinct images (e.g. tiny, very uniform images);
@@ -76,10 +79,14 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
             print(f"warning: {largest} of {len(paths)} images fall into one duplicate group, so the validation "
                   "split cannot be stratified well; if they are distinct images, use --no-group-split",
                   file=sys.stderr)
+    elif patient_source:
+        groups = merge_groups(patients)
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     train_idx, val_idx = stratified_split(labels, cfg.val_split, split_seed, groups=groups)
+    kept = [what for what, on in ((f"groups from {patient_source}", patient_source),
+                                  ("duplicates", cfg.group_split)) if on]
     source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {split_seed}"
-              f"{', duplicate groups kept on one side' if groups is not None else ''})")
+              f"{', ' + ' and '.join(kept) + ' kept on one side' if kept else ''})")
     return SplitData(index.classes, [paths[i] for i in train_idx], [labels[i] for i in train_idx],
                      [paths[i] for i in val_idx], [labels[i] for i in val_idx], source, skipped,
                      duplicate_groups_split=groups is not None)

@@ -1,4 +1,7 @@
-"""Classification metrics (scikit-learn), bootstrap confidence intervals and calibration error.
+"""Classification metrics (scikit-learn), confidence intervals and calibration error.
+
+Accuracy gets an exact Clopper–Pearson binomial interval (scipy), which never collapses to zero width (76 of 76
+correct gives 95.3–100 %); macro-F1, which is not a binomial proportion, keeps the percentile bootstrap.
 
 Metric dicts hold only plain Python types, so they go to JSON as they are; None marks a value undefined for
 the data (e.g. the ROC-AUC of a class without positives).
@@ -65,6 +68,16 @@ def bootstrap_ci(y_true, y_pred, metric_fn: Callable, n_resamples: int = 1000, s
     return float(low), float(high)
 
 
+def clopper_pearson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) confidence interval of a binomial proportion (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
+
+
 def reliability_bins(probabilities, y_true, n_bins: int) -> dict:
     """Top-label calibration per equal-width confidence bin: edges, count, accuracy, mean confidence."""
     probabilities, y_true = np.asarray(probabilities, dtype=float), np.asarray(y_true)
@@ -95,13 +108,15 @@ def expected_calibration_error(probabilities, y_true, n_bins: int = 15) -> float
 
 
 def compute_metrics(y_true, y_pred, probabilities, class_names: Sequence[str], *, bootstrap: int = 1000,
-                    seed: int = 0, n_bins: int = 15) -> dict:
+                    seed: int = 0, n_bins: int = 15, uncalibrated_probabilities=None) -> dict:
     """All evaluation metrics as a JSON-safe dict (see module docstring); probabilities may be None.
 
     Per-class accuracy is the fraction of that class's images classified correctly (= its recall). Per-class
     rows cover every class, present or not; macro averages run over the classes present in y_true or y_pred
     (scikit-learn's convention), and the macro ROC-AUC over the classes where one-vs-rest AUC is defined.
-    bootstrap=0 skips the confidence intervals (None).
+    bootstrap=0 skips the macro-F1 interval (None); the accuracy interval is exact (Clopper–Pearson) and always
+    there. Sensitivity is a class's recall, specificity the fraction of the other classes' images not predicted
+    as it. ``uncalibrated_probabilities`` (before temperature scaling) adds ``ece_uncalibrated``.
     """
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     names, labels = list(class_names), list(range(len(class_names)))
@@ -129,20 +144,34 @@ def compute_metrics(y_true, y_pred, probabilities, class_names: Sequence[str], *
             class_auc[name] = float(roc_auc_score(positives, probabilities[:, k])) if defined else None
     defined_auc = [v for v in class_auc.values() if v is not None]
     roc_auc = {**class_auc, "macro": float(np.mean(defined_auc)) if defined_auc else None}
-    cis = {key: list(bootstrap_ci(y_true, y_pred, fn, bootstrap, seed)) if bootstrap else None
-           for key, fn in (("accuracy_ci95", accuracy), ("macro_f1_ci95", macro_f1))}
+    macro_f1_ci = list(bootstrap_ci(y_true, y_pred, macro_f1, bootstrap, seed)) if bootstrap else None
+    cis = {"accuracy_ci95": list(clopper_pearson(int((y_true == y_pred).sum()), len(y_true))),
+           "macro_f1_ci95": macro_f1_ci}
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    negatives = len(y_true) - matrix.sum(axis=1)
+    false_positives = matrix.sum(axis=0) - np.diagonal(matrix)
+    specificity = [float((negatives[k] - false_positives[k]) / negatives[k]) if negatives[k] else None
+                   for k in labels]
+    ece_uncalibrated = None
+    if uncalibrated_probabilities is not None:
+        ece_uncalibrated = reliability_bins(uncalibrated_probabilities, y_true, n_bins)["ece"]
     return {
         "n": int(len(y_true)), "classes": names,
         "accuracy": accuracy(y_true, y_pred), "accuracy_ci95": cis["accuracy_ci95"],
         "macro_f1": averages["macro"]["f1"], "macro_f1_ci95": cis["macro_f1_ci95"],
         "per_class": {name: {"accuracy": float(recall[k]), "precision": float(precision[k]),
                              "recall": float(recall[k]), "f1": float(f1[k]), "support": int(support[k]),
-                             "roc_auc": class_auc[name]} for k, name in enumerate(names)},
+                             "roc_auc": class_auc[name], "sensitivity": float(recall[k]) if support[k] else None,
+                             "specificity": specificity[k]} for k, name in enumerate(names)},
         "macro_avg": averages["macro"], "weighted_avg": averages["weighted"],
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": matrix.tolist(),
         "confusion_matrix_normalized": confusion_matrix(y_true, y_pred, labels=labels,
                                                         normalize="true").tolist(),
         "roc_auc": roc_auc, "roc_auc_macro": roc_auc["macro"],
-        "ece": None if reliability is None else reliability.pop("ece"), "reliability": reliability,
+        "ece": None if reliability is None else reliability.pop("ece"), "ece_uncalibrated": ece_uncalibrated,
+        "reliability": reliability,
         "bootstrap": {"n_resamples": int(bootstrap), "seed": int(seed), "level": 0.95},
+        "intervals": {"accuracy_ci95": "exact Clopper-Pearson binomial interval",
+                      "macro_f1_ci95": f"percentile bootstrap over images ({int(bootstrap)} resamples, seed {seed})"
+                      if bootstrap else None},
     }

@@ -14,39 +14,64 @@ from .images import ImageReadError
 from .predict import Classifier, Prediction
 
 
-class PredictionWriter:
-    """Table, CSV or JSON rows written and flushed one prediction at a time (JSON: an array, closed by close())."""
+NOT_RECOGNISED = "not recognised as a brain MRI slice like the training data"
+# What the table shows instead of a class for a slice that should not get one (its probabilities stay).
+SHOWN_STATUS = {"out_of_distribution": "NOT RECOGNISED", "low_confidence": "uncertain"}
 
-    def __init__(self, out: IO[str], classes: list[str], fmt: str = "table", width: int = 5):
-        self.out, self.classes, self.fmt, self.width = out, list(classes), fmt, max(5, width)
+
+class PredictionWriter:
+    """Table, CSV or JSON rows written and flushed one prediction at a time (JSON: an array, closed by close()).
+
+    An out-of-distribution or low-confidence slice shows no class in the table's prediction column, with a legend
+    at the end; CSV and JSON carry ``status``, ``out_of_distribution`` and ``ood_score`` for every slice."""
+
+    def __init__(self, out: IO[str], classifier: Classifier, fmt: str = "table", width: int = 5):
+        self.out, self.classifier, self.fmt, self.width = out, classifier, fmt, max(5, width)
+        self.classes = list(classifier.classes)
         self.count = 0
+        self.statuses: set[str] = set()
         if fmt == "csv":
             self._csv = csv.writer(out)
-            self._csv.writerow(["source", "label", "confidence", *self.classes])
+            self._csv.writerow(["source", "label", "confidence", *self.classes, "status", "ood_score",
+                                "out_of_distribution"])
         elif fmt == "table":
-            out.write(f"{'image':<{self.width}}  {'prediction':<12} "
-                      + " ".join(f"{c[:10]:>10}" for c in self.classes) + "\n")
+            out.write(f"{'image':<{self.width}}  {'prediction':<14} "
+                      + " ".join(f"{c[:10]:>10}" for c in self.classes) + f" {'ood_score':>9}\n")
         elif fmt == "json":
             out.write("[")
         out.flush()
 
     def write(self, p: Prediction) -> None:
+        self.statuses.add(p.status)
         if self.fmt == "csv":
             self._csv.writerow([p.source, p.label, f"{p.confidence:.6f}",
-                                *(f"{p.probabilities[c]:.6f}" for c in self.classes)])
+                                *(f"{p.probabilities[c]:.6f}" for c in self.classes), p.status,
+                                "" if p.ood_score is None else f"{p.ood_score:.4f}",
+                                "" if p.out_of_distribution is None else str(p.out_of_distribution).lower()])
         elif self.fmt == "json":
             text = json.dumps(p.to_dict(), indent=2).replace("\n", "\n  ")
             self.out.write(("," if self.count else "") + "\n  " + text)
         else:
-            self.out.write(f"{p.source:<{self.width}}  {p.label:<12} "
-                           + " ".join(f"{p.probabilities[c]:>10.4f}" for c in self.classes) + "\n")
+            score = "n/a" if p.ood_score is None else f"{p.ood_score:.2f}"
+            self.out.write(f"{p.source:<{self.width}}  {SHOWN_STATUS.get(p.status, p.label):<14} "
+                           + " ".join(f"{p.probabilities[c]:>10.4f}" for c in self.classes) + f" {score:>9}\n")
         self.count += 1
         self.out.flush()
 
     def close(self) -> None:
         if self.fmt == "json":
             self.out.write("\n]\n" if self.count else "]\n")
-            self.out.flush()
+        elif self.fmt == "table":
+            if "out_of_distribution" in self.statuses:
+                self.out.write(f"NOT RECOGNISED: {NOT_RECOGNISED} (ood_score above 1); its probabilities mean "
+                               "nothing\n")
+            if "low_confidence" in self.statuses:
+                self.out.write(f"uncertain: highest probability below --min-confidence "
+                               f"{self.classifier.min_confidence:g}\n")
+            if not self.classifier.has_ood:
+                self.out.write("note: this model has no out-of-distribution detector; run `braintumor calibrate` "
+                               "on it\n")
+        self.out.flush()
 
 
 def stream_predictions(classifier: Classifier, paths: list[Path], writer: PredictionWriter, *,
@@ -69,8 +94,8 @@ def stream_predictions(classifier: Classifier, paths: list[Path], writer: Predic
                     raise UserError(f"{err}{done}; rerun with --skip-bad to skip unreadable files") from None
                 skipped.append((str(path), err.reason))
         if tensors:
-            for source, row in zip(sources, classifier.predict_proba(torch.stack(tensors))):
-                writer.write(classifier._prediction(source, row))
+            for prediction in classifier.predict_batch(torch.stack(tensors), sources):
+                writer.write(prediction)
     writer.close()
     if not writer.count:
         raise UserError(f"none of the {len(paths)} file(s) could be read")

@@ -328,8 +328,15 @@ class Trainer:
         return RunResult(self.run_dir, self.run_dir / "best.pt", self.best_val_accuracy, report)
 
     def final_report(self) -> dict[str, Any]:
-        """Full evaluation of best.pt on the validation set, written to the run folder."""
+        """Fit the OOD detector and temperature into best.pt, then evaluate it on the validation set."""
         from .evaluate import evaluate_paths
+        from .trust import describe_trust, fit_trust, store_trust
+
+        trust = fit_trust(self.run_dir / "best.pt", self.split.train_paths, self.split.train_labels,
+                          self.split.val_paths, self.split.val_labels, device=str(self.device),
+                          batch_size=self.cfg.batch_size, workers=self.cfg.workers)
+        store_trust(self.run_dir / "best.pt", trust)  # replaces the hard link: last.pt stays as trained
+        print(f"fitted into best.pt: {describe_trust(trust)}", flush=True)
 
         extra = {"validation data": self.split.val_source,
                  "note": "best.pt was selected on this validation set, so these figures are optimistic; "

@@ -215,7 +215,9 @@ class Analyzer:
             images = [self.decode(upload) for upload in uploads]
         predictions = self.classifier.predict(images)
         results = [{"filename": upload.filename, "label": p.label, "confidence": p.confidence,
-                    "probabilities": p.probabilities, "width": image.width, "height": image.height}
+                    "probabilities": p.probabilities, "status": p.status,
+                    "out_of_distribution": p.out_of_distribution, "ood_score": p.ood_score,
+                    "abstained": p.abstained, "width": image.width, "height": image.height}
                    for upload, p, image in zip(uploads, predictions, images)]
         if preview:
             for result, image in zip(results, images):
@@ -230,8 +232,11 @@ class Analyzer:
             for result, explanation, image in zip(results, explanations, images):
                 # The map is at the model's input size; give it the preview's geometry so the two line up.
                 overlay = explanation.overlay().resize(preview_size(image), Image.Resampling.BILINEAR)
+                heatmap = explanation.overlay(alpha=1.0).resize(preview_size(image), Image.Resampling.BILINEAR)
                 result["gradcam_target"] = explanation.target
                 result["gradcam_png_base64"] = png_base64(overlay)
+                # The colour-mapped map alone, for the page to lay over the slice at an opacity the user picks.
+                result["gradcam_heatmap_png_base64"] = png_base64(heatmap)
         return {"model": self.model_info(), "results": results, "note": RESEARCH_NOTE}
 
 
@@ -266,6 +271,10 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> FileResponse:
@@ -356,7 +365,7 @@ def _check_port(host: str, port: int) -> None:
 
 def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_file_bytes: int = 20 * 2**20,
                max_files: int = 16, workers_threads: int | None = None, device: str = "cpu",
-               backend: str = "torch", tta: bool | None = None) -> None:
+               backend: str = "torch", tta: bool | None = None, min_confidence: float = 0.0) -> None:
     """Load ``checkpoint`` and serve the page and API with uvicorn until interrupted (127.0.0.1 by default)."""
     import uvicorn
 
@@ -365,6 +374,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
     if not 0 <= int(port) <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     classifier = Classifier.from_checkpoint(checkpoint, device=device, backend=backend, tta=tta)
+    classifier.min_confidence = min_confidence
     app = create_app(classifier, max_file_bytes=max_file_bytes, max_files=max_files,
                      inference_threads=workers_threads)
     _check_port(host, int(port))

@@ -2,11 +2,14 @@
 // Grad-CAM is fetched lazily (?explain=1 for that one file) the first time its toggle is pressed, because it
 // costs a backward pass; the overlay is then cached on the card. The preview shown for every file is the
 // server's decoded slice, so JPEG, PNG and DICOM (which browsers cannot display) look the same.
+// A slice the model's out-of-distribution check rejects shows no class ("not recognised"), one below the
+// server's --min-confidence shows "uncertain"; both keep their probabilities, marked as for reference only.
 "use strict";
 
 (function () {
   const state = { model: null, maxFileBytes: 20 * 1024 * 1024, gradcam: true, active: 0, queue: [] };
   const PARALLEL_UPLOADS = 2;
+  const NOT_RECOGNISED = "Not recognised as a brain MRI slice like the training data";
 
   const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -46,6 +49,10 @@
       $('[data-testid="model-image-size"]').textContent = `${model.image_size} × ${model.image_size} px`;
       $('[data-testid="model-classes"]').textContent = model.classes.join(", ");
       $('[data-testid="model-fingerprint"]').textContent = model.fingerprint || "(unknown)";
+      $('[data-testid="model-ood"]').textContent = model.ood_detector
+        ? `on; probabilities calibrated (temperature ${model.temperature.toFixed(2)})` +
+          (model.min_confidence > 0 ? `; uncertain below ${percent(model.min_confidence)}` : "")
+        : "none: this model's predictions are not checked (run braintumor calibrate)";
       $("#limit-size").textContent = formatBytes(state.maxFileBytes);
       document.body.dataset.ready = "true";
     } catch (err) {
@@ -112,13 +119,32 @@
   function renderResult(card, result) {
     card.dataset.state = "done";
     card.dataset.label = result.label;
+    card.dataset.status = result.status;
+    card.result = result;
     const image = $('[data-testid="slice-image"]', card);
     image.src = `data:image/png;base64,${result.preview_png_base64}`;
     image.alt = `Slice ${result.filename} (${result.width} × ${result.height} px) as decoded by the server`;
     image.hidden = false;
     $(".placeholder", card).hidden = true;
-    $('[data-testid="predicted-label"]', card).textContent = result.label;
-    $('[data-testid="predicted-confidence"]', card).textContent = `${percent(result.confidence)} probability`;
+    const banner = $('[data-testid="trust-banner"]', card);
+    const label = $('[data-testid="predicted-label"]', card);
+    const confidence = $('[data-testid="predicted-confidence"]', card);
+    if (result.status === "out_of_distribution") {
+      label.textContent = "Not recognised";
+      confidence.textContent = "";
+      banner.textContent = `${NOT_RECOGNISED} (out-of-distribution score ${result.ood_score.toFixed(2)}, ` +
+        "above 1). No class is given; the model was not made for images like this.";
+    } else if (result.status === "low_confidence") {
+      label.textContent = "Uncertain";
+      confidence.textContent = `most probable: ${result.label}, ${percent(result.confidence)}`;
+      banner.textContent = `Below the confidence this server requires (${percent(state.model.min_confidence)}): ` +
+        "no class is given.";
+    } else {
+      label.textContent = result.label;
+      confidence.textContent = `${percent(result.confidence)} probability`;
+    }
+    banner.hidden = result.status === "ok";
+    $('[data-testid="probabilities-note"]', card).hidden = result.status === "ok";
     renderProbabilities(card, result.probabilities, result.label);
     const toggle = $('[data-testid="gradcam-toggle"]', card);
     toggle.disabled = !state.gradcam;
@@ -127,16 +153,14 @@
 
   async function toggleGradcam(card, file) {
     const button = $('[data-testid="gradcam-toggle"]', card);
+    const panel = $('[data-testid="gradcam-panel"]', card);
     const overlay = $('[data-testid="gradcam-image"]', card);
-    const slice = $('[data-testid="slice-image"]', card);
-    const showing = button.getAttribute("aria-pressed") === "true";
     const caption = $('[data-testid="gradcam-caption"]', card);
-    if (showing) {
-      overlay.hidden = true;
-      caption.hidden = true;
-      slice.hidden = false;
+    if (button.getAttribute("aria-pressed") === "true") {
+      panel.hidden = true;
+      card.classList.remove("with-gradcam");
       button.setAttribute("aria-pressed", "false");
-      button.textContent = "Show Grad-CAM overlay";
+      button.textContent = "Show Grad-CAM";
       return;
     }
     if (!overlay.getAttribute("src")) {
@@ -144,24 +168,24 @@
       button.textContent = "Computing Grad-CAM…";
       try {
         const result = await postFile(file, { explain: "1" });
-        overlay.src = `data:image/png;base64,${result.gradcam_png_base64}`;
-        overlay.alt = `Grad-CAM overlay for ${result.filename}: regions that raised the score of ` +
+        $(".gradcam-base", card).src = $('[data-testid="slice-image"]', card).src;
+        overlay.src = `data:image/png;base64,${result.gradcam_heatmap_png_base64}`;
+        overlay.alt = `Grad-CAM heat map for ${result.filename}: regions that raised the score of ` +
           `${result.gradcam_target}`;
         caption.textContent = `Grad-CAM for ${result.gradcam_target}: red marks the strongest evidence, ` +
           "blue none.";
       } catch (err) {
         button.disabled = false;
-        button.textContent = "Show Grad-CAM overlay";
+        button.textContent = "Show Grad-CAM";
         setStatus(`Grad-CAM failed for ${file.name}: ${err.message}`);
         return;
       }
       button.disabled = false;
     }
-    overlay.hidden = false;
-    caption.hidden = false;
-    slice.hidden = true;
+    panel.hidden = false;
+    card.classList.add("with-gradcam");
     button.setAttribute("aria-pressed", "true");
-    button.textContent = "Hide Grad-CAM overlay";
+    button.textContent = "Hide Grad-CAM";
   }
 
   function makeCard(file) {
@@ -170,18 +194,66 @@
     card.dataset.state = "pending";
     $('[data-testid="filename"]', card).textContent = file.name;
     $('[data-testid="gradcam-toggle"]', card).addEventListener("click", () => toggleGradcam(card, file));
+    const opacity = $('[data-testid="gradcam-opacity"]', card);
+    opacity.addEventListener("input", () => {
+      $('[data-testid="gradcam-image"]', card).style.opacity = String(opacity.value / 100);
+    });
     $("#results").append(card);
     return card;
   }
 
   function updateStatus() {
-    const cards = document.querySelectorAll('[data-testid="result"]');
-    const pending = [...cards].filter((card) => card.dataset.state === "pending").length;
-    const failed = [...cards].filter((card) => card.dataset.state === "error").length;
-    let text = pending ? `Analysing ${pending} of ${cards.length} file(s)…` : `${cards.length} file(s) analysed`;
-    if (failed) text += `, ${failed} could not be read`;
-    setStatus(`${text}.`);
+    const cards = [...document.querySelectorAll('[data-testid="result"]')];
+    const count = (predicate) => cards.filter(predicate).length;
+    const pending = count((card) => card.dataset.state === "pending");
+    const done = count((card) => card.dataset.state === "done");
+    const failed = count((card) => card.dataset.state === "error");
+    const rejected = count((card) => card.dataset.status === "out_of_distribution");
+    const uncertain = count((card) => card.dataset.status === "low_confidence");
+    const parts = [`${done} analysed`];
+    if (rejected || uncertain) {
+      parts[0] += ` (${[rejected && `${rejected} not recognised`, uncertain && `${uncertain} uncertain`]
+        .filter(Boolean).join(", ")})`;
+    }
+    parts.push(`${failed} unreadable`);
+    if (pending) parts.push(`${pending} in progress`);
+    setStatus(`${cards.length} file(s): ${parts.join(", ")}.`);
     $("#clear-button").disabled = cards.length === 0;
+    $("#download-json").disabled = done === 0;
+    $("#download-csv").disabled = done === 0;
+  }
+
+  function collectResults() {
+    return [...document.querySelectorAll('[data-testid="result"]')]
+      .filter((card) => card.result)
+      .map((card) => {
+        const { preview_png_base64: _preview, ...rest } = card.result;
+        return rest;
+      });
+  }
+
+  function csvCell(value) {
+    const text = value === null || value === undefined ? "" : String(value);
+    return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+  }
+
+  function resultsCsv(results) {
+    const classes = state.model ? state.model.classes : [];
+    const header = ["filename", "status", "label", "confidence", ...classes, "ood_score", "out_of_distribution"];
+    const rows = results.map((r) => [r.filename, r.status, r.label, r.confidence,
+      ...classes.map((c) => r.probabilities[c]), r.ood_score, r.out_of_distribution]);
+    return [header, ...rows].map((row) => row.map(csvCell).join(",")).join("\n") + "\n";
+  }
+
+  function download(name, type, text) {
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = name;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
   }
 
   async function runQueue() {
@@ -242,11 +314,18 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     setUpDropZone();
+    $("#download-json").addEventListener("click", () => download(
+      "braintumor-results.json", "application/json",
+      JSON.stringify({ model: state.model, results: collectResults() }, null, 2)));
+    $("#download-csv").addEventListener("click", () => download(
+      "braintumor-results.csv", "text/csv", resultsCsv(collectResults())));
     $("#clear-button").addEventListener("click", () => {
       state.queue.length = 0;
       $("#results").replaceChildren();
       setStatus("");
       $("#clear-button").disabled = true;
+      $("#download-json").disabled = true;
+      $("#download-csv").disabled = true;
     });
     loadModel();
   });
