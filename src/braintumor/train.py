@@ -26,6 +26,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distill import Teacher, distillation_loss
 from .ema import ModelEma
 from .errors import UserError
+from .figures import plot_training_curves
 from .loaders import SplitData, build_batches, prepare_split
 from .model import build_model, forward_probabilities
 from .optim import Ranger
@@ -308,24 +309,6 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(row) + "\n" for row in rows)
     atomic_write(path, lambda handle: handle.write(text), "w")
-
-
-def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs validation."""
-    from matplotlib.figure import Figure
-
-    epochs = [row["epoch"] for row in rows]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    for key, label in (("train", "train"), ("val", "validation")):
-        loss_ax.plot(epochs, [row[f"{key}_loss"] for row in rows], marker="o", label=label)
-        acc_ax.plot(epochs, [100 * row[f"{key}_accuracy"] for row in rows], marker="o", label=label)
-    loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
-    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
