@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import sys
@@ -31,6 +32,9 @@ from .loaders import SplitData, build_batches, prepare_split
 from .model import build_model, forward_probabilities
 from .optim import Ranger
 from .predict import resolve_device
+from .tensorboard_log import open_log
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -234,13 +238,14 @@ class Trainer:
         log_path = self.run_dir / "metrics.jsonl"
         history = read_metrics(log_path, up_to_epoch=self.start_epoch) if self.dist.is_main else []
         if self.dist.is_main and self.start_epoch == 0:
-            print(f"training {self.cfg.arch} on {len(self.split.train_paths)} images, validating on "
-                  f"{len(self.split.val_paths)} ({self.split.val_source}); classes: {', '.join(self.classes)}; "
-                  f"device {self.device}, data path: {self.cache_mode}", flush=True)
+            log.info(f"training {self.cfg.arch} on {len(self.split.train_paths)} images, validating on "
+                     f"{len(self.split.val_paths)} ({self.split.val_source}); classes: {', '.join(self.classes)}; "
+                     f"device {self.device}, data path: {self.cache_mode}")
         fit_start = time.perf_counter()
         elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
         epochs_bar = tqdm(total=self.cfg.epochs, initial=self.start_epoch, desc="epochs", unit="epoch",
                           disable=not self.show_progress)
+        board = open_log(self.run_dir, self.start_epoch) if self.dist.is_main else None
         for epoch in range(self.start_epoch, self.cfg.epochs):
             seed_epoch(self.cfg.seed, epoch, self.dist.rank)
             if self.device.type == "cuda":
@@ -267,14 +272,19 @@ class Trainer:
                 history.append(row)
                 write_metrics(log_path, history)
                 plot_training_curves(history, self.run_dir / "training_curves.png")
-                # tqdm.write keeps the line above the progress bars (plain print when they are off).
-                tqdm.write(format_epoch(row, self.cfg.epochs, improved), file=sys.stdout)
+                if board is not None:
+                    board.log_epoch(row)
+                log.info(format_epoch(row, self.cfg.epochs, improved))  # the CLI's handler keeps bars intact
             epochs_bar.update(1)
         epochs_bar.close()
         distributed.barrier(self.dist)
         report = None
         if self.dist.is_main:
             report = self.final_report()
+            if board is not None:
+                board.log_confusion_matrix(self.run_dir / "confusion_matrix.png", self.cfg.epochs)
+                board.log_augmented_batch(self.train_batches, IMAGENET_MEAN, IMAGENET_STD, self.cfg.epochs)
+                board.close()
         distributed.barrier(self.dist)
         return RunResult(self.run_dir, self.run_dir / "best.pt", self.best_val_accuracy, report)
 

@@ -109,9 +109,10 @@ def is_volume(path: str | os.PathLike) -> bool:
 def partition_inputs(paths) -> tuple[list[Path], list[Path]]:
     """Split command-line paths into 2-D image files (folders expanded) and volumes, each in input order.
 
-    A folder counts as one volume when :func:`is_volume` says so; inside other folders, NIfTI files and
-    multi-frame DICOMs are volumes and the rest are images.
+    Inside folders (walked recursively, sorted, hidden entries skipped), a sub-folder that :func:`is_volume`
+    calls a DICOM series is one volume; NIfTI files and multi-frame DICOMs are volumes; the rest are images.
     """
+    from .images import IMAGE_EXTENSIONS
     from .predict import expand_inputs
 
     images: list[Path] = []
@@ -120,21 +121,31 @@ def partition_inputs(paths) -> tuple[list[Path], list[Path]]:
         path = Path(raw)
         if is_volume(path):
             volumes.append(path)
-            continue
-        if path.is_dir():
-            nifti = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            volumes.extend(nifti)
-            try:
-                found = expand_inputs([path])
-            except UserError:
-                if nifti:
-                    continue
-                raise
+        elif not path.is_dir():
+            images.extend(expand_inputs([path]))
         else:
-            found = expand_inputs([path])
-        for file in found:
-            (volumes if is_volume(file) else images).append(file)
+            found = 0
+            for folder, subfolders, files in os.walk(path):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                kept = []
+                for name in subfolders:
+                    if is_volume(Path(folder) / name):
+                        volumes.append(Path(folder) / name)
+                        found += 1
+                    else:
+                        kept.append(name)
+                subfolders[:] = kept
+                for name in sorted(f for f in files if not f.startswith(".")):
+                    file = Path(folder) / name
+                    if is_nifti(file) or (file.suffix.lower() == ".dcm" and is_volume(file)):
+                        volumes.append(file)
+                    elif file.suffix.lower() in IMAGE_EXTENSIONS:
+                        images.append(file)
+                    else:
+                        continue
+                    found += 1
+            if not found:
+                raise UserError(f"no images or volumes found in folder {path}")
     return images, volumes
 
 
