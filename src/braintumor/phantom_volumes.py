@@ -3,7 +3,8 @@
 A phantom volume stacks one phantom head (``phantom.make_phantom``, the same seed on every slice) scaled like
 the cross-sections of an ellipsoid, so the head grows from the bottom slice to the middle and shrinks again;
 the lesion of its class is present on the middle slices only (a third of them). Values are stored as 16-bit
-"scanner units" (8-bit phantom × 12 + 40), so readers must window them.
+"scanner units" (8-bit phantom × 12 × a gain rising 0.9 → 1.1 from bottom to top, + 40), so readers must window
+them and no slice is the mirror image of another.
 
 Arrays handed to the writers are viewer-ordered ``(Z, rows, columns)``: slice 0 the most inferior, rows from
 anterior to posterior, columns from the patient's right to left (what ``volumes.read_volume`` returns). The
@@ -44,7 +45,8 @@ def make_phantom_volume(label: str, size: int = 64, slices: int = 24, seed: int 
         canvas = np.zeros((size, size), np.uint8)
         offset = (size - side) // 2
         canvas[offset:offset + side, offset:offset + side] = np.asarray(picture)
-        volume[z] = canvas.astype(np.int16) * 12 + 40
+        gain = 0.9 + 0.2 * z / (slices - 1)  # a coil's bias along z: no two slices are mirror images
+        volume[z] = np.rint(canvas * (12 * gain)).astype(np.int16) + 40
         lesion[z] = shows_lesion
     return volume, lesion
 
