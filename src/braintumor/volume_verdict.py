@@ -78,6 +78,7 @@ class VolumeResult:
     rule: str
     votes: dict[str, int]
     suspicious: list[int]  # slice indices for the montage, in slice order
+    key_slice: int  # the most suspicious slice (the page shows it)
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     window: tuple[float, float]
@@ -113,6 +114,7 @@ class VolumeResult:
         return {"source": self.source, "kind": self.kind, "verdict": self.verdict, "rule": self.rule,
                 "evidence": self.evidence, "votes": self.votes, "slices_total": int(len(self.probabilities)),
                 "slices_with_content": int(self.content.sum()), "suspicious_slices": self.suspicious,
+                "key_slice": self.key_slice,
                 "shape_zyx": list(self.shape), "spacing_mm": list(self.spacing),
                 "window": list(self.window), "montage": self.montage, "slices": self.slice_rows()}
 
@@ -150,8 +152,10 @@ def decide(probabilities: np.ndarray, classes, content: np.ndarray, rule: Verdic
     return max(votes, key=strength), votes
 
 
-def most_suspicious(probabilities: np.ndarray, classes, content: np.ndarray, verdict: str, count: int) -> list[int]:
-    """Up to ``count`` content slices with the highest probability of the verdict (or of any tumour class)."""
+def most_suspicious(probabilities: np.ndarray, classes, content: np.ndarray, verdict: str, count: int
+                    ) -> tuple[list[int], int]:
+    """Up to ``count`` content slices with the highest probability of the verdict (or of any tumour class), in
+    slice order, and the single most suspicious one."""
     normal = no_tumour_class(classes)
     if verdict in classes and verdict != normal:
         score = probabilities[:, classes.index(verdict)]
@@ -160,7 +164,7 @@ def most_suspicious(probabilities: np.ndarray, classes, content: np.ndarray, ver
         score = probabilities[:, tumour].max(axis=1) if tumour else probabilities.max(axis=1)
     candidates = np.flatnonzero(content) if content.any() else np.arange(len(score))
     ranked = candidates[np.argsort(-score[candidates], kind="stable")][:count]
-    return sorted(int(i) for i in ranked)
+    return sorted(int(i) for i in ranked), int(ranked[0])
 
 
 def classify_volume(classifier, volume: Volume, rule: VerdictRule | None = None, *, batch_size: int = 32,
@@ -178,11 +182,18 @@ def classify_volume(classifier, volume: Volume, rule: VerdictRule | None = None,
     content = content_mask(volume.slices)
     classes = list(classifier.classes)
     verdict, votes = decide(probabilities, classes, content, rule)
+    suspicious, key_slice = most_suspicious(probabilities, classes, content, verdict, montage_slices)
     return VolumeResult(
         source=volume.source, kind=volume.kind, classes=classes, probabilities=probabilities, content=content,
         verdict=verdict, rule=rule.describe(no_tumour_class(classes)), votes=votes,
-        suspicious=most_suspicious(probabilities, classes, content, verdict, montage_slices),
+        suspicious=suspicious, key_slice=key_slice,
         shape=tuple(int(s) for s in volume.slices.shape), spacing=volume.spacing, window=volume.window)
+
+
+def explained_class(result: VolumeResult) -> str | None:
+    """The class Grad-CAM explains for a volume: its tumour verdict, else each slice's predicted class (None)."""
+    return result.verdict if result.verdict in result.classes and \
+        result.verdict != no_tumour_class(result.classes) else None
 
 
 def montage_image(classifier, volume: Volume, result: VolumeResult):
@@ -190,8 +201,7 @@ def montage_image(classifier, volume: Volume, result: VolumeResult):
     from .explain import explain
     from .figures import gradcam_montage
 
-    target = result.verdict if result.verdict in result.classes and \
-        result.verdict != no_tumour_class(result.classes) else None
+    target = explained_class(result)
     images = volume.images()
     explanations = explain(classifier, [images[i] for i in result.suspicious], target=target)
     titles = [f"slice {i}: {e.predicted} {e.probability:.2f}" for i, e in zip(result.suspicious, explanations)]

@@ -21,6 +21,7 @@ A multi-frame DICOM without per-frame positions keeps its frames in stored order
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -162,6 +163,45 @@ def read_volume(path: str | os.PathLike) -> Volume:
         image, kind = _read_nifti(path), "nifti"
     else:
         image, kind = _read_multiframe(path), "dicom-multiframe"
+    return _to_volume(image, str(path), kind)
+
+
+def read_volume_bytes(data: bytes, name: str) -> Volume | None:
+    """An uploaded NIfTI (``.nii``/``.nii.gz`` name or NIfTI header) or multi-frame DICOM as a Volume, else None.
+
+    None means "not a volume": the caller reads the bytes as a 2-D image. Gzip streams are inflated only up to
+    the voxel limit, so a small upload cannot expand without bound.
+    """
+    import gzip
+    import zlib
+
+    raw = data
+    if data[:2] == b"\x1f\x8b":
+        inflater = zlib.decompressobj(wbits=31)
+        limit = MAX_VOXELS * 8 + 2**20
+        try:
+            raw = inflater.decompress(data, limit)
+        except (zlib.error, gzip.BadGzipFile) as error:
+            raise UserError(f"cannot read volume {name}: corrupt gzip data ({error})") from None
+        if inflater.unconsumed_tail:
+            raise UserError(f"cannot read volume {name}: more than {MAX_VOXELS} voxels once decompressed")
+    if is_nifti(name) or raw[344:348] in (b"n+1\0", b"ni1\0") or raw[4:8] == b"n+2\0":
+        return _to_volume(_nifti_from_bytes(raw, name), name, "nifti")
+    if _has_dicom_magic(data[:132]):
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not our concern here: the 2-D reader gives the message
+            return None
+        if int(header.get("NumberOfFrames", 1) or 1) > 1:
+            return _to_volume(_multiframe_image(pydicom.dcmread(io.BytesIO(data)), name), name, "dicom-multiframe")
+    return None
+
+
+def _to_volume(image, source: str, kind: str) -> Volume:
+    import nibabel as nib
+
     canonical = nib.as_closest_canonical(image)
     data = np.asarray(canonical.dataobj, dtype=np.float32)
     zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
@@ -170,7 +210,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     slices = np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)))
     windowed, window = window_volume(slices)
     windowed, spacing = _square_pixels(windowed, row_mm=zooms[1], col_mm=zooms[0])
-    return Volume(source=str(path), kind=kind, slices=windowed, spacing=(*spacing, zooms[2]), window=window)
+    return Volume(source=source, kind=kind, slices=windowed, spacing=(*spacing, zooms[2]), window=window)
 
 
 def window_volume(values: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
@@ -207,13 +247,34 @@ def _check_size(shape, label: str) -> None:
 # --- NIfTI ------------------------------------------------------------------------------------------------
 
 
+def _nifti_from_bytes(raw: bytes, name: str):
+    import nibabel as nib
+
+    try:
+        image = (nib.Nifti2Image if raw[4:8] == b"n+2\0" else nib.Nifti1Image).from_bytes(raw)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"cannot read volume {name}: not a readable NIfTI file ({' '.join(str(error).split())})") \
+            from None
+    return _nifti_3d(image, name)
+
+
 def _read_nifti(path: Path):
     import nibabel as nib
 
     try:
         image = nib.load(str(path))
-        shape = image.shape
     except Exception as error:  # noqa: BLE001 - nibabel raises ImageFileError, OSError, EOFError, gzip errors
+        raise UserError(f"cannot read volume {path}: not a readable NIfTI file ({' '.join(str(error).split())})") \
+            from None
+    return _nifti_3d(image, str(path))
+
+
+def _nifti_3d(image, path: str):
+    import nibabel as nib
+
+    try:
+        shape = image.shape
+    except Exception as error:  # noqa: BLE001
         raise UserError(f"cannot read volume {path}: not a readable NIfTI file ({' '.join(str(error).split())})") \
             from None
     if len(shape) == 4 and shape[3] == 1:
@@ -222,7 +283,7 @@ def _read_nifti(path: Path):
         shape = (*shape, 1)
     if len(shape) != 3:
         raise UserError(f"cannot read volume {path}: {len(image.shape)}-D NIfTI {image.shape}; give one 3-D volume")
-    _check_size(shape, str(path))
+    _check_size(shape, path)
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as error:  # noqa: BLE001 - truncated gzip streams, short files
@@ -324,15 +385,20 @@ def _frame_item(dataset, index: int, sequence: str):
 
 
 def _read_multiframe(path: Path):
-    import nibabel as nib
     import pydicom
-    from pydicom.pixels import apply_modality_lut
 
-    label = str(path)
     try:
         dataset = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
     except Exception as error:  # noqa: BLE001
         raise UserError(f"cannot read volume {path}: not a readable DICOM file ({error})") from None
+    return _multiframe_image(dataset, str(path))
+
+
+def _multiframe_image(dataset, label: str):
+    import nibabel as nib
+    from pydicom.pixels import apply_modality_lut
+
+    path = label
     _check_grayscale(dataset, label)
     frames_count = int(dataset.get("NumberOfFrames", 1) or 1)
     _check_size((frames_count, int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))), label)

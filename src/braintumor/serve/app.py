@@ -187,33 +187,81 @@ class Analyzer:
         return {key: info[key] for key in ("arch", "classes", "image_size", "backend", "fingerprint")}
 
     def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None) -> dict:
-        images = []
+        from ..volume_verdict import classify_volume
+        from ..volumes import read_volume_bytes
+
+        images, volumes = [], []
         for upload in uploads:
             try:
-                images.append(self.classifier.load(upload.data))
-            except ImageReadError as err:
-                raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
+                volume = read_volume_bytes(upload.data, upload.filename)
+            except UserError as err:
+                raise HTTPException(415, str(err)) from None
+            if volume is not None:
+                volumes.append(volume)
+                images.append(None)
+            else:
+                try:
+                    images.append(self.classifier.load(upload.data))
+                except ImageReadError as err:
+                    raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") \
+                        from None
+                volumes.append(None)
             upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
-        predictions = self.classifier.predict(images)
-        results = [{"filename": upload.filename, "label": p.label, "confidence": p.confidence,
-                    "probabilities": p.probabilities, "width": image.width, "height": image.height}
-                   for upload, p, image in zip(uploads, predictions, images)]
+        slices = [image for image in images if image is not None]
+        predictions = iter(self.classifier.predict(slices) if slices else [])
+        results, summaries = [], []
+        for upload, image, volume in zip(uploads, images, volumes):
+            summary = classify_volume(self.classifier, volume) if volume is not None else None
+            summaries.append(summary)
+            if volume is None:
+                p = next(predictions)
+                results.append({"filename": upload.filename, "label": p.label, "confidence": p.confidence,
+                                "probabilities": p.probabilities, "width": image.width, "height": image.height})
+            else:
+                results.append(self._volume_result(upload.filename, volume, summary))
+        shown = [image if image is not None else volume.images()[result["volume"]["key_slice"]]
+                 for image, volume, result in zip(images, volumes, results)]
         if preview:
-            for result, image in zip(results, images):
+            for result, image in zip(results, shown):
                 result["preview_png_base64"] = png_base64(preview_image(image))
         if explain:
-            # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
-            # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
-            try:
-                explanations = self.classifier.explain(images, target=target)
-            except UserError as err:  # e.g. an ONNX model has no gradients
-                raise HTTPException(422, f"Grad-CAM is not available: {err}") from None
-            for result, explanation, image in zip(results, explanations, images):
-                # The map is at the model's input size; give it the preview's geometry so the two line up.
-                overlay = explanation.overlay().resize(preview_size(image), Image.Resampling.BILINEAR)
-                result["gradcam_target"] = explanation.target
-                result["gradcam_png_base64"] = png_base64(overlay)
+            self._explain(results, shown, volumes, summaries, target)
         return {"model": self.model_info(), "results": results, "note": RESEARCH_NOTE}
+
+    def _volume_result(self, filename: str, volume, summary) -> dict:
+        """A volume's card: its verdict as the label, the most suspicious slice's probabilities, the details."""
+        row = summary.probabilities[summary.key_slice]
+        classes = self.classifier.classes
+        confidence = float(row[classes.index(summary.verdict)]) if summary.verdict in classes else float(row.max())
+        details = summary.to_dict()
+        details["source"] = filename
+        height, width = volume.slices.shape[1:]
+        return {"filename": filename, "label": summary.verdict, "confidence": confidence,
+                "probabilities": {c: float(p) for c, p in zip(classes, row)}, "width": width, "height": height,
+                "volume": details}
+
+    def _explain(self, results: list[dict], shown: list, volumes: list, summaries: list, target: str | None) -> None:
+        from ..volume_verdict import explained_class, montage_image
+
+        # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
+        # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
+        try:
+            plain = [k for k, volume in enumerate(volumes) if volume is None]
+            explanations = dict(zip(plain, self.classifier.explain([shown[k] for k in plain], target=target)
+                                    if plain else []))
+            for k, summary in enumerate(summaries):
+                if summary is not None:  # a volume: its key slice, explaining its tumour verdict by default
+                    chosen = target if target is not None else explained_class(summary)
+                    explanations[k] = self.classifier.explain(shown[k], target=chosen)
+                    results[k]["volume_montage_png_base64"] = png_base64(
+                        montage_image(self.classifier, volumes[k], summary))
+        except UserError as err:  # e.g. an ONNX model has no gradients
+            raise HTTPException(422, f"Grad-CAM is not available: {err}") from None
+        for k, result in enumerate(results):
+            # The map is at the model's input size; give it the preview's geometry so the two line up.
+            overlay = explanations[k].overlay().resize(preview_size(shown[k]), Image.Resampling.BILINEAR)
+            result["gradcam_target"] = explanations[k].target
+            result["gradcam_png_base64"] = png_base64(overlay)
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
@@ -230,7 +278,8 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
     analyzer = Analyzer(classifier)
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
-                  description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM). {RESEARCH_NOTE}")
+                  description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM) and volumes (NIfTI, "
+                              f"multi-frame DICOM) slice by slice. {RESEARCH_NOTE}")
     app.state.analyzer = analyzer
     app.state.limiter = None  # made on first use: it belongs to the running event loop
 
@@ -289,7 +338,8 @@ def _predict_openapi(max_files: int) -> dict:
         "type": "object", "required": [FIELD],
         "properties": {FIELD: {"type": "array", "maxItems": max_files,
                                "items": {"type": "string", "format": "binary"},
-                               "description": "JPEG, PNG, BMP, TIFF or DICOM slices"}}}}}},
+                               "description": "JPEG, PNG, BMP, TIFF or DICOM slices; NIfTI (.nii, .nii.gz) "
+                                              "or multi-frame DICOM volumes"}}}}}},
         "responses": {"413": {"description": "a file or the request is over the size or count limit"},
                       "415": {"description": "a file is not a readable image or DICOM"}}}
 

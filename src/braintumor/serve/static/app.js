@@ -120,9 +120,20 @@
     $('[data-testid="predicted-label"]', card).textContent = result.label;
     $('[data-testid="predicted-confidence"]', card).textContent = `${percent(result.confidence)} probability`;
     renderProbabilities(card, result.probabilities, result.label);
+    if (result.volume) renderVolume(card, result.volume);
     const toggle = $('[data-testid="gradcam-toggle"]', card);
     toggle.disabled = !state.gradcam;
     if (!state.gradcam) toggle.title = "Grad-CAM needs the PyTorch checkpoint (this server runs an ONNX export)";
+  }
+
+  // A volume (NIfTI, multi-frame DICOM) is classified slice by slice; the card shows its most suspicious slice,
+  // the verdict as the label, and how the verdict was reached.
+  function renderVolume(card, volume) {
+    $(".prediction-label", card).textContent = "Volume verdict";
+    const summary = $('[data-testid="volume-summary"]', card);
+    summary.textContent = `${volume.slices_total} axial slices: ${volume.evidence}. Shown: slice ` +
+      `${volume.key_slice}, the most suspicious, with its probabilities. Rule: ${volume.rule}.`;
+    summary.hidden = false;
   }
 
   async function toggleGradcam(card, file) {
@@ -145,6 +156,12 @@
       try {
         const result = await postFile(file, { explain: "1" });
         overlay.src = `data:image/png;base64,${result.gradcam_png_base64}`;
+        if (result.volume_montage_png_base64) {
+          const montage = $('[data-testid="volume-montage"]', card);
+          montage.src = `data:image/png;base64,${result.volume_montage_png_base64}`;
+          montage.alt = `Grad-CAM of the most suspicious slices of ${result.filename}`;
+          montage.hidden = false;
+        }
         overlay.alt = `Grad-CAM overlay for ${result.filename}: regions that raised the score of ` +
           `${result.gradcam_target}`;
         caption.textContent = `Grad-CAM for ${result.gradcam_target}: red marks the strongest evidence, ` +
