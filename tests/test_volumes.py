@@ -110,6 +110,8 @@ def test_window_is_robust_percentiles_per_volume():
     windowed, (low, high) = window_volume(values)
     assert low == 0.0 and high == 100.0
     assert windowed[1, 0, 9] == 255 and windowed[1, 0, 0] == 0 and windowed[0, 0, 0] == 255
+    eight_bit = np.array([[[0, 7, 180]]], np.float32)  # an 8-bit volume is used as it is, like 8-bit slices
+    assert window_volume(eight_bit)[0].tolist() == [[[0, 7, 180]]]
 
 
 def test_verdict_rule():

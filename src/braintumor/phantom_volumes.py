@@ -2,9 +2,10 @@
 
 A phantom volume stacks one phantom head (``phantom.make_phantom``, the same seed on every slice) scaled like
 the cross-sections of an ellipsoid, so the head grows from the bottom slice to the middle and shrinks again;
-the lesion of its class is present on the middle slices only (a third of them). Values are stored as 16-bit
-"scanner units" (8-bit phantom × 12 × a gain rising 0.9 → 1.1 from bottom to top, + 40), so readers must window
-them and no slice is the mirror image of another.
+the lesion of its class is present on the middle slices only (a third of them). Values stay in the phantom's
+8-bit range (times a gain rising from 0.85 at the bottom to 1 at the top, so no slice is the mirror image of
+another), stored as 16-bit integers: read back, they are used as they are, like the 2-D phantom slices a demo
+model is trained on (``volumes`` windows only volumes outside 0..255).
 
 Arrays handed to the writers are viewer-ordered ``(Z, rows, columns)``: slice 0 the most inferior, rows from
 anterior to posterior, columns from the patient's right to left (what ``volumes.read_volume`` returns). The
@@ -36,17 +37,22 @@ def make_phantom_volume(label: str, size: int = 64, slices: int = 24, seed: int 
     sick = make_phantom(label, size, seed) if label != "notumor" else healthy
     volume = np.zeros((slices, size, size), np.int16)
     lesion = np.zeros(slices, bool)
+    # Around a shrunken head: background noise drawn from the phantom's own background (its corners), so no
+    # square edge shows where the smaller head was pasted.
+    corner = max(2, size // 10)
+    background = np.concatenate([healthy[:corner, :corner].ravel(), healthy[-corner:, -corner:].ravel()])
+    rng = np.random.default_rng(seed)
     for z in range(slices):
         t = (z - (slices - 1) / 2) / ((slices - 1) / 2)  # -1 (bottom) .. 1 (top)
         shows_lesion = label != "notumor" and abs(t) <= LESION_SLICES + 1e-9
         scale = float(np.sqrt(1.0 - (0.8 * t) ** 2))
         side = max(8, round(size * scale))
         picture = Image.fromarray(sick if shows_lesion else healthy).resize((side, side), Image.BILINEAR)
-        canvas = np.zeros((size, size), np.uint8)
+        canvas = rng.choice(background, size=(size, size)).astype(np.uint8)
         offset = (size - side) // 2
         canvas[offset:offset + side, offset:offset + side] = np.asarray(picture)
-        gain = 0.9 + 0.2 * z / (slices - 1)  # a coil's bias along z: no two slices are mirror images
-        volume[z] = np.rint(canvas * (12 * gain)).astype(np.int16) + 40
+        gain = 0.85 + 0.15 * z / (slices - 1)  # a coil's bias along z: no two slices are mirror images
+        volume[z] = np.rint(canvas * gain).astype(np.int16)
         lesion[z] = shows_lesion
     return volume, lesion
 

@@ -12,9 +12,10 @@ The model was trained on 2-D slices, so a volume is cut into axial slices and ea
    axis; no interpolation, so an oblique acquisition keeps its tilt). Each slice is shown like a DICOM viewer
    shows it: anterior at the top, the patient's right on the image's left. Non-square in-plane voxels are
    resampled to square pixels.
-3. **Normalise per volume.** The volume's voxel values are windowed linearly between their 0.5th and 99.5th
-   percentiles (over the whole volume, so slices keep their relative brightness) to 0..255, like the 8-bit
-   slices the models are trained on; values outside saturate.
+3. **Normalise per volume.** A volume whose values are all whole numbers in 0..255 (an 8-bit volume, e.g. a
+   stack of exported slices) is used as it is, as 8-bit slices are. Any other volume is windowed linearly
+   between its 0.5th and 99.5th percentiles (over the whole volume, so slices keep their relative brightness)
+   to 0..255; values outside saturate, so a few very bright voxels (vessels, fat, artefacts) cannot darken it.
 
 A multi-frame DICOM without per-frame positions keeps its frames in stored order and is assumed axial.
 """
@@ -214,10 +215,12 @@ def _to_volume(image, source: str, kind: str) -> Volume:
 
 
 def window_volume(values: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """Linear window between the volume's 0.5th and 99.5th percentiles to uint8 (constant volumes give zeros)."""
+    """8-bit volumes as they are; others windowed between their 0.5th and 99.5th percentiles to uint8."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return np.zeros(values.shape, np.uint8), (0.0, 0.0)
+    if finite.size == values.size and finite.min() >= 0 and finite.max() <= 255 and np.all(finite == np.rint(finite)):
+        return values.astype(np.uint8), (0.0, 255.0)
     low, high = (float(v) for v in np.percentile(finite, [LOW_PERCENTILE, HIGH_PERCENTILE]))
     if not high > low:
         low, high = float(finite.min()), float(finite.max())
