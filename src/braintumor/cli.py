@@ -147,9 +147,9 @@ def cmd_predict(args) -> int:
     from .volume_verdict import classify_volume
     from .volumes import partition_inputs, read_volume
 
-    image_paths, volume_paths = partition_inputs(args.paths)
     rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, tta=args.tta)
+    image_paths, volume_paths = partition_inputs(args.paths)
     predictions = classifier.predict(image_paths, batch_size=args.batch_size) if image_paths else []
     volumes = []
     for path in volume_paths:
@@ -234,9 +234,9 @@ def cmd_explain(args) -> int:
     from .volume_verdict import classify_volume, write_volume_outputs
     from .volumes import partition_inputs, read_volume
 
-    image_paths, volume_paths = partition_inputs(args.images)
     rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
+    image_paths, volume_paths = partition_inputs(args.images)
     out = prepare_output_dir(args.out, "gradcam", overwrite=args.overwrite)
     written = write_explanations(classifier, image_paths, out, target=args.target) if image_paths else []
     for path in volume_paths:
