@@ -23,6 +23,7 @@ from test_dedup import SIZE, _phantom, _save, planted_folder, train_and_test_fol
 def private_cache(tmp_path, monkeypatch):
     """Every test hashes into its own cache under tmp_path (never the user's ~/.cache)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("BRAINTUMOR_CACHE_DIR", raising=False)
     return tmp_path / "xdg" / "braintumor" / "audit"
 
 
@@ -173,3 +174,12 @@ def test_audit_reports_patient_groups_that_straddle_the_two_sets(tmp_path):
     csv_file.write_text("path,group\n" + "\n".join(rows) + "\n")
     by_csv = audit(test, against=train, groups=csv_file)["groups"]
     assert by_csv["source"] == str(csv_file) and [g["group"] for g in by_csv["straddling"]] == ["case-3"]
+
+
+def test_hash_cache_folder_is_settable(tmp_path, monkeypatch, private_cache):
+    assert default_cache_dir() == private_cache  # the platform's cache folder (XDG_CACHE_HOME on Linux)
+    monkeypatch.setenv("BRAINTUMOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine" / "audit"
+    root = tmp_path / "data"
+    paths = [_save(root / PHANTOM_CLASSES[i % 2] / f"{i}.png", _phantom(i)) for i in range(2)]
+    assert paths and Path(audit(root)["cache"]["path"]).parent == tmp_path / "mine" / "audit"

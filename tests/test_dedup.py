@@ -33,6 +33,7 @@ SIZE = 128  # phantom side: big enough that a 2 % crop removes whole pixels
 def private_cache(tmp_path, monkeypatch):
     """Every test hashes into its own cache under tmp_path (never the user's ~/.cache)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("BRAINTUMOR_CACHE_DIR", raising=False)
     return tmp_path / "xdg" / "braintumor" / "audit"
 
 

@@ -233,9 +233,17 @@ def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path)
     written = write_explanations(classifier, [tmp_path / "a", tmp_path / "b" / "slice.png"], tmp_path / "out",
                                  target=target)
     assert len(written) == 3 and len(set(written)) == 3 and all(p.is_file() for p in written)
-    expected = explain(classifier, str(tmp_path / "a" / "other.jpg"), target=target)
-    assert written[0].name == f"other_gradcam_{target}_{expected.target_probability:.2f}.png"
-    assert written[1].name.startswith(f"slice_gradcam_{target}_") and written[2].name.endswith("-2.png")
-    with Image.open(written[0]) as picture:
-        assert picture.mode == "RGB"
-        assert picture.width >= 320 and picture.height > picture.width + 10  # caption bar under the square overlay
+    # No probability in the name: a rerun replaces its own files instead of leaving stale ones.
+    assert [p.name for p in written] == [f"other_gradcam_{target}.png", f"slice_gradcam_{target}.png",
+                                         f"slice_gradcam_{target}-2.png"]
+    again = write_explanations(classifier, [tmp_path / "a"], tmp_path / "out", target=target)
+    assert again == written[:2] and len(list((tmp_path / "out").iterdir())) == 3
+    from braintumor.figures import GRADCAM_SIZE_PX
+
+    for path in written:  # slice | overlay | colour bar, one fixed size whatever the caption
+        with Image.open(path) as picture:
+            assert picture.mode == "RGB" and picture.size == GRADCAM_SIZE_PX
+            pixels = np.asarray(picture)
+    # The colour bar's jet colours sit right of the two panels: strong red and strong blue columns exist there.
+    bar = pixels[:, int(0.81 * GRADCAM_SIZE_PX[0]):]
+    assert ((bar[..., 0] > 200) & (bar[..., 2] < 60)).any() and ((bar[..., 2] > 200) & (bar[..., 0] < 60)).any()

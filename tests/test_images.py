@@ -334,19 +334,76 @@ def test_dicom_window_matches_pydicom_reference(tmp_path):
 
 
 @pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
-def test_window_function_matches_pydicom(function):
-    values = np.linspace(-500, 1500, 401)
-    center, width = 300.0, 700.0
-    dataset = pydicom.Dataset()
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.PixelRepresentation = 0
-    dataset.BitsStored = 8  # pydicom's output range is then 0..255, directly comparable
-    dataset.WindowCenter = center
-    dataset.WindowWidth = width
-    dataset.VOILUTFunction = function
-    reference = np.rint(apply_windowing(values.copy(), dataset))
-    ours = images._window_to_uint8(values, center, width, function)
-    assert np.abs(ours.astype(np.int32) - reference).max() <= 1
+def test_window_function_matches_pydicom(tmp_path, function):
+    stored = _stored_ramp()
+    path = _write_dicom(tmp_path / f"{function}.dcm", stored, WindowCenter=1200, WindowWidth=700,
+                        VOILUTFunction=function)
+    out = _rgb_array(read_image(path))[..., 0]
+    dataset = pydicom.dcmread(path)
+    reference = np.rint(apply_windowing(dataset.pixel_array, dataset) / 65535 * 255)  # output range 0..65535
+    assert np.abs(out - reference).max() <= 1
+    assert out.min() == 0 and out.max() == 255
+
+
+def _voi_lut_item(first: int, lut: np.ndarray, bits: int = 16) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [len(lut), first, bits]
+    item.add_new(0x00283006, "US", [int(v) for v in lut])  # LUT Data: US or OW; US keeps it a list
+    return item
+
+
+def test_dicom_voi_lut_sequence_windowed_as_pydicom_says(tmp_path):
+    stored = _stored_ramp()
+    # A non-linear (gamma-like) LUT over stored values 500..2547, 12-bit output inside a 16-bit entry; the
+    # file's Window Center/Width disagree on purpose: the LUT sequence wins, as pydicom prefers it.
+    lut = np.rint(4095 * np.linspace(0, 1, 2048) ** 0.5).astype(np.uint16)
+    path = _write_dicom(tmp_path / "voilut.dcm", stored, RescaleSlope=1, RescaleIntercept=0,
+                        VOILUTSequence=[_voi_lut_item(500, lut)], WindowCenter=100, WindowWidth=10)
+    out = _rgb_array(read_image(path))[..., 0]
+    dataset = pydicom.dcmread(path)
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.rint(apply_modality_lut(dataset.pixel_array, dataset)).astype(np.int64)
+    reference = np.rint(apply_voi_lut(values, dataset).astype(np.float64) / 4095 * 255)  # the LUT's range
+    np.testing.assert_array_equal(out, reference)
+    assert out[0, 0] == 0 and out[-1, -1] == 255  # below / above the LUT's input range clamp to its ends
+    # The hand-written window the module used to apply would give something else entirely.
+    assert not np.array_equal(out, images._minmax_to_uint8(stored))
+
+
+def test_compressed_dicom_without_decoder_names_the_plugin(tmp_path, monkeypatch):
+    from pydicom.pixels.decoders.base import Decoder
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    stored = _stored_ramp()
+    path = _write_dicom(tmp_path / "plain.dcm", stored)
+    dataset = pydicom.dcmread(path)
+    dataset.compress(RLELossless, encoding_plugin="pydicom")  # encoders ship with pydicom for RLE only
+    packed = tmp_path / "rle.dcm"
+    dataset.save_as(packed)
+    np.testing.assert_array_equal(_rgb_array(read_image(packed)), _rgb_array(read_image(path)))
+
+    dataset.file_meta.TransferSyntaxUID = JPEGLSLossless  # claims JPEG-LS: its decoder is a plug-in
+    fake = tmp_path / "jpegls.dcm"
+    dataset.save_as(fake)
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    assert check_image(fake) == ("DICOM pixel data compressed as JPEG-LS Lossless Image Compression needs a "
+                                 "decoder plug-in: pip install pylibjpeg pylibjpeg-libjpeg "
+                                 "(or pip install 'braintumor[dicom-codecs]')")
+
+
+def test_jpeg2000_dicom_decoded_with_the_optional_plugin(tmp_path):
+    pytest.importorskip("openjpeg", reason="the dicom-codecs extra (pylibjpeg-openjpeg) is not installed")
+    from pydicom.uid import JPEG2000Lossless
+
+    stored = np.rint(np.linspace(0, 3000, 64 * 64)).astype(np.uint16).reshape(64, 64)  # openjpeg needs >= 64 px
+    path = _write_dicom(tmp_path / "plain.dcm", stored, BitsStored=12, HighBit=11)
+    dataset = pydicom.dcmread(path)
+    dataset.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    packed = tmp_path / "j2k.dcm"
+    dataset.save_as(packed)
+    assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    np.testing.assert_array_equal(np.asarray(read_image(packed)), np.asarray(read_image(path)))
 
 
 def test_dicom_without_window_is_min_max(tmp_path):
@@ -399,8 +456,8 @@ def test_dicom_multi_frame_refused(tmp_path):
     with pytest.raises(ImageReadError) as raised:
         read_image(path)
     assert str(raised.value) == (
-        f"cannot read image {path}: multi-frame DICOM (3 frames): only 2-D slices are supported; "
-        "export single slices"
+        f"cannot read image {path}: multi-frame DICOM (3 frames) is a volume: braintumor predict and explain "
+        "read volumes, training and evaluation need 2-D slices"
     )
 
 

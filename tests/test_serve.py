@@ -391,3 +391,31 @@ def test_api_flags_out_of_distribution_and_low_confidence(trusted_checkpoint):
         classifier.min_confidence = 0.99  # what serve --min-confidence 0.99 sets
         phantom = test_client.post("/api/predict", files=files[1:]).json()["results"][0]
         assert phantom["abstained"] is True and phantom["status"] == "low_confidence"
+
+
+def test_volumes_upload_as_a_verdict_with_the_most_suspicious_slice(client, classifier, tmp_path):
+    from braintumor.phantom_volumes import make_phantom_volume, write_multiframe_dicom, write_nifti
+    from braintumor.volume_verdict import classify_volume
+    from braintumor.volumes import read_volume
+
+    volume, _ = make_phantom_volume("glioma", 32, 6, seed=4)
+    nifti = write_nifti(tmp_path / "case.nii.gz", volume)
+    multiframe = write_multiframe_dicom(tmp_path / "case.dcm", volume)
+    expected = classify_volume(classifier, read_volume(nifti))
+    response = client.post("/api/predict?preview=1&explain=1",
+                           files=upload(("case.nii.gz", nifti.read_bytes()), ("frames.dcm", multiframe.read_bytes()),
+                                        ("a.png", png_bytes())))
+    assert response.status_code == 200, response.text
+    first, second, plain = response.json()["results"]
+    for result in (first, second):
+        assert result["label"] == expected.verdict and result["volume"]["rule"] == expected.rule
+        assert result["volume"]["slices_total"] == 6 and len(result["volume"]["slices"]) == 6
+        key = result["volume"]["key_slice"]
+        assert result["probabilities"] == pytest.approx(dict(zip(classifier.classes,
+                                                                 expected.probabilities[key])), abs=1e-5)
+        assert decode_png(result["preview_png_base64"]).size == (32, 32)
+        assert decode_png(result["volume_montage_png_base64"]).width > 300
+        assert "gradcam_png_base64" in result
+    assert "volume" not in plain and plain["label"] == classifier.predict(png_bytes()).label
+    broken = client.post("/api/predict", files=upload(("bad.nii.gz", b"\x1f\x8b" + b"garbage" * 10)))
+    assert broken.status_code == 415 and "cannot read volume bad.nii.gz" in broken.json()["detail"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from . import RESEARCH_NOTE, __version__
 from .dedup import DEFAULT_THRESHOLD
 from .errors import UserError
+
+log = logging.getLogger("braintumor")
 
 
 def probability(text: str) -> float:
@@ -159,42 +162,89 @@ def cmd_recipes(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_checkpoint
+    from .outputs import prepare_output_dir
     from .report import format_table
 
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, device=args.device,
+    out = prepare_output_dir(args.out, "evaluation", overwrite=args.overwrite)
+    report = evaluate_checkpoint(args.checkpoint, args.data, out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
                                  skip_bad=args.skip_bad, workers=args.workers, tta=args.tta, groups=args.groups,
                                  backend=args.backend)
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
-    print(f"per-image results: {Path(args.out) / 'predictions.csv'}")
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"per-image results: {out / 'predictions.csv'}")
+    print(f"report: {out / 'report.md'}")
     return 0
 
 
-def cmd_predict(args) -> int:
-    from .predict import Classifier, expand_inputs
-    from .streaming import PredictionWriter, stream_predictions
+def _volume_rule(args):
+    from .volume_verdict import VerdictRule
 
+    return VerdictRule(threshold=args.slice_threshold, min_slices=args.min_slices)
+
+
+def cmd_predict(args) -> int:
+    from .predict import Classifier
+    from .streaming import PredictionWriter, stream_predictions
+    from .volume_verdict import classify_volume
+    from .volumes import partition_inputs, read_volume
+
+    rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
                                             tta=args.tta)
     classifier.min_confidence = args.min_confidence
-    paths = expand_inputs(args.paths)
-    writer = PredictionWriter(sys.stdout, classifier, "json" if args.json else "csv" if args.csv else "table",
-                              width=max(len(str(p)) for p in paths))
-    skipped = stream_predictions(classifier, paths, writer, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    image_paths, volume_paths = partition_inputs(args.paths)
+    fmt = "json" if args.json else "csv" if args.csv else "table"
+    writer = PredictionWriter(sys.stdout, classifier, fmt, width=max(len(str(p)) for p in image_paths or ["image"]))
+    skipped = []
+    if image_paths:  # slices stream out as they are made
+        skipped = stream_predictions(classifier, image_paths, writer, batch_size=args.batch_size,
+                                     skip_bad=args.skip_bad)
+    volumes = []
+    for path in volume_paths:
+        log.debug("reading volume %s", path)
+        volume = classify_volume(classifier, read_volume(path), rule, batch_size=args.batch_size)
+        volumes.append(volume)
+        if fmt == "json":
+            writer.write_record(volume.to_dict())
+        elif fmt == "csv":
+            for prediction in volume.slice_predictions():
+                writer.write(prediction)
+            log.info("%s: volume verdict %s (%s)", volume.source, volume.verdict, volume.evidence)
+    writer.close()
+    if fmt == "table":
+        for v in volumes:
+            print(f"{v.source}: volume verdict {v.verdict} ({v.evidence}; {len(v.probabilities)} axial slices)")
+        if volumes:
+            print(f"volume rule: {volumes[0].rule}. Per-slice results: --csv or --json; montage: braintumor explain")
     if skipped:
         print(one_line(f"skipped {len(skipped)} unreadable file(s): "
                        + "; ".join(f"{path} ({reason})" for path, reason in skipped)), file=sys.stderr)
     return 0
 
 
+def _print_table(predictions: list, classes: list[str]) -> None:
+    width = max(len(p.source) for p in predictions)
+    print(f"{'image':<{width}}  {'prediction':<12} " + " ".join(f"{c[:10]:>10}" for c in classes))
+    for p in predictions:
+        print(f"{p.source:<{width}}  {p.label:<12} " + " ".join(f"{p.probabilities[c]:>10.4f}" for c in classes))
+
+
 def cmd_make_phantoms(args) -> int:
+    if args.volumes:
+        from .phantom_volumes import write_phantom_volumes
+
+        written = write_phantom_volumes(args.out, per_class=args.per_class or 1, size=args.size, slices=args.slices,
+                                        seed=args.seed)
+        print(f"wrote {len(written) // 3} phantom volumes, each as NIfTI, DICOM series folder and multi-frame "
+              f"DICOM ({args.slices} axial slices of {args.size} px), to {args.out}")
+        return 0
     from .phantom import write_phantom_set
 
-    out = write_phantom_set(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
-    print(f"wrote {args.per_class} phantom slices per class to {out}")
+    per_class = 100 if args.per_class is None else args.per_class
+    out = write_phantom_set(args.out, per_class=per_class, size=args.size, seed=args.seed)
+    print(f"wrote {per_class} phantom slices per class to {out}")
     return 0
 
 
@@ -207,10 +257,12 @@ def cmd_demo(args) -> int:
 
 def cmd_audit(args) -> int:
     from .audit import audit, write_audit
+    from .outputs import prepare_output_dir
 
+    out = prepare_output_dir(args.out, "audit", overwrite=args.overwrite)
     report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty(),
                    groups=args.groups)
-    json_path, md_path = write_audit(report, args.out)
+    json_path, md_path = write_audit(report, out)
     summary = report["summary"]
     if report.get("leak_headline"):
         print(report["leak_headline"])
@@ -234,10 +286,21 @@ def cmd_calibrate(args) -> int:
 
 def cmd_explain(args) -> int:
     from .explain import write_explanations
-    from .predict import Classifier, expand_inputs
+    from .outputs import prepare_output_dir
+    from .predict import Classifier
+    from .volume_verdict import classify_volume, write_volume_outputs
+    from .volumes import partition_inputs, read_volume
 
+    rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
-    written = write_explanations(classifier, expand_inputs(args.images), args.out, target=args.target)
+    image_paths, volume_paths = partition_inputs(args.images)
+    out = prepare_output_dir(args.out, "gradcam", overwrite=args.overwrite)
+    written = write_explanations(classifier, image_paths, out, target=args.target) if image_paths else []
+    for path in volume_paths:
+        volume = read_volume(path)
+        result = classify_volume(classifier, volume, rule)
+        log.info("%s: volume verdict %s (%s)", result.source, result.verdict, result.evidence)
+        written.extend(write_volume_outputs(classifier, volume, result, out))
     for path in written:
         print(path)
     return 0
@@ -277,22 +340,49 @@ def _tta_flag(p: argparse.ArgumentParser) -> None:
                    help="average each slice's prediction with its mirror's (default: as stored in the model)")
 
 
+def _common_flags() -> argparse.ArgumentParser:
+    """-q/-v for every subcommand (SUPPRESS: a flag given before the subcommand is not reset after it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and errors on stderr")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also debug messages on stderr")
+    return common
+
+
+def _volume_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slice-threshold", type=float, default=0.5, metavar="P",
+                   help="volumes: a slice votes for a tumour class predicted with probability >= P (default 0.5)")
+    p.add_argument("--min-slices", type=int, default=2, metavar="N",
+                   help="volumes: a tumour verdict needs at least N voting slices (default 2)")
+
+
+def _out_flags(p: argparse.ArgumentParser, default_parent: str) -> None:
+    p.add_argument("--out", help=f"output folder (default: a new {default_parent}/<date-time>/); "
+                                 "an existing folder with files needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+
+
 def build_parser() -> Parser:
-    parser = Parser(prog="braintumor", description=f"Brain MRI slice classification. {RESEARCH_NOTE}")
+    common = _common_flags()
+    parser = Parser(prog="braintumor", description=f"Brain MRI slice classification. {RESEARCH_NOTE}",
+                    parents=[common])
     parser.add_argument("--version", action="version", version=f"braintumor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("train", help="fine-tune a ResNet on a folder-per-class data set")
+    p = sub.add_parser("train", parents=[common], help="fine-tune a ResNet on a folder-per-class data set")
     _train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("recipes", help="list the shipped training recipes")
+    p = sub.add_parser("recipes", parents=[common], help="list the shipped training recipes")
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("evaluate", help="metrics, confusion matrix and calibration of a checkpoint on a folder")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="metrics, confusion matrix and calibration of a checkpoint on a folder")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("data")
-    p.add_argument("--out", default="evaluation", help="report folder (default ./evaluation)")
+    _out_flags(p, "evaluation")
     _tta_flag(p)
     p.add_argument("--exclude-duplicates-of", metavar="TRAIN_DIR",
                    help="also report on the subset with no exact/near duplicate in TRAIN_DIR")
@@ -306,10 +396,13 @@ def build_parser() -> Parser:
     p.add_argument("--backend", default="torch", help="torch (default) or onnx (no Grad-CAM in the gallery)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify image files or folders")
+    p = sub.add_parser("predict", parents=[common],
+                       help="classify image files, folders and volumes (NIfTI, DICOM series)")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="images, folders, NIfTI volumes (.nii, .nii.gz), multi-frame DICOMs, DICOM series folders")
     _tta_flag(p)
+    _volume_flags(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
@@ -324,15 +417,17 @@ def build_parser() -> Parser:
                    help="abstain (status low_confidence, no class in the table) below this probability")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("explain", help="Grad-CAM overlays for images")
+    p = sub.add_parser("explain", parents=[common],
+                       help="Grad-CAM panels for images; per-slice results and a montage for volumes")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="PATH", help="images, folders or volumes, as for predict")
     p.add_argument("--class", dest="target", help="class to explain (default: the predicted class)")
-    p.add_argument("--out", default="gradcam", help="output folder (default ./gradcam)")
+    _out_flags(p, "gradcam")
+    _volume_flags(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    p = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX or TorchScript")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", help="output file (default: beside the checkpoint; ./braintumor-reference.onnx "
@@ -341,10 +436,11 @@ def build_parser() -> Parser:
                    help="also quantize to int8 (ONNX), calibrated on images from DIR; faster on CPUs, not exact")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("audit", help="find unreadable files, duplicates and train/test leakage")
+    p = sub.add_parser("audit", parents=[common],
+                       help="find unreadable files, duplicates and train/test leakage")
     p.add_argument("data")
     p.add_argument("--against", metavar="OTHER_DATA", help="a second folder (e.g. the test set) to check for leaks")
-    p.add_argument("--out", default="audit", help="report folder (default ./audit)")
+    _out_flags(p, "audit")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when OTHER_DATA duplicates DATA")
     p.add_argument("--threshold", type=bounded(int, 0, 64), default=DEFAULT_THRESHOLD,
                    help=f"near duplicates: at most this many of the 256 perceptual-hash bits differ "
@@ -364,21 +460,26 @@ def build_parser() -> Parser:
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("make-phantoms", help="write a synthetic phantom data set (PNG folders)")
+    p = sub.add_parser("make-phantoms", parents=[common],
+                       help="write a synthetic phantom data set (PNG folders) or volumes")
     p.add_argument("out")
-    p.add_argument("--per-class", type=bounded(int, 1, 100_000), default=100)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--per-class", type=bounded(int, 1, 100_000), default=None,
+                   help="slices (default 100) or volumes (default 1) per class")
+    p.add_argument("--size", type=bounded(int, 8, 4096), default=128)
+    p.add_argument("--volumes", action="store_true",
+                   help="write phantom volumes: NIfTI (.nii.gz), a DICOM series folder and a multi-frame DICOM each")
+    p.add_argument("--slices", type=bounded(int, 1, 1024), default=24, help="axial slices per phantom volume (default 24)")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_make_phantoms)
 
-    p = sub.add_parser("demo", help="phantom data → train a small model on the CPU → report")
+    p = sub.add_parser("demo", parents=[common], help="phantom data → train a small model on the CPU → report")
     p.add_argument("--out", default="demo-run", help="demo folder (default ./demo-run)")
     p.add_argument("--per-class", type=bounded(int, 2, 100_000), default=None, help="training phantoms per class")
     p.add_argument("--epochs", type=bounded(int, 1, 100_000), default=None)
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="web page and JSON API for predictions")
+    p = sub.add_parser("serve", parents=[common], help="web page and JSON API for predictions")
     p.add_argument("checkpoint", nargs="?", default="reference",
                    help=CHECKPOINT_HELP + " (default: reference)")
     _tta_flag(p)
@@ -398,9 +499,34 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(one_line(f"warning: {message}"), file=sys.stderr)
 
 
+class _TqdmHandler(logging.Handler):
+    """Log lines on the current stderr through tqdm.write, so they land above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
+    """stdlib logging for the ``braintumor`` loggers: INFO by default, WARNING with -q, DEBUG with -v."""
+    logger = logging.getLogger("braintumor")
+    for handler in [h for h in logger.handlers if isinstance(h, _TqdmHandler)]:
+        logger.removeHandler(handler)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, 130 when interrupted)."""
     args = build_parser().parse_args(argv)
+    configure_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning

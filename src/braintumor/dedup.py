@@ -40,9 +40,15 @@ HASH_VERSION = "v1"  # bump when a record's content changes so stale cache entri
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/braintumor/audit`` (else ``~/.cache/...``): data folders may be read-only."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "braintumor" / "audit"
+    """``$BRAINTUMOR_CACHE_DIR/audit``, else ``audit`` in the platform's user cache folder for braintumor
+    (platformdirs: ``$XDG_CACHE_HOME/braintumor`` or ``~/.cache/braintumor`` on Linux, ``~/Library/Caches/braintumor``
+    on macOS, ``%LOCALAPPDATA%\\braintumor\\Cache`` on Windows). Never the data folder, which may be read-only."""
+    configured = os.environ.get("BRAINTUMOR_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser() / "audit"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("braintumor", appauthor=False)) / "audit"
 
 
 # ---------------------------------------------------------------- hashing

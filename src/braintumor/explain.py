@@ -18,7 +18,6 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -26,15 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerAttribution, LayerGradCam
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .atomic import atomic_write
 from .errors import UserError
 from .model import gradcam_layer
 from .predict import describe_source, expand_inputs
-
-# Rendered overlays smaller than this are enlarged so the caption stays readable next to a 64 px slice.
-MIN_DISPLAY_SIZE = 320
 
 
 @dataclass
@@ -147,10 +143,14 @@ def _normalize(maps: torch.Tensor) -> torch.Tensor:
 
 def write_explanations(classifier, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                        target: str | None = None, batch_size: int = 16) -> list[Path]:
-    """Write one captioned overlay PNG per image (folders are expanded) and return the written paths.
+    """Write one Grad-CAM panel PNG per image (folders are expanded) and return the written paths.
 
-    Files are named ``<stem>_gradcam_<class>_<probability>.png`` after the explained class and its probability.
+    Each panel is the slice beside its overlay with a colour bar and a caption (``figures.gradcam_panel``, always
+    the same size). Files are named ``<stem>_gradcam_<class>.png`` after the explained class, so a rerun
+    replaces its own files instead of leaving stale ones beside them.
     """
+    from .figures import gradcam_panel
+
     files = expand_inputs(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,41 +160,11 @@ def write_explanations(classifier, paths: Sequence[str | os.PathLike], out_dir: 
         chunk = files[start:start + batch_size]
         for file, explanation in zip(chunk, explain(classifier, [str(f) for f in chunk], target=target,
                                                    batch_size=batch_size)):
-            name = _unique_name(
-                f"{_safe(file.stem)}_gradcam_{_safe(explanation.target)}_{explanation.target_probability:.2f}",
-                taken)
-            picture = render(explanation)
+            name = _unique_name(f"{_safe(file.stem)}_gradcam_{_safe(explanation.target)}", taken)
             buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
+            gradcam_panel(explanation).save(buffer, format="PNG")
             written.append(atomic_write(out_dir / name, lambda handle: handle.write(buffer.getvalue())))
     return written
-
-
-def render(explanation: Explanation, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
-    """The overlay, enlarged to at least MIN_DISPLAY_SIZE px and the caption's width, above a caption bar."""
-    font = _caption_font()
-    text = explanation.caption()
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    padding = 6
-    picture = explanation.overlay(alpha=alpha, colormap=colormap)
-    width = max(picture.width, MIN_DISPLAY_SIZE, right - left + 2 * padding)
-    if picture.width < width:
-        picture = picture.resize((width, round(picture.height * width / picture.width)), Image.BILINEAR)
-    canvas = Image.new("RGB", (width, picture.height + bottom - top + 2 * padding), "black")
-    canvas.paste(picture, (0, 0))
-    ImageDraw.Draw(canvas).text((padding - left, picture.height + padding - top), text, fill="white", font=font)
-    return canvas
-
-
-@lru_cache(maxsize=1)
-def _caption_font() -> ImageFont.ImageFont:
-    """matplotlib's bundled DejaVu Sans (always installed with it, covers "·"), else PIL's default font."""
-    try:
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 14)
-    except (OSError, ImportError, ValueError):
-        return ImageFont.load_default()
 
 
 def _safe(name: str) -> str:

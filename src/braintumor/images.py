@@ -6,12 +6,14 @@ and DICOM (by the ``.dcm`` extension or the ``DICM`` magic at byte 128, from a p
 Conversion rules:
 - 16-bit, 32-bit integer and float grayscale are scaled min–max to 0..255 (a constant image becomes zeros).
 - Alpha (RGBA, LA, PA, transparent palettes) is composited on black.
-- Multi-frame files (TIFF stacks, animated PNG) give their first frame; multi-frame DICOM volumes are refused,
-  because only 2-D slices are supported and no single frame is the obvious one to classify.
+- Multi-frame files (TIFF stacks, animated PNG) give their first frame; multi-frame DICOM volumes are refused
+  here, because no single frame is the obvious one to classify (``braintumor.volumes`` reads them as volumes).
 - EXIF orientation is not applied (torchvision's decoder does not apply it either; pixels stay as stored).
-- DICOM: Modality LUT (RescaleSlope/Intercept), then the VOI window from WindowCenter/WindowWidth (first value
-  when multi-valued; LINEAR, LINEAR_EXACT or SIGMOID per PS3.3 C.11.2.1.2) or min–max when the file has none,
-  to 8 bit; MONOCHROME1 inverted; colour DICOM (SamplesPerPixel 3, palette colour) kept as RGB.
+- DICOM: pydicom's Modality LUT (sequence or RescaleSlope/Intercept) and VOI LUT (VOI LUT Sequence, else
+  WindowCenter/WindowWidth with LINEAR, LINEAR_EXACT or SIGMOID; first preset), scaled to 8 bit over the VOI's
+  output range, or min–max when the file has no VOI (see ``dicom_gray_to_uint8``); MONOCHROME1 inverted; colour
+  DICOM (SamplesPerPixel 3, palette colour) kept as RGB. Compressed pixel data whose decoder plug-in is missing
+  gives one line naming the package to install. Multi-frame DICOM volumes are read by ``braintumor.volumes``.
 
 Truncated files are detected by decoding fully (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed), and
 images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused as too large.
@@ -392,7 +394,8 @@ def _read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Im
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageReadError(
-            label, f"multi-frame DICOM ({frames} frames): only 2-D slices are supported; export single slices"
+            label, f"multi-frame DICOM ({frames} frames) is a volume: braintumor predict and explain read volumes, "
+                   "training and evaluation need 2-D slices"
         )
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     _check_pixel_limit(columns, rows, label)
@@ -407,6 +410,9 @@ def _read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Im
 
         implicit = getattr(dataset, "original_encoding", (True, True))[0]
         file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    missing = missing_decoder_reason(dataset)
+    if missing:
+        raise ImageReadError(label, missing)
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # noqa: BLE001 - missing codecs, short pixel data, bad attributes
@@ -482,72 +488,68 @@ def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
                                     f"{limit // 2**20} MiB (limit: {MAX_DECODED_BYTES // 2**20} MiB per image)")
 
 
-def _modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
+def dicom_gray_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:
+    """Grayscale DICOM pixels to 0..255 the way pydicom reads the file's LUTs (not MONOCHROME1-inverted here).
+
+    ``pydicom.pixels.apply_modality_lut`` (Modality LUT Sequence or RescaleSlope/Intercept), then
+    ``apply_voi_lut`` (the VOI LUT Sequence when present, else Window Center/Width with its VOI LUT Function; the
+    first preset of each). The VOI output is scaled linearly to 0..255 over its full output range, which pydicom
+    itself gives when it is applied to the extreme inputs (the window's y_min/y_max, or the LUT's lowest and
+    highest entry). A file without a VOI, or with an invalid one, is scaled min–max instead.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(pixels, dataset))
+    has_lut = bool(dataset.get("VOILUTSequence"))
+    if not has_lut and not ("WindowCenter" in dataset and "WindowWidth" in dataset):
+        return _minmax_to_uint8(values)
+    if has_lut and not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)  # a LUT is indexed by whole numbers (a rescale gives floats)
+    with np.errstate(over="ignore"):
+        try:
+            if has_lut:
+                descriptor = dataset.VOILUTSequence[0].LUTDescriptor
+                entries = int(descriptor[0]) or 2**16
+                first = int(descriptor[1])
+                probe = np.arange(first, first + entries, dtype=np.int64)
+            else:
+                probe = np.array([-1e300, 1e300])
+            low_high = np.asarray(apply_voi_lut(probe, dataset), dtype=np.float64)
+            out = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
+        except (ValueError, NotImplementedError, AttributeError, TypeError, IndexError, KeyError):
+            return _minmax_to_uint8(values)  # an invalid VOI in the file: min–max rather than refuse the slice
+    low, high = float(low_high.min()), float(low_high.max())
+    if not high > low:
+        return _minmax_to_uint8(values)
+    return np.clip(np.rint((out - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+
+
+# Transfer syntaxes whose decoders are optional plug-ins (pydicom decodes RLE and deflate itself).
+_DECODER_PACKAGES = (("1.2.840.10008.1.2.4.9", "pylibjpeg pylibjpeg-openjpeg"),  # JPEG 2000
+                     ("1.2.840.10008.1.2.4.20", "pylibjpeg pylibjpeg-openjpeg"),  # HTJ2K
+                     ("1.2.840.10008.1.2.4.", "pylibjpeg pylibjpeg-libjpeg"))  # JPEG, JPEG-LS
+
+
+def missing_decoder_reason(dataset) -> str | None:
+    """None when pydicom can decode this dataset's pixel data, else one line naming the plug-in to install."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return None
+    from pydicom.pixels.decoders.base import get_decoder
+
     try:
-        from pydicom.pixels import apply_modality_lut
-    except ImportError:  # pydicom < 3
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
-    return np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
-
-
-def _first_value(value) -> float:
-    """WindowCenter/Width may be multi-valued (several presets); the first one is the default view."""
-    from pydicom.multival import MultiValue
-
-    if isinstance(value, (MultiValue, list, tuple)):
-        value = value[0]
-    return float(value)
-
-
-def _window_to_uint8(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Apply a DICOM VOI window (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT, SIGMOID) and return uint8 0..255."""
-    values = np.asarray(values, dtype=np.float64)
-    function = function.upper()
-    if function == "SIGMOID":
-        if width <= 0:
-            raise ValueError(f"window width {width} must be > 0")
-        out = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    else:
-        if function == "LINEAR":
-            if width < 1:
-                raise ValueError(f"window width {width} must be >= 1")
-            center, width = center - 0.5, width - 1.0
-        elif function == "LINEAR_EXACT":
-            if width <= 0:
-                raise ValueError(f"window width {width} must be > 0")
-        else:
-            raise ValueError(f"unsupported VOI LUT function {function}")
-        out = np.empty_like(values)
-        below = values <= center - width / 2
-        above = values > center + width / 2
-        between = ~(below | above)
-        out[below] = 0.0
-        out[above] = 255.0
-        # width == 0 (LINEAR with width 1) is a hard threshold: every value is below or above.
-        if between.any():
-            out[between] = ((values[between] - center) / width + 0.5) * 255.0
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        if get_decoder(syntax).is_available:
+            return None
+    except NotImplementedError:
+        return f"DICOM transfer syntax {syntax.name} ({syntax}) is not supported by pydicom"
+    packages = next((names for prefix, names in _DECODER_PACKAGES if str(syntax).startswith(prefix)),
+                    "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    return (f"DICOM pixel data compressed as {syntax.name} needs a decoder plug-in: pip install {packages} "
+            "(or pip install 'braintumor[dicom-codecs]')")
 
 
 def _gray_array_to_rgb_dicom(pixels: np.ndarray, dataset, photometric: str) -> Image.Image:
-    # The modality LUT and the window run on row chunks: never a full-size float64 copy of a large slice.
-    def modality(chunk: np.ndarray) -> np.ndarray:
-        return _modality_lut(chunk, dataset)
-
-    gray = None
-    if "WindowCenter" in dataset and "WindowWidth" in dataset:
-        center = _first_value(dataset.WindowCenter)
-        width = _first_value(dataset.WindowWidth)
-        function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR")
-        try:
-            gray = np.empty(pixels.shape, dtype=np.uint8)
-            for rows in _row_chunks(pixels):
-                gray[rows] = _window_to_uint8(modality(pixels[rows]), center, width, function)
-        except ValueError:
-            gray = None  # an invalid window in the file: fall back to min–max rather than refuse the slice
-    if gray is None:
-        gray = _minmax_to_uint8(pixels, modality)
-    del pixels
+    gray = dicom_gray_to_uint8(pixels, dataset)
     if photometric == "MONOCHROME1":
         np.subtract(255, gray, out=gray)  # MONOCHROME1: low values are bright
     return _shrink(Image.fromarray(np.ascontiguousarray(gray), mode="L")).convert("RGB")

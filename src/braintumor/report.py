@@ -1,4 +1,4 @@
-"""Evaluation reports: confusion-matrix and reliability plots, report.md / report.json, the terminal table."""
+"""Evaluation reports: report.md / report.json with their figures (drawn by ``figures``), the terminal table."""
 
 from __future__ import annotations
 
@@ -13,52 +13,15 @@ from matplotlib.figure import Figure
 
 from . import RESEARCH_NOTE
 from .atomic import atomic_write
+from .figures import plot_confusion_matrix, save_figure
+from .figures import plot_reliability as plot_reliability_bins
 from .metrics import reliability_bins
-
-
-
-def _save_figure(fig: Figure, path) -> Path:
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
-    return Path(path)
-
-
-def plot_confusion_matrix(cm_normalized, class_names: Sequence[str], path) -> Path:
-    """Row-normalized confusion matrix as a PNG: values in the cells, class names on both axes."""
-    cm = np.asarray(cm_normalized, dtype=float)
-    size = max(4.0, 0.9 * len(class_names) + 2.0)  # cells stay legible from 2 to 10+ classes
-    fig = Figure(figsize=(size + 1.0, size))  # a bare Figure: no pyplot state to leak or close
-    ax = fig.add_subplot()
-    image = ax.imshow(cm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    tilt = len(class_names) > 3  # long names side by side would overlap
-    ax.set_xticks(range(len(class_names)), labels=class_names, rotation=45 if tilt else 0,
-                  ha="right" if tilt else "center")
-    ax.set_yticks(range(len(class_names)), labels=class_names)
-    for (row, col), value in np.ndenumerate(cm):
-        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=11 if len(cm) <= 6 else 8,
-                color="white" if value > 0.5 else "black")
-    ax.set(xlabel="Predicted class", ylabel="True class", title="Confusion matrix (rows normalized)")
-    return _save_figure(fig, path)
-
-
-def _plot_reliability_bins(bins: dict, ece: float, path) -> Path:
-    edges, fig = np.asarray(bins["bin_edges"]), Figure(figsize=(6, 7))
-    width = np.diff(edges)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(edges[:-1], [np.nan if a is None else a for a in bins["accuracy"]], width=width, align="edge",
-            edgecolor="black", label="accuracy")
-    top.plot([0, 1], [0, 1], "--", color="gray", zorder=3, label="perfect calibration")
-    top.set(ylim=(0, 1), ylabel="Accuracy", title=f"Reliability diagram (ECE = {ece:.4f})")
-    top.legend(loc="upper left")
-    bottom.bar(edges[:-1], bins["count"], width=width, align="edge", edgecolor="black", color="gray")
-    bottom.set(xlim=(0, 1), xlabel="Confidence (top-label probability)", ylabel="Images")
-    return _save_figure(fig, path)
 
 
 def plot_reliability(probabilities, y_true, path, n_bins: int = 15) -> Path:
     """Reliability diagram PNG: accuracy per confidence bin against the diagonal, counts below, ECE in the title."""
     bins = reliability_bins(probabilities, y_true, n_bins)
-    return _plot_reliability_bins(bins, bins["ece"], path)
+    return plot_reliability_bins(bins, bins["ece"], path)
 
 
 def _json_safe(value):
@@ -145,7 +108,7 @@ def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliabi
               "averages by support.", "", "## Confusion matrix", "",
               "Counts; rows are the true class, columns the predicted class.", "",
               *_table(["true \\ predicted", *names], [(n, *r) for n, r in zip(names, m["confusion_matrix"])]),
-              "", "![Confusion matrix (rows normalized)](confusion_matrix.png)", ""]
+              "", "![Confusion matrix (counts and row %)](confusion_matrix.png)", ""]
     if has_reliability:
         lines += ["## Calibration", "", "![Reliability diagram](reliability.png)", ""]
     for figure, heading, text in (("roc_curves.png", "ROC curves", "One-vs-rest, per class."),
@@ -177,11 +140,11 @@ def write_report(metrics: dict, out_dir, *, title: str, extra: dict | None = Non
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix_normalized"],
-                                                       metrics["classes"], out / "confusion_matrix.png")}
+    paths = {"confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"],
+                                                       out / "confusion_matrix.png")}
     if metrics.get("reliability"):
-        paths["reliability"] = _plot_reliability_bins(metrics["reliability"], metrics["ece"],
-                                                      out / "reliability.png")
+        paths["reliability"] = plot_reliability_bins(metrics["reliability"], metrics["ece"],
+                                                     out / "reliability.png")
     markdown = _markdown(metrics, title, extra or {}, subsets or {}, "reliability" in paths, figures)
     paths["markdown"], paths["json"] = out / "report.md", out / "report.json"
     atomic_write(paths["markdown"], lambda fh: fh.write(markdown), "w")
@@ -234,4 +197,4 @@ def plot_roc_curves(y_true, probabilities, class_names: Sequence[str], path) -> 
            ylabel="True positive rate (sensitivity)", title="ROC curves, one class vs the rest")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -58,6 +58,14 @@ class PredictionWriter:
         self.count += 1
         self.out.flush()
 
+    def write_record(self, record: dict) -> None:
+        """Another JSON object in the array (e.g. a volume's verdict); only the JSON format has room for it."""
+        if self.fmt == "json":
+            text = json.dumps(record, indent=2).replace("\n", "\n  ")
+            self.out.write(("," if self.count else "") + "\n  " + text)
+            self.count += 1
+            self.out.flush()
+
     def close(self) -> None:
         if self.fmt == "json":
             self.out.write("\n]\n" if self.count else "]\n")
@@ -76,7 +84,8 @@ class PredictionWriter:
 
 def stream_predictions(classifier: Classifier, paths: list[Path], writer: PredictionWriter, *,
                        batch_size: int = 32, skip_bad: bool = False) -> list[tuple[str, str]]:
-    """Predict ``paths`` in batches, writing each batch as soon as it is done; returns the skipped files.
+    """Predict ``paths`` in batches, writing each batch as soon as it is done; returns the skipped files. The
+    caller closes ``writer`` (more records may follow).
 
     Without ``skip_bad`` the first unreadable file ends the run with a UserError naming it (what was written so
     far stays written); with it, unreadable files are skipped and returned as (path, reason).
@@ -96,7 +105,6 @@ def stream_predictions(classifier: Classifier, paths: list[Path], writer: Predic
         if tensors:
             for prediction in classifier.predict_batch(torch.stack(tensors), sources):
                 writer.write(prediction)
-    writer.close()
     if not writer.count:
         raise UserError(f"none of the {len(paths)} file(s) could be read")
     return skipped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import sys
@@ -26,12 +27,16 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distill import Teacher, distillation_loss
 from .ema import ModelEma
 from .errors import UserError
+from .figures import plot_training_curves
 from .loaders import SplitData, build_batches, prepare_split
 from .model import build_model, forward_probabilities
 from .optim import Ranger
 from .optim.ranger_compiled import CompiledRanger
 from .predict import resolve_device
 from .train_step import choose_step_mode, pad_batch, wrap_network
+from .tensorboard_log import open_log
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -278,13 +283,14 @@ class Trainer:
             if self.start_epoch:
                 write_metrics(log_path, history)
         if self.dist.is_main and self.start_epoch == 0:
-            print(f"training {self.cfg.arch} on {len(self.split.train_paths)} images, validating on "
-                  f"{len(self.split.val_paths)} ({self.split.val_source}); classes: {', '.join(self.classes)}; "
-                  f"device {self.device}, data path: {self.cache_mode}", flush=True)
+            log.info(f"training {self.cfg.arch} on {len(self.split.train_paths)} images, validating on "
+                     f"{len(self.split.val_paths)} ({self.split.val_source}); classes: {', '.join(self.classes)}; "
+                     f"device {self.device}, data path: {self.cache_mode}")
         fit_start = time.perf_counter()
         elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
         epochs_bar = tqdm(total=self.cfg.epochs, initial=self.start_epoch, desc="epochs", unit="epoch",
                           disable=not self.show_progress)
+        board = open_log(self.run_dir, self.start_epoch) if self.dist.is_main else None
         for epoch in range(self.start_epoch, self.cfg.epochs):
             seed_epoch(self.cfg.seed, epoch, self.dist.rank)
             if self.device.type == "cuda":
@@ -314,8 +320,9 @@ class Trainer:
                 if improved:  # the same bytes: link rather than serialize and write them a second time
                     publish_copy(self.run_dir / "last.pt", self.run_dir / "best.pt")
                 plot_training_curves(history, self.run_dir / "training_curves.png")
-                # tqdm.write keeps the line above the progress bars (plain print when they are off).
-                tqdm.write(format_epoch(row, self.cfg.epochs, improved), file=sys.stdout)
+                if board is not None:
+                    board.log_epoch(row)
+                log.info(format_epoch(row, self.cfg.epochs, improved))  # the CLI's handler keeps bars intact
             epochs_bar.update(1)
         epochs_bar.close()
         if self.dist.is_main and history and not (self.run_dir / "training_curves.png").is_file():
@@ -324,6 +331,10 @@ class Trainer:
         report = None
         if self.dist.is_main:
             report = self.final_report()
+            if board is not None:
+                board.log_confusion_matrix(self.run_dir / "confusion_matrix.png", self.cfg.epochs)
+                board.log_augmented_batch(self.train_batches, IMAGENET_MEAN, IMAGENET_STD, self.cfg.epochs)
+                board.close()
         distributed.barrier(self.dist)
         return RunResult(self.run_dir, self.run_dir / "best.pt", self.best_val_accuracy, report)
 
@@ -365,24 +376,6 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(row) + "\n" for row in rows)
     atomic_write(path, lambda handle: handle.write(text), "w")
-
-
-def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs validation."""
-    from matplotlib.figure import Figure
-
-    epochs = [row["epoch"] for row in rows]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    for key, label in (("train", "train"), ("val", "validation")):
-        loss_ax.plot(epochs, [row[f"{key}_loss"] for row in rows], marker="o", label=label)
-        acc_ax.plot(epochs, [100 * row[f"{key}_accuracy"] for row in rows], marker="o", label=label)
-    loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
-    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:

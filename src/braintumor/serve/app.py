@@ -209,35 +209,87 @@ class Analyzer:
         upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
         return image
 
+    def read_volume(self, upload: Upload):
+        """The upload as a Volume when it is a NIfTI file or a multi-frame DICOM, else None (read it as a slice)."""
+        from ..volumes import read_volume_bytes
+
+        try:
+            volume = read_volume_bytes(upload.data, upload.filename)
+        except UserError as err:
+            raise HTTPException(415, str(err)) from None
+        if volume is not None:
+            upload.data = b""  # read: the encoded bytes need not stay in memory for the rest of the request
+        return volume
+
     def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None,
-                 images: list[Image.Image] | None = None) -> dict:
+                 images: list[Image.Image | None] | None = None, volumes: list | None = None) -> dict:
+        from ..volume_verdict import classify_volume
+
+        if volumes is None:
+            volumes = [self.read_volume(upload) for upload in uploads]
         if images is None:
-            images = [self.decode(upload) for upload in uploads]
-        predictions = self.classifier.predict(images)
-        results = [{"filename": upload.filename, "label": p.label, "confidence": p.confidence,
-                    "probabilities": p.probabilities, "status": p.status,
-                    "out_of_distribution": p.out_of_distribution, "ood_score": p.ood_score,
-                    "abstained": p.abstained, "width": image.width, "height": image.height}
-                   for upload, p, image in zip(uploads, predictions, images)]
+            images = [None if volume is not None else self.decode(upload)
+                      for upload, volume in zip(uploads, volumes)]
+        slices = [image for image in images if image is not None]
+        predictions = iter(self.classifier.predict(slices) if slices else [])
+        results, summaries = [], []
+        for upload, image, volume in zip(uploads, images, volumes):
+            summary = classify_volume(self.classifier, volume) if volume is not None else None
+            summaries.append(summary)
+            if volume is None:
+                p = next(predictions)
+                results.append({"filename": upload.filename, "label": p.label, "confidence": p.confidence,
+                                "probabilities": p.probabilities, "status": p.status,
+                                "out_of_distribution": p.out_of_distribution, "ood_score": p.ood_score,
+                                "abstained": p.abstained, "width": image.width, "height": image.height})
+            else:
+                results.append(self._volume_result(upload.filename, volume, summary))
+        shown = [image if image is not None else volume.images()[result["volume"]["key_slice"]]
+                 for image, volume, result in zip(images, volumes, results)]
         if preview:
-            for result, image in zip(results, images):
+            for result, image in zip(results, shown):
                 result["preview_png_base64"] = png_base64(preview_image(image))
         if explain:
-            # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
-            # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
-            try:
-                explanations = self.classifier.explain(images, target=target)
-            except UserError as err:  # e.g. an ONNX model has no gradients
-                raise HTTPException(422, f"Grad-CAM is not available: {err}") from None
-            for result, explanation, image in zip(results, explanations, images):
-                # The map is at the model's input size; give it the preview's geometry so the two line up.
-                overlay = explanation.overlay().resize(preview_size(image), Image.Resampling.BILINEAR)
-                heatmap = explanation.overlay(alpha=1.0).resize(preview_size(image), Image.Resampling.BILINEAR)
-                result["gradcam_target"] = explanation.target
-                result["gradcam_png_base64"] = png_base64(overlay)
-                # The colour-mapped map alone, for the page to lay over the slice at an opacity the user picks.
-                result["gradcam_heatmap_png_base64"] = png_base64(heatmap)
+            self._explain(results, shown, volumes, summaries, target)
         return {"model": self.model_info(), "results": results, "note": RESEARCH_NOTE}
+
+    def _volume_result(self, filename: str, volume, summary) -> dict:
+        """A volume's card: its verdict as the label, the most suspicious slice's probabilities, the details."""
+        row = summary.probabilities[summary.key_slice]
+        classes = self.classifier.classes
+        confidence = float(row[classes.index(summary.verdict)]) if summary.verdict in classes else float(row.max())
+        details = summary.to_dict()
+        details["source"] = filename
+        height, width = volume.slices.shape[1:]
+        return {"filename": filename, "label": summary.verdict, "confidence": confidence,
+                "probabilities": {c: float(p) for c, p in zip(classes, row)}, "width": width, "height": height,
+                "volume": details}
+
+    def _explain(self, results: list[dict], shown: list, volumes: list, summaries: list, target: str | None) -> None:
+        from ..volume_verdict import explained_class, montage_image
+
+        # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
+        # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
+        try:
+            plain = [k for k, volume in enumerate(volumes) if volume is None]
+            explanations = dict(zip(plain, self.classifier.explain([shown[k] for k in plain], target=target)
+                                    if plain else []))
+            for k, summary in enumerate(summaries):
+                if summary is not None:  # a volume: its key slice, explaining its tumour verdict by default
+                    chosen = target if target is not None else explained_class(summary)
+                    explanations[k] = self.classifier.explain(shown[k], target=chosen)
+                    results[k]["volume_montage_png_base64"] = png_base64(
+                        montage_image(self.classifier, volumes[k], summary))
+        except UserError as err:  # e.g. an ONNX model has no gradients
+            raise HTTPException(422, f"Grad-CAM is not available: {err}") from None
+        for k, result in enumerate(results):
+            # The map is at the model's input size; give it the preview's geometry so the two line up.
+            overlay = explanations[k].overlay().resize(preview_size(shown[k]), Image.Resampling.BILINEAR)
+            heatmap = explanations[k].overlay(alpha=1.0).resize(preview_size(shown[k]), Image.Resampling.BILINEAR)
+            result["gradcam_target"] = explanations[k].target
+            result["gradcam_png_base64"] = png_base64(overlay)
+            # The colour-mapped map alone, for the page to lay over the slice at an opacity the user picks.
+            result["gradcam_heatmap_png_base64"] = png_base64(heatmap)
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
@@ -255,7 +307,8 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
     analyzer = Analyzer(classifier, DecodeBudget(decode_budget_bytes or DEFAULT_DECODE_BUDGET_BYTES))
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
-                  description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM). {RESEARCH_NOTE}")
+                  description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM) and volumes (NIfTI, "
+                              f"multi-frame DICOM) slice by slice. {RESEARCH_NOTE}")
     app.state.analyzer = analyzer
     app.state.limiter = None  # made on first use: it belongs to the running event loop
 
@@ -307,8 +360,13 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
             # so they can neither occupy the threads that ordinary requests need nor crowd out their CPU time.
             app.state.large_lane = ThreadPoolExecutor(1, thread_name_prefix="large-decode",
                                                       initializer=_nice_this_thread)
-        images = []
+        images, volumes = [], []
         for upload in uploads:
+            volume = await anyio.to_thread.run_sync(analyzer.read_volume, upload, limiter=app.state.limiter)
+            volumes.append(volume)
+            if volume is not None:
+                images.append(None)
+                continue
             cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
             if cost > LARGE_DECODE_BYTES:
                 image = await asyncio.get_running_loop().run_in_executor(
@@ -318,7 +376,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
             images.append(image)
 
         def work() -> dict:
-            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images)
+            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images, volumes=volumes)
 
         return await anyio.to_thread.run_sync(work, limiter=app.state.limiter)
 
@@ -340,7 +398,8 @@ def _predict_openapi(max_files: int) -> dict:
         "type": "object", "required": [FIELD],
         "properties": {FIELD: {"type": "array", "maxItems": max_files,
                                "items": {"type": "string", "format": "binary"},
-                               "description": "JPEG, PNG, BMP, TIFF or DICOM slices"}}}}}},
+                               "description": "JPEG, PNG, BMP, TIFF or DICOM slices; NIfTI (.nii, .nii.gz) "
+                                              "or multi-frame DICOM volumes"}}}}}},
         "responses": {"413": {"description": "a file or the request is over the size or count limit"},
                       "415": {"description": "a file is not a readable image or DICOM"}}}
 

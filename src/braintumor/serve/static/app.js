@@ -146,9 +146,20 @@
     banner.hidden = result.status === "ok";
     $('[data-testid="probabilities-note"]', card).hidden = result.status === "ok";
     renderProbabilities(card, result.probabilities, result.label);
+    if (result.volume) renderVolume(card, result.volume);
     const toggle = $('[data-testid="gradcam-toggle"]', card);
     toggle.disabled = !state.gradcam;
     if (!state.gradcam) toggle.title = "Grad-CAM needs the PyTorch checkpoint (this server runs an ONNX export)";
+  }
+
+  // A volume (NIfTI, multi-frame DICOM) is classified slice by slice; the card shows its most suspicious slice,
+  // the verdict as the label, and how the verdict was reached.
+  function renderVolume(card, volume) {
+    $(".prediction-label", card).textContent = "Volume verdict";
+    const summary = $('[data-testid="volume-summary"]', card);
+    summary.textContent = `${volume.slices_total} axial slices: ${volume.evidence}. Shown: slice ` +
+      `${volume.key_slice}, the most suspicious, with its probabilities. Rule: ${volume.rule}.`;
+    summary.hidden = false;
   }
 
   async function toggleGradcam(card, file) {
@@ -172,6 +183,12 @@
         overlay.src = `data:image/png;base64,${result.gradcam_heatmap_png_base64}`;
         overlay.alt = `Grad-CAM heat map for ${result.filename}: regions that raised the score of ` +
           `${result.gradcam_target}`;
+        if (result.volume_montage_png_base64) {
+          const montage = $('[data-testid="volume-montage"]', card);
+          montage.src = `data:image/png;base64,${result.volume_montage_png_base64}`;
+          montage.alt = `Grad-CAM of the most suspicious slices of ${result.filename}`;
+          montage.hidden = false;
+        }
         caption.textContent = `Grad-CAM for ${result.gradcam_target}: red marks the strongest evidence, ` +
           "blue none.";
       } catch (err) {
