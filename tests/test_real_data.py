@@ -35,3 +35,19 @@ def test_train_evaluate_predict_on_real_slices(tmp_path, capsys):
     assert main(["predict", str(run_dir / "best.pt"), str(first_class), "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out)
     assert predictions and all(set(p["probabilities"]) == set(classes) for p in predictions)
+
+
+def test_the_reference_model_classifies_real_slices(capsys):
+    """`braintumor predict reference` on up to 5 slices per class: at least 90 % right (the shipped model's
+    grouped-validation accuracy is in MODEL_CARD.md)."""
+    data = Path(REAL_DATA)
+    slices, truth = [], []
+    for folder in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(folder.iterdir())[:5]:
+            slices.append(str(path))
+            truth.append(folder.name)
+    capsys.readouterr()
+    assert main(["predict", "reference", *slices, "--json"]) == 0
+    predicted = [p["label"] for p in json.loads(capsys.readouterr().out)]
+    correct = sum(p == t for p, t in zip(predicted, truth))
+    assert correct >= 0.9 * len(slices), list(zip(truth, predicted))

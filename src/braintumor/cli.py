@@ -465,7 +465,7 @@ def build_parser() -> Parser:
     p.add_argument("out")
     p.add_argument("--per-class", type=bounded(int, 1, 100_000), default=None,
                    help="slices (default 100) or volumes (default 1) per class")
-    p.add_argument("--size", type=bounded(int, 8, 4096), default=128)
+    p.add_argument("--size", type=int, default=128)
     p.add_argument("--volumes", action="store_true",
                    help="write phantom volumes: NIfTI (.nii.gz), a DICOM series folder and a multi-frame DICOM each")
     p.add_argument("--slices", type=bounded(int, 1, 1024), default=24, help="axial slices per phantom volume (default 24)")
