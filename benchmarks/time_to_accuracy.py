@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, help="override the recipe's image size")
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     parser.add_argument("--arch", help="override the recipe's architecture")
+    parser.add_argument("--progressive-resize", type=int, help="override the recipe's start size (0: off)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="keep the run folders under this folder (default: temporary)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     else:
         if not args.data:
             parser.error("--data is required unless --summarize is given")
-        overrides = {key: getattr(args, key) for key in ("epochs", "image_size", "batch_size", "arch")}
+        overrides = {key: getattr(args, key)
+                     for key in ("epochs", "image_size", "batch_size", "arch", "progressive_resize")}
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.out or tmp)
             for seed in args.seeds:

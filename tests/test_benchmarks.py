@@ -36,7 +36,8 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
 def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tmp_path, capsys):
     out = tmp_path / "tta.json"
     assert load("time_to_accuracy").main(["--data", str(phantom_dir), "--recipe", "scratch-cpu", "--arch", "resnet18",
-                                          "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--device",
+                                          "--image-size", "32", "--progressive-resize", "0", "--epochs", "1",
+                                          "--batch-size", "8", "--device",
                                           "cpu", "--seeds", "0", "1", "--out", str(tmp_path / "runs"),
                                           "--json", str(out)]) == 0
     results = json.loads(out.read_text())

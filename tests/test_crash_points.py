@@ -17,7 +17,7 @@ from braintumor import report as report_module
 from braintumor import train as train_module
 from braintumor.cli import main
 
-TIMING_KEYS = {"seconds", "images_per_second", "elapsed_seconds"}
+TIMING_KEYS = {"seconds", "images_per_second", "elapsed_seconds", "seconds_to_first_epoch"}
 
 
 class Killed(BaseException):

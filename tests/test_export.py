@@ -79,7 +79,7 @@ def test_metadata_round_trips(tiny_checkpoint, onnx_path, classifiers):
     _, meta = load_onnx_session(onnx_path)
     assert meta == {"classes": ckpt["classes"], "image_size": ckpt["image_size"], "mean": list(ckpt["mean"]),
                     "std": list(ckpt["std"]), "arch": ckpt["arch"], "braintumor_version": braintumor.__version__,
-                    "source_fingerprint": file_fingerprint(tiny_checkpoint)}
+                    "source_fingerprint": file_fingerprint(tiny_checkpoint), "tta": False}
     _, onnx_backend = classifiers
     assert (onnx_backend.classes, onnx_backend.image_size, onnx_backend.mean, onnx_backend.std,
             onnx_backend.arch) == (meta["classes"], 64, meta["mean"], meta["std"], "resnet18")

@@ -50,5 +50,5 @@ def test_yaml_number_strings_are_coerced_and_bad_ones_named(tmp_path):
     cfg = resolve_config(read_config_file(path), {"data": "DATA"})
     assert cfg.lr == 1e-5 and cfg.epochs == 3 and isinstance(cfg.epochs, int)
     path.write_text("lr: fast\n")
-    with pytest.raises(UserError, match="option lr must be a number"):
+    with pytest.raises(UserError, match="lr in .* must be a number"):
         resolve_config(read_config_file(path), {"data": "DATA"})

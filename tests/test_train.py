@@ -79,7 +79,7 @@ def test_bad_files_stop_the_run_or_are_skipped_and_reported(phantom_dir, tmp_pat
     assert not (tmp_path / "stopped").exists()  # nothing half-written
     result = train(tiny_config(data, tmp_path / "skipped", epochs=1, skip_bad=True))
     report = json.loads((result.run_dir / "report.json").read_text())
-    skipped = report["extra"]["skipped unreadable files"]
+    skipped = report["extra"]["skipped_unreadable_files"]
     assert len(skipped) == 2 and any("broken.png" in s for s in skipped)
 
 
@@ -106,12 +106,26 @@ def test_every_optimizer_choice_builds_and_steps(name):
 
 @pytest.mark.parametrize("data_cache", ["none", "memory"])
 def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentation(phantom_dir, tmp_path,
-                                                                                     data_cache):
+                                                                                     data_cache, monkeypatch):
     options = dict(image_size=48, progressive_resize=32, progressive_until=0.5, ema=0.9, tta=True, scale=0.1,
-                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, data_cache=data_cache)
-    straight = train(tiny_config(phantom_dir, tmp_path / "straight", epochs=4, **options))
-    first = train(tiny_config(phantom_dir, tmp_path / "resumed", epochs=2, **options))
-    resumed = resume(first.run_dir, {"epochs": 4})
+                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, data_cache=data_cache, epochs=4)
+    straight = train(tiny_config(phantom_dir, tmp_path / "straight", **options))
+    # The same 4-epoch run, stopped after epoch 2 (its checkpoint and metrics written), then resumed.
+    import braintumor.train as train_module
+
+    plots = []
+
+    def stop_after_second_epoch(rows, path):
+        plots.append(path)
+        if len(plots) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "plot_training_curves", stop_after_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(phantom_dir, tmp_path / "resumed", **options))
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+    resumed = resume(tmp_path / "resumed")
     rows = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["image_size"] for row in rows] == [32, 32, 48, 48]  # the planned sizes, the change after resume
     a = load_checkpoint(straight.run_dir / "last.pt")

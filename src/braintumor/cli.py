@@ -500,13 +500,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 class _TqdmHandler(logging.Handler):
-    """Log lines on the current stderr through tqdm.write, so they land above any progress bar."""
+    """Log lines through tqdm.write, so they land above any progress bar: information (the run's progress) on
+    stdout, warnings and errors on stderr, which a failing command keeps to its one error line."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record), file=sys.stdout if record.levelno < logging.WARNING else sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

@@ -156,7 +156,9 @@ class Classifier:
 
             self.detector = MahalanobisDetector.from_state(self.trust["ood"]).to(self.device)
             self._scoring_net = ScoringNet(self.model, self.detector).eval()
-        self.has_ood = self.detector is not None or (onnx_session is not None and len(onnx_session.get_outputs()) > 1)
+        # An exported detector is the ONNX graph's second output; other runtimes' sessions may not list outputs.
+        outputs = getattr(onnx_session, "get_outputs", lambda: [])()
+        self.has_ood = self.detector is not None or len(outputs) > 1
         self.min_confidence = check_min_confidence(min_confidence)
         # Grad-CAM hooks the shared model and changes its grad state: it holds this lock for writing, while
         # plain forward passes (any number at once) hold it for reading.
