@@ -345,9 +345,9 @@ def _common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="only warnings and errors on stderr")
+                       help="no progress messages: only warnings and errors (on stderr)")
     group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="also debug messages on stderr")
+                       help="also debug messages (progress on stdout, warnings and errors on stderr)")
     return common
 
 
