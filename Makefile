@@ -22,7 +22,7 @@ browser:
 	bash scripts/install_chromium.sh
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) scripts/run_tests.py
 
 # The shipped reference model (MODEL_CARD.md): train the scratch-cpu recipe on the real Training folder (about
 # an hour on 2 idle cores), then keep its validated weights in float16 inside the package.
