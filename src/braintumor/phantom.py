@@ -21,6 +21,7 @@ import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -143,134 +144,155 @@ def _render(label: str, size: int = 128, rng: np.random.Generator | int | None =
     _check_label(label)
     size = _check_size(size)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    pixel = 2.0 / size
-
-    # --- every anatomy and acquisition draw first, so the lesion's draws never shift them
-    half_width = rng.uniform(0.58, 0.70)
-    half_height = min(half_width * rng.uniform(1.12, 1.28), 0.88)  # axial heads are longer front to back
-    center_x, center_y = (float(v) for v in rng.uniform(-0.04, 0.04, size=2))
-    rotation = float(np.deg2rad(np.clip(rng.normal(0.0, 6.0), -15.0, 15.0)))
-    outer_wobble = _harmonics(rng, (2, 3, 5), 0.012)
-    ring_base, ring_wobble = rng.uniform(0.09, 0.13), _harmonics(rng, (1, 2, 3), 0.2)
-    csf_gap = rng.uniform(0.03, 0.045)
-    sulcus_count, sulcus_phase = int(rng.integers(14, 22)), rng.uniform(0.0, 2.0 * np.pi)
-    sulcus_depth = rng.uniform(0.05, 0.09)
-    grey_base, grey_wobble = rng.uniform(0.07, 0.10), _harmonics(rng, (7, 11), 0.25)
-    scalp_brightness, bone_darkness = rng.uniform(0.82, 0.95), rng.uniform(0.22, 0.38)
-    white_matter = _WHITE_MATTER * rng.uniform(0.93, 1.07)
-    grey_matter = _GREY_MATTER * rng.uniform(0.93, 1.07)
-    ventricle_scale = rng.uniform(0.75, 1.2)
-    ventricle_offset = rng.uniform(0.075, 0.1)
-    ventricle_y = rng.uniform(-0.12, 0.0) * half_height
-    ventricle_tilt = float(np.deg2rad(rng.uniform(4.0, 14.0)))
-    ventricle_width = rng.uniform(0.05, 0.07) * ventricle_scale
-    ventricle_length = rng.uniform(0.2, 0.27) * ventricle_scale
-    plexus_present = rng.uniform(size=2) < 0.6  # choroid plexus: normal enhancing dots in the ventricles
-    cistern_y = rng.uniform(0.55, 0.66) * half_height
-    cistern_radius = rng.uniform(0.045, 0.07)
-    texture_blobs = [(rng.uniform(-0.6, 0.6, size=2), rng.uniform(0.12, 0.35), rng.normal(0.0, 0.07))
-                     for _ in range(6)]
-    fine_texture = _smooth_noise(rng, size, sigma_px=size / 64.0) * rng.uniform(0.025, 0.045)
-    bias_direction, bias_strength = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.0, 0.12)
-    gamma, brightness = rng.uniform(0.8, 1.25), rng.uniform(0.88, 1.0)
-    noise_sigma = rng.uniform(0.015, 0.035)
-    noise_real = rng.standard_normal((size, size), dtype=_FLOAT)
-    noise_imaginary = rng.standard_normal((size, size), dtype=_FLOAT)
-    lesion_texture = _smooth_noise(rng, size, sigma_px=size / 48.0)
-
-    # --- geometry in head-aligned coordinates
-    coords = ((np.arange(size, dtype=_FLOAT) + 0.5) * pixel - 1.0).astype(_FLOAT)
-    grid_x, grid_y = coords[None, :] - center_x, coords[:, None] - center_y  # y grows downwards, as rows
-    cos_r, sin_r = float(np.cos(rotation)), float(np.sin(rotation))
-    head_x = cos_r * grid_x + sin_r * grid_y
-    head_y = -sin_r * grid_x + cos_r * grid_y
-    radius = np.hypot(head_x / half_width, head_y / half_height)
-    polar = np.arctan2(head_y / half_height, head_x / half_width)
-    mean_axis = 0.5 * (half_width + half_height)
-
-    def skull_inner_at(angle):
-        return 1.0 + outer_wobble(angle) - ring_base * (1.0 + ring_wobble(angle))
-
-    outer = 1.0 + outer_wobble(polar)
-    ring_thickness = ring_base * (1.0 + ring_wobble(polar))
-    skull_inner = skull_inner_at(polar)
-    # sulci: narrow notches of CSF cut into the cortex; the grey/white border follows them (gyri)
-    notch = np.maximum(np.cos(sulcus_count * polar + sulcus_phase), 0.0)
-    for _ in range(4):  # notch ** 16, by squaring (a float power is slow)
-        notch = notch * notch
-    sulci = sulcus_depth * notch
-    parenchyma_edge = skull_inner - csf_gap - sulci
-    head = _Head(x=head_x, y=head_y, radius=radius, half_width=half_width, half_height=half_height,
-                 skull_inner_at=skull_inner_at, skull_inner=skull_inner, parenchyma_edge=parenchyma_edge,
-                 brain_alpha=None, cistern_y=cistern_y, white_matter=white_matter, pixel=pixel)
-
-    # --- anatomy, painted from the outside in
-    head_alpha = head.soft((outer - radius) * mean_axis)
-    image = head_alpha * scalp_brightness
-    bone_center = skull_inner + 0.45 * ring_thickness  # cortical bone: a darker band inside the bright ring
-    bone_alpha = np.exp(-np.square((radius - bone_center) / (0.18 * ring_thickness)))
-    image = _blend(image, bone_alpha * head_alpha, bone_darkness)
-    skull_alpha = head.soft((skull_inner - radius) * mean_axis)
-    image = _blend(image, skull_alpha, _CSF)
-    head.brain_alpha = brain_alpha = head.soft((parenchyma_edge - radius) * mean_axis)
-    grey_thickness = grey_base * (1.0 + grey_wobble(polar))
-    white_alpha = head.soft((parenchyma_edge - grey_thickness - radius) * mean_axis, width_px=2.5)
-    low_frequency = fine_texture
-    for (blob_x, blob_y), width, amplitude in texture_blobs:
-        # a round blob is the same in image axes: rotate its centre back and build it separably (cheap)
-        column = center_x + cos_r * float(blob_x) - sin_r * float(blob_y)
-        row = center_y + sin_r * float(blob_x) + cos_r * float(blob_y)
-        profile_x = np.exp(np.square(coords - column) / (-2 * width**2))
-        profile_y = np.exp(np.square(coords - row) / (-2 * width**2))
-        low_frequency = low_frequency + amplitude * (profile_y[:, None] * profile_x[None, :])
-    tissue = (grey_matter + (white_matter - grey_matter) * white_alpha) * (1.0 + low_frequency)
-    image = _blend(image, brain_alpha, tissue)
-
-    ventricle_alpha = np.zeros_like(image)
-    plexus_alpha = np.zeros_like(image)
-    for side, plexus in zip((-1.0, 1.0), plexus_present):
-        # ")(" pair: an ellipse whose lateral side is carved by the caudate head, tilted so the horns diverge
-        tilt = side * ventricle_tilt
-        local_x = head_x - side * ventricle_offset
-        local_y = head_y - ventricle_y
-        cos_t, sin_t = float(np.cos(tilt)), float(np.sin(tilt))
-        along, across = cos_t * local_y - sin_t * local_x, sin_t * local_y + cos_t * local_x
-        body = 1.0 - np.hypot(across / ventricle_width, along / ventricle_length)
-        carve = np.hypot((across - side * 1.5 * ventricle_width) / (1.1 * ventricle_width),
-                         along / (0.75 * ventricle_length)) - 1.0
-        ventricle_alpha = np.maximum(ventricle_alpha, head.soft(np.minimum(body, carve) * ventricle_width))
-        if plexus:
-            dot = np.hypot(across + side * 0.25 * ventricle_width, along - 0.7 * ventricle_length)
-            plexus_alpha = np.maximum(plexus_alpha, head.soft(0.35 * ventricle_width - dot))
-    image = _blend(image, ventricle_alpha * brain_alpha, _CSF)
-    image = _blend(image, plexus_alpha * ventricle_alpha * brain_alpha, 0.75 * white_matter)
-    # the falx: a thin dark midline line in front of and behind the ventricles
-    span = (head_y < ventricle_y - ventricle_length - 0.05) | (head_y > ventricle_y + ventricle_length + 0.05)
-    falx_alpha = np.exp(-np.square(head_x / (0.6 * pixel))) * span * brain_alpha
-    image = _blend(image, 0.7 * falx_alpha, _CSF)
-    cistern_distance = np.hypot(head_x / 1.3, head_y - cistern_y)
-    image = _blend(image, head.soft(cistern_radius - cistern_distance, width_px=2.0) * brain_alpha, 1.5 * _CSF)
-
+    draws = _draw_anatomy(rng, size)  # every anatomy and acquisition draw first: the lesion's never shift them
+    head, frame = _head_geometry(draws, size)
+    image, head_alpha, skull_alpha = _paint_head(head, frame, draws)
+    image = _paint_ventricles(head, draws, image)
     lesion, edema = np.zeros((size, size), dtype=bool), np.zeros((size, size), dtype=bool)
     if label != "notumor":
-        image, lesion, edema = _LESION_PAINTERS[label](head, rng, image, lesion_texture)
-
-    # --- acquisition: partial-volume blur, coil bias field, contrast, Rician noise
-    image = _partial_volume(image)
-    gradient = float(np.cos(bias_direction)) * grid_x + float(np.sin(bias_direction)) * grid_y
-    image = image * (1.0 + bias_strength * gradient)
-    image = brightness * np.clip(image, 0.0, 1.0) ** gamma
-    image = np.hypot(image + noise_sigma * noise_real, noise_sigma * noise_imaginary)
+        image, lesion, edema = _LESION_PAINTERS[label](head, rng, image, draws.lesion_texture)
+    image = _acquire(image, frame, draws)
     return _Phantom(
         image=np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8),
         lesion=lesion,
         edema=edema,
-        brain=brain_alpha > 0.5,
+        brain=head.brain_alpha > 0.5,
         skull=(head_alpha > 0.5) & (skull_alpha <= 0.5),
         head=head_alpha > 0.5,
-        center=((center_x + 1.0) / pixel - 0.5, (center_y + 1.0) / pixel - 0.5),
-        angle=rotation,
+        center=((draws.center_x + 1.0) / head.pixel - 0.5, (draws.center_y + 1.0) / head.pixel - 0.5),
+        angle=draws.rotation,
     )
+
+
+def _draw_anatomy(rng: np.random.Generator, size: int) -> SimpleNamespace:
+    """Every random draw of the head and the acquisition, in a fixed order (the lesion draws come after)."""
+    d = SimpleNamespace()
+    d.half_width = rng.uniform(0.58, 0.70)
+    d.half_height = min(d.half_width * rng.uniform(1.12, 1.28), 0.88)  # axial heads are longer front to back
+    d.center_x, d.center_y = (float(v) for v in rng.uniform(-0.04, 0.04, size=2))
+    d.rotation = float(np.deg2rad(np.clip(rng.normal(0.0, 6.0), -15.0, 15.0)))
+    d.outer_wobble = _harmonics(rng, (2, 3, 5), 0.012)
+    d.ring_base, d.ring_wobble = rng.uniform(0.09, 0.13), _harmonics(rng, (1, 2, 3), 0.2)
+    d.csf_gap = rng.uniform(0.03, 0.045)
+    d.sulcus_count, d.sulcus_phase = int(rng.integers(14, 22)), rng.uniform(0.0, 2.0 * np.pi)
+    d.sulcus_depth = rng.uniform(0.05, 0.09)
+    d.grey_base, d.grey_wobble = rng.uniform(0.07, 0.10), _harmonics(rng, (7, 11), 0.25)
+    d.scalp_brightness, d.bone_darkness = rng.uniform(0.82, 0.95), rng.uniform(0.22, 0.38)
+    d.white_matter = _WHITE_MATTER * rng.uniform(0.93, 1.07)
+    d.grey_matter = _GREY_MATTER * rng.uniform(0.93, 1.07)
+    ventricle_scale = rng.uniform(0.75, 1.2)
+    d.ventricle_offset = rng.uniform(0.075, 0.1)
+    d.ventricle_y = rng.uniform(-0.12, 0.0) * d.half_height
+    d.ventricle_tilt = float(np.deg2rad(rng.uniform(4.0, 14.0)))
+    d.ventricle_width = rng.uniform(0.05, 0.07) * ventricle_scale
+    d.ventricle_length = rng.uniform(0.2, 0.27) * ventricle_scale
+    d.plexus_present = rng.uniform(size=2) < 0.6  # choroid plexus: normal enhancing dots in the ventricles
+    d.cistern_y = rng.uniform(0.55, 0.66) * d.half_height
+    d.cistern_radius = rng.uniform(0.045, 0.07)
+    d.texture_blobs = [(rng.uniform(-0.6, 0.6, size=2), rng.uniform(0.12, 0.35), rng.normal(0.0, 0.07))
+                       for _ in range(6)]
+    d.fine_texture = _smooth_noise(rng, size, sigma_px=size / 64.0) * rng.uniform(0.025, 0.045)
+    d.bias_direction, d.bias_strength = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.0, 0.12)
+    d.gamma, d.brightness = rng.uniform(0.8, 1.25), rng.uniform(0.88, 1.0)
+    d.noise_sigma = rng.uniform(0.015, 0.035)
+    d.noise_real = rng.standard_normal((size, size), dtype=_FLOAT)
+    d.noise_imaginary = rng.standard_normal((size, size), dtype=_FLOAT)
+    d.lesion_texture = _smooth_noise(rng, size, sigma_px=size / 48.0)
+    return d
+
+
+def _head_geometry(d: SimpleNamespace, size: int) -> tuple[_Head, SimpleNamespace]:
+    """The head in head-aligned coordinates, and the image frame (pixel grid, polar angle, rotation)."""
+    pixel = 2.0 / size
+    coords = ((np.arange(size, dtype=_FLOAT) + 0.5) * pixel - 1.0).astype(_FLOAT)
+    grid_x, grid_y = coords[None, :] - d.center_x, coords[:, None] - d.center_y  # y grows downwards, as rows
+    cos_r, sin_r = float(np.cos(d.rotation)), float(np.sin(d.rotation))
+    head_x = cos_r * grid_x + sin_r * grid_y
+    head_y = -sin_r * grid_x + cos_r * grid_y
+    radius = np.hypot(head_x / d.half_width, head_y / d.half_height)
+    polar = np.arctan2(head_y / d.half_height, head_x / d.half_width)
+
+    def skull_inner_at(angle):
+        return 1.0 + d.outer_wobble(angle) - d.ring_base * (1.0 + d.ring_wobble(angle))
+
+    skull_inner = skull_inner_at(polar)
+    # sulci: narrow notches of CSF cut into the cortex; the grey/white border follows them (gyri)
+    notch = np.maximum(np.cos(d.sulcus_count * polar + d.sulcus_phase), 0.0)
+    for _ in range(4):  # notch ** 16, by squaring (a float power is slow)
+        notch = notch * notch
+    parenchyma_edge = skull_inner - d.csf_gap - d.sulcus_depth * notch
+    head = _Head(x=head_x, y=head_y, radius=radius, half_width=d.half_width, half_height=d.half_height,
+                 skull_inner_at=skull_inner_at, skull_inner=skull_inner, parenchyma_edge=parenchyma_edge,
+                 brain_alpha=None, cistern_y=d.cistern_y, white_matter=d.white_matter, pixel=pixel)
+    frame = SimpleNamespace(coords=coords, grid_x=grid_x, grid_y=grid_y, polar=polar, cos_r=cos_r, sin_r=sin_r)
+    return head, frame
+
+
+def _paint_head(head: _Head, frame: SimpleNamespace, d: SimpleNamespace):
+    """Scalp, bone, CSF gap and textured grey/white matter, from the outside in; sets ``head.brain_alpha``."""
+    radius, polar, mean_axis = head.radius, frame.polar, head.mean_axis
+    outer = 1.0 + d.outer_wobble(polar)
+    ring_thickness = d.ring_base * (1.0 + d.ring_wobble(polar))
+    head_alpha = head.soft((outer - radius) * mean_axis)
+    image = head_alpha * d.scalp_brightness
+    bone_center = head.skull_inner + 0.45 * ring_thickness  # cortical bone: a darker band inside the bright ring
+    bone_alpha = np.exp(-np.square((radius - bone_center) / (0.18 * ring_thickness)))
+    image = _blend(image, bone_alpha * head_alpha, d.bone_darkness)
+    skull_alpha = head.soft((head.skull_inner - radius) * mean_axis)
+    image = _blend(image, skull_alpha, _CSF)
+    head.brain_alpha = head.soft((head.parenchyma_edge - radius) * mean_axis)
+    grey_thickness = d.grey_base * (1.0 + d.grey_wobble(polar))
+    white_alpha = head.soft((head.parenchyma_edge - grey_thickness - radius) * mean_axis, width_px=2.5)
+    low_frequency = d.fine_texture
+    coords, cos_r, sin_r = frame.coords, frame.cos_r, frame.sin_r
+    for (blob_x, blob_y), width, amplitude in d.texture_blobs:
+        # a round blob is the same in image axes: rotate its centre back and build it separably (cheap)
+        column = d.center_x + cos_r * float(blob_x) - sin_r * float(blob_y)
+        row = d.center_y + sin_r * float(blob_x) + cos_r * float(blob_y)
+        profile_x = np.exp(np.square(coords - column) / (-2 * width**2))
+        profile_y = np.exp(np.square(coords - row) / (-2 * width**2))
+        low_frequency = low_frequency + amplitude * (profile_y[:, None] * profile_x[None, :])
+    tissue = (d.grey_matter + (d.white_matter - d.grey_matter) * white_alpha) * (1.0 + low_frequency)
+    return _blend(image, head.brain_alpha, tissue), head_alpha, skull_alpha
+
+
+def _paint_ventricles(head: _Head, d: SimpleNamespace, image: np.ndarray) -> np.ndarray:
+    """Two lateral ventricles (with choroid plexus), the falx and the basal cistern."""
+    brain_alpha = head.brain_alpha
+    ventricle_alpha = np.zeros_like(image)
+    plexus_alpha = np.zeros_like(image)
+    for side, plexus in zip((-1.0, 1.0), d.plexus_present):
+        # ")(" pair: an ellipse whose lateral side is carved by the caudate head, tilted so the horns diverge
+        tilt = side * d.ventricle_tilt
+        local_x = head.x - side * d.ventricle_offset
+        local_y = head.y - d.ventricle_y
+        cos_t, sin_t = float(np.cos(tilt)), float(np.sin(tilt))
+        along, across = cos_t * local_y - sin_t * local_x, sin_t * local_y + cos_t * local_x
+        width, length = d.ventricle_width, d.ventricle_length
+        body = 1.0 - np.hypot(across / width, along / length)
+        carve = np.hypot((across - side * 1.5 * width) / (1.1 * width), along / (0.75 * length)) - 1.0
+        ventricle_alpha = np.maximum(ventricle_alpha, head.soft(np.minimum(body, carve) * width))
+        if plexus:
+            dot = np.hypot(across + side * 0.25 * width, along - 0.7 * length)
+            plexus_alpha = np.maximum(plexus_alpha, head.soft(0.35 * width - dot))
+    image = _blend(image, ventricle_alpha * brain_alpha, _CSF)
+    image = _blend(image, plexus_alpha * ventricle_alpha * brain_alpha, 0.75 * d.white_matter)
+    # the falx: a thin dark midline line in front of and behind the ventricles
+    reach = d.ventricle_length + 0.05
+    span = (head.y < d.ventricle_y - reach) | (head.y > d.ventricle_y + reach)
+    falx_alpha = np.exp(-np.square(head.x / (0.6 * head.pixel))) * span * brain_alpha
+    image = _blend(image, 0.7 * falx_alpha, _CSF)
+    cistern_distance = np.hypot(head.x / 1.3, head.y - d.cistern_y)
+    return _blend(image, head.soft(d.cistern_radius - cistern_distance, width_px=2.0) * brain_alpha, 1.5 * _CSF)
+
+
+def _acquire(image: np.ndarray, frame: SimpleNamespace, d: SimpleNamespace) -> np.ndarray:
+    """Acquisition: partial-volume blur, coil bias field, contrast and gamma, Rician noise."""
+    image = _partial_volume(image)
+    gradient = float(np.cos(d.bias_direction)) * frame.grid_x + float(np.sin(d.bias_direction)) * frame.grid_y
+    image = image * (1.0 + d.bias_strength * gradient)
+    image = d.brightness * np.clip(image, 0.0, 1.0) ** d.gamma
+    return np.hypot(image + d.noise_sigma * d.noise_real, d.noise_sigma * d.noise_imaginary)
 
 
 def _paint_glioma(head: _Head, rng, image, texture):
