@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -260,11 +259,3 @@ def test_unwritable_output_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot write phantoms"):
         write_phantom_set(blocker, per_class=1, size=32)
 
-
-def test_generation_is_fast_enough_for_the_demo():
-    make_phantom("glioma", 128, 0)
-    start = time.perf_counter()
-    for i in range(20):
-        make_phantom(PHANTOM_CLASSES[i % 4], 128, i)
-    # a few ms each on an idle core; the bound leaves room for a busy shared machine
-    assert (time.perf_counter() - start) / 20 < 0.1
