@@ -45,9 +45,9 @@ from torch.optim import Optimizer
 
 __all__ = ["Ranger"]
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Smallest gradient dimensionality that gets centralized, per gc mode (None: never).
-_GC_MIN_DIM = {"all": 2, "conv": 4, "none": None}
+GC_MIN_DIM = {"all": 2, "conv": 4, "none": None}
 _STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "slow_weights")
 
 
@@ -86,14 +86,14 @@ def _validate_options(options: dict[str, Any]) -> None:
             f"got {threshold!r}"
         )
     gc = options["gc"]
-    if gc not in _GC_MIN_DIM:
+    if gc not in GC_MIN_DIM:
         raise ValueError(f"Ranger: gc must be one of 'all', 'conv', 'none', got {gc!r}")
     foreach = options["foreach"]
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(f"Ranger: foreach must be None, True or False, got {foreach!r}")
 
 
-def _step_scalars(step: int, beta1: float, beta2: float, threshold: float) -> tuple[bool, float]:
+def step_scalars(step: int, beta1: float, beta2: float, threshold: float) -> tuple[bool, float]:
     """Return (rectified, step_size) for step number ``step`` (1-based), per the RAdam paper."""
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
@@ -107,7 +107,7 @@ def _step_scalars(step: int, beta1: float, beta2: float, threshold: float) -> tu
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF_DTYPES else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def _gc_target_and_mean(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,27 +206,22 @@ class Ranger(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for (device, _dtype, step), bucket in self._gather(group).items():
-                rectified, step_size = _step_scalars(step, beta1, beta2, group["threshold"])
-                options = dict(
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    gc_min_dim=_GC_MIN_DIM[group["gc"]],
-                    rectified=rectified,
-                    step_size=step_size,
-                    sync=step % group["k"] == 0,
-                    alpha=group["alpha"],
-                )
-                foreach = group["foreach"]
-                if foreach is None:
-                    foreach = device.type != "cpu"
-                update = _update_foreach if foreach else _update_per_tensor
-                update(*bucket, **options)
+                self._update_bucket(bucket, group, device, step)
         return loss
+
+    def _update_bucket(self, bucket: tuple[list[torch.Tensor], ...], group: dict[str, Any], device: torch.device,
+                       step: int) -> None:
+        """Update one bucket (params, grads, exp_avgs, exp_avg_sqs, slow weights) that shares ``step``."""
+        beta1, beta2 = group["betas"]
+        rectified, step_size = step_scalars(step, beta1, beta2, group["threshold"])
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = device.type != "cpu"
+        update = _update_foreach if foreach else _update_per_tensor
+        update(*bucket, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+               weight_decay=group["weight_decay"], gc_min_dim=GC_MIN_DIM[group["gc"]], rectified=rectified,
+               step_size=step_size, sync=step % group["k"] == 0, alpha=group["alpha"])
 
     def _gather(self, group: dict[str, Any]) -> dict[tuple, tuple[list[torch.Tensor], ...]]:
         """Advance the step counter of each parameter with a gradient and bucket them by (device, dtype, step).
@@ -281,7 +276,7 @@ def _update_per_tensor(
 ) -> None:
     """One Ranger step, tensor by tensor (all tensors share dtype, device and step count)."""
     for param, grad, exp_avg, exp_avg_sq, slow in zip(params, grads, exp_avgs, exp_avg_sqs, slow_weights):
-        half = param.dtype in _HALF_DTYPES
+        half = param.dtype in HALF_DTYPES
         work = param.float() if half else param
         grad = grad.float() if half else grad
         if gc_min_dim is not None and grad.dim() >= gc_min_dim:
@@ -321,7 +316,7 @@ def _update_foreach(
     alpha: float,
 ) -> None:
     """The same step as ``_update_per_tensor`` with multi-tensor ``torch._foreach_*`` kernels."""
-    half = params[0].dtype in _HALF_DTYPES
+    half = params[0].dtype in HALF_DTYPES
     if half:
         work = [param.float() for param in params]
         grads = [grad.float() for grad in grads]

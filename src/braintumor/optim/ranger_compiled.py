@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from braintumor.optim.ranger import _GC_MIN_DIM, _HALF_DTYPES, Ranger, _step_scalars
+from braintumor.optim.ranger import GC_MIN_DIM, HALF_DTYPES, Ranger, step_scalars
 
 
 def _update_fused(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -28,7 +28,7 @@ def _update_fused(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     """One Ranger step; ``scalars`` = (-lr * step_size, 1 - lr * weight_decay, rectified, sync) as float32."""
     signed_step, decay, rectified, sync = scalars.unbind()
     for param, grad, exp_avg, exp_avg_sq, slow in zip(params, grads, exp_avgs, exp_avg_sqs, slow_weights):
-        half = param.dtype in _HALF_DTYPES
+        half = param.dtype in HALF_DTYPES
         grad32 = grad.float() if half else grad
         if gc_min_dim is not None and grad.dim() >= gc_min_dim:
             grad32 = grad32 - grad32.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
@@ -47,19 +47,11 @@ class CompiledRanger(Ranger):
         super().__init__(*args, **kwargs)
         self._compiled_update: Callable = torch.compile(_update_fused, dynamic=False)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for (device, _dtype, step), bucket in self._gather(group).items():
-                rectified, step_size = _step_scalars(step, beta1, beta2, group["threshold"])
-                scalars = torch.tensor([-group["lr"] * step_size, 1.0 - group["lr"] * group["weight_decay"],
-                                        float(rectified), float(step % group["k"] == 0)], dtype=torch.float32)
-                self._compiled_update(*bucket, scalars.to(device, non_blocking=True), beta1=beta1, beta2=beta2,
-                                      eps=group["eps"], gc_min_dim=_GC_MIN_DIM[group["gc"]], alpha=group["alpha"])
-        return loss
+    def _update_bucket(self, bucket: tuple[list[torch.Tensor], ...], group: dict[str, Any], device: torch.device,
+                       step: int) -> None:
+        beta1, beta2 = group["betas"]
+        rectified, step_size = step_scalars(step, beta1, beta2, group["threshold"])
+        scalars = torch.tensor([-group["lr"] * step_size, 1.0 - group["lr"] * group["weight_decay"],
+                                float(rectified), float(step % group["k"] == 0)], dtype=torch.float32)
+        self._compiled_update(*bucket, scalars.to(device, non_blocking=True), beta1=beta1, beta2=beta2,
+                              eps=group["eps"], gc_min_dim=GC_MIN_DIM[group["gc"]], alpha=group["alpha"])
