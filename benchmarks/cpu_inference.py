@@ -29,11 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braintumor.checkpoint import load_checkpoint
+from braintumor.backends import OnnxBackend, load_onnx_session
+from braintumor.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
 from braintumor.cpu_backends import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
 from braintumor.data import discover
-from braintumor.export import _checkpoint_file, available_cores, export_onnx, load_onnx_session, quantize_onnx
-from braintumor.predict import Classifier, file_fingerprint
+from braintumor.devices import available_cores
+from braintumor.export import export_onnx, quantize_onnx
+from braintumor.fingerprint import file_fingerprint
+from braintumor.predict import Classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,15 +139,14 @@ def build_backends(args, checkpoint: Path, out: Path, calibration: list[Path]) -
 
 
 def onnx_classifier(session, meta) -> Classifier:
-    return Classifier(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
-                      std=meta["std"], arch=meta["arch"], onnx_session=session)
+    return Classifier(OnnxBackend(session), ModelSpec.from_dict(meta))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads = args.threads or available_cores()
     torch.set_num_threads(threads)  # a benchmark script may set process-wide state; library code never does
-    checkpoint = _checkpoint_file(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)

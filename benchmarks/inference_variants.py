@@ -25,7 +25,7 @@ from braintumor.predict import Classifier
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--checkpoint", help="model to evaluate (default RUN_DIR/best.pt)")
+    parser.add_argument("--checkpoint", help="model to evaluate (default: RUN_DIR, i.e. its best.pt)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 144, 160])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", metavar="DIR",
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
     split = prepare_split(cfg, progress=False)
     labels = np.asarray(split.val_labels)
-    classifier = Classifier.from_checkpoint(args.checkpoint or args.run_dir / "best.pt")
+    classifier = Classifier.from_checkpoint(args.checkpoint or args.run_dir)  # a run folder: its best.pt
     if args.report:
         report = evaluate_classifier(classifier, split.val_paths, split.val_labels, args.report,
                                      title=f"Validation report ({Path(classifier.source_path).name})",

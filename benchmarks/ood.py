@@ -199,7 +199,7 @@ def print_table(results: dict, checkpoint: str) -> None:
 
 def smoke_checkpoint(folder: Path) -> tuple[Path, Path]:
     """An untrained resnet18 (32 px) with a detector fitted on phantoms, and an ID phantom folder."""
-    from braintumor.checkpoint import save_checkpoint
+    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
     from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.model import build_model
     from braintumor.phantom import write_phantom_set
@@ -209,9 +209,8 @@ def smoke_checkpoint(folder: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     classes = ["glioma", "meningioma", "notumor", "pituitary"]
     checkpoint = folder / "smoke.pt"
-    save_checkpoint({"model": build_model("resnet18", 4).state_dict(), "classes": classes, "image_size": 32,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": "resnet18", "config": {}},
-                    checkpoint)
+    spec = ModelSpec(arch="resnet18", classes=classes, image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_checkpoint(inference_payload(build_model("resnet18", 4).state_dict(), spec, config={}), checkpoint)
     train = discover(write_phantom_set(folder / "train", per_class=4, size=48, seed=1))
     val = discover(write_phantom_set(folder / "val", per_class=3, size=48, seed=2))
     store_trust(checkpoint, fit_trust(checkpoint, train.paths, train.labels, val.paths, val.labels))

@@ -28,9 +28,11 @@ import onnxruntime
 import torch
 from PIL import Image
 
-from braintumor.checkpoint import save_checkpoint
+from braintumor.backends import OnnxBackend, load_onnx_session
+from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
 from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
-from braintumor.export import available_cores, export_onnx, load_onnx_session, quantize_onnx
+from braintumor.devices import available_cores
+from braintumor.export import export_onnx, quantize_onnx
 from braintumor.model import ARCHS, build_model
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 from braintumor.predict import Classifier
@@ -106,12 +108,13 @@ def build_classifiers(args, workdir: Path) -> dict[str, Classifier]:
     torch.manual_seed(0)
     classes = list(PHANTOM_CLASSES)
     model = build_model(args.arch, num_classes=len(classes), weights="none").eval()
-    checkpoint = save_checkpoint({"model": model.state_dict(), "classes": classes, "image_size": args.image_size,
-                                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": args.arch,
-                                  "config": {}, "epoch": 0, "best_val_accuracy": 0.0}, workdir / "random.pt")
+    spec = ModelSpec(arch=args.arch, classes=classes, image_size=args.image_size, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD)
+    checkpoint = save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0,
+                                                   best_val_accuracy=0.0), workdir / "random.pt")
     eager = Classifier.from_checkpoint(checkpoint)
     if args.channels_last:
-        eager.model = eager.model.to(memory_format=torch.channels_last)
+        eager.model.to(memory_format=torch.channels_last)  # in place: the backend's network
     onnx_path = export_onnx(checkpoint, workdir / "random.onnx")
     # ONNX Runtime first: torch's OpenMP workers keep spinning for a moment after each call and would slow it.
     classifiers = {"ONNX Runtime": onnx_classifier(onnx_path, args.threads)}
@@ -126,8 +129,7 @@ def build_classifiers(args, workdir: Path) -> dict[str, Classifier]:
 
 def onnx_classifier(path: Path, threads: int | None) -> Classifier:
     session, meta = load_onnx_session(path, threads=threads)
-    return Classifier(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
-                      std=meta["std"], arch=meta["arch"], onnx_session=session)
+    return Classifier(OnnxBackend(session), ModelSpec.from_dict(meta))
 
 
 def main(argv=None) -> int:

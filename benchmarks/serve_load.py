@@ -61,7 +61,7 @@ def random_checkpoint(arch: str, image_size: int, folder: Path) -> Path:
     """An untrained (seeded) checkpoint with the four phantom classes."""
     import torch
 
-    from braintumor.checkpoint import save_checkpoint
+    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
     from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.model import build_model
     from braintumor.phantom import PHANTOM_CLASSES
@@ -69,9 +69,8 @@ def random_checkpoint(arch: str, image_size: int, folder: Path) -> Path:
     torch.manual_seed(0)
     model = build_model(arch, num_classes=len(PHANTOM_CLASSES), weights="none").eval()
     path = folder / f"{arch}_{image_size}.pt"
-    save_checkpoint({"model": model.state_dict(), "classes": list(PHANTOM_CLASSES), "image_size": image_size,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": arch, "config": {},
-                     "epoch": 0, "best_val_accuracy": 0.0}, path)
+    spec = ModelSpec(arch=arch, classes=PHANTOM_CLASSES, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0, best_val_accuracy=0.0), path)
     return path
 
 

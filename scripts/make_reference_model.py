@@ -16,9 +16,9 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
 
-from braintumor.checkpoint import REFERENCE_MODEL, load_checkpoint, save_checkpoint
+from braintumor.checkpoint import (REFERENCE_MODEL, inference_payload, load_checkpoint, resolve_checkpoint,
+                                  save_checkpoint, spec_of, validated_weights)
 
 
 def sha256(path: Path) -> str:
@@ -32,24 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REFERENCE_MODEL)
     args = parser.parse_args(argv)
 
-    ckpt = load_checkpoint(args.run_dir / "best.pt")
-    weights = ckpt["ema"]["module"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
-    half = {key: value.half() if value.is_floating_point() else value for key, value in weights.items()}
-    payload = {
-        "model": half,
-        "classes": ckpt["classes"],
-        "image_size": int(args.image_size or ckpt["image_size"]),
-        "mean": ckpt["mean"],
-        "std": ckpt["std"],
-        "arch": ckpt["arch"],
-        "tta": bool(ckpt.get("tta", False)),
-        "config": ckpt["config"],
-        "epoch": ckpt["epoch"],
-        "best_val_accuracy": ckpt["best_val_accuracy"],
-    }
-    for key in ("trust",):  # statistics fitted after training (OOD detector, temperature), when present
-        if key in ckpt:
-            payload[key] = ckpt[key]
+    source = resolve_checkpoint(args.run_dir)
+    ckpt = load_checkpoint(source)
+    spec = spec_of(ckpt, source)
+    if args.image_size:
+        spec = spec.replace(image_size=int(args.image_size))
+    half = {key: value.half() if value.is_floating_point() else value
+            for key, value in validated_weights(ckpt).items()}
+    # The spec carries the statistics fitted after training (OOD detector, temperature) when present.
+    payload = inference_payload(half, spec, config=ckpt["config"], epoch=ckpt["epoch"],
+                                best_val_accuracy=ckpt["best_val_accuracy"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(payload, args.out)
     size_mb = args.out.stat().st_size / 1e6

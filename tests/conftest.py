@@ -23,15 +23,14 @@ def phantom_dir(tmp_path_factory):
 def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "notumor", "pituitary"),
                     image_size=64, seed=0):
     """Save an untrained (seeded) checkpoint with everything predict needs."""
-    from braintumor.checkpoint import save_checkpoint
+    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
     from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=len(classes), weights="none").eval()
-    save_checkpoint({"model": model.state_dict(), "classes": list(classes), "image_size": image_size,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": arch,
-                     "config": {}, "epoch": 0, "best_val_accuracy": 0.0}, path)
+    spec = ModelSpec(arch=arch, classes=classes, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0, best_val_accuracy=0.0), path)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -107,3 +108,105 @@ def test_best_snapshot_survives_later_last_checkpoints(tmp_path):
     publish_copy(last, best)
     assert torch.load(best, weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def spec(**changes):
+    from braintumor.checkpoint import ModelSpec
+
+    values = dict(arch="resnet18", classes=("a", "b", "c"), image_size=32, mean=(0.5, 0.4, 0.3),
+                  std=(0.2, 0.2, 0.2))
+    return ModelSpec(**{**values, **changes})
+
+
+def test_model_spec_round_trips_and_validates():
+    from braintumor.checkpoint import ModelSpec
+
+    full = spec(tta=True, trust={"temperature": 1.5, "ood": {"mean": torch.zeros(2)}})
+    data = full.to_dict()
+    assert data["classes"] == ["a", "b", "c"] and data["mean"] == [0.5, 0.4, 0.3]  # plain lists, for JSON
+    assert ModelSpec.from_dict(data) == full and ModelSpec.from_dict(spec().to_dict()) == spec()
+    assert "trust" not in spec().to_dict()
+    assert full.temperature == 1.5 and full.ood_state is not None and spec().temperature == 1.0
+    assert json.loads(json.dumps(spec(tta=True).to_dict())) == spec(tta=True).to_dict()
+    for bad in (dict(classes=("a",)), dict(classes=("a", "a")), dict(image_size=0), dict(image_size=True),
+                dict(mean=(0.5, 0.5)), dict(std=(0.2, 0.0, 0.2)), dict(mean=(float("nan"), 0, 0)),
+                dict(tta="yes"), dict(arch=""), dict(trust=[1.5])):
+        with pytest.raises(ValueError):
+            spec(**bad)
+    with pytest.raises(ValueError, match="missing image_size"):
+        ModelSpec.from_dict({"arch": "resnet18", "classes": ["a", "b"], "mean": [0] * 3, "std": [1] * 3})
+
+
+def test_old_checkpoints_load_with_defaults_and_ema_weights(tmp_path):
+    """A checkpoint of the first format (no tta, no trust; an EMA run keeps its average under "ema") still loads."""
+    from braintumor.checkpoint import spec_of
+    from braintumor.model import build_model
+
+    torch.manual_seed(0)
+    trained, averaged = build_model("resnet18", 2), build_model("resnet18", 2)
+    path = tmp_path / "old.pt"
+    torch.save({"format_version": 1, "model": trained.state_dict(), "ema": {"module": averaged.state_dict(),
+                "updates": 3, "decay": 0.9}, "optimizer": {"state": {}}, "classes": ["a", "b"], "image_size": 48,
+                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "arch": "resnet18"}, path)
+    ckpt = load_checkpoint(path)
+    loaded = spec_of(ckpt, path)
+    assert loaded == spec(classes=("a", "b"), image_size=48, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert loaded.tta is False and loaded.trust is None
+    assert torch.equal(model_from_checkpoint(ckpt).fc[3].weight, averaged.fc[3].weight)
+
+
+def test_a_damaged_spec_is_a_user_error_naming_the_file(tmp_path):
+    path = make_checkpoint(tmp_path / "m.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["mean"] = [0.5]
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"m\.pt is damaged: mean must be 3 finite numbers"):
+        model_from_checkpoint(load_checkpoint(path), path)
+
+
+def test_best_checkpoint_holds_validated_weights_and_spec_only(tmp_path):
+    """best.pt from a full resume checkpoint: the EMA weights, the spec, provenance; no optimizer, no RNG state;
+    about the size of the weights."""
+    from braintumor.checkpoint import save_inference_checkpoint, spec_of
+    from braintumor.model import build_model
+
+    torch.manual_seed(1)
+    model, averaged = build_model("resnet18", 3), build_model("resnet18", 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # two moment buffers per weight: twice the weights' bytes
+    full = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()},
+            "ema": {"module": averaged.state_dict(), "updates": 1, "decay": 0.9}, "history": [{"epoch": 1}],
+            "config": {"lr": 0.001}, "epoch": 1, "best_val_accuracy": 0.5, "best_epoch": 1, **spec(tta=True).to_dict()}
+    save_checkpoint(full, tmp_path / "last.pt")
+    best = save_inference_checkpoint(full, tmp_path / "best.pt")
+    ckpt = load_checkpoint(best)
+    assert set(ckpt) == {"format_version", "model", *spec(tta=True).to_dict(), "config", "epoch", "best_val_accuracy"}
+    assert spec_of(ckpt) == spec(tta=True)
+    assert all(torch.equal(ckpt["model"][key], value) for key, value in averaged.state_dict().items())
+    weight_bytes = sum(t.numel() * t.element_size() for t in averaged.state_dict().values())
+    assert best.stat().st_size < 1.05 * weight_bytes
+    assert (tmp_path / "last.pt").stat().st_size > 3 * weight_bytes  # weights + EMA + two Adam moments
+
+
+def test_resume_repairs_a_best_checkpoint_the_kill_left_stale(tmp_path):
+    from braintumor.checkpoint import save_inference_checkpoint
+    from braintumor.runstate import repair_best
+
+    last = load_checkpoint(make_checkpoint(tmp_path / "last.pt"))
+    save_inference_checkpoint({**last, "epoch": 1}, tmp_path / "best.pt")
+    last.update(epoch=2, best_epoch=2, optimizer={"state": {}})
+    repair_best(tmp_path, last)
+    repaired = load_checkpoint(tmp_path / "best.pt")
+    assert repaired["epoch"] == 2 and "optimizer" not in repaired
+    before = (tmp_path / "best.pt").stat().st_mtime_ns
+    repair_best(tmp_path, last)  # up to date: left alone
+    assert (tmp_path / "best.pt").stat().st_mtime_ns == before
+
+
+def test_the_shipped_reference_model_reads_as_a_spec():
+    from braintumor.checkpoint import REFERENCE_MODEL, spec_of
+
+    loaded = spec_of(load_checkpoint("reference"), REFERENCE_MODEL)
+    assert loaded.arch == "resnet18" and loaded.classes == ("glioma", "meningioma", "notumor", "pituitary")
+    assert loaded.tta is True and loaded.ood_state is not None and loaded.temperature != 1.0

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from braintumor.cpu_backends import compare_predictions, judge, resolve_auto_backend, write_verdict
-from braintumor.predict import Classifier, file_fingerprint
+from braintumor.fingerprint import file_fingerprint
+from braintumor.predict import Classifier
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

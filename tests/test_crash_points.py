@@ -66,8 +66,8 @@ CRASH_POINTS = {
     # epoch 2: before its metrics line, between metrics and last.pt
     "before-metrics": lambda mp: kill_on_call(mp, train_module, "write_metrics", 2),
     "between-metrics-and-last.pt": lambda mp: kill_on_call(mp, train_module, "save_checkpoint", 2),
-    # epoch 1 always improves: killed after last.pt, before best.pt is linked to it
-    "between-last.pt-and-best.pt": lambda mp: kill_on_call(mp, train_module, "publish_copy", 1),
+    # epoch 1 always improves: killed after last.pt, before best.pt is written
+    "between-last.pt-and-best.pt": lambda mp: kill_on_call(mp, train_module, "save_inference_checkpoint", 1),
     # after training, report.md written but not report.json
     "during-the-report": lambda mp: kill_on_call(
         mp, report_module, "atomic_write", 1, when=lambda path, *a, **k: str(path).endswith("report.json")),

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from braintumor.backends import OnnxBackend
+from braintumor.checkpoint import ModelSpec
 from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.errors import UserError
-from braintumor.explain import Explanation, _normalize, explain, write_explanations
+from braintumor.explain import Explanation, normalize_maps, explain, write_explanations
 from braintumor.phantom import make_phantom
 from braintumor.predict import Classifier
 
@@ -63,8 +65,8 @@ def lesion_classifier():
         labels.append(0)
     torch.manual_seed(0)
     model = TinyCNN()
-    clf = Classifier(model, classes=["notumor", "tumor"], image_size=SIZE, mean=list(IMAGENET_MEAN),
-                     std=list(IMAGENET_STD), arch="tiny-cnn")
+    clf = Classifier.from_model(model, ModelSpec(arch="tiny-cnn", classes=("notumor", "tumor"), image_size=SIZE,
+                                                 mean=IMAGENET_MEAN, std=IMAGENET_STD))
     inputs = torch.stack([clf.preprocess(Image.fromarray(image).convert("RGB")) for image in images])
     targets = torch.tensor(labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -140,8 +142,8 @@ def test_target_class_probability_and_unknown_class(classifier):
 
 
 def test_onnx_backend_is_refused():
-    onnx_only = Classifier(None, classes=["a", "b"], image_size=SIZE, mean=[0.5] * 3, std=[0.5] * 3,
-                           arch="resnet18", onnx_session=object())
+    onnx_only = Classifier(OnnxBackend(object()), ModelSpec(arch="resnet18", classes=("a", "b"), image_size=SIZE,
+                                                            mean=(0.5,) * 3, std=(0.5,) * 3))
     with pytest.raises(UserError, match="PyTorch checkpoint"):
         explain(onnx_only, random_image(0))
 
@@ -182,7 +184,7 @@ def test_works_inside_inference_mode(classifier):
 
 def test_normalize_scales_each_map_and_zeroes_constant_maps():
     maps = torch.stack([torch.arange(16.0).reshape(4, 4) + 3.0, torch.full((4, 4), 2.5)])
-    normalized = _normalize(maps).numpy()
+    normalized = normalize_maps(maps).numpy()
     np.testing.assert_allclose(normalized[0], np.arange(16.0).reshape(4, 4) / 15.0, atol=1e-7)
     np.testing.assert_array_equal(normalized[1], np.zeros((4, 4)))
 
@@ -247,3 +249,34 @@ def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path)
     # The colour bar's jet colours sit right of the two panels: strong red and strong blue columns exist there.
     bar = pixels[:, int(0.81 * GRADCAM_SIZE_PX[0]):]
     assert ((bar[..., 0] > 200) & (bar[..., 2] < 60)).any() and ((bar[..., 2] > 200) & (bar[..., 0] < 60)).any()
+
+
+def test_grad_cam_is_a_pure_function_of_model_layer_and_batch(lesion_classifier):
+    """No Classifier, no files, no lock: a network, a layer name and a batch; the same maps as through the
+    Classifier and as by hand, and the network left as it was found."""
+    from braintumor.explain import grad_cam
+
+    model = TinyCNN()
+    model.load_state_dict(lesion_classifier.model.state_dict())  # a network of its own, outside any Classifier
+    model.train()
+    pictures = [Image.fromarray(lesion_phantom(3000)[0]), Image.fromarray(make_phantom("notumor", SIZE, 3001))]
+    inputs = torch.stack([lesion_classifier.preprocess(p.convert("RGB")) for p in pictures])
+    hooks = hook_count(model)
+    probabilities, maps = grad_cam(model, "layer4", inputs)
+    assert model.training and hook_count(model) == hooks and all(p.requires_grad for p in model.parameters())
+    assert probabilities.shape == (2, 2) and maps.shape == (2, SIZE, SIZE)
+    indices = list(probabilities.argmax(axis=1))
+    np.testing.assert_allclose(maps, reference_gradcam(model, inputs, indices), atol=1e-5)
+    through_classifier = lesion_classifier.explain(pictures)
+    np.testing.assert_allclose(maps, np.stack([e.heatmap for e in through_classifier]), atol=1e-5)
+    # Per-image targets: each row explains its own class.
+    _, chosen = grad_cam(model, model.layer4, inputs, targets=[1, 0])
+    np.testing.assert_allclose(chosen, reference_gradcam(model, inputs, [1, 0]), atol=1e-5)
+    model.eval()
+
+
+def test_grad_cam_names_a_missing_layer():
+    from braintumor.explain import grad_cam
+
+    with pytest.raises(ValueError, match="no layer 'layer9'.*features, layer4, head"):
+        grad_cam(TinyCNN(), "layer9", torch.zeros(1, 3, SIZE, SIZE))

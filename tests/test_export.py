@@ -13,9 +13,12 @@ from onnx import TensorProto, helper
 
 from braintumor.checkpoint import load_checkpoint
 from braintumor.errors import UserError
-from braintumor.export import (available_cores, export, export_onnx, export_torchscript, load_onnx_session,
-                               load_torchscript, quantize_onnx)
-from braintumor.predict import Classifier, expand_inputs, file_fingerprint
+from braintumor.backends import load_onnx_session, load_torchscript
+from braintumor.devices import available_cores
+from braintumor.export import export, export_onnx, export_torchscript, quantize_onnx
+from braintumor.fingerprint import file_fingerprint
+from braintumor.inputs import expand_inputs
+from braintumor.predict import Classifier
 
 
 @pytest.fixture(scope="module")

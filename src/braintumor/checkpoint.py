@@ -1,10 +1,20 @@
-"""What a checkpoint holds, how it is written atomically, and how it is read back safely."""
+"""What a checkpoint holds, how it is written atomically, and how it is read back safely.
+
+The model's description is one typed :class:`ModelSpec` (architecture, classes, preprocessing, TTA, the fitted
+temperature and OOD statistics). A checkpoint stores the spec's fields at its top level beside the weights, the
+layout every braintumor checkpoint has had, so files written before the spec existed (the shipped reference model
+among them) load unchanged. Two files per run: ``best.pt`` is for inference (the validated weights, the EMA
+weights when the run used EMA, the spec, and a few provenance fields); ``last.pt`` holds everything resume needs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +23,130 @@ from torch import nn
 
 from .atomic import atomic_write
 from .errors import UserError
+from .formats import ONNX, TORCHSCRIPT, content_format
 from .model import build_model
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
+# What best.pt keeps besides the weights and the spec: where the weights came from (small; ``calibrate`` reads
+# the recipe to rebuild the run's split).
+PROVENANCE_KEYS = ("config", "epoch", "best_val_accuracy")
 # The model shipped inside the package (see MODEL_CARD.md); "reference" names it wherever a checkpoint is expected.
 REFERENCE_NAME = "reference"
 REFERENCE_MODEL = Path(__file__).with_name("reference") / "reference-resnet18.pt"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything besides the weights that inference needs to use a network as it was trained and validated.
+
+    ``image_size``, ``mean`` and ``std`` are the evaluation preprocessing (resize to a square, normalise);
+    ``tta`` averages each slice with its mirror; ``trust`` holds what ``braintumor calibrate`` fitted: the
+    temperature, the OOD detector's statistics (``"ood"``) and the fit's summary (None: not fitted).
+    """
+
+    arch: str
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tta: bool = False
+    trust: dict[str, Any] | None = None
+
+    FIELDS = ("arch", "classes", "image_size", "mean", "std", "tta", "trust")
+
+    def __post_init__(self) -> None:
+        # Normalise the containers (lists from JSON or a checkpoint) and check every field, once, here.
+        object.__setattr__(self, "classes", tuple(self.classes) if isinstance(self.classes, (list, tuple))
+                           else self.classes)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        problem = self._problem()
+        if problem:
+            raise ValueError(problem)
+
+    def _problem(self) -> str:
+        if not isinstance(self.arch, str) or not self.arch:
+            return f"arch must be a name, got {self.arch!r}"
+        if (not isinstance(self.classes, tuple) or len(self.classes) < 2
+                or not all(isinstance(c, str) and c for c in self.classes) or len(set(self.classes)) != len(self.classes)):
+            return f"classes must be two or more distinct names, got {self.classes!r}"
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            return f"image_size must be a positive integer, got {self.image_size!r}"
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(math.isfinite(v) for v in value):
+                return f"{name} must be 3 finite numbers, got {value!r}"
+        if not all(v > 0 for v in self.std):
+            return f"std must be positive, got {self.std!r}"
+        if not isinstance(self.tta, bool):
+            return f"tta must be true or false, got {self.tta!r}"
+        if self.trust is not None and not isinstance(self.trust, dict):
+            return f"trust must be a dict of fitted statistics, got {type(self.trust).__name__}"
+        return ""
+
+    @property
+    def temperature(self) -> float:
+        """The fitted softmax temperature (1 when none was fitted)."""
+        return float((self.trust or {}).get("temperature", 1.0))
+
+    @property
+    def ood_state(self) -> dict[str, Any] | None:
+        """The fitted OOD detector's tensors (``ood.MahalanobisDetector.from_state``), or None."""
+        return (self.trust or {}).get("ood")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, numbers and strings (``trust`` only when fitted): checkpoint and export-metadata keys."""
+        data = {"arch": self.arch, "classes": list(self.classes), "image_size": self.image_size,
+                "mean": list(self.mean), "std": list(self.std), "tta": self.tta}
+        if self.trust is not None:
+            data["trust"] = self.trust
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        """The spec in ``data`` (a checkpoint or export metadata; other keys are ignored). Keys added after the
+        first release (``tta``, ``trust``) default when absent; anything malformed raises ValueError."""
+        missing = [key for key in ("arch", "classes", "image_size", "mean", "std") if key not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        size = data["image_size"]
+        return cls(arch=data["arch"], classes=data["classes"],
+                   image_size=int(size) if isinstance(size, float) and size.is_integer() else size,
+                   mean=data["mean"], std=data["std"], tta=data.get("tta", False), trust=data.get("trust"))
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def spec_of(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint") -> ModelSpec:
+    """The ModelSpec of a loaded checkpoint; a malformed one is a UserError naming the file."""
+    try:
+        return ModelSpec.from_dict(ckpt)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{source} is damaged: {err}") from None
+
+
+def validated_weights(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The weights inference uses: the EMA average when the run kept one, else the trained weights."""
+    return ckpt["ema"]["module"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
+
+
+def inference_payload(weights: dict[str, Any], spec: ModelSpec, **provenance: Any) -> dict[str, Any]:
+    """What best.pt holds: the weights, the spec and provenance (``config``, ``epoch``, ``best_val_accuracy``)."""
+    unknown = set(provenance) - set(PROVENANCE_KEYS)
+    if unknown:
+        raise ValueError(f"not provenance: {', '.join(sorted(unknown))}")
+    return {"model": weights, **spec.to_dict(), **provenance}
+
+
+def save_inference_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write best.pt from a full (resume) checkpoint: validated weights, spec, provenance; no optimizer state."""
+    provenance = {key: ckpt[key] for key in PROVENANCE_KEYS if key in ckpt}
+    return save_checkpoint(inference_payload(validated_weights(ckpt), spec_of(ckpt), **provenance), path)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -66,9 +193,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    if path.suffix.lower() == ".onnx":
-        raise UserError(f"{path} is named as an ONNX export, not a .pt checkpoint; this command reads checkpoints "
-                        "(predict and evaluate read exports with --backend onnx)")
+    kind = content_format(path)
+    if kind in (ONNX, TORCHSCRIPT) or (kind is None and path.suffix.lower() == ".onnx"):
+        what = f"{'is' if kind else 'is named as'} {'a TorchScript' if kind == TORCHSCRIPT else 'an ONNX'} export"
+        raise UserError(f"{path} {what}, not a .pt checkpoint; this command needs the checkpoint "
+                        "(predict, evaluate and serve read exports too)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise on top of our one line
             warnings.simplefilter("ignore")
@@ -94,15 +223,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint") -> nn.Module:
     """Rebuild the network a checkpoint describes, load its weights and put it in eval mode."""
-    arch, classes = ckpt["arch"], ckpt["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise UserError(f"{source} is damaged: its class list is not a list of names")
+    spec = spec_of(ckpt, source)
+    arch, classes = spec.arch, spec.classes
     try:
         model = build_model(arch, num_classes=len(classes), weights="none")
     except (ValueError, KeyError, UserError):
         raise UserError(f"{source} is damaged: unknown architecture {arch!r}") from None
     # A run with --ema is used through its averaged weights; fp16 weights (the shipped model) load into fp32.
-    weights = ckpt["ema"]["module"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
+    weights = validated_weights(ckpt)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as err:

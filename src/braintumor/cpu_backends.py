@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write
+from .backends import decode_onnx_metadata
+from .devices import available_cores
 from .errors import UserError
+from .fingerprint import file_fingerprint
 
 MAX_ACCURACY_GAP_POINTS = 0.3
 MIN_AGREEMENT = 0.99
@@ -84,8 +87,6 @@ def resolve_auto_backend(checkpoint: Path) -> tuple[Path, str] | None:
 
     Verdicts of other checkpoints (another fingerprint) are ignored; failed ones print their gap in one line.
     """
-    from .predict import file_fingerprint
-
     verdicts = read_verdicts(checkpoint.parent)
     if not verdicts:  # the usual case: no hashing of a large checkpoint just to find nothing
         return None
@@ -113,8 +114,6 @@ class OpenVinoSession:
         except ImportError as err:
             raise UserError("the OpenVINO backend needs the openvino package: pip install 'braintumor[openvino]'") \
                 from err
-        from .export import available_cores
-
         core = openvino.Core()
         model = core.read_model(str(onnx_path))
         config = {"INFERENCE_NUM_THREADS": int(threads or available_cores()), "PERFORMANCE_HINT": "LATENCY"}
@@ -131,14 +130,12 @@ class OpenVinoSession:
 
 
 def load_openvino(path: str | os.PathLike, threads: int | None = None) -> tuple[OpenVinoSession, dict[str, Any]]:
-    """An OpenVINO session for a braintumor ONNX export and its metadata (as export.load_onnx_session)."""
+    """An OpenVINO session for a braintumor ONNX export and its metadata (as backends.load_onnx_session)."""
     import onnx
-
-    from .export import _decode_meta
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ONNX model not found: {path}")
     proto = onnx.load(str(path), load_external_data=False)
-    meta = _decode_meta({entry.key: entry.value for entry in proto.metadata_props}, path)
+    meta = decode_onnx_metadata({entry.key: entry.value for entry in proto.metadata_props}, path)
     return OpenVinoSession(path, threads), meta

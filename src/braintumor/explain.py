@@ -1,14 +1,14 @@
-"""Grad-CAM heat maps from the last convolutional block (captum's LayerGradCam), overlays and their files.
+"""Grad-CAM heat maps (captum's LayerGradCam) as a pure function of (model, layer, batch), and their files.
 
-Grad-CAM (Selvaraju et al., 2017) weights each channel of the last convolutional block's activations by the mean
+Grad-CAM (Selvaraju et al., 2017) weights each channel of a convolutional block's activations by the mean
 gradient of the explained class's score, sums over channels and keeps the positive part. Here the map is upsampled
 bilinearly to the model input size, passed through ReLU and min–max normalized per image, so 1 marks the region
 that most supports the class and 0 none (a map that is constant everywhere becomes all zeros).
 
-The attribution runs on the classifier's shared model. captum registers its hooks for one call and removes them
-afterwards; the model's train/eval mode and its parameters' ``requires_grad`` flags are restored, and
-``classifier.lock`` is held for writing throughout (plain predictions wait), so a long-running server can call
-this repeatedly.
+:func:`grad_cam` touches nothing but the model it is given: captum registers its hooks for one call and removes
+them afterwards, and the model's train/eval mode and its parameters' ``requires_grad`` flags are restored. Reading
+files and locking a shared model belong to the caller (``Classifier.explain`` holds its lock for writing, so
+plain predictions wait), so a long-running server can call it repeatedly.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerAttribution, LayerGradCam
 from PIL import Image
+from torch import nn
 
 from .atomic import atomic_write
-from .errors import UserError
-from .model import gradcam_layer
-from .predict import describe_source, expand_inputs
+from .inputs import expand_inputs
 
 
 @dataclass
@@ -44,6 +43,16 @@ class Explanation:
     target_probability: float
     heatmap: np.ndarray
     image: Image.Image
+
+    @classmethod
+    def of(cls, source: str, classes: Sequence[str], probabilities: np.ndarray, heatmap: np.ndarray,
+           image: Image.Image, target: int | None = None) -> "Explanation":
+        """The explanation of one row of ``grad_cam``'s output (``target`` None: the predicted class)."""
+        predicted = int(np.argmax(probabilities))
+        explained = predicted if target is None else int(target)
+        return cls(source=source, target=classes[explained], predicted=classes[predicted],
+                   probability=float(probabilities[predicted]), target_probability=float(probabilities[explained]),
+                   heatmap=heatmap, image=image)
 
     def overlay(self, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
         """The heat map in a matplotlib colour map blended over the grayscale slice (RGB, S x S)."""
@@ -61,78 +70,63 @@ class Explanation:
 
 
 def explain(classifier, x, target: str | None = None, batch_size: int = 16):
-    """Grad-CAM for one input (returns an Explanation) or a list of inputs (returns a list, same order).
+    """Grad-CAM for one input or a list of inputs through a Classifier (see ``Classifier.explain``)."""
+    return classifier.explain(x, target=target, batch_size=batch_size)
 
-    ``x`` items are paths, bytes or PIL images; ``target`` is a class name, or None to explain each image's
-    predicted class. Needs the PyTorch backend.
+
+def find_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
+    """The submodule named ``layer`` (dotted, e.g. ``"layer4"``); a clear error when the model has none."""
+    if isinstance(layer, nn.Module):
+        return layer
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [name for name, _ in model.named_children()]
+        raise ValueError(f"the model has no layer {layer!r} for Grad-CAM; its top-level layers are: "
+                         f"{', '.join(names)}") from None
+
+
+def grad_cam(model: nn.Module, layer: str | nn.Module, batch: torch.Tensor,
+             targets: Sequence[int] | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (B, C) and normalized Grad-CAM maps (B, H, W) at ``layer`` for a preprocessed batch
+    (on the model's device); ``targets`` holds each image's class index (None: its predicted class).
+
+    The model runs in eval mode (dropout off, batch norm on running statistics: a map does not depend on the
+    rest of the batch); its modes, ``requires_grad`` flags and hooks are as before when this returns.
     """
-    if getattr(classifier, "model", None) is None:
-        raise UserError("Grad-CAM needs gradients: load the PyTorch checkpoint (.pt), not an ONNX export")
-    if target is not None and target not in classifier.classes:
-        raise UserError(f"unknown class {target!r} for --class; this model's classes are: "
-                        f"{', '.join(classifier.classes)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    single = not isinstance(x, (list, tuple))
-    items = [x] if single else list(x)
-    results: list[Explanation] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        images = [classifier.load(item) for item in chunk]
-        batch = torch.stack([classifier.preprocess(image) for image in images])
-        probabilities, heatmaps = _grad_cam(classifier, batch, target)
-        size = (classifier.image_size, classifier.image_size)
-        for item, image, row, heatmap in zip(chunk, images, probabilities, heatmaps):
-            predicted = int(np.argmax(row))
-            explained = predicted if target is None else classifier.classes.index(target)
-            results.append(Explanation(
-                source=describe_source(item), target=classifier.classes[explained],
-                predicted=classifier.classes[predicted], probability=float(row[predicted]),
-                target_probability=float(row[explained]), heatmap=heatmap,
-                image=image.convert("RGB").resize(size, Image.BILINEAR),
-            ))
-    return results[0] if single else results
+    target_layer = find_layer(model, layer)
+    # Per module, not model.train(flag): a caller may keep e.g. frozen batch norms in eval inside a
+    # training model, and that mix must survive.
+    modes = [(module, module.training) for module in model.modules()]
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    try:
+        model.eval()
+        # Gradients are needed only with respect to activations: frozen weights keep the graph small,
+        # and an input that requires grad keeps the graph alive even when every weight is frozen.
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = batch.clone().requires_grad_(True)
+            with torch.no_grad():
+                probabilities = torch.softmax(model(inputs).float(), dim=1)
+            indices = (probabilities.argmax(dim=1) if targets is None
+                       else torch.as_tensor(targets, dtype=torch.long, device=inputs.device))
+            # A tensor of per-sample indices makes captum select output[i, indices[i]] for row i; an
+            # int would explain the same class for every image.
+            attributions = LayerGradCam(model, target_layer).attribute(inputs, target=indices,
+                                                                        relu_attributions=False)
+        maps = LayerAttribution.interpolate(attributions.detach().float(), tuple(inputs.shape[-2:]),
+                                            interpolate_mode="bilinear")
+        maps = F.relu(maps[:, 0])
+    finally:
+        for module, training in modes:
+            module.training = training
+        for parameter, flag in zip(model.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+    return probabilities.cpu().numpy(), normalize_maps(maps).cpu().numpy().astype(np.float32)
 
 
-def _grad_cam(classifier, batch: torch.Tensor, target: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (B, C) and normalized heat maps (B, S, S) for one preprocessed batch."""
-    model = classifier.model
-    with classifier.lock.write():
-        # Per module, not model.train(flag): a caller may keep e.g. frozen batch norms in eval inside a
-        # training model, and that mix must survive.
-        modes = [(module, module.training) for module in model.modules()]
-        requires_grad = [p.requires_grad for p in model.parameters()]
-        try:
-            # Eval mode: dropout off and batch norm on running statistics, so maps do not depend on the batch.
-            model.eval()
-            # Gradients are needed only with respect to activations: frozen weights keep the graph small,
-            # and an input that requires grad keeps the graph alive even when every weight is frozen.
-            for parameter in model.parameters():
-                parameter.requires_grad_(False)
-            with torch.inference_mode(False), torch.enable_grad():
-                inputs = batch.to(classifier.device).clone().requires_grad_(True)
-                with torch.no_grad():
-                    probabilities = torch.softmax(model(inputs).float(), dim=1)
-                if target is None:
-                    indices = probabilities.argmax(dim=1)
-                else:
-                    indices = torch.full((len(inputs),), classifier.classes.index(target), device=inputs.device)
-                # A tensor of per-sample indices makes captum select output[i, indices[i]] for row i; an
-                # int would explain the same class for every image.
-                cam = LayerGradCam(model, gradcam_layer(model))
-                attributions = cam.attribute(inputs, target=indices, relu_attributions=False)
-            maps = LayerAttribution.interpolate(attributions.detach().float(), tuple(inputs.shape[-2:]),
-                                                interpolate_mode="bilinear")
-            maps = F.relu(maps[:, 0])
-        finally:
-            for module, training in modes:
-                module.training = training
-            for parameter, flag in zip(model.parameters(), requires_grad):
-                parameter.requires_grad_(flag)
-    return probabilities.cpu().numpy(), _normalize(maps).cpu().numpy().astype(np.float32)
-
-
-def _normalize(maps: torch.Tensor) -> torch.Tensor:
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     """Per-map min–max scaling to [0, 1]; a constant map (no evidence anywhere) becomes zeros."""
     low = maps.amin(dim=(1, 2), keepdim=True)
     high = maps.amax(dim=(1, 2), keepdim=True)
@@ -158,8 +152,8 @@ def write_explanations(classifier, paths: Sequence[str | os.PathLike], out_dir: 
     taken: set[str] = set()
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        for file, explanation in zip(chunk, explain(classifier, [str(f) for f in chunk], target=target,
-                                                   batch_size=batch_size)):
+        for file, explanation in zip(chunk, classifier.explain([str(f) for f in chunk], target=target,
+                                                               batch_size=batch_size)):
             name = _unique_name(f"{_safe(file.stem)}_gradcam_{_safe(explanation.target)}", taken)
             buffer = io.BytesIO()
             gradcam_panel(explanation).save(buffer, format="PNG")

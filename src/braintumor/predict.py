@@ -1,26 +1,40 @@
-"""The Classifier API: one trained model, one preprocessing, used by the CLI, export, explain and serve."""
+"""The Classifier API: one model file, one preprocessing, used by the CLI, evaluate, explain and serve.
+
+A Classifier runs a :class:`~braintumor.checkpoint.ModelSpec`'s preprocessing and a backend
+(:mod:`braintumor.backends`: PyTorch, TorchScript or ONNX Runtime, chosen from the file's content). It owns reading
+the inputs and the lock that lets Grad-CAM (which hooks the shared network) run alone while plain forward passes
+run side by side.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from .backends import OnnxBackend, TorchBackend, open_model_file
+from .checkpoint import ModelSpec, resolve_checkpoint
+from .cpu_backends import load_openvino, resolve_auto_backend
 from .data import eval_transform
+from .devices import resolve_device
 from .errors import UserError
-from .images import IMAGE_EXTENSIONS, read_image
+from .explain import Explanation, grad_cam
+from .fingerprint import file_fingerprint
+from .formats import ONNX, model_format
+from .images import read_image
+from .inputs import ImageInput, describe_source, expand_inputs
+from .locking import ReadWriteLock
+from .model import gradcam_layer
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+# What --backend picks among: the file's own runtime ("torch": as before the CPU exports existed), a verified
+# CPU export beside a checkpoint ("auto"), or a runtime for an ONNX file ("onnx", "openvino").
 BACKENDS = ("torch", "onnx", "openvino", "auto")
+__all__ = ["BACKENDS", "Classifier", "ImageInput", "Prediction", "check_min_confidence", "describe_source",
+           "expand_inputs"]
 
 
 @dataclass
@@ -58,156 +72,81 @@ class Prediction:
                 "abstained": self.abstained}
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """First 12 hex digits of the file's SHA-256: tells two checkpoints apart at a glance."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded (recursively, sorted, hidden entries skipped) to their images."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            images = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not images:
-                raise UserError(f"no images found in folder {path}")
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UserError(f"file or folder not found: {path}")
-    return found
-
-
-class ReadWriteLock:
-    """Many readers (plain forward passes) or one writer (Grad-CAM); waiting writers go first."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 class Classifier:
-    """A trained classifier with its own preprocessing; thread-safe for concurrent ``predict`` calls."""
+    """A model with its own preprocessing on a backend; thread-safe for concurrent ``predict`` calls."""
 
-    def __init__(self, model: torch.nn.Module | None, *, classes: list[str], image_size: int,
-                 mean: list[float], std: list[float], arch: str, device: str | torch.device = "cpu",
-                 fingerprint: str = "", onnx_session: Any = None, source_path: str = "", tta: bool = False,
-                 trust: dict[str, Any] | None = None, min_confidence: float = 0.0):
-        self.classes = list(classes)
-        self.image_size = int(image_size)
-        self.mean = [float(v) for v in mean]
-        self.std = [float(v) for v in std]
-        self.arch = arch
-        self.device = torch.device(device)
+    def __init__(self, backend, spec: ModelSpec, *, fingerprint: str = "", source_path: str = "",
+                 tta: bool | None = None, min_confidence: float = 0.0):
+        self.runtime = backend  # TorchBackend, TorchScriptBackend or OnnxBackend
+        self.backend = backend.name
+        self.spec = spec
         self.fingerprint = fingerprint
         self.source_path = source_path
-        self.backend = "onnx" if onnx_session is not None else "torch"
-        self.tta = bool(tta)  # test-time augmentation: mean of the slice's and its mirror's probabilities
-        self.model = model.to(self.device).eval() if model is not None else None
-        self._onnx = onnx_session
-        self._transform = eval_transform(self.image_size, self.mean, self.std)
-        # Temperature scaling and the OOD detector (braintumor.trust), when fitted; absent: T = 1, no OOD check.
-        self.trust = trust or {}
-        self.temperature = float(self.trust.get("temperature", 1.0))
-        self.detector = None
-        self._scoring_net = None
-        if self.trust.get("ood") is not None and self.model is not None:
-            from .ood import MahalanobisDetector, ScoringNet
-
-            self.detector = MahalanobisDetector.from_state(self.trust["ood"]).to(self.device)
-            self._scoring_net = ScoringNet(self.model, self.detector).eval()
-        # An exported detector is the ONNX graph's second output; other runtimes' sessions may not list outputs.
-        outputs = getattr(onnx_session, "get_outputs", lambda: [])()
-        self.has_ood = self.detector is not None or len(outputs) > 1
+        self.tta = spec.tta if tta is None else bool(tta)  # the mean of the slice's and its mirror's probabilities
+        self.temperature = spec.temperature
+        self.has_ood = backend.has_ood
         self.min_confidence = check_min_confidence(min_confidence)
+        self._transform = eval_transform(spec.image_size, list(spec.mean), list(spec.std))
         # Grad-CAM hooks the shared model and changes its grad state: it holds this lock for writing, while
         # plain forward passes (any number at once) hold it for reading.
         self.lock = ReadWriteLock()
 
     @classmethod
+    def from_model(cls, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu",
+                   **options: Any) -> "Classifier":
+        """A Classifier over a PyTorch network in memory (with the spec's OOD detector, when fitted)."""
+        return cls(TorchBackend(model, device, spec.ood_state), spec, **options)
+
+    @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch",
                         tta: bool | None = None) -> "Classifier":
-        """Load a ``.pt`` checkpoint (torch backend), an exported ``.onnx`` file (onnx or openvino backend), a run
-        folder, or "reference" (the model shipped with braintumor). ``tta`` overrides the model's stored TTA setting.
+        """Load a checkpoint, a TorchScript or ONNX export (told apart by content), a run folder, or "reference"
+        (the model shipped with braintumor). ``tta`` overrides the model's stored TTA setting.
 
-        ``auto``: an ``.onnx`` file runs on onnxruntime; a checkpoint runs on the fastest CPU export beside it that
-        passed its accuracy check (see ``braintumor.cpu_backends``), else on PyTorch.
+        ``backend``: "torch" runs the file on its own runtime; "auto" also looks beside a checkpoint for the fastest
+        CPU export that passed its accuracy check (see ``braintumor.cpu_backends``); "onnx" and "openvino" need an
+        ONNX export and run it on ONNX Runtime or OpenVINO.
         """
-        if backend not in BACKENDS:
-            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        path = resolve_checkpoint(path)
+        path, runtime = resolve_checkpoint(path), backend
+        if runtime not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {runtime!r}")
         device = resolve_device(device)
-        if backend == "auto":
-            backend = "onnx" if path.suffix.lower() == ".onnx" else "torch"
-            if backend == "torch" and device.type == "cpu" and path.is_file():
-                from .cpu_backends import resolve_auto_backend
-
-                found = resolve_auto_backend(path)
-                if found is not None:
-                    path, backend = found
-        if backend == "openvino":
-            from .cpu_backends import load_openvino
-
+        if runtime == "auto" and device.type == "cpu" and model_format(path) != ONNX:
+            path, runtime = resolve_auto_backend(path) or (path, "torch")
+        if runtime in ("onnx", "openvino") and model_format(path) != ONNX:
+            raise UserError(f"--backend {runtime} runs ONNX exports, and {path} is not one; export it with "
+                            f"`braintumor export {path} --format onnx`, or use --backend torch")
+        if runtime == "openvino":
             session, meta = load_openvino(path)
-            classifier = cls(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
-                             std=meta["std"], arch=meta["arch"], fingerprint=file_fingerprint(path),
-                             onnx_session=session, source_path=str(path),
-                             tta=meta.get("tta", False) if tta is None else tta)
-            classifier.backend = "openvino"
-            return classifier
-        if backend == "onnx" or path.suffix.lower() == ".onnx":
-            from .export import load_onnx_session
+            opened = OnnxBackend(session, name="openvino"), ModelSpec.from_dict(meta)
+        else:
+            opened = open_model_file(path, device)
+        return cls(*opened, fingerprint=file_fingerprint(path), source_path=str(path), tta=tta)
 
-            session, meta = load_onnx_session(path)
-            return cls(None, classes=meta["classes"], image_size=meta["image_size"], mean=meta["mean"],
-                       std=meta["std"], arch=meta["arch"], fingerprint=file_fingerprint(path),
-                       onnx_session=session, source_path=str(path),
-                       tta=meta.get("tta", False) if tta is None else tta, trust=meta.get("trust"))
-        ckpt = load_checkpoint(path)
-        return cls(model_from_checkpoint(ckpt, path), classes=ckpt["classes"], image_size=ckpt["image_size"],
-                   mean=ckpt["mean"], std=ckpt["std"], arch=ckpt["arch"], device=device,
-                   fingerprint=file_fingerprint(path), source_path=str(path),
-                   tta=bool(ckpt.get("tta", False)) if tta is None else tta, trust=ckpt.get("trust"))
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The PyTorch network (None for exports: they have no Grad-CAM and no feature access)."""
+        return self.runtime.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def detector(self):
+        """The fitted OOD detector in PyTorch (None without one, or on an export)."""
+        return getattr(self.runtime, "detector", None)
+
+    @property
+    def trust(self) -> dict[str, Any]:
+        """What ``braintumor calibrate`` fitted (temperature, OOD statistics, fit summary); empty when nothing."""
+        return self.spec.trust or {}
+
+    classes = property(lambda self: list(self.spec.classes), doc="The class names, in output order.")
+    image_size = property(lambda self: self.spec.image_size, doc="The network's input size in pixels.")
+    mean = property(lambda self: list(self.spec.mean), doc="Normalisation mean per channel.")
+    std = property(lambda self: list(self.spec.std), doc="Normalisation standard deviation per channel.")
+    arch = property(lambda self: self.spec.arch, doc="The network's architecture name.")
 
     def describe(self) -> dict[str, Any]:
         """What the model is, for reports and the web page."""
@@ -218,9 +157,9 @@ class Classifier:
 
     def set_image_size(self, size: int) -> None:
         """Run the network at another input size (ResNets pool globally; for measuring, e.g. larger than trained)."""
-        if self._onnx is not None and size != self.image_size:
+        if self.runtime.fixed_size and size != self.image_size:
             raise UserError("an ONNX export runs at its exported size; use the .pt checkpoint to change it")
-        self.image_size = int(size)
+        self.spec = self.spec.replace(image_size=int(size))
         self._transform = eval_transform(self.image_size, self.mean, self.std)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -231,24 +170,16 @@ class Classifier:
         """Any supported input (path, bytes, PIL image) as an RGB image."""
         return read_image(item)
 
-    @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw logits (B, C) and OOD scores (B,) (None without a detector) for a preprocessed batch (B, 3, S, S)."""
-        if self._onnx is not None:
-            outputs = self._onnx.run(None, {self._onnx.get_inputs()[0].name: batch.numpy().astype(np.float32)})
-            return outputs[0], (outputs[1] if len(outputs) > 1 else None)
         with self.lock.read():
-            if self._scoring_net is not None:
-                logits, scores = self._scoring_net(batch.to(self.device))
-                return logits.float().cpu().numpy(), scores.float().cpu().numpy()
-            return self.model(batch.to(self.device)).float().cpu().numpy(), None
+            return self.runtime.run(batch)
 
     def calibrated(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Softmax of logits divided by the fitted temperature (or ``temperature``), (B, C)."""
         temperature = self.temperature if temperature is None else temperature
         return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temperature, dim=1).numpy()
 
-    @torch.inference_mode()
     def infer_views(self, batch: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Logits of each test-time view (the batch, and its mirror when ``tta``) and the batch's OOD scores."""
         if not self.tta:
@@ -281,10 +212,11 @@ class Classifier:
     def predict_batch(self, batch: torch.Tensor, sources: list[str]) -> list[Prediction]:
         """Predictions for a preprocessed batch (B, 3, S, S), one per source name."""
         views, scores = self.infer_views(batch)
-        return [self._prediction(source, row, None if scores is None else scores[k])
+        return [self.prediction(source, row, None if scores is None else scores[k])
                 for k, (source, row) in enumerate(zip(sources, self.probabilities(views)))]
 
-    def _prediction(self, source: str, row: np.ndarray, ood_score: float | None = None) -> Prediction:
+    def prediction(self, source: str, row: np.ndarray, ood_score: float | None = None) -> Prediction:
+        """The Prediction for one row of probabilities (C,) and its OOD score."""
         index = int(np.argmax(row))
         return Prediction(source=source, label=self.classes[index], index=index,
                           probabilities={name: float(p) for name, p in zip(self.classes, row)},
@@ -292,11 +224,33 @@ class Classifier:
                           out_of_distribution=None if ood_score is None else bool(ood_score > 1.0),
                           abstained=bool(row[index] < self.min_confidence))
 
-    def explain(self, x: ImageInput | list[ImageInput], target: str | None = None):
-        """Grad-CAM heat maps for one input or a list (see ``braintumor.explain``)."""
-        from .explain import explain
-
-        return explain(self, x, target=target)
+    def explain(self, x: ImageInput | list[ImageInput], target: str | None = None,
+                batch_size: int = 16) -> Explanation | list[Explanation]:
+        """Grad-CAM for one input (an Explanation) or a list (a list, same order); ``target`` is a class name, or
+        None to explain each image's predicted class. Needs the PyTorch backend."""
+        if self.model is None:
+            raise UserError("Grad-CAM needs gradients: load the PyTorch checkpoint (.pt), not an ONNX or "
+                            "TorchScript export")
+        if target is not None and target not in self.classes:
+            raise UserError(f"unknown class {target!r} for --class; this model's classes are: "
+                            f"{', '.join(self.classes)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        single = not isinstance(x, (list, tuple))
+        items = [x] if single else list(x)
+        results: list[Explanation] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            images = [self.load(item).convert("RGB") for item in chunk]
+            batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+            targets = None if target is None else [self.classes.index(target)] * len(chunk)
+            with self.lock.write():
+                probabilities, heatmaps = grad_cam(self.model, gradcam_layer(self.model), batch, targets)
+            size = (self.image_size, self.image_size)
+            results.extend(Explanation.of(describe_source(item), self.classes, row, heatmap,
+                                          image.resize(size, Image.BILINEAR), None if target is None else targets[0])
+                           for item, image, row, heatmap in zip(chunk, images, probabilities, heatmaps))
+        return results[0] if single else results
 
 
 def check_min_confidence(value: float) -> float:
@@ -305,24 +259,3 @@ def check_min_confidence(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise UserError(f"--min-confidence must be between 0 and 1, got {value}")
     return value
-
-
-def describe_source(item: ImageInput) -> str:
-    """A short printable name for an input."""
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
-    if isinstance(item, bytes):
-        return f"<{len(item)} bytes>"
-    return "<image>"
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' → CUDA when available else CPU; asking for CUDA without one is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda") from err

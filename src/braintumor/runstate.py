@@ -1,18 +1,17 @@
 """What a run folder says about how far a run got, and repairs after a crash at any write boundary.
 
 A run writes, per epoch: ``metrics.jsonl`` (the history so far, also stored in the checkpoint), then ``last.pt``,
-then (when validation improved) ``best.pt`` as a link to it; after the last epoch, the report, ``report.json``
+then (when validation improved) ``best.pt`` (its weights and spec); after the last epoch, the report, ``report.json``
 last. A kill between any two of these leaves a state this module recognises and repairs on resume: a stale
-``best.pt`` is relinked, metrics are taken from the checkpoint, a missing report is made, temp files removed.
+``best.pt`` is rewritten, metrics are taken from the checkpoint, a missing report is made, temp files removed.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import publish_copy
+from .checkpoint import load_checkpoint, save_inference_checkpoint
 from .errors import UserError
 
 # Options that may differ on --resume: they change neither the model, nor the optimizer, nor the data order.
@@ -46,15 +45,23 @@ def check_resume_overrides(saved: dict[str, Any], overrides: dict[str, Any], run
 
 
 def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:
-    """Relink best.pt when the kill came between writing last.pt and linking it as the new best."""
-    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    """Rewrite best.pt from last.pt when the kill came between writing last.pt and best.pt of a new best epoch."""
+    best = run_dir / "best.pt"
     best_epoch = ckpt.get("best_epoch")
     if best_epoch is not None and best_epoch == ckpt.get("epoch"):
-        if not best.exists() or not os.path.samefile(last, best):
-            publish_copy(last, best)
+        if not best.exists() or _epoch_of(best) != best_epoch:
+            save_inference_checkpoint(ckpt, best)
     elif not best.exists():
         raise UserError(f"{best} is missing and cannot be rebuilt (its epoch {best_epoch} is no longer "
                         f"last.pt); start a new run")
+
+
+def _epoch_of(path: Path) -> int | None:
+    """The epoch a checkpoint file was written at (None when unreadable: it is rewritten)."""
+    try:
+        return load_checkpoint(path).get("epoch")
+    except UserError:
+        return None
 
 
 def report_is_current(run_dir: Path) -> bool:

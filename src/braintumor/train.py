@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, runstate
 from .atomic import atomic_write
-from .checkpoint import load_checkpoint, publish_copy, save_checkpoint
+from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_inference_checkpoint
 from .config import TrainConfig, field_names, write_config
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distill import Teacher, distillation_loss
@@ -32,7 +32,7 @@ from .loaders import SplitData, build_batches, prepare_split
 from .model import build_model, forward_probabilities
 from .optim import Ranger
 from .optim.ranger_compiled import CompiledRanger
-from .predict import resolve_device
+from .devices import resolve_device
 from .train_step import choose_step_mode, pad_batch, wrap_network
 from .tensorboard_log import open_log
 
@@ -260,11 +260,11 @@ class Trainer:
         return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
     def checkpoint_payload(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = ModelSpec(arch=self.cfg.arch, classes=self.classes, image_size=self.cfg.inference_image_size,
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD, tta=bool(self.cfg.tta))
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
-                   "classes": self.classes, "image_size": self.cfg.inference_image_size,
-                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": self.cfg.arch,
-                   "tta": bool(self.cfg.tta), "config": self.cfg.to_dict(),
+                   **spec.to_dict(), "config": self.cfg.to_dict(),
                    "best_val_accuracy": self.best_val_accuracy, "best_epoch": self.best_epoch,
                    "history": [dict(row) for row in history]}
         if self.ema is not None:  # inference (model_from_checkpoint) uses these weights
@@ -316,9 +316,10 @@ class Trainer:
                 # between any two of these writes on resume.
                 history.append(row)
                 write_metrics(log_path, history)
-                save_checkpoint(self.checkpoint_payload(epoch + 1, history), self.run_dir / "last.pt")
-                if improved:  # the same bytes: link rather than serialize and write them a second time
-                    publish_copy(self.run_dir / "last.pt", self.run_dir / "best.pt")
+                payload = self.checkpoint_payload(epoch + 1, history)
+                save_checkpoint(payload, self.run_dir / "last.pt")
+                if improved:  # best.pt: the validated weights and the spec only, for inference
+                    save_inference_checkpoint(payload, self.run_dir / "best.pt")
                 plot_training_curves(history, self.run_dir / "training_curves.png")
                 if board is not None:
                     board.log_epoch(row)
@@ -346,7 +347,7 @@ class Trainer:
         trust = fit_trust(self.run_dir / "best.pt", self.split.train_paths, self.split.train_labels,
                           self.split.val_paths, self.split.val_labels, device=str(self.device),
                           batch_size=self.cfg.batch_size, workers=self.cfg.workers)
-        store_trust(self.run_dir / "best.pt", trust)  # replaces the hard link: last.pt stays as trained
+        store_trust(self.run_dir / "best.pt", trust)  # last.pt stays as trained
         print(f"fitted into best.pt: {describe_trust(trust)}", flush=True)
 
         extra = {"validation data": self.split.val_source,

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .calibration import fit_temperature, softmax
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import ImageFolderDataset
 from .errors import UserError
 from .metrics import expected_calibration_error
@@ -101,9 +101,7 @@ def fit_trust_for_checkpoint(checkpoint: str | os.PathLike, *, data: str | None 
     from .config import TrainConfig, field_names
     from .loaders import prepare_split
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / ("best.pt" if (path / "best.pt").is_file() else "last.pt")
+    path = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(path)
     values = {k: v for k, v in (ckpt.get("config") or {}).items() if k in field_names()}
     if data:

@@ -311,6 +311,42 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
                               f"multi-frame DICOM) slice by slice. {RESEARCH_NOTE}")
     app.state.analyzer = analyzer
     app.state.limiter = None  # made on first use: it belongs to the running event loop
+    _add_pages(app)
+
+    @app.get("/api/model", summary="The loaded model and the upload limits")
+    async def model() -> dict:
+        return {**classifier.describe(), "note": RESEARCH_NOTE, "gradcam": classifier.model is not None,
+                "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files}}
+
+    @app.post("/api/predict", summary="Classify one or more slices", openapi_extra=_predict_openapi(max_files))
+    async def predict(
+        request: Request,
+        explain: bool = Query(False, description="add a Grad-CAM overlay PNG (base64) per file"),
+        preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
+        target: str | None = Query(None, description="class explained by Grad-CAM (default: the predicted one)"),
+    ) -> dict:
+        """Predicted class and per-class probabilities for each file in the multipart field ``files``."""
+        if target is not None and target not in classifier.classes:
+            raise HTTPException(422, f"unknown target class {target!r}; choose one of {', '.join(classifier.classes)}")
+        uploads = await read_uploads(request, max_file_bytes, max_files)
+        if app.state.limiter is None:
+            app.state.limiter = anyio.CapacityLimiter(threads)
+            # Uploads that decode to large images take a lane of their own: one thread, at a lower CPU priority,
+            # so they can neither occupy the threads that ordinary requests need nor crowd out their CPU time.
+            app.state.large_lane = ThreadPoolExecutor(1, thread_name_prefix="large-decode",
+                                                      initializer=_nice_this_thread)
+        images, volumes = await _decode_uploads(app, analyzer, uploads)
+
+        def work() -> dict:
+            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images, volumes=volumes)
+
+        return await anyio.to_thread.run_sync(work, limiter=app.state.limiter)
+
+    return app
+
+
+def _add_pages(app: FastAPI) -> None:
+    """Security headers on every response; the page, its static files, the offline API docs, /api/health."""
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -338,49 +374,25 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/api/model", summary="The loaded model and the upload limits")
-    async def model() -> dict:
-        return {**classifier.describe(), "note": RESEARCH_NOTE, "gradcam": classifier.model is not None,
-                "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files}}
 
-    @app.post("/api/predict", summary="Classify one or more slices", openapi_extra=_predict_openapi(max_files))
-    async def predict(
-        request: Request,
-        explain: bool = Query(False, description="add a Grad-CAM overlay PNG (base64) per file"),
-        preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
-        target: str | None = Query(None, description="class explained by Grad-CAM (default: the predicted one)"),
-    ) -> dict:
-        """Predicted class and per-class probabilities for each file in the multipart field ``files``."""
-        if target is not None and target not in classifier.classes:
-            raise HTTPException(422, f"unknown target class {target!r}; choose one of {', '.join(classifier.classes)}")
-        uploads = await read_uploads(request, max_file_bytes, max_files)
-        if app.state.limiter is None:
-            app.state.limiter = anyio.CapacityLimiter(threads)
-            # Uploads that decode to large images take a lane of their own: one thread, at a lower CPU priority,
-            # so they can neither occupy the threads that ordinary requests need nor crowd out their CPU time.
-            app.state.large_lane = ThreadPoolExecutor(1, thread_name_prefix="large-decode",
-                                                      initializer=_nice_this_thread)
-        images, volumes = [], []
-        for upload in uploads:
-            volume = await anyio.to_thread.run_sync(analyzer.read_volume, upload, limiter=app.state.limiter)
-            volumes.append(volume)
-            if volume is not None:
-                images.append(None)
-                continue
-            cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
-            if cost > LARGE_DECODE_BYTES:
-                image = await asyncio.get_running_loop().run_in_executor(
-                    app.state.large_lane, analyzer.decode, upload, cost)
-            else:
-                image = await anyio.to_thread.run_sync(analyzer.decode, upload, cost, limiter=app.state.limiter)
-            images.append(image)
-
-        def work() -> dict:
-            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images, volumes=volumes)
-
-        return await anyio.to_thread.run_sync(work, limiter=app.state.limiter)
-
-    return app
+async def _decode_uploads(app: FastAPI, analyzer: Analyzer, uploads: list[Upload]) -> tuple[list, list]:
+    """(images, volumes), one entry each per upload (None where the other applies), decoded in worker threads;
+    uploads estimated to decode large go through the app's single low-priority lane."""
+    images, volumes = [], []
+    for upload in uploads:
+        volume = await anyio.to_thread.run_sync(analyzer.read_volume, upload, limiter=app.state.limiter)
+        volumes.append(volume)
+        if volume is not None:
+            images.append(None)
+            continue
+        cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
+        if cost > LARGE_DECODE_BYTES:
+            image = await asyncio.get_running_loop().run_in_executor(app.state.large_lane, analyzer.decode,
+                                                                     upload, cost)
+        else:
+            image = await anyio.to_thread.run_sync(analyzer.decode, upload, cost, limiter=app.state.limiter)
+        images.append(image)
+    return images, volumes
 
 
 def _nice_this_thread() -> None:
