@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ImageFolderDataset, discover, report_unsupported
-from .loaders import drop_bad_files
+from .data.index import discover, drop_bad_files, report_unsupported
+from .data.pipeline import ImageFolderDataset
 from .metrics import compute_metrics
 from .predict import Classifier
 from .report import plot_roc_curves, write_report

@@ -23,12 +23,13 @@ from . import distributed, runstate
 from .atomic import atomic_write
 from .checkpoint import load_checkpoint, publish_copy, save_checkpoint
 from .config import TrainConfig, field_names, write_config
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data.index import SplitData, prepare_split
+from .data.pipeline import build_batches
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .distill import Teacher, distillation_loss
 from .ema import ModelEma
 from .errors import UserError
 from .figures import plot_training_curves
-from .loaders import SplitData, build_batches, prepare_split
 from .model import build_model, forward_probabilities
 from .optim import Ranger
 from .optim.ranger_compiled import CompiledRanger

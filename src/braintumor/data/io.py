@@ -205,7 +205,7 @@ def _check_byte_budget(width: int, height: int, mode: str, label: str) -> None:
     if needed > MAX_DECODED_BYTES:
         raise ImageReadError(label, f"too large: {width}x{height} pixels of mode {mode} decode to "
                                     f"{needed / 2**20:.0f} MiB, over the limit of {MAX_DECODED_BYTES // 2**20} MiB "
-                                    "per image (braintumor.images.MAX_DECODED_BYTES)")
+                                    "per image (braintumor.data.io.MAX_DECODED_BYTES)")
 
 
 def _shrink_factor(width: int, height: int) -> int:
