@@ -218,18 +218,23 @@ def test_cached_batches_without_augmentation_normalize_in_order():
 
 
 @pytest.mark.parametrize("n, world_size", [(23, 3), (10, 4), (3, 4), (12, 2)])
-def test_sharding_matches_distributed_sampler_and_covers_every_sample(n, world_size):
-    seen = []
+def test_sharding_pads_like_distributed_sampler_and_covers_every_sample(n, world_size):
+    seen, order = [], shard_indices(n, shuffle=True, seed=4, epoch=2)  # one rank: the epoch's permutation
+    assert sorted(order.tolist()) == list(range(n))
     for rank in range(world_size):
-        sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=4)
-        sampler.set_epoch(2)
+        # Unshuffled, the padding and the rank-strided shards are DistributedSampler's.
+        sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False)
+        assert shard_indices(n, shuffle=False, seed=4, epoch=2, rank=rank, world_size=world_size).tolist() == list(sampler)
         ours = shard_indices(n, shuffle=True, seed=4, epoch=2, rank=rank, world_size=world_size)
-        assert ours.tolist() == list(sampler)
+        # Shuffled, every rank shards the same permutation.
+        padded = torch.cat([order, order.repeat(world_size)])[: -(-n // world_size) * world_size]
+        assert ours.tolist() == padded[rank::world_size].tolist()
 
         loader = CachedBatches(cached_images(n), list(range(n)), 4, shuffle=True, seed=4, rank=rank,
                                world_size=world_size, augment=True, rotation=5.0)
         loader.set_epoch(2)
         labels = torch.cat([y for _, y in loader]).tolist()
+    assert not torch.equal(order, shard_indices(n, shuffle=True, seed=4, epoch=3)) or n < 4
         assert labels == ours.tolist() and len(labels) == -(-n // world_size)
         seen += labels
     assert set(seen) == set(range(n))

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,6 +32,7 @@ from .model import build_model, forward_probabilities
 from .optim import Ranger
 from .optim.ranger_compiled import CompiledRanger
 from .predict import resolve_device
+from .seeding import seed_epoch
 from .train_step import choose_step_mode, pad_batch, wrap_network
 from .tensorboard_log import open_log
 
@@ -83,23 +82,6 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         return max(0.0, 1.0 - progress)  # onecycle: linear decay after the warm-up peak
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly."""
-    value = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and ints only, so the checkpoint loads with weights_only=True."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 class Trainer:
@@ -262,7 +244,7 @@ class Trainer:
 
     def checkpoint_payload(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
+                   "scheduler": self.scheduler.state_dict(), "epoch": epoch,
                    "classes": self.classes, "image_size": self.cfg.inference_image_size,
                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "arch": self.cfg.arch,
                    "tta": bool(self.cfg.tta), "config": self.cfg.to_dict(),

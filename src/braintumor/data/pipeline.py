@@ -9,10 +9,9 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 
 from braintumor.augment import Augmentation
 from braintumor.config import TrainConfig
@@ -23,6 +22,7 @@ from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_bat
                                         normalize_batch, train_transform)
 from braintumor.distributed import DistInfo, broadcast_object
 from braintumor.errors import UserError
+from braintumor.seeding import derive_seed
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -50,32 +50,52 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return image, self.labels[index]
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """A DataLoader sampler over :func:`shard_indices`: the cached path's order and sharding, for the loader path."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int, pad: bool):
+        self.n, self.shuffle, self.seed, self.pad = n, shuffle, seed, pad
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _indices(self) -> torch.Tensor:
+        return shard_indices(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size, pad=self.pad)
+
+    def __iter__(self):
+        return iter(self._indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
 class LoaderBatches:
-    """The DataLoader path: PIL decode + CPU transforms in workers, sharded like DistributedSampler."""
+    """The DataLoader path: PIL decode + CPU transforms in workers, ordered and sharded by :func:`shard_indices`.
+
+    Training pads every rank's shard to the same length (as DistributedSampler does); evaluation
+    (``training=False``) gives every sample exactly once over all ranks.
+    """
 
     def __init__(self, paths, labels, *, transform, batch_size: int, shuffle: bool, seed: int, workers: int,
                  dist: DistInfo, pin_memory: bool, training: bool, transform_for_size=None):
         dataset = ImageFolderDataset(paths, labels, transform)
         self.dataset = dataset
         self.transform_for_size = transform_for_size
-        if training:
-            self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
-                                              shuffle=shuffle, seed=seed)
-            source = dataset
-        else:  # evaluation: every sample exactly once over all ranks, no padding duplicates
-            self.sampler = None
-            source = Subset(dataset, list(range(dist.rank, len(dataset), dist.world_size)))
-        self.loader = DataLoader(source, batch_size=batch_size, sampler=self.sampler, shuffle=False,
+        self.sampler = ShardSampler(len(dataset), shuffle=shuffle, seed=seed, rank=dist.rank,
+                                    world_size=dist.world_size, pad=training)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False,
                                  num_workers=workers, pin_memory=pin_memory,
                                  drop_last=training and drop_partial_batch(len(dataset), batch_size, dist))
         self.seed = seed
+        self.rank = dist.rank
 
     def set_epoch(self, epoch: int) -> None:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         # Workers (started afresh each epoch) seed their RNGs from this generator, so augmentations depend
-        # on (seed, epoch) alone and a resumed run sees the same images as an uninterrupted one.
-        self.loader.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # on (seed, epoch, rank) alone and a resumed run sees the same images as an uninterrupted one.
+        self.loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, "loader"))
 
     def set_image_size(self, size: int | None) -> None:
         """Build batches at ``size`` from the next epoch on (progressive resizing; workers start each epoch)."""
@@ -140,14 +160,15 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
 def shard_indices(
     n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True
 ) -> torch.Tensor:
-    """This rank's sample indices for an epoch, as torch's DistributedSampler (drop_last=False) picks them.
+    """This rank's sample indices for an epoch, sharded as torch's DistributedSampler (drop_last=False) does.
 
-    The permutation comes from a CPU generator seeded with seed + epoch; with ``pad`` the list is extended by
+    The permutation is shared by all ranks: a CPU generator seeded with ``derive_seed(seed, epoch, 0, "shuffle")``.
+    With ``pad`` the list is extended by
     wrapping around so every rank gets ceil(n / world_size) samples, then rank r takes every world_size-th
     index from r. Without ``pad`` ranks get uneven shards and every sample exactly once (for evaluation).
     """
     if shuffle:
-        generator = torch.Generator().manual_seed(int(seed) + int(epoch))
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, "shuffle"))
         order = torch.randperm(n, generator=generator)
     else:
         order = torch.arange(n)
@@ -158,18 +179,12 @@ def shard_indices(
     return order[rank::world_size]
 
 
-def _augment_seed(seed: int, epoch: int, rank: int) -> int:
-    # SeedSequence mixes (seed, epoch, rank) into independent streams; 63 bits fit manual_seed on every device.
-    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(epoch), int(rank)]).generate_state(1, np.uint64)
-    return int(state[0]) & (2**63 - 1)
-
-
 class CachedBatches:
     """Batches (float32 images, int64 labels) on ``device`` from a decoded uint8 cache (N, 3, S, S).
 
-    Each epoch (``set_epoch``) shuffles with a generator seeded by seed + epoch and shards across DDP ranks as
-    DistributedSampler does (padding by wrap-around unless ``pad=False``). With ``augment`` every batch is
-    flipped/rotated by :func:`augment_batch` from a generator seeded by (seed, epoch, rank), so a run is
+    Each epoch (``set_epoch``) is ordered and sharded across DDP ranks by :func:`shard_indices` (padding by
+    wrap-around unless ``pad=False``). With ``augment`` every batch is flipped/rotated by :func:`augment_batch`
+    from a generator seeded by ``derive_seed(seed, epoch, rank, "augment")``, so a run is
     deterministic for a seed and resumes identically at an epoch boundary; otherwise batches are only normalized.
     ``drop_last`` drops this rank's last incomplete batch. A CPU cache feeding a CUDA device is gathered into
     pinned memory and copied asynchronously.
@@ -258,7 +273,7 @@ class CachedBatches:
         generator = None
         if self.augment:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(_augment_seed(self.seed, self.epoch, self.rank))
+            generator.manual_seed(derive_seed(self.seed, self.epoch, self.rank, "augment"))
         for batch_number in range(len(self)):
             index = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
             images, labels = self._gather(index)
