@@ -15,6 +15,7 @@ import os
 import sqlite3
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def _compute_record(path: str) -> dict:
         image = read_image(path)
     except ImageReadError as error:
         return {"error": error.reason}
+    return record_from_image(path, image)
+
+
+def record_from_image(path, image: Image.Image) -> dict:
+    """The hash record of a file from its decoded image (:func:`braintumor.data.io.read_image`'s RGB image)."""
     try:
         with Image.open(path) as original:  # reads the header only
             width, height, mode = *original.size, original.mode
@@ -135,11 +141,13 @@ def _memory_cache(path: Path, error: Exception) -> sqlite3.Connection:
     return db
 
 
-def hash_files(paths, *, cache_dir=None, progress: bool = False) -> tuple[list[dict], dict]:
+def hash_files(paths, *, cache_dir=None, progress: bool = False,
+                compute: Callable[[str], dict] | None = None) -> tuple[list[dict], dict]:
     """Per-file records (``exact``, ``phash``, size, mode, or ``error``) in input order, and cache stats.
 
     Records are cached by (absolute path, size, mtime_ns); missing ones are computed in threads (PIL
-    decodes and resizes without the GIL, and threads need no pickling).
+    decodes and resizes without the GIL, and threads need no pickling) by ``compute`` (absolute path ->
+    record; by default decode and hash), which lets a caller keep what it decoded.
     """
     keys, records = {}, {}
     for path in paths:
@@ -163,7 +171,7 @@ def hash_files(paths, *, cache_dir=None, progress: bool = False) -> tuple[list[d
             db = _memory_cache(cache_path, error)
         missing = [name for name in names if name not in records]
         with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
-            results = pool.map(_compute_record, missing)
+            results = pool.map(compute or _compute_record, missing)
             if progress and missing:
                 from tqdm import tqdm
 

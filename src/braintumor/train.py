@@ -97,7 +97,10 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.show_progress = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         # Rank 0 checks the files and splits (hashing for duplicate groups once, not once per rank).
-        self.split: SplitData = distributed.run_on_main(lambda: prepare_split(cfg, self.show_progress), self.dist)
+        # It also picks the data cache for every rank and, in a single process, keeps what it decoded.
+        self.split: SplitData = distributed.run_on_main(
+            lambda: prepare_split(cfg, self.show_progress, device=self.device, keep_images=not self.dist.enabled),
+            self.dist)
         self.classes = self.split.classes
         if resume_from is not None and resume_from["classes"] != self.classes:
             raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")

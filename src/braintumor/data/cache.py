@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from braintumor.data.io import read_image
+from braintumor.data.transforms import resize_to_uint8
 from braintumor.errors import UserError
 
 CACHE_MODES = ("auto", "none", "memory", "gpu")
@@ -155,6 +157,14 @@ def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.resize(images.contiguous(), [image_size, image_size], antialias=True)
 
 
+def _resize_like_eval(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, S, S) by the evaluation preprocessing's own resize (PIL's), so that the CPU cache
+    holds exactly the pixels evaluation computes from the same file."""
+    if image.shape[-2:] == (image_size, image_size):
+        return image
+    return resize_to_uint8(Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())), image_size)
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -187,9 +197,11 @@ def decode_to_tensor(
     read_image, which raises ImageReadError for unreadable files. With ``pin_memory`` and a CPU ``device`` the
     result is in page-locked memory (when CUDA is available) for fast asynchronous copies to the GPU.
 
-    Pixels match the PIL pipeline (read_image + eval_transform's Resize) within 1 grey level for gray-content
-    JPEGs and PNGs (measured on an H200 for nvjpeg too); for colour JPEGs with chroma subsampling nvjpeg's chroma
-    upsampling differs from libjpeg's, which can move strongly coloured edges by more.
+    On the CPU the pixels are those of the evaluation preprocessing (read_image, then eval_transform's resize):
+    torchvision decodes only the files it decodes to read_image's pixels, and images are resized by the same PIL
+    resize. On CUDA, images are resized on the GPU (torch's antialiased bilinear), within 1 grey level of that
+    for gray-content JPEGs and PNGs (measured on an H200 for nvjpeg too); for colour JPEGs with chroma
+    subsampling nvjpeg's chroma upsampling differs from libjpeg's, which can move strongly coloured edges by more.
     """
     device = torch.device(device)
     paths = [Path(p) for p in paths]
@@ -202,7 +214,7 @@ def decode_to_tensor(
 
     def decode_cpu_resized(index: int, data: bytes | None = None) -> None:
         raw = _read_bytes(paths[index]) if data is None else data
-        out[index].copy_(_resize(_decode_cpu(raw, paths[index]), shape[-1]))
+        out[index].copy_(_resize_like_eval(_decode_cpu(raw, paths[index]), shape[-1]))
 
     with ThreadPoolExecutor(max_workers=workers) as pool, _progress_bar(len(paths), progress) as bar:
         if device.type != "cuda":

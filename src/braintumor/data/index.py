@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from braintumor.config import TrainConfig
-from braintumor.dedup import duplicate_groups
-from braintumor.data.io import IMAGE_EXTENSIONS, find_bad_images, unsupported_type_reason
+from braintumor.data.cache import choose_cache
+from braintumor.data.scan import scan_files
+from braintumor.dedup import DEFAULT_THRESHOLD, group_ids
+from braintumor.data.io import IMAGE_EXTENSIONS, unsupported_type_reason
 from braintumor.errors import UserError
 from braintumor.groups import find_groups, merge_groups
 
@@ -209,7 +212,12 @@ def stratified_split(
 
 @dataclass
 class SplitData:
-    """Which files train and which validate, with the class list and any skipped bad files."""
+    """Which files train and which validate, with the class list and any skipped bad files.
+
+    ``cache_mode`` is where batches come from (:func:`braintumor.data.cache.choose_cache`); when the scan kept the
+    images decoded, ``train_images`` (at the training size) and ``val_images`` (at the inference size) hold them
+    as uint8 (N, 3, S, S), in the order of the paths.
+    """
 
     classes: list[str]
     train_paths: list[Path]
@@ -219,38 +227,38 @@ class SplitData:
     val_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     duplicate_groups_split: bool = False
+    cache_mode: str = "none"
+    train_images: torch.Tensor | None = None
+    val_images: torch.Tensor | None = None
 
 
-def drop_bad_files(paths: list[Path], labels: list[int], root: str, skip_bad: bool, progress: bool,
-                   ) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
-    """Decode every file once; stop with one message listing bad files, or drop them with ``skip_bad``."""
-    bad = find_bad_images(paths, progress=progress)
+def keep_readable(paths: Sequence[Path], errors: Sequence[str | None], root: str | os.PathLike, skip_bad: bool,
+                  ) -> tuple[list[int], list[tuple[str, str]]]:
+    """Indices of the readable files and (path, reason) of the others; without ``skip_bad`` any bad file stops
+    the run with one message listing them."""
+    bad = [(str(path), reason) for path, reason in zip(paths, errors) if reason is not None]
     if bad and not skip_bad:
         listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:MAX_LISTED_BAD_FILES])
         more = f"; and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
         raise UserError(f"{len(bad)} unreadable image(s) in {root}: {listed}{more}. Fix or remove them, "
                         "or rerun with --skip-bad to skip them (they are then listed in the run's report)")
-    bad_set = {Path(path) for path, _ in bad}
-    kept = [(p, y) for p, y in zip(paths, labels) if p not in bad_set]
-    return [p for p, _ in kept], [y for _, y in kept], [(str(p), reason) for p, reason in bad]
+    return [i for i, reason in enumerate(errors) if reason is None], bad
 
 
-def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
-    """Discover the data, check every file, and split (grouping duplicates) unless --val is given."""
-    index = discover(cfg.data)
-    paths, labels, skipped = drop_bad_files(index.paths, index.labels, cfg.data, cfg.skip_bad, progress)
-    skipped += report_unsupported(cfg.data)
-    if cfg.val:
-        val_index = discover(cfg.val, classes=index.classes)
-        val_paths, val_labels, val_skipped = drop_bad_files(val_index.paths, val_index.labels, cfg.val,
-                                                            cfg.skip_bad, progress)
-        val_skipped += report_unsupported(cfg.val)
-        return SplitData(index.classes, paths, labels, val_paths, val_labels, f"folder {cfg.val}",
-                         skipped + val_skipped)
+def drop_bad_files(paths: list[Path], labels: list[int], root: str, skip_bad: bool, progress: bool,
+                   ) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
+    """Decode every file once; stop with one message listing bad files, or drop them with ``skip_bad``."""
+    kept, bad = keep_readable(paths, scan_files(paths, progress=progress).errors, root, skip_bad)
+    return [paths[i] for i in kept], [labels[i] for i in kept], bad
+
+
+def _grouped_split(cfg: TrainConfig, paths: list[Path], labels: list[int], records: list[dict] | None,
+                   ) -> tuple[list[int], list[int], str, bool]:
+    """(train indices, val indices, a phrase naming the split, whether groups were kept together)."""
     patients, patient_source = find_groups(paths, cfg.data, cfg.groups)
     groups = None
     if cfg.group_split:
-        groups = merge_groups(patients, duplicate_groups(paths))
+        groups = merge_groups(patients, group_ids(records, DEFAULT_THRESHOLD).tolist())
         largest = max(Counter(groups).values())
         if largest > max(20, len(paths) // 10):
             # Transitive near-duplicate chains can swallow distinct images (e.g. tiny, very uniform images);
@@ -266,6 +274,40 @@ def prepare_split(cfg: TrainConfig, progress: bool) -> SplitData:
                                   ("duplicates", cfg.group_split)) if on]
     source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {split_seed}"
               f"{', ' + ' and '.join(kept) + ' kept on one side' if kept else ''})")
-    return SplitData(index.classes, [paths[i] for i in train_idx], [labels[i] for i in train_idx],
-                     [paths[i] for i in val_idx], [labels[i] for i in val_idx], source, skipped,
-                     duplicate_groups_split=groups is not None)
+    return train_idx, val_idx, source, groups is not None
+
+
+def prepare_split(cfg: TrainConfig, progress: bool, *, device: torch.device | None = None,
+                  keep_images: bool = False) -> SplitData:
+    """Discover the data, check every file, and split (grouping duplicates) unless --val is given.
+
+    With a ``device`` the data cache is chosen for it (``cache_mode``); with ``keep_images`` too, a cached run
+    keeps the images the check decoded, so each file is decoded once (see :mod:`braintumor.data.scan`).
+    """
+    index = discover(cfg.data)
+    val_index = discover(cfg.val, classes=index.classes) if cfg.val else None
+    n_images = len(index.paths) + (len(val_index.paths) if val_index else 0)
+    mode = "none" if device is None else choose_cache(cfg.data_cache, n_images, cfg.image_size, device)
+    sizes = (cfg.image_size, cfg.inference_image_size) if keep_images and mode != "none" else ()
+    scan = scan_files(index.paths, hashes=cfg.group_split and not cfg.val, sizes=sizes, progress=progress)
+    kept, skipped = keep_readable(index.paths, scan.errors, cfg.data, cfg.skip_bad)
+    skipped += report_unsupported(cfg.data)
+    paths, labels = [index.paths[i] for i in kept], [index.labels[i] for i in kept]
+    if val_index is not None:
+        val_scan = scan_files(val_index.paths, sizes=sizes[1:], progress=progress)
+        val_kept, val_skipped = keep_readable(val_index.paths, val_scan.errors, cfg.val, cfg.skip_bad)
+        split = SplitData(index.classes, paths, labels, [val_index.paths[i] for i in val_kept],
+                          [val_index.labels[i] for i in val_kept], f"folder {cfg.val}",
+                          skipped + val_skipped + report_unsupported(cfg.val), cache_mode=mode)
+        train_rows, val_rows = kept, val_kept
+    else:
+        records = None if scan.records is None else [scan.records[i] for i in kept]
+        train_idx, val_idx, source, grouped = _grouped_split(cfg, paths, labels, records)
+        split = SplitData(index.classes, [paths[i] for i in train_idx], [labels[i] for i in train_idx],
+                          [paths[i] for i in val_idx], [labels[i] for i in val_idx], source, skipped,
+                          duplicate_groups_split=grouped, cache_mode=mode)
+        train_rows, val_rows, val_scan = [kept[i] for i in train_idx], [kept[i] for i in val_idx], scan
+    if sizes:
+        split.train_images = scan.keep(train_rows, cfg.image_size)
+        split.val_images = val_scan.keep(val_rows, cfg.inference_image_size)
+    return split

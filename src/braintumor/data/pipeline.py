@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader
 
 from braintumor.augment import Augmentation
 from braintumor.config import TrainConfig
-from braintumor.data.cache import choose_cache, decode_to_tensor
+from braintumor.data.cache import decode_to_tensor
 from braintumor.data.index import SplitData
 from braintumor.data.io import read_image
 from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_transform,
                                         normalize_batch, train_transform)
-from braintumor.distributed import DistInfo, broadcast_object
+from braintumor.distributed import DistInfo
 from braintumor.errors import UserError
 from braintumor.seeding import derive_seed
 
@@ -116,13 +116,12 @@ def drop_partial_batch(n_images: int, batch_size: int, dist: DistInfo) -> bool:
 
 
 def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: bool):
-    """Train and val batch iterables on the configured data path; returns (train, val, cache_mode)."""
+    """Train and val batch iterables on the split's data path (``split.cache_mode``, chosen by rank 0 for all
+    ranks); returns (train, val, cache_mode). Images the split's scan kept decoded are used as they are."""
     per_rank_batch = cfg.batch_size // dist.world_size
     if per_rank_batch < 1 or cfg.batch_size % dist.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {dist.world_size} processes")
-    n_images = len(split.train_paths) + len(split.val_paths)
-    # Rank 0 decides for all: ranks with different free memory must still share one data path.
-    mode = broadcast_object(choose_cache(cfg.data_cache, n_images, cfg.image_size, device), dist)
+    mode = split.cache_mode
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     augmentation = Augmentation.from_config(cfg)
     val_size = cfg.inference_image_size
@@ -142,8 +141,12 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     store = device if mode == "gpu" else torch.device("cpu")
     show = progress and dist.is_main and sys.stderr.isatty()
     pin = mode == "memory" and device.type == "cuda"  # pinned host memory: asynchronous copies to the GPU
-    train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, pin_memory=pin, progress=show)
-    val_images = decode_to_tensor(split.val_paths, val_size, store, pin_memory=pin, progress=show)
+    train_images, val_images = split.train_images, split.val_images
+    if train_images is None or val_images is None:  # other DDP ranks: the split came without pixels
+        train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, pin_memory=pin, progress=show)
+        val_images = decode_to_tensor(split.val_paths, val_size, store, pin_memory=pin, progress=show)
+    else:
+        train_images, val_images = (_store(images, store, pin) for images in (train_images, val_images))
     val_shard = slice(dist.rank, None, dist.world_size)
     common = dict(augmentation=augmentation, mean=mean, std=std, device=device, seed=cfg.seed)
     train = CachedBatches(train_images, torch.tensor(split.train_labels), per_rank_batch, shuffle=True,
@@ -152,6 +155,13 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     val = CachedBatches(val_images[val_shard], torch.tensor(split.val_labels)[val_shard], per_rank_batch,
                         shuffle=False, augment=False, **common)
     return train, val, mode
+
+
+def _store(images: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    """Decoded images moved to where the cache lives (pinned host memory when ``pin``)."""
+    if pin and torch.cuda.is_available():
+        return images.pin_memory()
+    return images.to(device)
 
 
 # --- the decoded cache --------------------------------------------------------------------------------------

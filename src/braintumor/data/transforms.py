@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from braintumor.augment import Augmentation, RandomIntensity, intensity_enabled, random_intensity
@@ -27,10 +29,6 @@ def _check_sizes(image_size: int, rotation: float = 0.0) -> None:
         raise UserError(f"image size must be a positive integer, got {image_size}")
     if rotation < 0 or rotation > 180:
         raise UserError(f"rotation must be between 0 and 180 degrees, got {rotation}")
-
-
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def train_transform(
@@ -62,29 +60,48 @@ def train_transform(
     return v2.Compose(steps + [v2.Normalize(list(mean), list(std))])
 
 
-def eval_transform(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
+def resize_to_uint8(image: Image.Image, image_size: int) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, S, S) by PIL's antialiased bilinear resize: what the decoded cache stores."""
+    size = (int(image_size), int(image_size))
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class EvalTransform:
+    """Evaluation preprocessing of a PIL RGB image: :func:`resize_to_uint8`, then :func:`normalize_batch`.
+
+    The one preprocessing of every evaluation (validation during training on either data path, the final report,
+    ``evaluate``, ``predict``, ``serve``): the cached path stores the uint8 step and normalizes batches with the
+    same function, so both give bit-identical tensors.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        _check_sizes(image_size)
+        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return normalize_batch(resize_to_uint8(image, self.image_size), self.mean, self.std)
+
+
+def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> EvalTransform:
     """Evaluation transform for a PIL RGB image: resize to (s, s), float tensor in [0, 1], normalize."""
-    _check_sizes(image_size)
-    return v2.Compose(
-        [v2.Resize((int(image_size), int(image_size)), antialias=True)] + _to_normalized_tensor(mean, std)
-    )
+    return EvalTransform(image_size, mean, std)
 
 
 
 def _mean_std(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, ...]:
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    # (3, 1, 1) broadcasts over one image (3, H, W) and over a batch (B, 3, H, W) alike.
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
     return mean_t, std_t
 
 
 def normalize_batch(
     images_uint8: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, as ToDtype(scale=True) + Normalize."""
+    """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, as ToDtype(scale=True) + Normalize."""
     mean_t, std_t = _mean_std(mean, std, images_uint8.device)
     return (images_uint8.to(torch.float32) / 255.0 - mean_t) / std_t
 
