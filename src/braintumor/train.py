@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,7 +29,8 @@ from .distill import Teacher, distillation_loss
 from .ema import ModelEma
 from .errors import UserError
 from .figures import plot_training_curves
-from .model import build_model, forward_probabilities
+from .evaluate import evaluate_paths, infer_batches, loss_and_correct, view_logits
+from .model import build_model
 from .optim import Ranger
 from .optim.ranger_compiled import CompiledRanger
 from .predict import resolve_device
@@ -151,16 +153,23 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = wrap_network(self.net, self.step_plan)
+        # Validation runs the weights it reports (the EMA's with --ema) the way training runs its network
+        # (compiled with --compile), without DDP: each rank validates its own shard.
+        self.eval_net = (self.net if self.ema is None and not self.dist.enabled
+                         else wrap_network(self.eval_model, self.step_plan))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         # One autocast context for the whole loop: bf16 on CUDA (no loss scaling needed), fp32 on CPU.
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.device, non_blocking=True)
+        return images
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        return self._images_to_device(images), labels.to(self.device, non_blocking=True)
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training shard; losses stay on the device until the epoch ends."""
@@ -224,24 +233,23 @@ class Trainer:
         return UserError(f"training diverged: the loss became non-finite at {where}; stopped, and {kept}. "
                          "Try a lower --lr or a warm-up (--warmup-epochs)")
 
+    def validation_views(self, images: torch.Tensor) -> tuple[list[np.ndarray], None]:
+        """Logits of each test-time view of a validation batch, padded to one shape for compiled steps."""
+        n = images.shape[0]
+        padded = self._images_to_device(pad_batch(images, self.val_batch_size))
+        with self.autocast:
+            views = view_logits(self.eval_net, padded, self.cfg.tta)
+        return [view[:n].cpu().numpy() for view in views], None  # the padded rows are not counted
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss and accuracy over the whole validation set (each rank its shard, summed); with --tta the mean
-        probabilities of each slice and its mirror."""
+        """Loss and accuracy over the whole validation set (each rank its shard, summed), by the evaluation loop
+        of ``braintumor evaluate``; with --tta of the mean probabilities of each slice and its mirror."""
         self.net.eval()
-        model = self.eval_model
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for images, labels in self.val_batches:
-            images, labels = self._to_device(pad_batch(images, self.val_batch_size), labels)
-            with self.autocast:  # [: labels.numel()]: the padded rows are not counted
-                if self.cfg.tta:
-                    probabilities = forward_probabilities(model, images, tta=True)[: labels.numel()]
-                    loss = nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="sum")
-                else:
-                    probabilities = model(images)[: labels.numel()].float()  # logits: same argmax
-                    loss = nn.functional.cross_entropy(probabilities, labels, reduction="sum")
-            totals += torch.stack([loss.double(), (probabilities.argmax(1) == labels).sum().double(),
-                                   torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
+        self.eval_model.eval()
+        views, _, labels = infer_batches(self.validation_views, self.val_batches, len(self.classes))
+        loss, correct = loss_and_correct(views, labels)
+        totals = torch.tensor([loss, correct, len(labels)], dtype=torch.float64, device=self.device)
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
         return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
@@ -326,7 +334,6 @@ class Trainer:
 
     def final_report(self) -> dict[str, Any]:
         """Fit the OOD detector and temperature into best.pt, then evaluate it on the validation set."""
-        from .evaluate import evaluate_paths
         from .trust import describe_trust, fit_trust, store_trust
 
         trust = fit_trust(self.run_dir / "best.pt", self.split.train_paths, self.split.train_labels,
