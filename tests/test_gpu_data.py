@@ -224,7 +224,8 @@ def test_sharding_pads_like_distributed_sampler_and_covers_every_sample(n, world
     for rank in range(world_size):
         # Unshuffled, the padding and the rank-strided shards are DistributedSampler's.
         sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False)
-        assert shard_indices(n, shuffle=False, seed=4, epoch=2, rank=rank, world_size=world_size).tolist() == list(sampler)
+        unshuffled = shard_indices(n, shuffle=False, seed=4, epoch=2, rank=rank, world_size=world_size)
+        assert unshuffled.tolist() == list(sampler)
         ours = shard_indices(n, shuffle=True, seed=4, epoch=2, rank=rank, world_size=world_size)
         # Shuffled, every rank shards the same permutation.
         padded = torch.cat([order, order.repeat(world_size)])[: -(-n // world_size) * world_size]

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data.index import discover, drop_bad_files, report_unsupported
-from .data.pipeline import ImageFolderDataset
+from .data.cache import choose_cache
+from .data.index import discover, keep_readable, report_unsupported
+from .data.pipeline import CachedBatches, ImageFolderDataset
+from .data.scan import scan_files
 from .metrics import compute_metrics
 from .predict import Classifier
 from .report import plot_roc_curves, write_report
@@ -92,11 +94,17 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
                         batch_size: int = 64, title: str = "Evaluation report",
                         extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
                         workers: int = 0, groups: list | None = None,
-                        duplicate_of_train: list[bool] | None = None) -> dict[str, Any]:
+                        duplicate_of_train: list[bool] | None = None,
+                        images: torch.Tensor | None = None) -> dict[str, Any]:
     """Metrics of a classifier on labelled files, written as a report with predictions.csv, ROC curves and the
     worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train`` and ``groups`` add
-    predictions.csv columns."""
-    views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+    predictions.csv columns. ``images``: the files already decoded at the model's size (uint8 (N, 3, S, S))."""
+    if images is None:
+        views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+    else:
+        batches = CachedBatches(images, list(labels), batch_size, shuffle=False, mean=classifier.mean,
+                                std=classifier.std)
+        views, ood_scores, _ = infer_batches(classifier.infer_views, batches, len(classifier.classes))
     probabilities = classifier.probabilities(views)
     y_true = np.asarray(labels)
     y_pred = probabilities.argmax(axis=1)
@@ -147,7 +155,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
 
     classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta, backend=backend)
     index = discover(data_dir, classes=classifier.classes)
-    paths, labels, skipped = drop_bad_files(index.paths, index.labels, str(data_dir), skip_bad, progress=False)
+    # One decode per file checks it, hashes it for the leak check and, where memory allows, feeds the model.
+    size = classifier.image_size
+    decoded = choose_cache("auto", len(index.paths), size, "cpu") == "memory"
+    scan = scan_files(index.paths, hashes=bool(exclude_duplicates_of), sizes=(size,) if decoded else ())
+    kept, skipped = keep_readable(index.paths, scan.errors, str(data_dir), skip_bad)
+    paths, labels = [index.paths[i] for i in kept], [index.labels[i] for i in kept]
     skipped += report_unsupported(data_dir)
     extra: dict[str, Any] = {"data": str(data_dir), "test-time augmentation": "mirror" if classifier.tta else "off"}
     if skipped:
@@ -173,4 +186,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     return evaluate_classifier(classifier, paths, labels, out_dir, batch_size=batch_size, workers=workers,
                                title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
                                leak_free=leak_free, groups=test_groups if group_source else None,
-                               duplicate_of_train=duplicates)
+                               duplicate_of_train=duplicates, images=scan.keep(kept, size) if decoded else None)

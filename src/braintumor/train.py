@@ -108,6 +108,7 @@ class Trainer:
             raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")
         self.train_batches, self.val_batches, self.cache_mode = build_batches(
             self.split, cfg, self.device, self.dist, self.show_progress)
+        self.split.train_images = self.split.val_images = None  # the batches hold them (on the device with gpu)
         self.steps_per_epoch = len(self.train_batches)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)

@@ -142,7 +142,7 @@ def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist
     show = progress and dist.is_main and sys.stderr.isatty()
     pin = mode == "memory" and device.type == "cuda"  # pinned host memory: asynchronous copies to the GPU
     train_images, val_images = split.train_images, split.val_images
-    if train_images is None or val_images is None:  # other DDP ranks: the split came without pixels
+    if train_images is None or val_images is None:  # DDP: the split reached every rank without pixels
         train_images = decode_to_tensor(split.train_paths, cfg.image_size, store, pin_memory=pin, progress=show)
         val_images = decode_to_tensor(split.val_paths, val_size, store, pin_memory=pin, progress=show)
     else:

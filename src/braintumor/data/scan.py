@@ -11,6 +11,7 @@ it), and the uint8 images at training size for the decoded cache. The cached pix
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,12 +65,19 @@ def scan_files(paths: Sequence[str | os.PathLike], *, hashes: bool = False, size
         records, _ = hash_files(paths, cache_dir=cache_dir, progress=progress,
                                 compute=lambda name: decode(index_of[name]))
     else:
-        records = _map(decode, range(len(paths)), workers)
+        records = _map(decode, range(len(paths)), workers, progress and "checking images")
     if images:  # files whose hashes came from the cache still need their pixels
-        _map(decode, [i for i, r in enumerate(records) if "error" not in r and i not in done], workers)
+        _map(decode, [i for i, r in enumerate(records) if "error" not in r and i not in done], workers,
+             progress and "decoding images")
     return Scan([r.get("error") for r in records], records if hashes else None, images)
 
 
-def _map(function, items, workers: int | None) -> list:
+def _map(function, items, workers: int | None, bar: str | bool = False) -> list:
+    """``function`` over ``items`` in threads (PIL decodes and torch resizes without the GIL), in order; a
+    progress bar named ``bar`` on a terminal."""
+    from tqdm import tqdm
+
+    items = list(items)
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(function, items))
+        return list(tqdm(pool.map(function, items), total=len(items), desc=bar or "", unit="img", leave=False,
+                         disable=not (bar and sys.stderr.isatty())))
