@@ -31,7 +31,7 @@ import torch
 
 from braintumor.checkpoint import load_checkpoint
 from braintumor.cpu_backends import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
-from braintumor.data import discover
+from braintumor.data.index import discover
 from braintumor.export import _checkpoint_file, available_cores, export_onnx, load_onnx_session, quantize_onnx
 from braintumor.predict import Classifier, file_fingerprint
 
@@ -60,7 +60,7 @@ def evaluation_set(args, ckpt) -> tuple[list[Path], list[int], list[Path], str]:
     classes = list(ckpt["classes"])
     if args.split == "val":
         from braintumor.config import TrainConfig, field_names
-        from braintumor.loaders import prepare_split
+        from braintumor.data.index import prepare_split
 
         values = {k: v for k, v in (ckpt.get("config") or {}).items() if k in field_names()}
         cfg = TrainConfig(**{**values, "data": args.data, "val": None})

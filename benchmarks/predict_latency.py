@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from braintumor.checkpoint import save_checkpoint
-from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.export import available_cores, export_onnx, load_onnx_session, quantize_onnx
 from braintumor.model import ARCHS, build_model
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom

@@ -1,4 +1,5 @@
-"""data.py: folder discovery and its error messages, stratified (grouped) splits, CPU transforms, Dataset."""
+"""The data package: discovery and its errors, (grouped) splits, CPU transforms, the Dataset, LoaderBatches,
+one decode per file (data.scan)"""
 
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from braintumor.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFolderDataset,
-    discover,
-    eval_transform,
-    stratified_split,
-    train_transform,
-)
+from braintumor.data.index import discover, stratified_split
+from braintumor.data.io import ImageReadError
+from braintumor.data.pipeline import ImageFolderDataset
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from braintumor.errors import UserError
-from braintumor.images import ImageReadError
 
 EXTENSIONS_HINT = ".bmp, .dcm, .jpeg, .jpg, .png, .tif, .tiff"
 
@@ -302,6 +297,12 @@ def test_image_folder_dataset_reads_and_transforms(tmp_path):
 
 
 def test_image_folder_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="2 paths but 1 labels"):
+        ImageFolderDataset(["a.png", "b.png"], [0], None)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(ImageReadError):
+        ImageFolderDataset([bad], [0], None)[0]
 
 
 def test_grouped_split_is_deterministic_for_a_split_seed():
@@ -426,9 +427,3 @@ def test_the_cache_holds_the_evaluation_preprocessing_bit_for_bit(phantom_dir, t
     scanned = scan_files(paths, sizes=[40]).images[40]
     assert torch.equal(normalize_batch(scanned), expected)
     assert torch.equal(normalize_batch(decode_to_tensor(paths, 40)), expected)
-    with pytest.raises(ValueError, match="2 paths but 1 labels"):
-        ImageFolderDataset(["a.png", "b.png"], [0], None)
-    bad = tmp_path / "bad.png"
-    bad.write_text("not an image")
-    with pytest.raises(ImageReadError):
-        ImageFolderDataset([bad], [0], None)[0]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.errors import UserError
 from braintumor.explain import Explanation, _normalize, explain, write_explanations
 from braintumor.phantom import make_phantom

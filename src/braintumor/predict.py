@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .data import eval_transform
+from .data.io import IMAGE_EXTENSIONS, read_image
+from .data.transforms import eval_transform
 from .errors import UserError
-from .images import IMAGE_EXTENSIONS, read_image
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 BACKENDS = ("torch", "onnx", "openvino", "auto")
