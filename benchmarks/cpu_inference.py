@@ -32,7 +32,7 @@ import torch
 from braintumor.backends import OnnxBackend, load_onnx_session
 from braintumor.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
 from braintumor.cpu_backends import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
-from braintumor.data import discover
+from braintumor.data.index import discover
 from braintumor.devices import available_cores
 from braintumor.export import export_onnx, quantize_onnx
 from braintumor.fingerprint import file_fingerprint
@@ -63,7 +63,7 @@ def evaluation_set(args, ckpt) -> tuple[list[Path], list[int], list[Path], str]:
     classes = list(ckpt["classes"])
     if args.split == "val":
         from braintumor.config import TrainConfig, field_names
-        from braintumor.loaders import prepare_split
+        from braintumor.data.index import prepare_split
 
         values = {k: v for k, v in (ckpt.get("config") or {}).items() if k in field_names()}
         cfg = TrainConfig(**{**values, "data": args.data, "val": None})

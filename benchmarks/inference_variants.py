@@ -18,7 +18,7 @@ import yaml
 
 from braintumor.config import TrainConfig, field_names
 from braintumor.evaluate import evaluate_classifier, predict_paths
-from braintumor.loaders import prepare_split
+from braintumor.data.index import prepare_split
 from braintumor.predict import Classifier
 
 

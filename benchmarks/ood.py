@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from braintumor.data import discover
+from braintumor.data.index import discover
 from braintumor.ood import energy_score, max_softmax_score
 from braintumor.predict import Classifier
 
@@ -200,7 +199,7 @@ def print_table(results: dict, checkpoint: str) -> None:
 def smoke_checkpoint(folder: Path) -> tuple[Path, Path]:
     """An untrained resnet18 (32 px) with a detector fitted on phantoms, and an ID phantom folder."""
     from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.model import build_model
     from braintumor.phantom import write_phantom_set
     from braintumor.trust import fit_trust, store_trust

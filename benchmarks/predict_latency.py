@@ -30,7 +30,7 @@ from PIL import Image
 
 from braintumor.backends import OnnxBackend, load_onnx_session
 from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
-from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.devices import available_cores
 from braintumor.export import export_onnx, quantize_onnx
 from braintumor.model import ARCHS, build_model

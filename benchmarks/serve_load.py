@@ -62,7 +62,7 @@ def random_checkpoint(arch: str, image_size: int, folder: Path) -> Path:
     import torch
 
     from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.model import build_model
     from braintumor.phantom import PHANTOM_CLASSES
 

@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from braintumor.config import TrainConfig
-from braintumor.data import ImageFolderDataset, discover, train_transform
+from braintumor.data.index import discover
+from braintumor.data.pipeline import ImageFolderDataset
+from braintumor.data.transforms import train_transform
 from braintumor.model import build_model
 from braintumor.optim import Ranger
 from braintumor.train import make_optimizer, train

@@ -24,7 +24,7 @@ def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "not
                     image_size=64, seed=0):
     """Save an untrained (seeded) checkpoint with everything predict needs."""
     from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.model import build_model
 
     torch.manual_seed(seed)
@@ -46,7 +46,7 @@ def trusted_checkpoint(tmp_path_factory, tiny_checkpoint, phantom_dir):
     validation: 6 other phantoms per class). Untrained, but its features still tell phantoms from photos."""
     import shutil
 
-    from braintumor.data import discover
+    from braintumor.data.index import discover
     from braintumor.phantom import write_phantom_set
     from braintumor.trust import fit_trust, store_trust
 

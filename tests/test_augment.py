@@ -1,5 +1,5 @@
 """Scale / shift / intensity augmentation: geometry and arithmetic against torchvision, and the DataLoader path
-(data.train_transform) against the cached path (gpu_data.augment_batch) in distribution."""
+(data.transforms.train_transform) against the cached path (data.transforms.augment_batch) in distribution."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-import braintumor.gpu_data as gpu_data
+import braintumor.data.transforms as transforms
 from braintumor.augment import Augmentation, RandomIntensity, apply_intensity, sample_intensity
-from braintumor.data import train_transform
-from braintumor.gpu_data import augment_batch
+from braintumor.data.transforms import augment_batch, train_transform
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -26,7 +25,7 @@ def test_affine_matrix_matches_torchvision_affine(angle, scale, shift):
     disk = (xx**2 + yy**2) < (0.3 * size) ** 2
     image = torch.from_numpy(np.random.default_rng(1).random((3, size, size)) * disk).float()
     for flip in (False, True):
-        theta = gpu_data._affine_theta(torch.tensor([flip]), torch.tensor([angle]), torch.tensor([scale]),
+        theta = transforms._affine_theta(torch.tensor([flip]), torch.tensor([angle]), torch.tensor([scale]),
                                        torch.tensor([float(shift[0])]), torch.tensor([float(shift[1])]), size, size)
         grid = torch.nn.functional.affine_grid(theta, [1, 3, size, size], align_corners=False)
         ours = torch.nn.functional.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros",

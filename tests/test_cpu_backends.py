@@ -62,7 +62,7 @@ def trained_run(phantom_dir, tmp_path_factory):
     import torch
 
     from braintumor.checkpoint import save_checkpoint
-    from braintumor.data import discover
+    from braintumor.data.index import discover
 
     from conftest import make_checkpoint
 

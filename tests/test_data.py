@@ -1,25 +1,21 @@
-"""data.py: folder discovery and its error messages, stratified (grouped) splits, CPU transforms, Dataset."""
+"""The data package: discovery and its errors, (grouped) splits, CPU transforms, the Dataset, LoaderBatches,
+one decode per file (data.scan)"""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from braintumor.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFolderDataset,
-    discover,
-    eval_transform,
-    stratified_split,
-    train_transform,
-)
+from braintumor.data.index import discover, stratified_split
+from braintumor.data.io import ImageReadError
+from braintumor.data.pipeline import ImageFolderDataset
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from braintumor.errors import UserError
-from braintumor.images import ImageReadError
 
 EXTENSIONS_HINT = ".bmp, .dcm, .jpeg, .jpg, .png, .tif, .tiff"
 
@@ -307,3 +303,127 @@ def test_image_folder_dataset_errors(tmp_path):
     bad.write_text("not an image")
     with pytest.raises(ImageReadError):
         ImageFolderDataset([bad], [0], None)[0]
+
+
+def test_grouped_split_is_deterministic_for_a_split_seed():
+    labels = [k % 2 for k in range(40)]
+    groups = [k // 2 for k in range(40)]  # pairs share a group (and a label parity pattern mixes them)
+    first = stratified_split(labels, 0.25, seed=5, groups=groups)
+    assert stratified_split(labels, 0.25, seed=5, groups=groups) == first
+    assert stratified_split(labels, 0.25, seed=6, groups=groups) != first
+    assert not {groups[i] for i in first[0]} & {groups[i] for i in first[1]}
+
+
+# --- the loader-backed batches --------------------------------------------------------------------------------
+
+
+def _loader(paths, labels, seed=3, rotation=15.0, rank=0, world_size=1, training=True, batch_size=4):
+    from braintumor.data.pipeline import LoaderBatches
+    from braintumor.distributed import DistInfo
+
+    return LoaderBatches(paths, labels, transform=train_transform(24, rotation) if training else eval_transform(24),
+                         batch_size=batch_size, shuffle=training, seed=seed, workers=0,
+                         dist=DistInfo(rank=rank, world_size=world_size), pin_memory=False, training=training)
+
+
+def _epoch(batches, epoch):
+    from braintumor.seeding import seed_epoch
+
+    seed_epoch(0, epoch, 0)  # the trainer's global seeding: workers=0 draws from the global generator
+    batches.set_epoch(epoch)
+    return [(images.clone(), labels.clone()) for images, labels in batches]
+
+
+def test_loader_batches_shapes_determinism_per_epoch_and_shared_order(phantom_dir):
+    from braintumor.data.pipeline import CachedBatches
+
+    index = discover(phantom_dir)
+    batches = _loader(index.paths, index.labels)
+    epoch0 = _epoch(batches, 0)
+    assert len(epoch0) == len(batches) == 6 and all(x.shape == (4, 3, 24, 24) for x, _ in epoch0)
+    assert epoch0[0][0].dtype == torch.float32 and epoch0[0][1].dtype == torch.int64
+    again = _epoch(_loader(index.paths, index.labels), 0)  # a fresh process (a resumed run) sees the same
+    assert all(torch.equal(a, b) and torch.equal(y, z) for (a, y), (b, z) in zip(epoch0, again))
+    epoch1 = _epoch(batches, 1)
+    assert not torch.equal(torch.cat([y for _, y in epoch0]), torch.cat([y for _, y in epoch1]))
+    # Both data paths order an epoch by shard_indices: the same labels in the same order.
+    cached = CachedBatches(torch.zeros(len(index.paths), 3, 8, 8, dtype=torch.uint8), index.labels, 4,
+                           shuffle=True, seed=3, augment=True)
+    cached.set_epoch(1)
+    assert torch.cat([y for _, y in cached]).tolist() == torch.cat([y for _, y in epoch1]).tolist()
+
+
+def test_loader_batches_shard_training_padded_and_evaluation_exactly_once(phantom_dir):
+    index = discover(phantom_dir)
+    paths, labels = index.paths[:10], list(range(10))
+    shards = [torch.cat([y for _, y in _epoch(_loader(paths, labels, rank=r, world_size=3, batch_size=2), 0)])
+              for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4] and set(torch.cat(shards).tolist()) == set(range(10))
+    evaluation = [torch.cat([y for _, y in _epoch(_loader(paths, labels, rank=r, world_size=3, training=False), 0)])
+                  for r in range(3)]
+    assert sorted(torch.cat(evaluation).tolist()) == list(range(10))
+
+
+# --- one pass over the files ------------------------------------------------------------------------------------
+
+
+def _count_decodes(monkeypatch):
+    """Full decodes per file: PIL's (ImageFile.load with pixel data left to read) and torchvision's."""
+    from PIL import ImageFile
+
+    import braintumor.data.cache as cache
+
+    counts = Counter()
+    load, decode_image = ImageFile.ImageFile.load, cache.decode_image
+
+    def counting_load(self):
+        if self.tile:
+            counts[Path(self.filename).name] += 1
+        return load(self)
+
+    def counting_decode(data, *args, **kwargs):
+        counts["torchvision"] += 1
+        return decode_image(data, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    monkeypatch.setattr(cache, "decode_image", counting_decode)
+    return counts
+
+
+@pytest.mark.parametrize("data_cache", ["memory", "none"])
+def test_a_run_decodes_each_file_once_to_check_hash_and_cache_it(phantom_dir, tmp_path, monkeypatch, data_cache):
+    from braintumor.config import TrainConfig
+    from braintumor.data.index import prepare_split
+    from braintumor.data.pipeline import build_batches
+    from braintumor.distributed import DistInfo
+
+    monkeypatch.setenv("BRAINTUMOR_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = TrainConfig(data=str(phantom_dir), image_size=32, device="cpu", workers=0, data_cache=data_cache)
+    for run in ("cold hash cache", "warm hash cache"):
+        counts = _count_decodes(monkeypatch)
+        split = prepare_split(cfg, False, device=torch.device("cpu"), keep_images=True)
+        build_batches(split, cfg, torch.device("cpu"), DistInfo(), False)
+        files = [p.name for p in split.train_paths + split.val_paths]
+        assert counts["torchvision"] == 0
+        # Before the data package: a check, a hash and a cache decode, 3 per file. Now the check and the hash
+        # share one decode, which also fills the cache; the next run's check reads the hash cache.
+        expected = 1 if data_cache == "memory" or run == "cold hash cache" else 0
+        assert [counts[name] for name in files] == [expected] * len(files), run
+        monkeypatch.undo()
+        monkeypatch.setenv("BRAINTUMOR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_the_cache_holds_the_evaluation_preprocessing_bit_for_bit(phantom_dir, tmp_path):
+    from braintumor.data.cache import decode_to_tensor
+    from braintumor.data.io import read_image
+    from braintumor.data.scan import scan_files
+    from braintumor.data.transforms import normalize_batch
+
+    paths = discover(phantom_dir).paths[:6]
+    jpeg = tmp_path / "slice.jpg"
+    read_image(paths[0]).save(jpeg, quality=85)
+    paths.append(jpeg)
+    expected = torch.stack([eval_transform(40)(read_image(p)) for p in paths])
+    scanned = scan_files(paths, sizes=[40]).images[40]
+    assert torch.equal(normalize_batch(scanned), expected)
+    assert torch.equal(normalize_batch(decode_to_tensor(paths, 40)), expected)

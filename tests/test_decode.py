@@ -1,4 +1,5 @@
-"""decode.py on the CPU, against read_image + eval_transform's resize (the PIL pipeline) as the reference."""
+"""data/cache.py (decode_to_tensor) on the CPU, against read_image + eval_transform's resize (the PIL pipeline)
+as the reference."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import braintumor.decode as decode
-from braintumor.data import eval_transform
-from braintumor.decode import decode_to_tensor
-from braintumor.gpu_data import normalize_batch
-from braintumor.images import ImageReadError, read_image
+import braintumor.data.cache as cache
+from braintumor.data.cache import decode_to_tensor
+from braintumor.data.io import ImageReadError, read_image
+from braintumor.data.transforms import eval_transform, normalize_batch
 from braintumor.phantom import make_phantom
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency); the warning is expected.
@@ -43,7 +43,7 @@ def resized_reference(path, size):
 
 def test_decode_to_tensor_matches_the_pil_pipeline(image_files, monkeypatch):
     fallback_calls = []
-    monkeypatch.setattr(decode, "read_image", lambda p: fallback_calls.append(p) or read_image(p))
+    monkeypatch.setattr(cache, "read_image", lambda p: fallback_calls.append(p) or read_image(p))
     out = decode_to_tensor(image_files, 40, "cpu", num_threads=2)
     assert out.shape == (len(image_files), 3, 40, 40) and out.dtype == torch.uint8
     assert fallback_calls == []  # 8-bit PNG and JPEG take torchvision's decoder
@@ -70,7 +70,7 @@ def test_decode_to_tensor_falls_back_for_formats_torchvision_reads_differently(t
     paths = [sixteen, palette, rgba, cmyk, bmp]
 
     fallback_calls = []
-    monkeypatch.setattr(decode, "read_image", lambda p: fallback_calls.append(p) or read_image(p))
+    monkeypatch.setattr(cache, "read_image", lambda p: fallback_calls.append(p) or read_image(p))
     out = decode_to_tensor(paths, 24, "cpu")
     assert sorted(fallback_calls) == sorted(paths)  # the thread pool may call in any order
     for path, decoded in zip(paths, out):

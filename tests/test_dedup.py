@@ -23,7 +23,7 @@ from braintumor.dedup import (
     phash,
 )
 from braintumor.errors import UserError
-from braintumor.images import ImageReadError
+from braintumor.data.io import ImageReadError
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 
 SIZE = 128  # phantom side: big enough that a 2 % crop removes whole pixels

@@ -78,3 +78,41 @@ def test_predictions_csv_rows_match_the_reports_counts(tiny_checkpoint, phantom_
     assert (tmp_path / "worst_mistakes.png").is_file() == (wrong > 0)
     markdown = (tmp_path / "report.md").read_text()
     assert "(roc_curves.png)" in markdown and "Specificity" in markdown
+
+
+@pytest.mark.parametrize("data_cache, tta", [("none", False), ("memory", True)])
+def test_training_validation_and_evaluate_run_one_routine_on_identical_tensors(phantom_dir, tmp_path, data_cache,
+                                                                                tta):
+    import numpy as np
+    import torch
+
+    from braintumor.checkpoint import save_checkpoint
+    from braintumor.data.io import read_image
+    from braintumor.evaluate import evaluate_paths, infer_batches, infer_paths
+    from braintumor.predict import Classifier
+    from braintumor.train import Trainer
+    from helpers import tiny_config
+
+    cfg = tiny_config(phantom_dir, tmp_path / "run", data_cache=data_cache, val_split=0.5, tta=tta).validate()
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.cache_mode == data_cache and trainer.eval_net is trainer.net  # --compile reaches validation
+    save_checkpoint(trainer.checkpoint_payload(0, []), tmp_path / "model.pt")
+    classifier = Classifier.from_checkpoint(tmp_path / "model.pt", device="cpu")
+    paths, labels = trainer.split.val_paths, trainer.split.val_labels
+    assert len(paths) == 12  # 8 + 4: the last validation batch is padded
+
+    # The same tensors: validation batches (DataLoader or decoded cache) and evaluate's preprocessing.
+    trainer.model.eval()
+    expected = torch.stack([classifier.preprocess(read_image(path)) for path in paths])
+    assert torch.equal(torch.cat([images for images, _ in trainer.val_batches]), expected)
+
+    # The same predictions, through the same loop, and the same accuracy in the metrics log and the report.
+    views, _, seen_labels = infer_batches(trainer.validation_views, trainer.val_batches, len(trainer.classes))
+    evaluated, _ = infer_paths(classifier, paths, batch_size=8)
+    assert seen_labels.tolist() == labels and len(views) == len(evaluated) == (2 if tta else 1)
+    for ours, theirs in zip(views, evaluated):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    probabilities = np.mean([torch.softmax(torch.from_numpy(v), 1).numpy() for v in views], axis=0)
+    assert (probabilities.argmax(1) == classifier.probabilities(evaluated).argmax(1)).all()
+    report = evaluate_paths(tmp_path / "model.pt", paths, labels, tmp_path / "report", device="cpu", batch_size=8)
+    assert report["metrics"]["accuracy"] == trainer.validate()["val_accuracy"]

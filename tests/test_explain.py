@@ -12,7 +12,7 @@ from torch import nn
 
 from braintumor.backends import OnnxBackend
 from braintumor.checkpoint import ModelSpec
-from braintumor.data import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.errors import UserError
 from braintumor.explain import Explanation, normalize_maps, explain, write_explanations
 from braintumor.phantom import make_phantom

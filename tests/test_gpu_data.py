@@ -1,5 +1,5 @@
-"""gpu_data.py on the CPU, against data.py / torchvision as the reference: augmentation distributions and
-geometry, cache choice, determinism and DDP sharding of CachedBatches."""
+"""The cached path (data.transforms, data.pipeline) on the CPU, against the CPU transforms / torchvision as the
+reference: augmentation distributions and geometry, cache choice, determinism and DDP sharding of CachedBatches."""
 
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-import braintumor.gpu_data as gpu_data
-from braintumor.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+import braintumor.data.cache as cache
+import braintumor.data.transforms as transforms
+from braintumor.data.cache import choose_cache
+from braintumor.data.pipeline import CachedBatches, shard_indices
+from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_transform, normalize_batch,
+                                        train_transform)
 from braintumor.errors import UserError
-from braintumor.gpu_data import (
-    CachedBatches,
-    augment_batch,
-    choose_cache,
-    normalize_batch,
-    shard_indices,
-)
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave pixels in [0, 1]
@@ -49,7 +46,7 @@ def test_flip_rate_is_one_half():
 
 
 def test_sampled_angles_are_uniform_in_range():
-    flip, angle = gpu_data._sample_params(4000, 10.0, torch.Generator().manual_seed(1), torch.device("cpu"))
+    flip, angle = transforms._sample_params(4000, 10.0, torch.Generator().manual_seed(1), torch.device("cpu"))
     assert flip.dtype == torch.bool
     assert angle.min() >= -10 and angle.max() <= 10
     assert stats.kstest(angle.numpy(), stats.uniform(loc=-10, scale=20).cdf).pvalue > 1e-3
@@ -64,7 +61,7 @@ def test_augment_batch_applies_the_sampled_flip_and_angle_like_torchvision():
     images = torch.from_numpy((rng.integers(0, 256, (16, 3, size, size)) * disk).astype(np.uint8))
 
     out = augment_batch(images, 25.0, torch.Generator().manual_seed(5), *IDENTITY)
-    flip, angle = gpu_data._sample_params(16, 25.0, torch.Generator().manual_seed(5), torch.device("cpu"))
+    flip, angle = transforms._sample_params(16, 25.0, torch.Generator().manual_seed(5), torch.device("cpu"))
     assert 0 < flip.sum() < 16
 
     for i in range(16):
@@ -80,7 +77,7 @@ def test_rotation_direction_and_centre_match_torchvision(angle):
     image = torch.zeros(3, 33, 33, dtype=torch.uint8)
     image[:, 10, 24] = 255  # an off-centre dot: up and to the right
     image[:, 11, 24] = 128
-    theta = gpu_data._flip_rotate_theta(torch.tensor([False]), torch.tensor([angle]), 33, 33)
+    theta = transforms._flip_rotate_theta(torch.tensor([False]), torch.tensor([angle]), 33, 33)
     grid = torch.nn.functional.affine_grid(theta, [1, 3, 33, 33], align_corners=False)
     ours = torch.nn.functional.grid_sample(image[None].float() / 255, grid, align_corners=False)[0]
 
@@ -157,7 +154,7 @@ def test_choose_cache_branches():
 
 
 def test_choose_cache_measures_ram_when_not_given():
-    assert gpu_data._available_ram_bytes() > 0
+    assert cache._available_ram_bytes() > 0
     assert choose_cache("auto", 1, 8, "cpu") == "memory"
 
 
@@ -218,13 +215,18 @@ def test_cached_batches_without_augmentation_normalize_in_order():
 
 
 @pytest.mark.parametrize("n, world_size", [(23, 3), (10, 4), (3, 4), (12, 2)])
-def test_sharding_matches_distributed_sampler_and_covers_every_sample(n, world_size):
-    seen = []
+def test_sharding_pads_like_distributed_sampler_and_covers_every_sample(n, world_size):
+    seen, order = [], shard_indices(n, shuffle=True, seed=4, epoch=2)  # one rank: the epoch's permutation
+    assert sorted(order.tolist()) == list(range(n))
     for rank in range(world_size):
-        sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=4)
-        sampler.set_epoch(2)
+        # Unshuffled, the padding and the rank-strided shards are DistributedSampler's.
+        sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False)
+        unshuffled = shard_indices(n, shuffle=False, seed=4, epoch=2, rank=rank, world_size=world_size)
+        assert unshuffled.tolist() == list(sampler)
         ours = shard_indices(n, shuffle=True, seed=4, epoch=2, rank=rank, world_size=world_size)
-        assert ours.tolist() == list(sampler)
+        # Shuffled, every rank shards the same permutation.
+        padded = torch.cat([order, order.repeat(world_size)])[: -(-n // world_size) * world_size]
+        assert ours.tolist() == padded[rank::world_size].tolist()
 
         loader = CachedBatches(cached_images(n), list(range(n)), 4, shuffle=True, seed=4, rank=rank,
                                world_size=world_size, augment=True, rotation=5.0)
@@ -233,6 +235,7 @@ def test_sharding_matches_distributed_sampler_and_covers_every_sample(n, world_s
         assert labels == ours.tolist() and len(labels) == -(-n // world_size)
         seen += labels
     assert set(seen) == set(range(n))
+    assert not torch.equal(order, shard_indices(n, shuffle=True, seed=4, epoch=3)) or n < 4
 
     unpadded = [shard_indices(n, shuffle=True, seed=4, epoch=2, rank=r, world_size=world_size, pad=False)
                 for r in range(world_size)]

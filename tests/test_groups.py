@@ -11,7 +11,7 @@ from PIL import Image
 from braintumor.config import TrainConfig
 from braintumor.errors import UserError
 from braintumor.groups import find_groups, merge_groups, read_groups_csv
-from braintumor.loaders import prepare_split
+from braintumor.data.index import prepare_split
 from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 
 

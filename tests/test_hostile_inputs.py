@@ -14,7 +14,7 @@ from PIL import Image
 
 from braintumor import dedup, images
 from braintumor.bombs import dicom_deflate_bomb
-from braintumor.images import ImageReadError, read_image
+from braintumor.data.io import ImageReadError, read_image
 from braintumor.serve.budget import DecodeBudget
 
 

@@ -1,4 +1,4 @@
-"""images.py: every format and mode to RGB, DICOM windowing, and the bad-input matrix with exact messages."""
+"""data/io.py: every format and mode to RGB, DICOM windowing, and the bad-input matrix with exact messages."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.pixels import apply_rescale, apply_windowing
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from braintumor import images
+from braintumor.data import io as images
 from braintumor.errors import UserError
-from braintumor.images import IMAGE_EXTENSIONS, ImageReadError, check_image, find_bad_images, read_image
+from braintumor.data.io import IMAGE_EXTENSIONS, ImageReadError, check_image, find_bad_images, read_image
 
 H, W = 16, 24  # non-square, so a transposed result would be caught
 

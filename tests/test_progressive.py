@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from braintumor.config import TrainConfig
-from braintumor.data import IMAGENET_MEAN, IMAGENET_STD, train_transform
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from braintumor.distributed import DistInfo
-from braintumor.gpu_data import CachedBatches
-from braintumor.loaders import LoaderBatches
+from braintumor.data.pipeline import CachedBatches, LoaderBatches
 
 
 def test_schedule_grows_in_steps_of_16_and_reaches_full_size_on_time():
@@ -21,8 +20,8 @@ def test_schedule_grows_in_steps_of_16_and_reaches_full_size_on_time():
 
 
 def test_both_data_paths_build_batches_at_the_planned_size(phantom_dir):
-    from braintumor.data import discover
-    from braintumor.decode import decode_to_tensor
+    from braintumor.data.index import discover
+    from braintumor.data.cache import decode_to_tensor
 
     index = discover(phantom_dir)
     paths, labels = index.paths[:8], index.labels[:8]

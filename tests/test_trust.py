@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from braintumor.calibration import fit_temperature, softmax
 from braintumor.checkpoint import load_checkpoint
 from braintumor.config import TrainConfig
-from braintumor.data import discover
+from braintumor.data.index import discover
 from braintumor.metrics import expected_calibration_error
 from braintumor.ood import acceptance_threshold, fit_mahalanobis
 from braintumor.phantom import make_phantom, write_phantom_set

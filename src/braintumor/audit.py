@@ -15,24 +15,22 @@ from pathlib import Path
 from braintumor.dedup import (
     DEFAULT_THRESHOLD,
     HASH_BITS,
-    _check_threshold,
-    _cross_pairs,
-    _group_ids,
-    _members,
+    check_threshold,
+    cross_pairs,
+    group_ids,
     hash_files,
+    members_by_label,
 )
 from braintumor.errors import UserError
 from braintumor.atomic import atomic_write
-from braintumor.data import _full_suffix, unsupported_files
-from braintumor.images import IMAGE_EXTENSIONS, unsupported_type_reason
+from braintumor.data.index import discover, full_suffix, unsupported_files
+from braintumor.data.io import IMAGE_EXTENSIONS, unsupported_type_reason
 
 MD_LIST_LIMIT = 20
 
 
 def _load_set(root, cache_dir, progress) -> dict:
     """Absolute paths, labels (class folders, else None) and hash records of one image folder."""
-    from braintumor.data import discover
-
     root = Path(root)
     if not root.is_dir():
         problem = "is not a directory" if root.exists() else "not found"
@@ -48,7 +46,7 @@ def _load_set(root, cache_dir, progress) -> dict:
             raise UserError(f"no images in {root}: expected image files or class folders of images")
     records, cache = hash_files(paths, cache_dir=cache_dir, progress=progress)
     # Files of other types are listed as unreadable rather than silently left out.
-    others = [{"path": os.path.abspath(p), "reason": unsupported_type_reason(_full_suffix(p))}
+    others = [{"path": os.path.abspath(p), "reason": unsupported_type_reason(full_suffix(p))}
               for p in unsupported_files(root, recursive=bool(folders))]
     return {"unsupported": others, "root": os.path.abspath(root), "paths": [os.path.abspath(p) for p in paths], "labels": labels,
             "records": records, "cache": cache}
@@ -71,8 +69,8 @@ def _summary(data: dict) -> dict:
 
 def _duplicates(data: dict, threshold: int) -> dict:
     paths, labels, records = data["paths"], data["labels"], data["records"]
-    groups = [m for m in _members(_group_ids(records, threshold)).values() if len(m) > 1]
-    exact = [m for m in _members([r.get("exact", f"unreadable {i}") for i, r in enumerate(records)]).values()
+    groups = [m for m in members_by_label(group_ids(records, threshold)).values() if len(m) > 1]
+    exact = [m for m in members_by_label([r.get("exact", f"unreadable {i}") for i, r in enumerate(records)]).values()
              if len(m) > 1]
     near = [m for m in groups if len({records[i]["exact"] for i in m}) > 1]  # two or more pixel contents
     conflicts = [m for m in groups if labels is not None and len({labels[i] for i in m}) > 1]
@@ -98,7 +96,7 @@ def _duplicates(data: dict, threshold: int) -> dict:
 
 def _leaks(data: dict, other: dict, threshold: int) -> dict:
     """Images of ``other`` (e.g. the test set) that duplicate an image of ``data`` (the training set)."""
-    pairs = _cross_pairs(data["records"], other["records"], threshold)
+    pairs = cross_pairs(data["records"], other["records"], threshold)
     leaked, n_other = {j for _, j, _, _ in pairs}, len(other["records"])
     leaked_exact = {j for _, j, kind, _ in pairs if kind == "exact"}
     n_data = len(data["records"])
@@ -164,7 +162,7 @@ def audit(data_root, against=None, *, threshold: int = DEFAULT_THRESHOLD, cache_
     that duplicate one of ``data_root``. ``groups`` (a CSV; default: per-patient sub-folders) adds the patient
     or series groups found in both sets.
     """
-    _check_threshold(threshold)
+    check_threshold(threshold)
     start = time.perf_counter()
     data = _load_set(data_root, cache_dir, progress)
     report = {"format_version": 1, "threshold": int(threshold),

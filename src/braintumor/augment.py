@@ -21,10 +21,10 @@ import torch
 
 @dataclass(frozen=True)
 class Augmentation:
-    """What training randomizes, shared by the DataLoader path (:func:`braintumor.data.train_transform`) and the
-    cached path (:func:`braintumor.gpu_data.augment_batch`): horizontal flip (always, p = 0.5), rotation in
-    degrees, RandomAffine's scale (U(1 - s, 1 + s)) and shift (fraction of the size), and the intensity changes
-    below. Zero switches a change off."""
+    """What training randomizes, shared by the DataLoader path (:func:`braintumor.data.transforms.train_transform`)
+    and the cached path (:func:`braintumor.data.transforms.augment_batch`): horizontal flip (always, p = 0.5),
+    rotation in degrees, RandomAffine's scale (U(1 - s, 1 + s)) and shift (fraction of the size), and the intensity
+    changes below. Zero switches a change off."""
 
     rotation: float = 0.0
     scale: float = 0.0

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from braintumor.errors import UserError
-from braintumor.images import ImageReadError, read_image
+from braintumor.data.io import ImageReadError, read_image
 
 HASH_SIDE = 16  # the hash keeps the 16x16 lowest DCT frequencies: 256 bits
 HASH_BITS = HASH_SIDE * HASH_SIDE
@@ -99,6 +100,11 @@ def _compute_record(path: str) -> dict:
         image = read_image(path)
     except ImageReadError as error:
         return {"error": error.reason}
+    return record_from_image(path, image)
+
+
+def record_from_image(path, image: Image.Image) -> dict:
+    """The hash record of a file from its decoded image (:func:`braintumor.data.io.read_image`'s RGB image)."""
     try:
         with Image.open(path) as original:  # reads the header only
             width, height, mode = *original.size, original.mode
@@ -135,11 +141,13 @@ def _memory_cache(path: Path, error: Exception) -> sqlite3.Connection:
     return db
 
 
-def hash_files(paths, *, cache_dir=None, progress: bool = False) -> tuple[list[dict], dict]:
+def hash_files(paths, *, cache_dir=None, progress: bool = False,
+                compute: Callable[[str], dict] | None = None) -> tuple[list[dict], dict]:
     """Per-file records (``exact``, ``phash``, size, mode, or ``error``) in input order, and cache stats.
 
     Records are cached by (absolute path, size, mtime_ns); missing ones are computed in threads (PIL
-    decodes and resizes without the GIL, and threads need no pickling).
+    decodes and resizes without the GIL, and threads need no pickling) by ``compute`` (absolute path ->
+    record; by default decode and hash), which lets a caller keep what it decoded.
     """
     keys, records = {}, {}
     for path in paths:
@@ -163,7 +171,7 @@ def hash_files(paths, *, cache_dir=None, progress: bool = False) -> tuple[list[d
             db = _memory_cache(cache_path, error)
         missing = [name for name in names if name not in records]
         with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
-            results = pool.map(_compute_record, missing)
+            results = pool.map(compute or _compute_record, missing)
             if progress and missing:
                 from tqdm import tqdm
 
@@ -204,7 +212,8 @@ def hamming(a: int, b: int) -> int:
     return (int(a) ^ int(b)).bit_count()
 
 
-def _check_threshold(threshold) -> None:
+def check_threshold(threshold) -> None:
+    """UserError unless ``threshold`` is a whole number of bits in 0..64."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) or not 0 <= threshold <= 64:
         raise UserError(f"duplicate threshold must be a whole number of bits in 0..64 (of {HASH_BITS}), "
                         f"got {threshold!r}")
@@ -233,7 +242,7 @@ def _distinct_near_pairs(hashes, threshold: int) -> tuple[np.ndarray, np.ndarray
     Multi-index hashing: split the bits into ``threshold + 1`` blocks; by pigeonhole two hashes within
     the threshold agree exactly on at least one block, so only pairs sharing a block are verified.
     """
-    _check_threshold(threshold)
+    check_threshold(threshold)
     raw = b"".join(int(h).to_bytes(HASH_BITS // 8, "big") for h in hashes)
     words = np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(-1, HASH_BITS // 64)
     words, inverse = np.unique(words, axis=0, return_inverse=True)
@@ -257,7 +266,8 @@ def _distinct_near_pairs(hashes, threshold: int) -> tuple[np.ndarray, np.ndarray
     return inverse.reshape(-1), np.unique(np.concatenate(found), axis=0)
 
 
-def _members(labels) -> dict:
+def members_by_label(labels) -> dict:
+    """label -> indices holding it, in first-appearance order."""
     members = defaultdict(list)
     for index, label in enumerate(labels.tolist() if isinstance(labels, np.ndarray) else labels):
         members[label].append(index)
@@ -267,13 +277,13 @@ def _members(labels) -> dict:
 def near_pairs(hashes, threshold: int = DEFAULT_THRESHOLD) -> np.ndarray:
     """All index pairs ``(i, j)``, ``i < j``, of hashes that differ in at most ``threshold`` bits."""
     inverse, pairs = _distinct_near_pairs(list(hashes), threshold)
-    members = _members(inverse)
+    members = members_by_label(inverse)
     found = [(a, b) for group in members.values() for k, a in enumerate(group) for b in group[k + 1:]]
     found += [(min(a, b), max(a, b)) for u, v in pairs.tolist() for a in members[u] for b in members[v]]
     return np.asarray(sorted(found), dtype=np.int64).reshape(-1, 2)
 
 
-def _group_ids(records: list[dict], threshold: int) -> np.ndarray:
+def group_ids(records: list[dict], threshold: int) -> np.ndarray:
     """Connected components of the near-duplicate graph (union-find); exact copies share a hash."""
     readable = [i for i, r in enumerate(records) if "error" not in r]
     inverse, pairs = _distinct_near_pairs([records[i]["phash"] for i in readable], threshold)
@@ -287,15 +297,15 @@ def _group_ids(records: list[dict], threshold: int) -> np.ndarray:
 def duplicate_groups(paths, threshold: int = DEFAULT_THRESHOLD, *, cache_dir=None,
                      progress: bool = False) -> list[int]:
     """One group id per path: exact and near duplicates share an id, merged transitively."""
-    return _group_ids(hash_files(list(paths), cache_dir=cache_dir, progress=progress)[0], threshold).tolist()
+    return group_ids(hash_files(list(paths), cache_dir=cache_dir, progress=progress)[0], threshold).tolist()
 
 
-def _cross_pairs(first: list[dict], second: list[dict], threshold: int) -> list[tuple[int, int, str, int]]:
+def cross_pairs(first: list[dict], second: list[dict], threshold: int) -> list[tuple[int, int, str, int]]:
     """Sorted ``(i, j, kind, distance)`` for each record i of ``first`` duplicating record j of ``second``."""
     readable = [(0, i) for i, r in enumerate(first) if "error" not in r]
     readable += [(1, j) for j, r in enumerate(second) if "error" not in r]
     inverse, pairs = _distinct_near_pairs([(first, second)[s][k]["phash"] for s, k in readable], threshold)
-    members = _members(inverse)
+    members = members_by_label(inverse)
     found = set()
     for u, v in [(u, u) for u in members] + pairs.tolist() + pairs[:, ::-1].tolist():
         for i in (readable[m][1] for m in members[u] if readable[m][0] == 0):
@@ -310,5 +320,5 @@ def leak_free_mask(test_paths, train_paths, threshold: int = DEFAULT_THRESHOLD, 
     """True where a test image has no exact or near duplicate among the training images."""
     test, _ = hash_files(list(test_paths), cache_dir=cache_dir, progress=progress)
     train, _ = hash_files(list(train_paths), cache_dir=cache_dir, progress=progress)
-    leaked = {i for i, _, _, _ in _cross_pairs(test, train, threshold)}
+    leaked = {i for i, _, _, _ in cross_pairs(test, train, threshold)}
     return [i not in leaked for i in range(len(test))]

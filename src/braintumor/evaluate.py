@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint on a folder: run the model, then metrics and reports (full and leak-free subsets)."""
+"""Evaluate a model on labelled images: the one evaluation loop (validation during training, the final report
+and ``braintumor evaluate`` all run :func:`infer_batches`), then metrics and reports (full and leak-free subsets)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -9,25 +11,69 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ImageFolderDataset, discover, report_unsupported
-from .loaders import drop_bad_files
+from .data.cache import choose_cache
+from .data.index import discover, keep_readable, report_unsupported
+from .data.pipeline import CachedBatches, ImageFolderDataset
+from .data.scan import scan_files
 from .metrics import compute_metrics
 from .predict import Classifier
 from .report import plot_roc_curves, write_report
 
 
+InferViews = Callable[[torch.Tensor], tuple[list[np.ndarray], "np.ndarray | None"]]
+
+
+def view_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                tta: bool) -> list[torch.Tensor]:
+    """Float logits of each test-time view: the batch, and with ``tta`` its mirror too (one forward pass over
+    both, as :meth:`braintumor.predict.Classifier.infer_views` runs them)."""
+    if not tta:
+        return [forward(images).float()]
+    logits = forward(torch.cat([images, images.flip(-1)])).float()
+    return [logits[: len(images)], logits[len(images):]]
+
+
 @torch.inference_mode()
+def infer_batches(infer_views: InferViews, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
+                  ) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray]:
+    """Run a model over preprocessed (images, labels) batches: each test-time view's logits (N, C), the OOD
+    scores (N,) (None without a detector) and the labels (N,).
+
+    ``infer_views`` maps a batch to (logits of each view, scores): ``Classifier.infer_views`` for a saved model,
+    the training network for validation; the batches come from either data path with the same preprocessing.
+    """
+    outputs, labels = [], []
+    for images, batch_labels in batches:
+        outputs.append(infer_views(images))
+        labels.append(np.asarray(batch_labels, dtype=np.int64).reshape(-1))
+    if not outputs:
+        return [np.zeros((0, n_classes), dtype=np.float32)], None, np.zeros(0, dtype=np.int64)
+    views = [np.concatenate([batch_views[v] for batch_views, _ in outputs]) for v in range(len(outputs[0][0]))]
+    scores = None if outputs[0][1] is None else np.concatenate([score for _, score in outputs])
+    return views, scores, np.concatenate(labels)
+
+
+def loss_and_correct(views: list[np.ndarray], labels: np.ndarray) -> tuple[float, int]:
+    """Summed cross-entropy and the number of correct predictions; with several views (TTA), of the mean of their
+    softmax probabilities."""
+    logits = [torch.from_numpy(np.asarray(view, dtype=np.float32)) for view in views]
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if len(logits) == 1:
+        scores = logits[0]
+        loss = torch.nn.functional.cross_entropy(scores, target, reduction="sum")
+    else:
+        scores = torch.stack([torch.softmax(view, dim=1) for view in logits]).mean(0)
+        loss = torch.nn.functional.nll_loss(scores.clamp_min(1e-12).log(), target, reduction="sum")
+    return float(loss), int((scores.argmax(1) == target).sum())
+
+
 def infer_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
                 workers: int = 0) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Raw logits (N, C) of each test-time view (one, or two with TTA) and OOD scores (N,) (None without a
     detector) for image files, decoded and preprocessed in DataLoader workers."""
     dataset = ImageFolderDataset(paths, [0] * len(paths), classifier.preprocess)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    outputs = [classifier.infer_views(images) for images, _ in loader]
-    if not outputs:
-        return [np.zeros((0, len(classifier.classes)), dtype=np.float32)], None
-    views = [np.concatenate([batch_views[v] for batch_views, _ in outputs]) for v in range(len(outputs[0][0]))]
-    scores = None if outputs[0][1] is None else np.concatenate([score for _, score in outputs])
+    views, scores, _ = infer_batches(classifier.infer_views, loader, len(classifier.classes))
     return views, scores
 
 
@@ -48,11 +94,17 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
                         batch_size: int = 64, title: str = "Evaluation report",
                         extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
                         workers: int = 0, groups: list | None = None,
-                        duplicate_of_train: list[bool] | None = None) -> dict[str, Any]:
+                        duplicate_of_train: list[bool] | None = None,
+                        images: torch.Tensor | None = None) -> dict[str, Any]:
     """Metrics of a classifier on labelled files, written as a report with predictions.csv, ROC curves and the
     worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train`` and ``groups`` add
-    predictions.csv columns."""
-    views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+    predictions.csv columns. ``images``: the files already decoded at the model's size (uint8 (N, 3, S, S))."""
+    if images is None:
+        views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+    else:
+        batches = CachedBatches(images, list(labels), batch_size, shuffle=False, mean=classifier.mean,
+                                std=classifier.std)
+        views, ood_scores, _ = infer_batches(classifier.infer_views, batches, len(classifier.classes))
     probabilities = classifier.probabilities(views)
     y_true = np.asarray(labels)
     y_pred = probabilities.argmax(axis=1)
@@ -103,7 +155,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
 
     classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta, backend=backend)
     index = discover(data_dir, classes=classifier.classes)
-    paths, labels, skipped = drop_bad_files(index.paths, index.labels, str(data_dir), skip_bad, progress=False)
+    # One decode per file checks it, hashes it for the leak check and, where memory allows, feeds the model.
+    size = classifier.image_size
+    decoded = choose_cache("auto", len(index.paths), size, "cpu") == "memory"
+    scan = scan_files(index.paths, hashes=bool(exclude_duplicates_of), sizes=(size,) if decoded else ())
+    kept, skipped = keep_readable(index.paths, scan.errors, str(data_dir), skip_bad)
+    paths, labels = [index.paths[i] for i in kept], [index.labels[i] for i in kept]
     skipped += report_unsupported(data_dir)
     extra: dict[str, Any] = {"data": str(data_dir), "test-time augmentation": "mirror" if classifier.tta else "off"}
     if skipped:
@@ -129,4 +186,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     return evaluate_classifier(classifier, paths, labels, out_dir, batch_size=batch_size, workers=workers,
                                title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
                                leak_free=leak_free, groups=test_groups if group_source else None,
-                               duplicate_of_train=duplicates)
+                               duplicate_of_train=duplicates, images=scan.keep(kept, size) if decoded else None)

@@ -127,8 +127,8 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     import onnx
 
-    from .data import eval_transform
-    from .images import read_image
+    from .data.io import read_image
+    from .data.transforms import eval_transform
 
     _, meta = load_onnx_session(onnx_path, threads=1)  # a braintumor export, or a UserError
     images = list(calibration_images)[:max_images]

@@ -10,7 +10,7 @@ from typing import Union
 from PIL import Image
 
 from .errors import UserError
-from .images import IMAGE_EXTENSIONS
+from .data.io import IMAGE_EXTENSIONS
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 

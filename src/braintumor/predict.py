@@ -19,13 +19,13 @@ from PIL import Image
 from .backends import OnnxBackend, TorchBackend, open_model_file
 from .checkpoint import ModelSpec, resolve_checkpoint
 from .cpu_backends import load_openvino, resolve_auto_backend
-from .data import eval_transform
+from .data.io import read_image
+from .data.transforms import eval_transform
 from .devices import resolve_device
 from .errors import UserError
 from .explain import Explanation, grad_cam
 from .fingerprint import file_fingerprint
 from .formats import ONNX, model_format
-from .images import read_image
 from .inputs import ImageInput, describe_source, expand_inputs
 from .locking import ReadWriteLock
 from .model import gradcam_layer

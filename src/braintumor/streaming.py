@@ -10,7 +10,7 @@ from typing import IO
 import torch
 
 from .errors import UserError
-from .images import ImageReadError
+from .data.io import ImageReadError
 from .predict import Classifier, Prediction
 
 

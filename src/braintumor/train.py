@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -23,16 +22,19 @@ from . import distributed, runstate
 from .atomic import atomic_write
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_inference_checkpoint
 from .config import TrainConfig, field_names, write_config
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data.index import SplitData, prepare_split
+from .data.pipeline import build_batches
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .distill import Teacher, distillation_loss
 from .ema import ModelEma
 from .errors import UserError
 from .figures import plot_training_curves
-from .loaders import SplitData, build_batches, prepare_split
-from .model import build_model, forward_probabilities
+from .evaluate import evaluate_paths, infer_batches, loss_and_correct, view_logits
+from .model import build_model
 from .optim import Ranger
 from .optim.ranger_compiled import CompiledRanger
 from .devices import resolve_device
+from .seeding import seed_epoch
 from .train_step import choose_step_mode, pad_batch, wrap_network
 from .tensorboard_log import open_log
 
@@ -84,23 +86,6 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Every epoch's randomness is a function of (seed, epoch, rank): a resumed run replays it exactly."""
-    value = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and ints only, so the checkpoint loads with weights_only=True."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 class Trainer:
     """One training run; rank 0 writes everything, other ranks only compute."""
 
@@ -114,12 +99,16 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.show_progress = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         # Rank 0 checks the files and splits (hashing for duplicate groups once, not once per rank).
-        self.split: SplitData = distributed.run_on_main(lambda: prepare_split(cfg, self.show_progress), self.dist)
+        # It also picks the data cache for every rank and, in a single process, keeps what it decoded.
+        self.split: SplitData = distributed.run_on_main(
+            lambda: prepare_split(cfg, self.show_progress, device=self.device, keep_images=not self.dist.enabled),
+            self.dist)
         self.classes = self.split.classes
         if resume_from is not None and resume_from["classes"] != self.classes:
             raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")
         self.train_batches, self.val_batches, self.cache_mode = build_batches(
             self.split, cfg, self.device, self.dist, self.show_progress)
+        self.split.train_images = self.split.val_images = None  # the batches hold them (on the device with gpu)
         self.steps_per_epoch = len(self.train_batches)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
@@ -165,16 +154,23 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.net = wrap_network(self.net, self.step_plan)
+        # Validation runs the weights it reports (the EMA's with --ema) the way training runs its network
+        # (compiled with --compile), without DDP: each rank validates its own shard.
+        self.eval_net = (self.net if self.ema is None and not self.dist.enabled
+                         else wrap_network(self.eval_model, self.step_plan))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         # One autocast context for the whole loop: bf16 on CUDA (no loss scaling needed), fp32 on CPU.
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.device, non_blocking=True)
+        return images
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+        return self._images_to_device(images), labels.to(self.device, non_blocking=True)
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training shard; losses stay on the device until the epoch ends."""
@@ -238,24 +234,23 @@ class Trainer:
         return UserError(f"training diverged: the loss became non-finite at {where}; stopped, and {kept}. "
                          "Try a lower --lr or a warm-up (--warmup-epochs)")
 
+    def validation_views(self, images: torch.Tensor) -> tuple[list[np.ndarray], None]:
+        """Logits of each test-time view of a validation batch, padded to one shape for compiled steps."""
+        n = images.shape[0]
+        padded = self._images_to_device(pad_batch(images, self.val_batch_size))
+        with self.autocast:
+            views = view_logits(self.eval_net, padded, self.cfg.tta)
+        return [view[:n].cpu().numpy() for view in views], None  # the padded rows are not counted
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss and accuracy over the whole validation set (each rank its shard, summed); with --tta the mean
-        probabilities of each slice and its mirror."""
+        """Loss and accuracy over the whole validation set (each rank its shard, summed), by the evaluation loop
+        of ``braintumor evaluate``; with --tta of the mean probabilities of each slice and its mirror."""
         self.net.eval()
-        model = self.eval_model
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for images, labels in self.val_batches:
-            images, labels = self._to_device(pad_batch(images, self.val_batch_size), labels)
-            with self.autocast:  # [: labels.numel()]: the padded rows are not counted
-                if self.cfg.tta:
-                    probabilities = forward_probabilities(model, images, tta=True)[: labels.numel()]
-                    loss = nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels, reduction="sum")
-                else:
-                    probabilities = model(images)[: labels.numel()].float()  # logits: same argmax
-                    loss = nn.functional.cross_entropy(probabilities, labels, reduction="sum")
-            totals += torch.stack([loss.double(), (probabilities.argmax(1) == labels).sum().double(),
-                                   torch.full((), float(labels.numel()), dtype=torch.float64, device=self.device)])
+        self.eval_model.eval()
+        views, _, labels = infer_batches(self.validation_views, self.val_batches, len(self.classes))
+        loss, correct = loss_and_correct(views, labels)
+        totals = torch.tensor([loss, correct, len(labels)], dtype=torch.float64, device=self.device)
         loss_sum, correct, count = distributed.all_reduce_sum(totals, self.dist).tolist()
         return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
@@ -263,7 +258,7 @@ class Trainer:
         spec = ModelSpec(arch=self.cfg.arch, classes=self.classes, image_size=self.cfg.inference_image_size,
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, tta=bool(self.cfg.tta))
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
+                   "scheduler": self.scheduler.state_dict(), "epoch": epoch,
                    **spec.to_dict(), "config": self.cfg.to_dict(),
                    "best_val_accuracy": self.best_val_accuracy, "best_epoch": self.best_epoch,
                    "history": [dict(row) for row in history]}
@@ -341,7 +336,6 @@ class Trainer:
 
     def final_report(self) -> dict[str, Any]:
         """Fit the OOD detector and temperature into best.pt, then evaluate it on the validation set."""
-        from .evaluate import evaluate_paths
         from .trust import describe_trust, fit_trust, store_trust
 
         trust = fit_trust(self.run_dir / "best.pt", self.split.train_paths, self.split.train_labels,

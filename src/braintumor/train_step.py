@@ -12,7 +12,7 @@ Step modes (``--train-step``):
   ``compile`` when the run has enough steps to repay compilation (:data:`AUTO_COMPILE_MIN_STEPS`), else ``eager``.
 
 A mode that cannot run here falls back to the nearest one that can, with a one-line notice. Compiled modes and
-CUDA graphs need one input shape per phase: training drops a last partial batch (loaders.drop_partial_batch), and
+CUDA graphs need one input shape per phase: training drops a last partial batch (data.pipeline.drop_partial_batch), and
 validation pads its last batch to full size (:func:`pad_batch`) and drops the padded rows from its metrics.
 """
 

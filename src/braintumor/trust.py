@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .calibration import fit_temperature, softmax
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import ImageFolderDataset
+from .data.pipeline import ImageFolderDataset
 from .errors import UserError
 from .metrics import expected_calibration_error
 from .ood import DEFAULT_ACCEPT_RATE, acceptance_threshold, fit_mahalanobis, pooled_features
@@ -99,7 +99,7 @@ def fit_trust_for_checkpoint(checkpoint: str | os.PathLike, *, data: str | None 
     False. Returns the trust entry.
     """
     from .config import TrainConfig, field_names
-    from .loaders import prepare_split
+    from .data.index import prepare_split
 
     path = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(path)

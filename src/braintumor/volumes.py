@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .images import _has_dicom_magic, missing_decoder_reason
+from .data.io import has_dicom_magic, missing_decoder_reason
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ def _dicom_header(path: Path):
 
     try:
         with path.open("rb") as handle:
-            if not _has_dicom_magic(handle.read(132)) and path.suffix.lower() != ".dcm":
+            if not has_dicom_magic(handle.read(132)) and path.suffix.lower() != ".dcm":
                 return None
         return pydicom.dcmread(path, stop_before_pixels=True, force=path.suffix.lower() == ".dcm")
-    except Exception:  # noqa: BLE001 - anything unreadable is "not a DICOM volume"; images.py reports it
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a DICOM volume"; data/io.py reports it
         return None
 
 
@@ -114,7 +114,7 @@ def partition_inputs(paths) -> tuple[list[Path], list[Path]]:
     Inside folders (walked recursively, sorted, hidden entries skipped), a sub-folder that :func:`is_volume`
     calls a DICOM series is one volume; NIfTI files and multi-frame DICOMs are volumes; the rest are images.
     """
-    from .images import IMAGE_EXTENSIONS
+    from .data.io import IMAGE_EXTENSIONS
     from .predict import expand_inputs
 
     images: list[Path] = []
@@ -188,7 +188,7 @@ def read_volume_bytes(data: bytes, name: str) -> Volume | None:
             raise UserError(f"cannot read volume {name}: more than {MAX_VOXELS} voxels once decompressed")
     if is_nifti(name) or raw[344:348] in (b"n+1\0", b"ni1\0") or raw[4:8] == b"n+2\0":
         return _to_volume(_nifti_from_bytes(raw, name), name, "nifti")
-    if _has_dicom_magic(data[:132]):
+    if has_dicom_magic(data[:132]):
         import pydicom
 
         try:

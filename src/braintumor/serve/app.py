@@ -29,7 +29,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .. import RESEARCH_NOTE
 from ..errors import UserError
-from ..images import ImageReadError, estimate_decode_bytes, read_image
+from ..data.io import ImageReadError, estimate_decode_bytes, read_image
 from .budget import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
 
 STATIC_DIR = Path(__file__).with_name("static")

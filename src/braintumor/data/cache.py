@@ -1,6 +1,8 @@
-"""Decode image files once into a uint8 tensor at training size, on the GPU with nvjpeg where possible.
+"""The decoded-image cache: where it fits (GPU, host memory or none), and decoding files once into it.
 
-The pixels are those of :func:`braintumor.images.read_image` followed by :func:`braintumor.data.eval_transform`'s
+Files are decoded to a uint8 tensor at training size, on the GPU with nvjpeg where possible.
+The pixels are those of :func:`braintumor.data.io.read_image` followed by
+:func:`braintumor.data.transforms.eval_transform`'s
 resize, up to rounding: torchvision.io decodes the 8-bit gray/RGB JPEGs and PNGs for which it gives read_image's
 pixels, read_image everything else; tests/test_decode.py checks both paths against the PIL pipeline.
 """
@@ -15,13 +17,83 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from braintumor.images import read_image
+from braintumor.data.io import read_image
+from braintumor.data.transforms import resize_to_uint8
+from braintumor.errors import UserError
 
+CACHE_MODES = ("auto", "none", "memory", "gpu")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def cache_bytes(n_images: int, image_size: int) -> int:
+    """Bytes of a decoded uint8 cache of n_images RGB images of image_size x image_size."""
+    return int(n_images) * 3 * int(image_size) ** 2
+
+
+def _available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (or sysconf), capped by a cgroup v2 memory limit when there is one."""
+    available = 0
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not available:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 0
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def choose_cache(
+    mode: str,
+    n_images: int,
+    image_size: int,
+    device: str | torch.device,
+    *,
+    free_gpu_bytes: int | None = None,
+    available_ram_bytes: int | None = None,
+) -> str:
+    """Resolve ``--data-cache`` to "gpu", "memory" or "none".
+
+    "auto": "gpu" on CUDA when the decoded set (N*3*S*S bytes) fits in a quarter of free GPU memory, else "memory"
+    when it fits in a quarter of available RAM, else "none". Explicit modes are honoured; "gpu" without a CUDA
+    device is a UserError. Memory figures are measured unless given.
+    """
+    if mode not in CACHE_MODES:
+        raise UserError(f"unknown data cache '{mode}': choose one of {', '.join(CACHE_MODES)}")
+    device = torch.device(device)
+    if mode == "gpu" and device.type != "cuda":
+        raise UserError(f"--data-cache gpu needs a CUDA device, but the device is {device}: use memory or auto")
+    if mode != "auto":
+        return mode
+    needed = cache_bytes(n_images, image_size)
+    if device.type == "cuda":
+        if free_gpu_bytes is None:
+            free_gpu_bytes = torch.cuda.mem_get_info(device)[0]
+        if needed <= free_gpu_bytes / 4:
+            return "gpu"
+    if available_ram_bytes is None:
+        available_ram_bytes = _available_ram_bytes()
+    if needed <= available_ram_bytes / 4:
+        return "memory"
+    return "none"
 
 
 def _decode_with_pil(path: Path) -> torch.Tensor:
@@ -85,6 +157,14 @@ def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return TF.resize(images.contiguous(), [image_size, image_size], antialias=True)
 
 
+def _resize_like_eval(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, S, S) by the evaluation preprocessing's own resize (PIL's), so that the CPU cache
+    holds exactly the pixels evaluation computes from the same file."""
+    if image.shape[-2:] == (image_size, image_size):
+        return image
+    return resize_to_uint8(Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())), image_size)
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -113,13 +193,15 @@ def decode_to_tensor(
 
     Files are read (and, on CPU, decoded and resized) in a thread pool with torchvision.io. On CUDA, JPEGs are
     decoded with nvjpeg in chunks of ``chunk_size`` and resized on the GPU. Files torchvision cannot decode to the
-    same pixels as :func:`braintumor.images.read_image` (16-bit, alpha, CMYK, BMP, TIFF, DICOM, ...) are read with
+    same pixels as :func:`braintumor.data.io.read_image` (16-bit, alpha, CMYK, BMP, TIFF, DICOM, ...) are read with
     read_image, which raises ImageReadError for unreadable files. With ``pin_memory`` and a CPU ``device`` the
     result is in page-locked memory (when CUDA is available) for fast asynchronous copies to the GPU.
 
-    Pixels match the PIL pipeline (read_image + eval_transform's Resize) within 1 grey level for gray-content
-    JPEGs and PNGs (measured on an H200 for nvjpeg too); for colour JPEGs with chroma subsampling nvjpeg's chroma
-    upsampling differs from libjpeg's, which can move strongly coloured edges by more.
+    On the CPU the pixels are those of the evaluation preprocessing (read_image, then eval_transform's resize):
+    torchvision decodes only the files it decodes to read_image's pixels, and images are resized by the same PIL
+    resize. On CUDA, images are resized on the GPU (torch's antialiased bilinear), within 1 grey level of that
+    for gray-content JPEGs and PNGs (measured on an H200 for nvjpeg too); for colour JPEGs with chroma
+    subsampling nvjpeg's chroma upsampling differs from libjpeg's, which can move strongly coloured edges by more.
     """
     device = torch.device(device)
     paths = [Path(p) for p in paths]
@@ -132,7 +214,7 @@ def decode_to_tensor(
 
     def decode_cpu_resized(index: int, data: bytes | None = None) -> None:
         raw = _read_bytes(paths[index]) if data is None else data
-        out[index].copy_(_resize(_decode_cpu(raw, paths[index]), shape[-1]))
+        out[index].copy_(_resize_like_eval(_decode_cpu(raw, paths[index]), shape[-1]))
 
     with ThreadPoolExecutor(max_workers=workers) as pool, _progress_bar(len(paths), progress) as bar:
         if device.type != "cuda":

@@ -92,7 +92,7 @@ def read_image(
         suffix = _suffix(name) if name else ""
         if suffix:
             return _read_by_rules(io.BytesIO(data), data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)], suffix, label)
-        if _has_dicom_magic(data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)]):
+        if has_dicom_magic(data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)]):
             return _read_dicom(io.BytesIO(data), label, force=False)
         return _read_pil(io.BytesIO(data), label)
     if isinstance(source, (str, os.PathLike)):
@@ -158,7 +158,7 @@ def _suffix(name: str) -> str:
 def _read_by_rules(file: Path | io.BytesIO, header: bytes, suffix: str, label: str) -> Image.Image:
     """The one rule for files and named uploads: DICOM magic, then the extension, then PIL by content."""
     # DICOM exports often carry no extension (IM000001) or a wrong one, so the magic decides first.
-    if _has_dicom_magic(header):
+    if has_dicom_magic(header):
         return _read_dicom(file, label, force=False)
     if suffix == ".dcm":
         # DICOM without the 128-byte preamble is still valid on some scanners' exports.
@@ -174,7 +174,8 @@ def unsupported_type_reason(suffix: str) -> str:
     return f"unsupported file type {shown}; supported: {', '.join(sorted(IMAGE_EXTENSIONS))}"
 
 
-def _has_dicom_magic(header: bytes) -> bool:
+def has_dicom_magic(header: bytes) -> bool:
+    """True when ``header`` (the first 132 bytes or more) carries the DICOM magic at byte 128."""
     return header[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)] == _DICOM_MAGIC
 
 
@@ -205,7 +206,7 @@ def _check_byte_budget(width: int, height: int, mode: str, label: str) -> None:
     if needed > MAX_DECODED_BYTES:
         raise ImageReadError(label, f"too large: {width}x{height} pixels of mode {mode} decode to "
                                     f"{needed / 2**20:.0f} MiB, over the limit of {MAX_DECODED_BYTES // 2**20} MiB "
-                                    "per image (braintumor.images.MAX_DECODED_BYTES)")
+                                    "per image (braintumor.data.io.MAX_DECODED_BYTES)")
 
 
 def _shrink_factor(width: int, height: int) -> int:
@@ -219,7 +220,7 @@ def estimate_decode_bytes(data: bytes, name: str | None = None) -> int:
     """
     try:
         head = data[: _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)]
-        if _has_dicom_magic(head) or (name and _suffix(name) == ".dcm"):
+        if has_dicom_magic(head) or (name and _suffix(name) == ".dcm"):
             import pydicom
 
             inflated = _deflated_size(io.BytesIO(data), MAX_DECODED_BYTES * 2 + (1 << 20))

@@ -1,31 +1,34 @@
-"""Folder-per-class image sets: discovery, seeded stratified splits, CPU transforms and the Dataset.
+"""Which files a data folder holds and how they split: discovery, file checks, seeded stratified (grouped) splits.
 
 A data root holds one sub-folder per class (``root/glioma/*.jpg``, ``root/notumor/*.png``, ...). Class names are
 the sorted sub-folder names. Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.DS_Store``)
 are ignored at every level. Images are found recursively inside a class folder (``root/glioma/patient1/a.dcm``
 belongs to ``glioma``), so sets that keep one sub-folder per patient or series work unchanged; files are kept when
-their extension (any case) is one of :data:`braintumor.images.IMAGE_EXTENSIONS`.
+their extension (any case) is one of :data:`braintumor.data.io.IMAGE_EXTENSIONS`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode, v2
 
-from braintumor.augment import Augmentation, RandomIntensity, intensity_enabled
+from braintumor.config import TrainConfig
+from braintumor.data.cache import choose_cache
+from braintumor.data.scan import scan_files
+from braintumor.dedup import DEFAULT_THRESHOLD, group_ids
+from braintumor.data.io import IMAGE_EXTENSIONS, unsupported_type_reason
 from braintumor.errors import UserError
-from braintumor.images import IMAGE_EXTENSIONS, read_image
+from braintumor.groups import find_groups, merge_groups
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_LISTED_BAD_FILES = 10
 
 
 @dataclass
@@ -58,7 +61,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _full_suffix(path: Path) -> str:
+def full_suffix(path: Path) -> str:
     """'.nii.gz' for a gzipped NIfTI, else the last extension (lower case)."""
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
@@ -84,14 +87,10 @@ def unsupported_files_warning(root: str | os.PathLike, files: list[Path]) -> str
 
 def report_unsupported(root: str | os.PathLike) -> list[tuple[str, str]]:
     """Warn (one line on stderr) about files of other types in a data folder; returns (path, reason) for reports."""
-    import sys
-
-    from braintumor.images import unsupported_type_reason
-
     files = unsupported_files(root) if Path(root).is_dir() else []
     if files:
         print(unsupported_files_warning(root, files), file=sys.stderr)
-    return [(str(p), unsupported_type_reason(_full_suffix(p))) for p in files]
+    return [(str(p), unsupported_type_reason(full_suffix(p))) for p in files]
 
 
 def discover(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageFolderIndex:
@@ -209,78 +208,106 @@ def stratified_split(
     return [i for i in range(len(labels)) if i not in val_set], sorted(val_set)
 
 
-def _check_sizes(image_size: int, rotation: float = 0.0) -> None:
-    if int(image_size) != image_size or image_size < 1:
-        raise UserError(f"image size must be a positive integer, got {image_size}")
-    if rotation < 0 or rotation > 180:
-        raise UserError(f"rotation must be between 0 and 180 degrees, got {rotation}")
 
 
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+@dataclass
+class SplitData:
+    """Which files train and which validate, with the class list and any skipped bad files.
 
-
-def train_transform(
-    image_size: int,
-    rotation: float,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    *,
-    augmentation: Augmentation | None = None,
-) -> v2.Compose:
-    """Training transform for a PIL RGB image: resize to (s, s), flip p=0.5, rotate U(-rotation, rotation)
-    degrees (bilinear, zero fill; 0 disables it), float tensor in [0, 1], normalize.
-
-    ``augmentation`` (its rotation replaces ``rotation``) adds RandomAffine's scale and shift (RandomAffine then
-    replaces RandomRotation) and random gamma / brightness / contrast before normalizing.
+    ``cache_mode`` is where batches come from (:func:`braintumor.data.cache.choose_cache`); when the scan kept the
+    images decoded, ``train_images`` (at the training size) and ``val_images`` (at the inference size) hold them
+    as uint8 (N, 3, S, S), in the order of the paths.
     """
-    aug = augmentation if augmentation is not None else Augmentation(rotation=rotation)
-    _check_sizes(image_size, aug.rotation)
-    steps = [v2.Resize((int(image_size), int(image_size)), antialias=True), v2.RandomHorizontalFlip(0.5)]
-    if aug.affine:
-        steps.append(v2.RandomAffine(aug.rotation, translate=(aug.translate, aug.translate),
-                                     scale=(1.0 - aug.scale, 1.0 + aug.scale),
-                                     interpolation=InterpolationMode.BILINEAR, fill=0))
-    elif aug.rotation > 0:
-        steps.append(v2.RandomRotation(aug.rotation, interpolation=InterpolationMode.BILINEAR, fill=0))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if intensity_enabled(aug.brightness, aug.contrast, aug.gamma):
-        steps.append(RandomIntensity(aug.brightness, aug.contrast, aug.gamma))
-    return v2.Compose(steps + [v2.Normalize(list(mean), list(std))])
+
+    classes: list[str]
+    train_paths: list[Path]
+    train_labels: list[int]
+    val_paths: list[Path]
+    val_labels: list[int]
+    val_source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicate_groups_split: bool = False
+    cache_mode: str = "none"
+    train_images: torch.Tensor | None = None
+    val_images: torch.Tensor | None = None
 
 
-def eval_transform(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
-    """Evaluation transform for a PIL RGB image: resize to (s, s), float tensor in [0, 1], normalize."""
-    _check_sizes(image_size)
-    return v2.Compose(
-        [v2.Resize((int(image_size), int(image_size)), antialias=True)] + _to_normalized_tensor(mean, std)
-    )
+def keep_readable(paths: Sequence[Path], errors: Sequence[str | None], root: str | os.PathLike, skip_bad: bool,
+                  ) -> tuple[list[int], list[tuple[str, str]]]:
+    """Indices of the readable files and (path, reason) of the others; without ``skip_bad`` any bad file stops
+    the run with one message listing them."""
+    bad = [(str(path), reason) for path, reason in zip(paths, errors) if reason is not None]
+    if bad and not skip_bad:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:MAX_LISTED_BAD_FILES])
+        more = f"; and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
+        raise UserError(f"{len(bad)} unreadable image(s) in {root}: {listed}{more}. Fix or remove them, "
+                        "or rerun with --skip-bad to skip them (they are then listed in the run's report)")
+    return [i for i, reason in enumerate(errors) if reason is None], bad
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """(image, label) pairs read with :func:`braintumor.images.read_image` and passed through ``transform``."""
+def drop_bad_files(paths: list[Path], labels: list[int], root: str, skip_bad: bool, progress: bool,
+                   ) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
+    """Decode every file once; stop with one message listing bad files, or drop them with ``skip_bad``."""
+    kept, bad = keep_readable(paths, scan_files(paths, progress=progress).errors, root, skip_bad)
+    return [paths[i] for i in kept], [labels[i] for i in kept], bad
 
-    def __init__(
-        self,
-        paths: Sequence[str | os.PathLike],
-        labels: Sequence[int],
-        transform: Callable | None,
-    ):
-        if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
-        self.paths = [Path(p) for p in paths]
-        self.labels = [int(label) for label in labels]
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.paths)
+def _grouped_split(cfg: TrainConfig, paths: list[Path], labels: list[int], records: list[dict] | None,
+                   ) -> tuple[list[int], list[int], str, bool]:
+    """(train indices, val indices, a phrase naming the split, whether groups were kept together)."""
+    patients, patient_source = find_groups(paths, cfg.data, cfg.groups)
+    groups = None
+    if cfg.group_split:
+        groups = merge_groups(patients, group_ids(records, DEFAULT_THRESHOLD).tolist())
+        largest = max(Counter(groups).values())
+        if largest > max(20, len(paths) // 10):
+            # Transitive near-duplicate chains can swallow distinct images (e.g. tiny, very uniform images);
+            # the split stays leak-free but cannot stratify well. Say so rather than fail.
+            print(f"warning: {largest} of {len(paths)} images fall into one duplicate group, so the validation "
+                  "split cannot be stratified well; if they are distinct images, use --no-group-split",
+                  file=sys.stderr)
+    elif patient_source:
+        groups = merge_groups(patients)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_idx, val_idx = stratified_split(labels, cfg.val_split, split_seed, groups=groups)
+    kept = [what for what, on in ((f"groups from {patient_source}", patient_source),
+                                  ("duplicates", cfg.group_split)) if on]
+    source = (f"{cfg.val_split:.0%} stratified split of {cfg.data} (seed {split_seed}"
+              f"{', ' + ' and '.join(kept) + ' kept on one side' if kept else ''})")
+    return train_idx, val_idx, source, groups is not None
 
-    def __getitem__(self, index: int):
-        image = read_image(self.paths[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index]
+
+def prepare_split(cfg: TrainConfig, progress: bool, *, device: torch.device | None = None,
+                  keep_images: bool = False) -> SplitData:
+    """Discover the data, check every file, and split (grouping duplicates) unless --val is given.
+
+    With a ``device`` the data cache is chosen for it (``cache_mode``); with ``keep_images`` too, a cached run
+    keeps the images the check decoded, so each file is decoded once (see :mod:`braintumor.data.scan`).
+    """
+    index = discover(cfg.data)
+    val_index = discover(cfg.val, classes=index.classes) if cfg.val else None
+    n_images = len(index.paths) + (len(val_index.paths) if val_index else 0)
+    mode = "none" if device is None else choose_cache(cfg.data_cache, n_images, cfg.image_size, device)
+    sizes = (cfg.image_size, cfg.inference_image_size) if keep_images and mode != "none" else ()
+    scan = scan_files(index.paths, hashes=cfg.group_split and not cfg.val, sizes=sizes, progress=progress)
+    kept, skipped = keep_readable(index.paths, scan.errors, cfg.data, cfg.skip_bad)
+    skipped += report_unsupported(cfg.data)
+    paths, labels = [index.paths[i] for i in kept], [index.labels[i] for i in kept]
+    if val_index is not None:
+        val_scan = scan_files(val_index.paths, sizes=sizes[1:], progress=progress)
+        val_kept, val_skipped = keep_readable(val_index.paths, val_scan.errors, cfg.val, cfg.skip_bad)
+        split = SplitData(index.classes, paths, labels, [val_index.paths[i] for i in val_kept],
+                          [val_index.labels[i] for i in val_kept], f"folder {cfg.val}",
+                          skipped + val_skipped + report_unsupported(cfg.val), cache_mode=mode)
+        train_rows, val_rows = kept, val_kept
+    else:
+        records = None if scan.records is None else [scan.records[i] for i in kept]
+        train_idx, val_idx, source, grouped = _grouped_split(cfg, paths, labels, records)
+        split = SplitData(index.classes, [paths[i] for i in train_idx], [labels[i] for i in train_idx],
+                          [paths[i] for i in val_idx], [labels[i] for i in val_idx], source, skipped,
+                          duplicate_groups_split=grouped, cache_mode=mode)
+        train_rows, val_rows, val_scan = [kept[i] for i in train_idx], [kept[i] for i in val_idx], scan
+    if sizes:
+        split.train_images = scan.keep(train_rows, cfg.image_size)
+        split.val_images = val_scan.keep(val_rows, cfg.inference_image_size)
+    return split
