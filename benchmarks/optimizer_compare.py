@@ -105,7 +105,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, dict[int, list[di
             print(f"\n=== run {done + 1}/{total}: {label}, seed {seed} ===", flush=True)
             cfg = TrainConfig(data=str(data), val=str(val), arch=args.arch, weights="none",
                               image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                              lr=args.lr, optimizer=optimizer, gc=gc, scheduler="none", seed=seed,
+                              lr=args.lr, optimizer=optimizer, gc=gc, scheduler="constant", seed=seed,
                               device=args.device, data_cache="memory", workers=0,
                               out=str(work / "runs" / f"{name}-seed{seed}"), progress=False)
             start = time.perf_counter()

@@ -104,9 +104,12 @@ def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_pat
     assert code == 0 and onnx_file.is_file()
     image = phantom_dir / "pituitary" / "pituitary_0001.png"
     _, torch_out, _ = run(["predict", trained_run / "best.pt", image, "--json"], capsys)
-    code, onnx_out, _ = run(["predict", onnx_file, image, "--json", "--backend", "onnx"], capsys)
+    code, onnx_out, err = run(["predict", onnx_file, image, "--json", "--backend", "onnx"], capsys)
     expected, got = json.loads(torch_out)[0], json.loads(onnx_out)[0]
     assert code == 0 and got["label"] == expected["label"]
+    # --device auto (the default) with an ONNX model: one line says it runs on the CPU; --device cpu: silence.
+    assert err == "note: the onnx model runs on the CPU (--device auto applies to .pt checkpoints)\n"
+    assert run(["predict", onnx_file, image, "--device", "cpu"], capsys)[2] == ""
     for name, p in expected["probabilities"].items():
         assert got["probabilities"][name] == pytest.approx(p, abs=1e-4)
 
@@ -208,3 +211,128 @@ def test_real_process_exit_codes_and_no_traceback(tmp_path):
                                 timeout=120)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def help_entries(argv, monkeypatch, capsys) -> dict[str, str]:
+    """--help of a command as {flag: its whole help text}, unwrapped (a wide terminal)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    entries, current = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_every_config_option_has_a_generated_train_flag_showing_its_default(monkeypatch, capsys):
+    from braintumor.config import FIELDS, flag_name, shown_default
+
+    entries = help_entries(["train"], monkeypatch, capsys)
+    for key, f in FIELDS.items():
+        if key in ("data", "recipe"):  # DATA is positional; --recipe NAME loads a shipped recipe
+            continue
+        help_text = entries[f"--{flag_name(key)}"]
+        assert f"(default: {shown_default(key)})" in help_text, key
+        assert f.metadata["help"] in help_text
+        if not f.metadata["shown"] and not isinstance(f.default, bool):
+            assert f"(default: {f.default})" in help_text, key  # the dataclass's value itself, not a copy
+    assert "--compile" not in entries
+
+
+def test_generated_flags_parse_to_the_fields_type_and_override_the_config_file(tmp_path, monkeypatch):
+    from braintumor.cli import build_parser, train_options
+    from braintumor.config import read_config_file, resolve_config
+
+    args = build_parser().parse_args(["train", "d", "--lr", "1e-3", "--epochs", "3", "--no-tta", "--no-progress",
+                                      "--arch", "resnet18"])
+    assert train_options(args) == {"data": "d", "lr": 1e-3, "epochs": 3, "tta": False, "progress": False,
+                                   "arch": "resnet18"}
+    (tmp_path / "c.yaml").write_text("lr: 1e-5\ntta: true\nepochs: 9\nbatch_size: 4\n")
+    cfg = resolve_config(read_config_file(tmp_path / "c.yaml"), train_options(args))
+    assert (cfg.lr, cfg.tta, cfg.epochs, cfg.batch_size) == (1e-3, False, 3, 4)
+
+
+def test_every_flag_of_every_command_shows_its_default(monkeypatch, capsys):
+    from braintumor.cli import COMMANDS
+
+    for command in COMMANDS:
+        for flag, text in help_entries([command], monkeypatch, capsys).items():
+            if flag not in ("-h", "-q", "-v"):
+                assert "(default: " in text, (command, text)
+
+
+def test_device_and_workers_have_one_default_everywhere():
+    from braintumor.cli import build_parser
+    from braintumor.config import DEFAULT_WORKERS, TrainConfig
+
+    parser = build_parser()
+    for argv in (["predict", "m.pt", "a.png"], ["explain", "m.pt", "a.png"], ["serve"], ["evaluate", "m.pt", "d"],
+                 ["calibrate", "m.pt"]):
+        assert parser.parse_args(argv).device == "auto" == TrainConfig().device, argv
+    for argv in (["evaluate", "m.pt", "d"], ["calibrate", "m.pt"]):
+        assert parser.parse_args(argv).workers == DEFAULT_WORKERS == TrainConfig().workers
+    assert parser.parse_args(["export", "m.pt"]).out is None  # export names the file after the checkpoint
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: abc\n", "error: epochs in {path} must be a whole number, got 'abc'\n"),
+    ("lr: 1e-5\nepochs: 0\n", "error: --epochs must be at least 1 and at most 100000, got 0\n"),
+    ("learning_rate: 0.1\n", "error: unknown option(s) in {path}: learning_rate (see braintumor train --help)\n"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    code, _, err = run(["train", tmp_path, "--config", path], capsys)
+    assert code == 2 and err == message.format(path=path)
+
+
+def test_compile_flag_names_its_replacement(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "d", "--compile"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--compile was replaced by --train-step compile" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["DATA_DIR"], "DATA"), (["--config", "c.yaml"], "--config"), (["--recipe", "seed"], "--recipe"),
+])
+def test_resume_refuses_data_config_and_recipe(tmp_path, capsys, extra, named):
+    code, _, err = run(["train", "--resume", tmp_path, *extra], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --resume continues {tmp_path} with its own data and recipe, so {named} cannot")
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "0.1"), ("--arch", "resnet18"), ("--tta", None),
+                                         ("--out", "x"), ("--scheduler", "cosine")])
+def test_resume_refuses_recipe_flags(trained_run, capsys, flag, value):
+    before = (trained_run / "last.pt").stat().st_mtime_ns
+    code, _, err = run(["train", "--resume", trained_run, flag, *([value] if value else [])], capsys)
+    assert code == 2 and err.count("\n") == 1 and f", so {flag} cannot be given; only --epochs" in err
+    assert (trained_run / "last.pt").stat().st_mtime_ns == before
+
+
+def test_a_run_started_with_a_relative_data_path_resumes_from_another_folder(phantom_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    import shutil
+
+    import yaml
+
+    project = tmp_path / "project"
+    shutil.copytree(phantom_dir, project / "data")
+    monkeypatch.chdir(project)
+    code, _, err = run(["train", "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32",
+                        "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--workers", "0",
+                        "--no-progress", "--out", "runs/r"], capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((project / "runs" / "r" / "config.yaml").read_text())
+    assert saved["data"] == str(project / "data") and "device" not in saved
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["train", "--resume", project / "runs" / "r", "--epochs", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    assert len((project / "runs" / "r" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -26,11 +26,38 @@ def probability(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default: appended here unless the help already words it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return text if action.default is None else f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag on one line (exit 2) instead of usage plus message."""
+    """argparse that reports a bad flag on one line (exit 2) instead of usage plus message, and shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Replaced(argparse.Action):
+    """A flag that was replaced: a one-line error naming the replacement (hidden from --help)."""
+
+    def __init__(self, option_strings, dest, replacement: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was replaced by {self.replacement}")
 
 
 def bounded(kind: type, low: float, high: float):
@@ -54,95 +81,72 @@ def one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
-GROUPS_HELP = ("CSV with columns path,group (patient or series id): a group never straddles the split "
-               "(default: per-patient sub-folders of the class folders, when there are any)")
+_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str}
+_METAVARS = {"int": "N", "int | None": "N", "float": "X"}
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    # Every default is None so a YAML file (--config) can set it; TrainConfig holds the real defaults.
-    p.add_argument("data", nargs="?", help="training folder with one sub-folder per class")
-    p.add_argument("--recipe", help="a shipped recipe (see `braintumor recipes`); --config and flags override it")
-    p.add_argument("--config", help="YAML file of options (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
-    p.add_argument("--val", help="separate validation folder (default: split the training folder)")
-    p.add_argument("--val-split", type=float, help="validation fraction of the training folder (default 0.15)")
-    p.add_argument("--no-group-split", dest="group_split", action="store_false", default=None,
-                   help="allow exact/near duplicates on both sides of the split (default: kept together)")
-    p.add_argument("--groups", metavar="FILE.csv", help=GROUPS_HELP)
-    p.add_argument("--arch", help="resnet18|resnet34|resnet50|resnet101|resnet152 (default resnet152)")
-    p.add_argument("--weights", help="imagenet (default), none, or a torchvision state-dict file")
-    p.add_argument("--image-size", type=int, help="square input size in pixels (default 224)")
-    p.add_argument("--rotation", type=float, help="random rotation range in degrees, +/- (default 10)")
-    p.add_argument("--scale", type=float, help="random scale U(1-s, 1+s) (default 0: off)")
-    p.add_argument("--translate", type=float, help="random shift up to this fraction of the size (default 0)")
-    p.add_argument("--brightness", type=float, help="random brightness factor U(1-b, 1+b) (default 0)")
-    p.add_argument("--contrast", type=float, help="random contrast factor U(1-c, 1+c) (default 0)")
-    p.add_argument("--gamma", type=float, help="random gamma exp(U(-g, g)) (default 0)")
-    p.add_argument("--progressive-resize", type=int, metavar="START_SIZE",
-                   help="train at START_SIZE first, growing to --image-size (default 0: off)")
-    p.add_argument("--progressive-until", type=float,
-                   help="fraction of the epochs after which training is at full size (default 0.5)")
-    p.add_argument("--eval-image-size", type=int,
-                   help="size for validation and the saved model (default: --image-size)")
-    p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="validate and save an exponential moving average of the weights (e.g. 0.999; default 0: off)")
-    p.add_argument("--tta", action="store_true", default=None,
-                   help="test-time augmentation: average each slice with its mirror (stored in the model)")
-    p.add_argument("--teacher", metavar="CKPT", help="distil from this trained checkpoint (same classes)")
-    p.add_argument("--distill-weight", type=float, help="weight of the teacher's soft targets (default 0.5)")
-    p.add_argument("--distill-temperature", type=float, help="softening temperature (default 4)")
-    p.add_argument("--epochs", type=int, help="number of epochs (default 10)")
-    p.add_argument("--batch-size", type=int, help="global batch size over all processes (default 32)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-5)")
-    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 0)")
-    p.add_argument("--optimizer", help="ranger (default), radam, adam, adamw or sgd")
-    p.add_argument("--gc", help="gradient centralization for Ranger: all (default), conv or none")
-    p.add_argument("--lookahead-k", type=int, help="Ranger LookAhead sync period (default 6)")
-    p.add_argument("--lookahead-alpha", type=float, help="Ranger LookAhead step (default 0.5)")
-    p.add_argument("--scheduler", help="none (default), cosine or onecycle")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up length in epochs (default 0)")
-    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (default min(8, cores))")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--split-seed", type=int,
-                   help="seed of the validation split (default: --seed); fix it to compare seeds on one split")
-    p.add_argument("--device", help="auto (default), cpu or cuda")
-    p.add_argument("--data-cache", help="auto (default), none, memory or gpu: decode images once and "
-                                        "augment batches on the device")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the model (short for --train-step compile)")
-    p.add_argument("--train-step", help="auto (default), eager, compile, compile-step (model and Ranger update) "
-                                        "or cuda-graphs; a mode that cannot run falls back with a notice")
-    p.add_argument("--skip-bad", action="store_true", default=None,
-                   help="skip unreadable images (listed in the report) instead of stopping")
-    p.add_argument("--out", help="run folder (default runs/<date-time>-<name>)")
-    p.add_argument("--name", help="run name used in the default run folder")
-    p.add_argument("--max-steps-per-epoch", type=int, help="cap on steps per epoch (smoke tests)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars")
+def config_flag(p: argparse.ArgumentParser, key: str, default=None) -> None:
+    """Add the flag of TrainConfig option ``key``, generated from its field: type, choices, help and shown
+    default. ``default`` None (train): a flag not given leaves the recipe's or --config's value in place."""
+    from .config import FIELDS, flag_name, shown_default
+
+    f = FIELDS[key]
+    meta, kind = f.metadata, str(f.type)
+    choices = meta["choices"]
+    text = f"{meta['help']} (default: {shown_default(key)})".replace("%", "%%")
+    if kind == "bool":
+        p.add_argument(f"--{flag_name(key)}", dest=key, action=argparse.BooleanOptionalAction, default=default,
+                       help=text)
+        return
+    metavar = meta["metavar"] or ("{" + ",".join(choices) + "}" if choices else
+                                  _METAVARS.get(kind, flag_name(key).upper().replace("-", "_")))
+    p.add_argument(f"--{flag_name(key)}", dest=key, type=_TYPES[kind], default=default, metavar=metavar, help=text)
 
 
-TRAIN_KEYS = ("data", "val", "val_split", "group_split", "groups", "arch", "weights", "image_size", "rotation",
-              "scale", "translate", "brightness", "contrast", "gamma", "progressive_resize", "progressive_until",
-              "eval_image_size", "ema", "tta", "teacher", "distill_weight", "distill_temperature", "epochs",
-              "batch_size", "lr", "weight_decay", "optimizer", "gc", "lookahead_k", "lookahead_alpha",
-              "scheduler", "warmup_epochs", "label_smoothing", "workers", "seed", "split_seed", "device", "data_cache",
-              "compile", "train_step", "skip_bad", "out", "name", "max_steps_per_epoch", "progress")
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    """``train``: DATA, the sources of options (--recipe, --config, --resume), then one flag per config option."""
+    from .config import FIELDS
+
+    p.add_argument("data", nargs="?", help="training folder with one sub-folder per class (or data: in --config)")
+    p.add_argument("--recipe", help="a shipped recipe (see `braintumor recipes`); --config and flags override it "
+                                    "(default: none)")
+    p.add_argument("--config", help="YAML file of options, e.g. a run's config.yaml; flags override it "
+                                    "(default: none)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt with its own "
+                   "data and recipe; only --epochs and launch settings may be given (default: a new run)")
+    recipe = p.add_argument_group("recipe options (saved in the run's config.yaml)")
+    launch = p.add_argument_group("launch options (this launch only; may change on --resume)")
+    for key, f in FIELDS.items():
+        if f.metadata["flag"]:
+            config_flag(launch if f.metadata["launch"] else recipe, key)
+    p.add_argument("--compile", action=Replaced, replacement="--train-step compile")
+    p.set_defaults(func=cmd_train)
+
+
+def train_options(args) -> dict:
+    """The config options given on the command line (DATA and every generated flag that was used)."""
+    from .config import FIELDS
+
+    return {key: getattr(args, key) for key, f in FIELDS.items()
+            if (f.metadata["flag"] or key == "data") and getattr(args, key) is not None}
 
 
 def cmd_train(args) -> int:
     from .config import read_config_file, read_recipe, resolve_config
     from .train import resume, train
 
-    flags = {key: getattr(args, key) for key in TRAIN_KEYS}
+    given = train_options(args)
     if args.resume:
-        result = resume(args.resume, {k: v for k, v in flags.items() if k not in ("data", "out")})
+        mixed = [name for name, value in (("DATA", args.data), ("--config", args.config), ("--recipe", args.recipe))
+                 if value]
+        if mixed:
+            raise UserError(f"--resume continues {args.resume} with its own data and recipe, so {mixed[0]} cannot be "
+                            "given; only --epochs and launch options (--device, --workers, ...) may change")
+        result = resume(args.resume, given)
     else:
         file_values = read_recipe(args.recipe) if args.recipe else {}
         file_values.update(read_config_file(args.config) if args.config else {})
-        if not flags["data"] and not file_values.get("data"):
-            raise UserError("no training data folder given: braintumor train DATA_DIR (or data: in --config)")
-        result = train(resolve_config(file_values, flags))
+        result = train(resolve_config(file_values, given))
     if result.report is not None:
         print(f"best validation accuracy {result.best_val_accuracy:.2%}; run folder: {result.run_dir}")
         print(f"report: {result.run_dir / 'report.md'}")
@@ -160,11 +164,23 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def note_cpu_only(backend: str, device: str) -> None:
+    """One line on stderr when --device asks for more than the CPU but the model is an ONNX/OpenVINO export."""
+    if backend in ("onnx", "openvino") and device != "cpu":
+        print(f"note: the {backend} model runs on the CPU (--device {device} applies to .pt checkpoints)",
+              file=sys.stderr)
+
+
+def _suffix_backend(checkpoint: str, backend: str) -> str:
+    return "onnx" if str(checkpoint).lower().endswith(".onnx") else backend
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_checkpoint
     from .outputs import prepare_output_dir
     from .report import format_table
 
+    note_cpu_only(_suffix_backend(args.checkpoint, args.backend), args.device)
     out = prepare_output_dir(args.out, "evaluation", overwrite=args.overwrite)
     report = evaluate_checkpoint(args.checkpoint, args.data, out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
@@ -194,6 +210,7 @@ def cmd_predict(args) -> int:
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
                                             tta=args.tta)
     classifier.min_confidence = args.min_confidence
+    note_cpu_only(classifier.backend, args.device)
     image_paths, volume_paths = partition_inputs(args.paths)
     fmt = "json" if args.json else "csv" if args.csv else "table"
     writer = PredictionWriter(sys.stdout, classifier, fmt, width=max(len(str(p)) for p in image_paths or ["image"]))
@@ -293,6 +310,7 @@ def cmd_explain(args) -> int:
 
     rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
+    note_cpu_only(classifier.backend, args.device)
     image_paths, volume_paths = partition_inputs(args.images)
     out = prepare_output_dir(args.out, "gradcam", overwrite=args.overwrite)
     written = write_explanations(classifier, image_paths, out, target=args.target) if image_paths else []
@@ -325,6 +343,7 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run_server
 
+    note_cpu_only(_suffix_backend(args.checkpoint, args.backend), args.device)
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
                max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta,
                min_confidence=args.min_confidence)
@@ -333,11 +352,24 @@ def cmd_serve(args) -> int:
 
 CHECKPOINT_HELP = ("a .pt checkpoint, a run folder, an exported .onnx file, or 'reference' "
                    "(the model shipped with braintumor; see MODEL_CARD.md)")
+GROUPS_HELP = "patient/series groups, a CSV with columns path,group (default: per-patient sub-folders)"
 
 
 def _tta_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each slice's prediction with its mirror's (default: as stored in the model)")
+
+
+def _compute_flags(p: argparse.ArgumentParser, batch_size: int | None = None, workers: bool = False) -> None:
+    """--device (and --batch-size, --workers) with the same meaning and default in every command."""
+    from .config import DEFAULT_DEVICE, DEFAULT_WORKERS
+
+    config_flag(p, "device", default=DEFAULT_DEVICE)
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=batch_size, help="images per batch")
+    if workers:
+        p.add_argument("--workers", type=bounded(int, 0, 256), default=DEFAULT_WORKERS,
+                       help=f"DataLoader worker processes (default: {DEFAULT_WORKERS}, min(8, CPU cores))")
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -353,9 +385,9 @@ def _common_flags() -> argparse.ArgumentParser:
 
 def _volume_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-threshold", type=float, default=0.5, metavar="P",
-                   help="volumes: a slice votes for a tumour class predicted with probability >= P (default 0.5)")
+                   help="volumes: a slice votes for a tumour class predicted with probability >= P")
     p.add_argument("--min-slices", type=int, default=2, metavar="N",
-                   help="volumes: a tumour verdict needs at least N voting slices (default 2)")
+                   help="volumes: a tumour verdict needs at least N voting slices")
 
 
 def _out_flags(p: argparse.ArgumentParser, default_parent: str) -> None:
@@ -364,134 +396,150 @@ def _out_flags(p: argparse.ArgumentParser, default_parent: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
 
 
-def build_parser() -> Parser:
-    common = _common_flags()
-    parser = Parser(prog="braintumor", description=f"Brain MRI slice classification. {RESEARCH_NOTE}",
-                    parents=[common])
-    parser.add_argument("--version", action="version", version=f"braintumor {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    p = sub.add_parser("train", parents=[common], help="fine-tune a ResNet on a folder-per-class data set")
-    _train_flags(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("recipes", parents=[common], help="list the shipped training recipes")
-    p.set_defaults(func=cmd_recipes)
-
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="metrics, confusion matrix and calibration of a checkpoint on a folder")
+def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("data")
+    p.add_argument("data", help="test folder with one sub-folder per class")
     _out_flags(p, "evaluation")
     _tta_flag(p)
     p.add_argument("--exclude-duplicates-of", metavar="TRAIN_DIR",
-                   help="also report on the subset with no exact/near duplicate in TRAIN_DIR")
+                   help="also report on the subset with no exact/near duplicate in TRAIN_DIR (default: not checked)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=64)
-    p.add_argument("--workers", type=bounded(int, 0, 256), default=0,
-                   help="DataLoader processes decoding images (default 0)")
-    p.add_argument("--groups", metavar="FILE.csv", help="patient/series groups (columns path,group; default: "
-                   "per-patient sub-folders): with --exclude-duplicates-of, a group seen in training is not leak-free")
-    p.add_argument("--backend", default="torch", help="torch (default) or onnx (no Grad-CAM in the gallery)")
+    _compute_flags(p, batch_size=64, workers=True)
+    p.add_argument("--groups", metavar="FILE.csv", help=GROUPS_HELP + "; with --exclude-duplicates-of, a group "
+                   "seen in training is not leak-free")
+    p.add_argument("--backend", default="torch", help="torch or onnx (no Grad-CAM in the gallery)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", parents=[common],
-                       help="classify image files, folders and volumes (NIfTI, DICOM series)")
+
+def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="images, folders, NIfTI volumes (.nii, .nii.gz), multi-frame DICOMs, DICOM series folders")
     _tta_flag(p)
     _volume_flags(p)
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="JSON output")
-    fmt.add_argument("--csv", action="store_true", help="CSV output")
+    fmt.add_argument("--json", action="store_true", help="JSON output (default: a table)")
+    fmt.add_argument("--csv", action="store_true", help="CSV output (default: a table)")
     p.add_argument("--backend", default="auto",
-                   help="auto (default: a checked CPU export beside the checkpoint when one passed, else torch), "
+                   help="auto (a checked CPU export beside the checkpoint when one passed, else torch), "
                         "torch, onnx or openvino")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=bounded(int, 1, 65536), default=32)
+    _compute_flags(p, batch_size=32)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable files (listed on stderr at the end) instead of stopping at the first")
     p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
                    help="abstain (status low_confidence, no class in the table) below this probability")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("explain", parents=[common],
-                       help="Grad-CAM panels for images; per-slice results and a montage for volumes")
+
+def _explain_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="PATH", help="images, folders or volumes, as for predict")
     p.add_argument("--class", dest="target", help="class to explain (default: the predicted class)")
     _out_flags(p, "gradcam")
     _volume_flags(p)
-    p.add_argument("--device", default="cpu")
+    _compute_flags(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX or TorchScript")
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("--out", help="output file (default: beside the checkpoint; ./braintumor-reference.onnx "
-                                 "for the reference model)")
-    p.add_argument("--int8-calibration", metavar="DIR",
-                   help="also quantize to int8 (ONNX), calibrated on images from DIR; faster on CPUs, not exact")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, named after it with the format's "
+                                 "suffix, e.g. RUN/best.onnx; ./braintumor-reference.onnx for the reference model)")
+    p.add_argument("--int8-calibration", metavar="DIR", help="also quantize to int8 (ONNX), calibrated on images "
+                   "from DIR; faster on CPUs, not exact (default: no int8 model)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("audit", parents=[common],
-                       help="find unreadable files, duplicates and train/test leakage")
-    p.add_argument("data")
-    p.add_argument("--against", metavar="OTHER_DATA", help="a second folder (e.g. the test set) to check for leaks")
+
+def _audit_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="folder with one sub-folder per class")
+    p.add_argument("--against", metavar="OTHER_DATA",
+                   help="a second folder (e.g. the test set) to check for leaks (default: none)")
     _out_flags(p, "audit")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when OTHER_DATA duplicates DATA")
     p.add_argument("--threshold", type=bounded(int, 0, 64), default=DEFAULT_THRESHOLD,
-                   help=f"near duplicates: at most this many of the 256 perceptual-hash bits differ "
-                        f"(default {DEFAULT_THRESHOLD}; 0: identical hashes only)")
-    p.add_argument("--groups", metavar="FILE.csv", help="patient/series groups (columns path,group; default: "
-                   "per-patient sub-folders): reports groups found on both sides of --against")
+                   help="near duplicates: at most this many of the 256 perceptual-hash bits differ "
+                        "(0: identical hashes only)")
+    p.add_argument("--groups", metavar="FILE.csv", help=GROUPS_HELP + "; reports groups found on both sides of "
+                   "--against")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("calibrate", help="fit the OOD detector and temperature into a trained checkpoint")
+
+def _calibrate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt checkpoint or run folder (its best.pt is rewritten in place)")
     p.add_argument("--data", help="training folder (default: the one stored in the checkpoint's config)")
     p.add_argument("--val", help="separate validation folder (default: the run's own split of --data)")
     p.add_argument("--accept-rate", type=probability, default=0.95,
-                   help="fraction of validation slices the OOD threshold accepts (default 0.95)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+                   help="fraction of validation slices the OOD threshold accepts")
+    _compute_flags(p, batch_size=64, workers=True)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("make-phantoms", parents=[common],
-                       help="write a synthetic phantom data set (PNG folders) or volumes")
-    p.add_argument("out")
+
+def _make_phantoms_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="folder to write")
     p.add_argument("--per-class", type=bounded(int, 1, 100_000), default=None,
-                   help="slices (default 100) or volumes (default 1) per class")
-    p.add_argument("--size", type=int, default=128)
+                   help="slices or volumes per class (default: 100 slices, 1 volume)")
+    p.add_argument("--size", type=bounded(int, 8, 4096), default=128, help="image side in pixels")
     p.add_argument("--volumes", action="store_true",
                    help="write phantom volumes: NIfTI (.nii.gz), a DICOM series folder and a multi-frame DICOM each")
-    p.add_argument("--slices", type=bounded(int, 1, 1024), default=24, help="axial slices per phantom volume (default 24)")
-    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
+    p.add_argument("--slices", type=bounded(int, 1, 1024), default=24, help="axial slices per phantom volume")
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed")
     p.set_defaults(func=cmd_make_phantoms)
 
-    p = sub.add_parser("demo", parents=[common], help="phantom data → train a small model on the CPU → report")
-    p.add_argument("--out", default="demo-run", help="demo folder (default ./demo-run)")
-    p.add_argument("--per-class", type=bounded(int, 2, 100_000), default=None, help="training phantoms per class")
-    p.add_argument("--epochs", type=bounded(int, 1, 100_000), default=None)
-    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    from .demo import DEMO_EPOCHS, DEMO_PER_CLASS
+
+    p.add_argument("--out", default="demo-run", help="demo folder")
+    p.add_argument("--per-class", type=bounded(int, 2, 100_000), default=DEMO_PER_CLASS,
+                   help="training phantoms per class")
+    p.add_argument("--epochs", type=bounded(int, 1, 100_000), default=DEMO_EPOCHS, help="training epochs")
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="random seed")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", parents=[common], help="web page and JSON API for predictions")
-    p.add_argument("checkpoint", nargs="?", default="reference",
-                   help=CHECKPOINT_HELP + " (default: reference)")
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", default="reference", help=CHECKPOINT_HELP + " (default: reference)")
     _tta_flag(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000)
-    p.add_argument("--max-file-mb", type=bounded(int, 1, 1024), default=20)
-    p.add_argument("--max-files", type=bounded(int, 1, 1024), default=16)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    p.add_argument("--backend", default="torch", help="torch (default; needed for Grad-CAM) or onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="TCP port")
+    p.add_argument("--max-file-mb", type=bounded(int, 1, 1024), default=20, help="largest upload, in MiB")
+    p.add_argument("--max-files", type=bounded(int, 1, 1024), default=16, help="most files in one request")
+    _compute_flags(p)
+    p.add_argument("--backend", default="torch", help="torch (needed for Grad-CAM) or onnx")
     p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
                    help="abstain (shown as uncertain) below this probability")
     p.set_defaults(func=cmd_serve)
+
+
+def _recipes_parser(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(func=cmd_recipes)
+
+
+COMMANDS = {  # name -> (help, the function that adds its arguments)
+    "train": ("train a ResNet on a folder-per-class data set (flags, a recipe or a YAML config)", _train_parser),
+    "recipes": ("list the shipped training recipes", _recipes_parser),
+    "evaluate": ("metrics, confusion matrix and calibration of a checkpoint on a folder", _evaluate_parser),
+    "predict": ("classify image files, folders and volumes (NIfTI, DICOM series)", _predict_parser),
+    "explain": ("Grad-CAM panels for images; per-slice results and a montage for volumes", _explain_parser),
+    "export": ("export a checkpoint to ONNX or TorchScript", _export_parser),
+    "audit": ("find unreadable files, duplicates and train/test leakage", _audit_parser),
+    "calibrate": ("fit the OOD detector and temperature into a trained checkpoint", _calibrate_parser),
+    "make-phantoms": ("write a synthetic phantom data set (PNG folders) or volumes", _make_phantoms_parser),
+    "demo": ("phantom data → train a small model on the CPU → report", _demo_parser),
+    "serve": ("web page and JSON API for predictions", _serve_parser),
+}
+
+
+def build_parser() -> Parser:
+    """The ``braintumor`` parser: one sub-command per entry of COMMANDS, each with -q/-v."""
+    common = _common_flags()
+    parser = Parser(prog="braintumor", description=f"Brain MRI slice classification. {RESEARCH_NOTE}",
+                    parents=[common])
+    parser.add_argument("--version", action="version", version=f"braintumor {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, parents=[common], help=help_text, description=help_text))
     return parser
 
 

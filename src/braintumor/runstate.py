@@ -14,11 +14,6 @@ from typing import Any
 from .checkpoint import load_checkpoint, save_inference_checkpoint
 from .errors import UserError
 
-# Options that may differ on --resume: they change neither the model, nor the optimizer, nor the data order.
-CHANGEABLE_ON_RESUME = ("epochs", "device", "workers", "data_cache", "compile", "progress", "skip_bad", "tta")
-_IGNORED_ON_RESUME = ("data", "out", "name", "config")
-
-
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     """Delete the temporary files an interrupted atomic write left in the run folder (``.NAME.*.tmp``)."""
     removed = []
@@ -30,18 +25,6 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
             except OSError:
                 pass
     return removed
-
-
-def check_resume_overrides(saved: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> None:
-    """Refuse, on one line, flags that would change what the checkpoint's weights or optimizer state mean."""
-    for key, value in overrides.items():
-        if value is None or key in CHANGEABLE_ON_RESUME or key in _IGNORED_ON_RESUME or key not in saved:
-            continue
-        if value != saved[key]:
-            flag = "--" + key.replace("_", "-")
-            allowed = ", ".join("--" + k.replace("_", "-") for k in CHANGEABLE_ON_RESUME)
-            raise UserError(f"--resume cannot change {flag} (the run in {run_dir} used {saved[key]!r}, got "
-                            f"{value!r}); on resume only these may change: {allowed}. Start a new run to change it")
 
 
 def repair_best(run_dir: Path, ckpt: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import distributed, runstate
 from .atomic import atomic_write
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_inference_checkpoint
-from .config import TrainConfig, field_names, write_config
+from .config import TrainConfig, resume_config, write_config
 from .data.index import SplitData, prepare_split
 from .data.pipeline import build_batches
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -69,19 +69,20 @@ def make_optimizer(cfg: TrainConfig, params, compiled: bool = False) -> torch.op
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """Per-step LR factor: constant (the reference recipe), or linear warm-up then cosine / one-cycle decay."""
+    """Per-step LR factor: a linear warm-up over --warmup-epochs, then constant (the reference recipe), or a cosine
+    or linear decay from --lr to 0 at the end of the run."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if cfg.scheduler == "none":
+        if cfg.scheduler == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.scheduler == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)  # onecycle: linear decay after the warm-up peak
+        return max(0.0, 1.0 - progress)  # linear
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -114,9 +115,8 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         # Validation pads its last batch to this size, so compiled steps and cuDNN autotuning see one shape.
         self.val_batch_size = cfg.batch_size // self.dist.world_size
-        self.step_plan = choose_step_mode("compile" if cfg.compile and cfg.train_step == "auto" else cfg.train_step,
-                                          self.device, distributed=self.dist.enabled, optimizer=cfg.optimizer,
-                                          total_steps=cfg.epochs * self.steps_per_epoch)
+        self.step_plan = choose_step_mode(cfg.train_step, self.device, distributed=self.dist.enabled,
+                                          optimizer=cfg.optimizer, total_steps=cfg.epochs * self.steps_per_epoch)
         if self.step_plan.notice and self.dist.is_main:
             print(self.step_plan.notice, file=sys.stderr, flush=True)
 
@@ -381,7 +381,7 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train a model as ``cfg`` says; the Python entry point behind ``braintumor train``."""
-    cfg.validate()
+    cfg = cfg.validate().with_absolute_paths()  # the run resumes from any folder
     run_dir = new_run_dir(cfg)
     if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
@@ -390,18 +390,14 @@ def train(cfg: TrainConfig) -> RunResult:
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunResult:
-    """Continue a run from its last.pt; ``overrides`` (e.g. more epochs, another device) change its config."""
+    """Continue a run from its last.pt with its recipe; ``overrides`` may change the epochs and the launch settings
+    (device, workers, ...; see ``config.CHANGEABLE_ON_RESUME``), anything else is a UserError."""
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file():
         raise UserError(f"nothing to resume: {run_dir / 'last.pt'} not found")
     runstate.remove_stale_temp_files(run_dir)
     ckpt = load_checkpoint(run_dir / "last.pt")
-    known = field_names()  # options a newer or older version wrote but this one lacks are dropped
-    values = {k: v for k, v in ckpt["config"].items() if k in known}
-    runstate.check_resume_overrides(values, overrides or {}, run_dir)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    values["out"] = str(run_dir)
-    cfg = TrainConfig(**values).validate()
+    cfg = resume_config(ckpt["config"], overrides or {}, run_dir)
     if ckpt["epoch"] > cfg.epochs:
         raise UserError(f"{run_dir} already trained {ckpt['epoch']} epochs; --epochs must be at least that")
     runstate.repair_best(run_dir, ckpt)

@@ -98,20 +98,19 @@ def fit_trust_for_checkpoint(checkpoint: str | os.PathLike, *, data: str | None 
     configuration; ``data``/``val`` override the folders when they have moved); writes it in unless ``write`` is
     False. Returns the trust entry.
     """
-    from .config import TrainConfig, field_names
+    from .config import from_saved
     from .data.index import prepare_split
 
     path = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(path)
-    values = {k: v for k, v in (ckpt.get("config") or {}).items() if k in field_names()}
+    values = dict(ckpt.get("config") or {})
     if data:
         values["data"] = str(data)
     if val:
         values["val"] = str(val)
     if not values.get("data"):
         raise UserError(f"{path} does not name its training data; pass --data TRAIN_DIR")
-    values.update(progress=False, skip_bad=True)
-    cfg = TrainConfig(**values).validate()
+    cfg = from_saved(values, str(path), progress=False, skip_bad=True).validate()
     split = prepare_split(cfg, progress=False)
     if split.classes != list(ckpt["classes"]):
         raise UserError(f"the data's classes {split.classes} differ from the checkpoint's {ckpt['classes']}")
