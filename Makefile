@@ -30,7 +30,7 @@ REAL_DATA ?= ../shared/data/brain-tumor-mri/Training
 REFERENCE_RUN ?= runs/reference
 reference-model: $(STAMP)
 	$(VENV)/bin/braintumor train $(REAL_DATA) --recipe scratch-cpu --seed 0 --out $(REFERENCE_RUN) --no-progress
-	$(PY) scripts/make_reference_model.py $(REFERENCE_RUN)
+	$(PY) scripts/make_reference_model.py $(REFERENCE_RUN) --tta off
 
 clean:
 	rm -rf $(VENV) demo-run runs .pytest_cache

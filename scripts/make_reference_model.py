@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--image-size", type=int, help="inference size to store (default: the run's)")
+    parser.add_argument("--tta", choices=("run", "on", "off"), default="run",
+                        help="store mirror test-time augmentation on or off (default: as the run validated)")
     parser.add_argument("--out", type=Path, default=REFERENCE_MODEL)
     args = parser.parse_args(argv)
 
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_of(ckpt, source)
     if args.image_size:
         spec = spec.replace(image_size=int(args.image_size))
+    if args.tta != "run":
+        spec = spec.replace(tta=args.tta == "on")
     half = {key: value.half() if value.is_floating_point() else value
             for key, value in validated_weights(ckpt).items()}
     # The spec carries the statistics fitted after training (OOD detector, temperature) when present.
