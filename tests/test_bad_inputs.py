@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from braintumor import atomic, images
+from braintumor import atomic
+from braintumor.data import io as images
 from braintumor.cli import main
 from conftest import make_checkpoint
 

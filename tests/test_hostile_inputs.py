@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor import dedup, images
+from braintumor import dedup
+from braintumor.data import io as images
 from braintumor.bombs import dicom_deflate_bomb
 from braintumor.data.io import ImageReadError, read_image
 from braintumor.serve.budget import DecodeBudget
