@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import make_checkpoint
+
+# Nothing a test runs writes under the user's home: the caches and configs of braintumor, matplotlib and torch
+# (hub, inductor) go to one folder for this session, removed at exit; subprocesses inherit it. The hash cache
+# moves further, into each test's own tmp_path (private_cache below).
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="braintumor-tests-"))
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
+for _variable, _folder in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("MPLCONFIGDIR", "matplotlib"),
+                           ("TORCH_HOME", "torch"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+    os.environ[_variable] = str(_SESSION_HOME / _folder)
+os.environ.pop("BRAINTUMOR_CACHE_DIR", None)
+
 # Tests share 2 cores with other processes in CI; one intra-op thread keeps timings stable and avoids
 # oversubscription when several torch processes (DDP test, servers) run at once.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test hashes into its own cache under tmp_path: returns the folder the hash cache will use."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("BRAINTUMOR_CACHE_DIR", raising=False)
+    return tmp_path / "xdg" / "braintumor" / "audit"
 
 
 @pytest.fixture(scope="session")
@@ -18,20 +42,6 @@ def phantom_dir(tmp_path_factory):
     from braintumor.phantom import write_phantom_set
 
     return write_phantom_set(tmp_path_factory.mktemp("phantoms"), per_class=6, size=64, seed=123)
-
-
-def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "notumor", "pituitary"),
-                    image_size=64, seed=0):
-    """Save an untrained (seeded) checkpoint with everything predict needs."""
-    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.model import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=len(classes), weights="none").eval()
-    spec = ModelSpec(arch=arch, classes=classes, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0, best_val_accuracy=0.0), path)
-    return path
 
 
 @pytest.fixture(scope="session")

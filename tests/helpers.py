@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
 from braintumor.config import TrainConfig
+from braintumor.phantom import PHANTOM_CLASSES, make_phantom
 
 
 def tiny_config(data, out, **overrides) -> TrainConfig:
@@ -11,3 +19,95 @@ def tiny_config(data, out, **overrides) -> TrainConfig:
                   lr=1e-3, device="cpu", workers=0, seed=7, out=str(out), progress=False)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "notumor", "pituitary"),
+                    image_size=64, seed=0):
+    """Save an untrained (seeded) checkpoint with everything predict needs."""
+    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from braintumor.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=len(classes), weights="none").eval()
+    spec = ModelSpec(arch=arch, classes=classes, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0, best_val_accuracy=0.0), path)
+    return path
+
+
+# ---------------------------------------------------------------- planted duplicate folders (test_dedup, test_audit)
+
+SIZE = 128  # phantom side: big enough that a 2 % crop removes whole pixels
+
+
+def phantom_pixels(index: int, size: int = SIZE) -> np.ndarray:
+    return make_phantom(PHANTOM_CLASSES[index % 4], size, rng=index)
+
+
+def as_jpeg(image: Image.Image, quality: int = 70) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def brightened(image: Image.Image, amount: int = 20) -> Image.Image:
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + amount, 0, 255).astype(np.uint8))
+
+
+def cropped_by(image: Image.Image, fraction: float, corner: bool = False) -> Image.Image:
+    """Remove ``fraction`` of each side's length: split over both ends, or all from the top-left."""
+    width, height = image.size
+    dx, dy = round(width * fraction), round(height * fraction)
+    if corner:
+        return image.crop((dx, dy, width, height))
+    return image.crop((dx // 2, dy // 2, width - (dx - dx // 2), height - (dy - dy // 2)))
+
+
+COPIES = {
+    "resized to 0.7x": lambda im: im.resize((round(im.width * 0.7),) * 2, Image.Resampling.BILINEAR),
+    "resized to 1.5x": lambda im: im.resize((round(im.width * 1.5),) * 2, Image.Resampling.BICUBIC),
+    "JPEG quality 70": as_jpeg,
+    "brightness +20": brightened,
+    "cropped 2 %": lambda im: cropped_by(im, 0.02),
+    "cropped 3 %": lambda im: cropped_by(im, 0.03),
+    "cropped 3 % at a corner": lambda im: cropped_by(im, 0.03, corner=True),
+    "all of them": lambda im: as_jpeg(brightened(cropped_by(im, 0.03)).resize((100, 100))),
+}
+
+
+def save_image(path: Path, image, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    image.save(path, **options)
+    return path
+
+
+def planted_folder(tmp_path) -> tuple[Path, dict[str, list[str]]]:
+    """A two-class folder with one exact pair across classes, one near-duplicate family and distinct slices."""
+    root = tmp_path / "data"
+    source = Image.fromarray(phantom_pixels(1))
+    files = {
+        "exact": [save_image(root / "glioma" / "a.png", phantom_pixels(0)), save_image(root / "notumor" / "a_copy.bmp", phantom_pixels(0))],
+        "near": [save_image(root / "glioma" / "b.png", source)]
+        + [save_image(root / "glioma" / f"b_{k}.{'jpg' if 'JPEG' in name else 'png'}", edit(source))
+           for k, name in enumerate(["resized to 0.7x", "JPEG quality 70", "brightness +20", "cropped 3 %"])
+           for edit in [COPIES[name]]],
+        "distinct": [save_image(root / PHANTOM_CLASSES[2 * (i % 2)] / f"c{i}.png", phantom_pixels(i)) for i in range(2, 8)]
+        + [save_image(root / "notumor" / "rgb.png", np.stack([phantom_pixels(8)] * 3, axis=-1) // 2)],
+    }
+    broken = root / "notumor" / "broken.png"
+    broken.write_bytes((root / "glioma" / "b.png").read_bytes()[:300])  # truncated PNG
+    files["broken"] = [broken]
+    return root, {key: sorted(str(p.resolve()) for p in paths) for key, paths in files.items()}
+
+
+def train_and_test_folders(tmp_path) -> tuple[Path, Path, list[Path]]:
+    """Six training phantoms; seven test images of which the first and the last two duplicate training images."""
+    train, test = tmp_path / "train", tmp_path / "test"
+    for i in range(6):
+        save_image(train / PHANTOM_CLASSES[i % 2] / f"t{i}.png", phantom_pixels(i))
+    leaked_exact = save_image(test / "glioma" / "x.png", phantom_pixels(0))  # same pixels, new name
+    leaked_near = save_image(test / "glioma" / "y.jpg", as_jpeg(Image.fromarray(phantom_pixels(1))))  # other label
+    leaked_edit = save_image(test / "meningioma" / "z.png", brightened(cropped_by(Image.fromarray(phantom_pixels(3)), 0.03)))
+    clean = [save_image(test / PHANTOM_CLASSES[i % 2] / f"s{i}.png", phantom_pixels(i)) for i in range(10, 14)]
+    return train, test, [leaked_exact, *clean, leaked_near, leaked_edit]

@@ -16,15 +16,7 @@ from braintumor.dedup import default_cache_dir, image_hashes
 from braintumor.errors import UserError
 from braintumor.phantom import PHANTOM_CLASSES
 
-from test_dedup import SIZE, _phantom, _save, planted_folder, train_and_test_folders
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Every test hashes into its own cache under tmp_path (never the user's ~/.cache)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("BRAINTUMOR_CACHE_DIR", raising=False)
-    return tmp_path / "xdg" / "braintumor" / "audit"
+from helpers import SIZE, phantom_pixels, planted_folder, save_image, train_and_test_folders
 
 
 # ---------------------------------------------------------------- audits of planted folders
@@ -68,8 +60,8 @@ def test_audit_across_two_folders_reports_leaks(tmp_path):
 def test_flat_folder_and_user_errors(tmp_path):
     flat = tmp_path / "flat"
     for i in range(3):
-        _save(flat / f"{i}.png", _phantom(i))
-    _save(flat / "dup.bmp", _phantom(0))
+        save_image(flat / f"{i}.png", phantom_pixels(i))
+    save_image(flat / "dup.bmp", phantom_pixels(0))
     report = audit(flat)
     assert report["class_counts"] is None and report["exact_duplicates"]["n_groups"] == 1
     with pytest.raises(UserError, match="not found"):
@@ -82,8 +74,8 @@ def test_flat_folder_and_user_errors(tmp_path):
 def test_markdown_truncates_long_lists_but_json_keeps_them(tmp_path, monkeypatch):
     root = tmp_path / "data"
     for i in range(3):  # three exact pairs
-        _save(root / "glioma" / f"{i}.png", _phantom(i))
-        _save(root / "notumor" / f"{i}.bmp", _phantom(i))
+        save_image(root / "glioma" / f"{i}.png", phantom_pixels(i))
+        save_image(root / "notumor" / f"{i}.bmp", phantom_pixels(i))
     monkeypatch.setattr(audit_module, "MD_LIST_LIMIT", 1)
     report = audit(root)
     json_path, md_path = write_audit(report, tmp_path / "out")
@@ -98,7 +90,7 @@ def test_markdown_truncates_long_lists_but_json_keeps_them(tmp_path, monkeypatch
 
 def test_hashes_are_cached_and_a_changed_file_is_rehashed(tmp_path, monkeypatch, private_cache):
     root = tmp_path / "data"
-    paths = [_save(root / PHANTOM_CLASSES[i % 2] / f"{i}.png", _phantom(i)) for i in range(6)]
+    paths = [save_image(root / PHANTOM_CLASSES[i % 2] / f"{i}.png", phantom_pixels(i)) for i in range(6)]
     calls, lock = [], threading.Lock()
     compute = dedup._compute_record
 
@@ -119,7 +111,7 @@ def test_hashes_are_cached_and_a_changed_file_is_rehashed(tmp_path, monkeypatch,
 
     # Overwrite 3.png with a copy of 0.png's pixels; the new mtime/size must invalidate its entry.
     before = os.stat(paths[3])
-    _save(paths[3], _phantom(0))
+    save_image(paths[3], phantom_pixels(0))
     os.utime(paths[3], ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     third = audit(root)
     assert calls[6:] == ["3.png"]
@@ -160,9 +152,9 @@ def test_leak_headline_counts_the_audited_set_first(tmp_path, capsys):
 def test_audit_reports_patient_groups_that_straddle_the_two_sets(tmp_path):
     train, test = tmp_path / "train", tmp_path / "test"
     for i in range(4):
-        _save(train / PHANTOM_CLASSES[i % 2] / f"patient{i}" / f"a{i}.png", _phantom(i))
+        save_image(train / PHANTOM_CLASSES[i % 2] / f"patient{i}" / f"a{i}.png", phantom_pixels(i))
     for i in range(3, 6):  # patient3 appears in both sets, with a different slice
-        _save(test / PHANTOM_CLASSES[i % 2] / f"patient{i}" / f"b{i}.png", _phantom(20 + i))
+        save_image(test / PHANTOM_CLASSES[i % 2] / f"patient{i}" / f"b{i}.png", phantom_pixels(20 + i))
     report = audit(test, against=train)
     groups = report["groups"]
     assert groups["source"] == "per-patient sub-folders" and groups["n_groups"] == 3
@@ -181,5 +173,5 @@ def test_hash_cache_folder_is_settable(tmp_path, monkeypatch, private_cache):
     monkeypatch.setenv("BRAINTUMOR_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine" / "audit"
     root = tmp_path / "data"
-    paths = [_save(root / PHANTOM_CLASSES[i % 2] / f"{i}.png", _phantom(i)) for i in range(2)]
+    paths = [save_image(root / PHANTOM_CLASSES[i % 2] / f"{i}.png", phantom_pixels(i)) for i in range(2)]
     assert paths and Path(audit(root)["cache"]["path"]).parent == tmp_path / "mine" / "audit"

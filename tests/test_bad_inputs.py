@@ -24,7 +24,7 @@ from PIL import Image
 from braintumor import atomic
 from braintumor.data import io as images
 from braintumor.cli import main
-from conftest import make_checkpoint
+from helpers import make_checkpoint
 
 TINY_TRAIN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
               "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -190,7 +190,8 @@ def small_decode_budget(monkeypatch):
 # and an optional patch (e.g. a full disk).
 CASES = [
     # train: every numeric option out of range, from flags
-    ("image-size-huge", ["train", "{data}", "--image-size", "100000"], {"data": data}, "--image-size must be at most"),
+    ("image-size-huge", ["train", "{data}", "--image-size", "100000"], {"data": data},
+     "--image-size must be at least 32 and at most 1024"),
     ("image-size-small", ["train", "{data}", "--image-size", "8"], {"data": data}, "--image-size must be at least"),
     ("batch-size-0", ["train", "{data}", "--batch-size", "0"], {"data": data}, "--batch-size must be at least 1"),
     ("batch-size-negative", ["train", "{data}", "--batch-size", "-4"], {"data": data}, "--batch-size"),
@@ -220,7 +221,7 @@ CASES = [
     ("yaml-lr-string-then-range", ["train", "--config", "{cfg}"], {"cfg": yaml_file("data: DATA\nlr: -1e-5\n")},
      "--lr must be positive"),
     ("yaml-image-size-huge", ["train", "--config", "{cfg}"], {"cfg": yaml_file("data: DATA\nimage-size: 1e5\n")},
-     "--image-size must be at most"),
+     "--image-size must be at least 32 and at most 1024"),
     ("yaml-unknown-key", ["train", "--config", "{cfg}"], {"cfg": yaml_file("data: DATA\nlearning_rate: 1\n")},
      "unknown option"),
     ("yaml-not-yaml", ["train", "--config", "{cfg}"], {"cfg": yaml_file("data: [unclosed\n")}, "not valid YAML"),
@@ -228,9 +229,9 @@ CASES = [
     # resume: mismatched options, finished runs
     ("resume-missing", ["train", "--resume", "{work}/nowhere"], {}, "nothing to resume"),
     ("resume-other-arch", ["train", "--resume", "{run}", "--arch", "resnet34"], {"run": fake_run()},
-     "--resume cannot change --arch"),
+     "so --arch cannot be given"),
     ("resume-other-optimizer", ["train", "--resume", "{run}", "--optimizer", "sgd"], {"run": fake_run()},
-     "--resume cannot change --optimizer"),
+     "so --optimizer cannot be given"),
     ("resume-finished", ["train", "--resume", "{run}"], {"run": fake_run(epoch=2, epochs=2, report=True)},
      "already finished"),
     # checkpoints that are not ours, or damaged
@@ -275,7 +276,7 @@ CASES = [
     ("serve-max-files-0", ["serve", "{ckpt}", "--max-files", "0"], {"ckpt": checkpoint}, "--max-files"),
     ("serve-max-file-mb-0", ["serve", "{ckpt}", "--max-file-mb", "0"], {"ckpt": checkpoint}, "--max-file-mb"),
     ("phantoms-per-class-0", ["make-phantoms", "{work}/ph", "--per-class", "0"], {}, "--per-class"),
-    ("phantoms-size-huge", ["make-phantoms", "{work}/ph", "--size", "100000"], {}, "phantom size"),
+    ("phantoms-size-huge", ["make-phantoms", "{work}/ph", "--size", "100000"], {}, "argument --size: must be between"),
     ("demo-epochs-0", ["demo", "--out", "{work}/demo", "--epochs", "0"], {}, "--epochs"),
 ]
 

@@ -14,7 +14,7 @@ from braintumor.atomic import atomic_write
 from braintumor.checkpoint import load_checkpoint, model_from_checkpoint, publish_copy, save_checkpoint
 from braintumor.errors import UserError
 
-from conftest import make_checkpoint
+from helpers import make_checkpoint
 
 
 def test_round_trip_rebuilds_the_model(tmp_path):

@@ -64,7 +64,7 @@ def trained_run(phantom_dir, tmp_path_factory):
     from braintumor.checkpoint import save_checkpoint
     from braintumor.data.index import discover
 
-    from conftest import make_checkpoint
+    from helpers import make_checkpoint
 
     run = tmp_path_factory.mktemp("trained")
     classifier = Classifier.from_checkpoint(make_checkpoint(run / "init.pt", image_size=32))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,22 +22,9 @@ from braintumor.dedup import (
 )
 from braintumor.errors import UserError
 from braintumor.data.io import ImageReadError
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.phantom import make_phantom
 
-SIZE = 128  # phantom side: big enough that a 2 % crop removes whole pixels
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Every test hashes into its own cache under tmp_path (never the user's ~/.cache)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("BRAINTUMOR_CACHE_DIR", raising=False)
-    return tmp_path / "xdg" / "braintumor" / "audit"
-
-
-def _phantom(index: int, size: int = SIZE) -> np.ndarray:
-    return make_phantom(PHANTOM_CLASSES[index % 4], size, rng=index)
-
+from helpers import COPIES, SIZE, phantom_pixels, planted_folder, train_and_test_folders
 
 def _texture(seed: int, size: int = SIZE) -> np.ndarray:
     """A full-frame smooth random texture: 'a different generated image' unlike any head."""
@@ -47,35 +32,6 @@ def _texture(seed: int, size: int = SIZE) -> np.ndarray:
     return np.round(255 * (values - values.min()) / np.ptp(values)).astype(np.uint8)
 
 
-def _jpeg(image: Image.Image, quality: int = 70) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue()))
-
-
-def _brighter(image: Image.Image, amount: int = 20) -> Image.Image:
-    return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + amount, 0, 255).astype(np.uint8))
-
-
-def _cropped(image: Image.Image, fraction: float, corner: bool = False) -> Image.Image:
-    """Remove ``fraction`` of each side's length: split over both ends, or all from the top-left."""
-    width, height = image.size
-    dx, dy = round(width * fraction), round(height * fraction)
-    if corner:
-        return image.crop((dx, dy, width, height))
-    return image.crop((dx // 2, dy // 2, width - (dx - dx // 2), height - (dy - dy // 2)))
-
-
-COPIES = {
-    "resized to 0.7x": lambda im: im.resize((round(im.width * 0.7),) * 2, Image.Resampling.BILINEAR),
-    "resized to 1.5x": lambda im: im.resize((round(im.width * 1.5),) * 2, Image.Resampling.BICUBIC),
-    "JPEG quality 70": _jpeg,
-    "brightness +20": _brighter,
-    "cropped 2 %": lambda im: _cropped(im, 0.02),
-    "cropped 3 %": lambda im: _cropped(im, 0.03),
-    "cropped 3 % at a corner": lambda im: _cropped(im, 0.03, corner=True),
-    "all of them": lambda im: _jpeg(_brighter(_cropped(im, 0.03)).resize((100, 100))),
-}
 
 
 def _gray_hash(image: Image.Image) -> int:
@@ -100,7 +56,7 @@ def _reference_phash(gray: np.ndarray, box=None) -> int:
 
 def test_phash_equals_matrix_dct_reference():
     rng = np.random.default_rng(0)
-    images = [_phantom(i) for i in range(4)] + [_texture(7), rng.integers(0, 256, (40, 70)).astype(np.uint8)]
+    images = [phantom_pixels(i) for i in range(4)] + [_texture(7), rng.integers(0, 256, (40, 70)).astype(np.uint8)]
     for gray in images:
         assert phash(gray, crop_to_content=False) == _reference_phash(gray)
         assert phash(gray) == _reference_phash(gray, box=content_box(gray))
@@ -121,14 +77,14 @@ def test_content_box_of_a_rectangle_matches_hand_computed_mass_quantiles():
 
 
 def test_brightness_shift_without_clipping_leaves_the_hash_unchanged():
-    gray = (_phantom(3).astype(np.int16) * 200 // 255).astype(np.uint8)  # headroom below 255
+    gray = (phantom_pixels(3).astype(np.int16) * 200 // 255).astype(np.uint8)  # headroom below 255
     assert phash(gray + 20) == phash(gray)
     assert phash(gray + 20, crop_to_content=False) == phash(gray, crop_to_content=False)
 
 
 def test_default_threshold_separates_edited_copies_from_different_images():
     """The validation behind DEFAULT_THRESHOLD: every edited copy within it, every other image beyond."""
-    originals = [_phantom(i) for i in range(24)]
+    originals = [phantom_pixels(i) for i in range(24)]
     hashes = [phash(gray) for gray in originals]
     copy_distance = {name: max(hamming(h, _gray_hash(edit(Image.fromarray(gray))))
                                for gray, h in zip(originals, hashes)) for name, edit in COPIES.items()}
@@ -185,47 +141,6 @@ def test_multi_index_search_scales_to_a_hundred_thousand_hashes():
 def test_invalid_threshold_is_a_user_error(threshold):
     with pytest.raises(UserError, match="threshold"):
         near_pairs([1, 2], threshold)
-
-
-# ---------------------------------------------------------------- planted folders (shared with test_audit.py)
-
-
-def _save(path: Path, image, **options) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    image.save(path, **options)
-    return path
-
-
-def planted_folder(tmp_path) -> tuple[Path, dict[str, list[str]]]:
-    """A two-class folder with one exact pair across classes, one near-duplicate family and distinct slices."""
-    root = tmp_path / "data"
-    source = Image.fromarray(_phantom(1))
-    files = {
-        "exact": [_save(root / "glioma" / "a.png", _phantom(0)), _save(root / "notumor" / "a_copy.bmp", _phantom(0))],
-        "near": [_save(root / "glioma" / "b.png", source)]
-        + [_save(root / "glioma" / f"b_{k}.{'jpg' if 'JPEG' in name else 'png'}", edit(source))
-           for k, name in enumerate(["resized to 0.7x", "JPEG quality 70", "brightness +20", "cropped 3 %"])
-           for edit in [COPIES[name]]],
-        "distinct": [_save(root / PHANTOM_CLASSES[2 * (i % 2)] / f"c{i}.png", _phantom(i)) for i in range(2, 8)]
-        + [_save(root / "notumor" / "rgb.png", np.stack([_phantom(8)] * 3, axis=-1) // 2)],
-    }
-    broken = root / "notumor" / "broken.png"
-    broken.write_bytes((root / "glioma" / "b.png").read_bytes()[:300])  # truncated PNG
-    files["broken"] = [broken]
-    return root, {key: sorted(str(p.resolve()) for p in paths) for key, paths in files.items()}
-
-
-def train_and_test_folders(tmp_path) -> tuple[Path, Path, list[Path]]:
-    """Six training phantoms; seven test images of which the first and the last two duplicate training images."""
-    train, test = tmp_path / "train", tmp_path / "test"
-    for i in range(6):
-        _save(train / PHANTOM_CLASSES[i % 2] / f"t{i}.png", _phantom(i))
-    leaked_exact = _save(test / "glioma" / "x.png", _phantom(0))  # same pixels, new name
-    leaked_near = _save(test / "glioma" / "y.jpg", _jpeg(Image.fromarray(_phantom(1))))  # other label
-    leaked_edit = _save(test / "meningioma" / "z.png", _brighter(_cropped(Image.fromarray(_phantom(3)), 0.03)))
-    clean = [_save(test / PHANTOM_CLASSES[i % 2] / f"s{i}.png", _phantom(i)) for i in range(10, 14)]
-    return train, test, [leaked_exact, *clean, leaked_near, leaked_edit]
 
 
 def test_duplicate_groups_merge_planted_exact_and_near_copies(tmp_path):

@@ -11,7 +11,7 @@ from braintumor.checkpoint import load_checkpoint
 from braintumor.distill import distillation_loss
 from braintumor.errors import UserError
 from braintumor.train import train
-from conftest import make_checkpoint
+from helpers import make_checkpoint
 from helpers import tiny_config
 
 

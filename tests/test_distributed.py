@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,36 +15,7 @@ from PIL import Image
 
 from braintumor.checkpoint import load_checkpoint
 
-# The worker runs the real CLI and, after training, saves each rank's weights so the test can compare ranks.
-# With "group-norm" it swaps BatchNorm for GroupNorm and switches head dropout off: those two draw on the
-# batch split and the RNG, so without them two processes on a global batch must equal one process on it.
-WORKER = textwrap.dedent("""
-    import functools
-    import sys
-    from pathlib import Path
-
-    import torch
-    import torchvision.models
-
-    import braintumor.model
-    import braintumor.train as train_module
-    from braintumor.cli import main
-
-    dump_dir, mode = Path(sys.argv[1]), sys.argv[2]
-    if mode == "group-norm":
-        braintumor.model.HEAD_DROPOUT = 0.0
-        torchvision.models.resnet18 = functools.partial(
-            torchvision.models.resnet18, norm_layer=lambda channels: torch.nn.GroupNorm(8, channels))
-    original_fit = train_module.Trainer.fit
-
-    def fit_and_dump(self):
-        result = original_fit(self)
-        torch.save(self.model.state_dict(), dump_dir / f"rank{self.dist.rank}.pt")
-        return result
-
-    train_module.Trainer.fit = fit_and_dump
-    sys.exit(main(sys.argv[3:]))
-""")
+WORKER = Path(__file__).with_name("ddp_worker.py")  # parses the CLI, injects the model factory, dumps weights
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +33,11 @@ def symmetric_data(phantom_dir, tmp_path_factory):
 def run_worker(tmp_path, name, args, nproc=None, mode="batch-norm", expect_success=True):
     dump = tmp_path / f"{name}-weights"
     dump.mkdir()
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     launcher = [sys.executable]
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    result = subprocess.run([*launcher, str(worker), str(dump), mode, *args], capture_output=True, text=True,
+    result = subprocess.run([*launcher, str(WORKER), str(dump), mode, *args], capture_output=True, text=True,
                             env=env, timeout=300)
     if expect_success:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -128,7 +97,8 @@ def test_a_user_error_on_rank_0_stops_every_rank(symmetric_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(symmetric_data, data)
     (data / "glioma" / "broken.png").write_bytes(b"not a png")
-    _, result = run_worker(tmp_path, "ddp", train_args(data, tmp_path / "run"), nproc=2, expect_success=False)
+    _, result = run_worker(tmp_path, "ddp", train_args(data, tmp_path / "run"), nproc=2, mode="cli",
+                           expect_success=False)
     assert result.returncode != 0
     assert result.stderr.count("error: 1 unreadable image(s) in") == 2  # printed by both ranks, then both exit
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -146,8 +116,6 @@ def run_two_nodes(tmp_path, name, args, mode="group-norm"):
     """Two torchrun agents as two nodes of one process each, meeting by c10d rendezvous on 127.0.0.1 (gloo)."""
     dump = tmp_path / f"{name}-weights"
     dump.mkdir()
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
@@ -157,7 +125,7 @@ def run_two_nodes(tmp_path, name, args, mode="group-norm"):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
                    "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                    "--rdzv-id", f"{name}-{os.getpid()}", "--rdzv-conf", f"is_host={node_rank == 0}",
-                   "--local-addr", "127.0.0.1", str(worker), str(dump), mode, *args]
+                   "--local-addr", "127.0.0.1", str(WORKER), str(dump), mode, *args]
         nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):

@@ -14,7 +14,7 @@ from braintumor.optim.ranger_compiled import CompiledRanger
 from braintumor.train import Trainer, train
 from braintumor.train_step import StepPlan, choose_step_mode, pad_batch, wrap_network
 
-from test_train import tiny_config
+from helpers import tiny_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -58,7 +58,7 @@ def test_classifier_tta_on_both_backends(tiny_checkpoint, onnx_export):
 def test_stored_setting_is_the_default_and_travels_into_onnx(tmp_path):
     from braintumor.checkpoint import load_checkpoint, save_checkpoint
     from braintumor.export import export
-    from conftest import make_checkpoint
+    from helpers import make_checkpoint
 
     path = make_checkpoint(tmp_path / "m.pt", image_size=32)
     ckpt = load_checkpoint(path)

@@ -27,33 +27,37 @@ HEAD_HIDDEN = 512
 HEAD_DROPOUT = 0.5
 
 
-def classification_head(in_features: int, num_classes: int) -> nn.Sequential:
+def classification_head(in_features: int, num_classes: int, dropout: float = HEAD_DROPOUT) -> nn.Sequential:
     """The reference recipe's head: Linear(in→512) → ReLU → Dropout(0.5) → Linear(512→classes)."""
     return nn.Sequential(
         nn.Linear(in_features, HEAD_HIDDEN),
         nn.ReLU(inplace=True),
-        nn.Dropout(HEAD_DROPOUT),
+        nn.Dropout(dropout),
         nn.Linear(HEAD_HIDDEN, num_classes),
     )
 
 
-def build_model(arch: str = "resnet152", num_classes: int = 4, weights: str | os.PathLike = "none") -> nn.Module:
+def build_model(arch: str = "resnet152", num_classes: int = 4, weights: str | os.PathLike = "none", *,
+                norm_layer: Callable[[int], nn.Module] | None = None, head_dropout: float = HEAD_DROPOUT) -> nn.Module:
     """A ResNet whose ``fc`` is the project's head; ``weights`` is "imagenet", "none" or a state-dict path.
 
     ImageNet or file weights are loaded into the backbone before the head is replaced, so only the head
-    starts from random initialisation.
+    starts from random initialisation. ``norm_layer`` replaces BatchNorm (e.g. ``lambda c: nn.GroupNorm(8, c)``,
+    whose output does not depend on how a batch is split across processes); ``head_dropout`` sets the head's
+    dropout. Both are for experiments through :func:`braintumor.train.train`'s ``model_factory``; checkpoints
+    record only the architecture's name, so such models are loaded back by the same factory, not by name.
     """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
     if num_classes < 2:
         raise UserError(f"need at least 2 classes, got {num_classes}")
-    model = getattr(models, arch)(weights=None)
+    model = getattr(models, arch)(weights=None, **({"norm_layer": norm_layer} if norm_layer else {}))
     weights = str(weights)
     if weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
     elif weights != "none":
         _load_backbone_file(model, Path(weights))
-    model.fc = classification_head(model.fc.in_features, num_classes)
+    model.fc = classification_head(model.fc.in_features, num_classes, head_dropout)
     return model
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ from .train_step import choose_step_mode, pad_batch, wrap_network
 from .tensorboard_log import open_log
 
 log = logging.getLogger(__name__)
+
+
+# (arch, num_classes, weights) -> the network to train; model.build_model by default
+ModelFactory = Callable[[str, int, str], nn.Module]
 
 
 @dataclass
@@ -90,7 +94,8 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 class Trainer:
     """One training run; rank 0 writes everything, other ranks only compute."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: dict[str, Any] | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: dict[str, Any] | None = None,
+                 model_factory: ModelFactory = build_model):
         self.created_at = time.perf_counter()
         self.cfg = cfg
         self.run_dir = run_dir
@@ -122,7 +127,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         weights = "none" if resume_from is not None else cfg.weights
-        self.model = build_model(cfg.arch, len(self.classes), weights).to(self.device)
+        self.model = model_factory(cfg.arch, len(self.classes), weights).to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -379,17 +384,22 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.name}"
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    """Train a model as ``cfg`` says; the Python entry point behind ``braintumor train``."""
+def train(cfg: TrainConfig, *, model_factory: ModelFactory = build_model) -> RunResult:
+    """Train a model as ``cfg`` says; the Python entry point behind ``braintumor train``.
+
+    ``model_factory(arch, num_classes, weights)`` builds the network (default :func:`~braintumor.model.build_model`);
+    pass another to train a variant, e.g. ``functools.partial(build_model, norm_layer=...)``.
+    """
     cfg = cfg.validate().with_absolute_paths()  # the run resumes from any folder
     run_dir = new_run_dir(cfg)
     if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
     runstate.remove_stale_temp_files(run_dir)
-    return _fit(Trainer(cfg, run_dir))
+    return _fit(Trainer(cfg, run_dir, model_factory=model_factory))
 
 
-def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunResult:
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
+           model_factory: ModelFactory = build_model) -> RunResult:
     """Continue a run from its last.pt with its recipe; ``overrides`` may change the epochs and the launch settings
     (device, workers, ...; see ``config.CHANGEABLE_ON_RESUME``), anything else is a UserError."""
     run_dir = Path(run_dir)
@@ -406,7 +416,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> RunR
             raise UserError(f"{run_dir} already finished {ckpt['epoch']} epochs and its report; "
                             f"pass --epochs N with N > {ckpt['epoch']} to train longer")
         print(f"{run_dir} finished training but not its report: making the report", flush=True)
-    return _fit(Trainer(cfg, run_dir, resume_from=ckpt))
+    return _fit(Trainer(cfg, run_dir, resume_from=ckpt, model_factory=model_factory))
 
 
 def _fit(trainer: Trainer) -> RunResult:
