@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         resume(args.resume, given, model_factory=factory)
     else:
         train(resolve_config({}, given), model_factory=factory)
-    torch.save(built[-1].state_dict(), dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
+    # built[0] is the trained network; rank 0 builds more afterwards to read best.pt back for the final report
+    torch.save(built[0].state_dict(), dump_dir / f"rank{os.environ.get('RANK', '0')}.pt")
     return 0
 
 

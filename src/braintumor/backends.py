@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from .checkpoint import ModelSpec, load_checkpoint, model_from_checkpoint, spec_
 from .devices import available_cores, resolve_device
 from .errors import UserError
 from .formats import ONNX, TORCHSCRIPT, model_format
+from .model import build_model
 
 INPUT_NAME, OUTPUT_NAME, OOD_OUTPUT_NAME = "input", "logits", "ood_score"
 TORCHSCRIPT_META = "braintumor.json"
@@ -93,8 +94,10 @@ class OnnxBackend:
         return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
 
-def open_model_file(path: Path, device: str | torch.device = "cpu", threads: int | None = None):
-    """(backend, spec) for a checkpoint, TorchScript or ONNX file, chosen by the file's content."""
+def open_model_file(path: Path, device: str | torch.device = "cpu", threads: int | None = None,
+                    model_factory: Callable[[str, int, str], torch.nn.Module] = build_model):
+    """(backend, spec) for a checkpoint, TorchScript or ONNX file, chosen by the file's content; a checkpoint's
+    network is rebuilt by ``model_factory``."""
     kind = model_format(path)
     if kind == ONNX:
         if resolve_device(device).type != "cpu":
@@ -106,7 +109,7 @@ def open_model_file(path: Path, device: str | torch.device = "cpu", threads: int
         return TorchScriptBackend(module, device), spec_from_metadata(meta)
     ckpt = load_checkpoint(path)
     spec = spec_of(ckpt, path)
-    return TorchBackend(model_from_checkpoint(ckpt, path), device, spec.ood_state), spec
+    return TorchBackend(model_from_checkpoint(ckpt, path, model_factory=model_factory), device, spec.ood_state), spec
 
 
 def export_metadata(spec: ModelSpec, version: str, source_fingerprint: str) -> dict[str, Any]:

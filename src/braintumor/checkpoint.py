@@ -16,7 +16,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -221,12 +221,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint") -> nn.Module:
-    """Rebuild the network a checkpoint describes, load its weights and put it in eval mode."""
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint", *,
+                          model_factory: Callable[[str, int, str], nn.Module] = build_model) -> nn.Module:
+    """Rebuild the network a checkpoint describes (with ``model_factory``, the one it was trained with), load its
+    weights and put it in eval mode."""
     spec = spec_of(ckpt, source)
     arch, classes = spec.arch, spec.classes
     try:
-        model = build_model(arch, num_classes=len(classes), weights="none")
+        model = model_factory(arch, len(classes), "none")
     except (ValueError, KeyError, UserError):
         raise UserError(f"{source} is damaged: unknown architecture {arch!r}") from None
     # A run with --ema is used through its averaged weights; fp16 weights (the shipped model) load into fp32.

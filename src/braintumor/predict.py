@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from .fingerprint import file_fingerprint
 from .formats import ONNX, model_format
 from .inputs import ImageInput, describe_source, expand_inputs
 from .locking import ReadWriteLock
-from .model import gradcam_layer
+from .model import build_model, gradcam_layer
 
 # What --backend picks among: the file's own runtime ("torch": as before the CPU exports existed), a verified
 # CPU export beside a checkpoint ("auto"), or a runtime for an ONNX file ("onnx", "openvino").
@@ -99,13 +99,15 @@ class Classifier:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch",
-                        tta: bool | None = None) -> "Classifier":
+                        tta: bool | None = None, model_factory: Callable[..., torch.nn.Module] = build_model
+                        ) -> "Classifier":
         """Load a checkpoint, a TorchScript or ONNX export (told apart by content), a run folder, or "reference"
         (the model shipped with braintumor). ``tta`` overrides the model's stored TTA setting.
 
         ``backend``: "torch" runs the file on its own runtime; "auto" also looks beside a checkpoint for the fastest
         CPU export that passed its accuracy check (see ``braintumor.cpu_backends``); "onnx" and "openvino" need an
-        ONNX export and run it on ONNX Runtime or OpenVINO.
+        ONNX export and run it on ONNX Runtime or OpenVINO. ``model_factory`` rebuilds a checkpoint's network (a
+        run trained with ``train(..., model_factory=...)`` is read back with the same factory).
         """
         path, runtime = resolve_checkpoint(path), backend
         if runtime not in BACKENDS:
@@ -120,7 +122,7 @@ class Classifier:
             session, meta = load_openvino(path)
             opened = OnnxBackend(session, name="openvino"), ModelSpec.from_dict(meta)
         else:
-            opened = open_model_file(path, device)
+            opened = open_model_file(path, device, model_factory=model_factory)
         return cls(*opened, fingerprint=file_fingerprint(path), source_path=str(path), tta=tta)
 
     @property

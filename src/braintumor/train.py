@@ -29,9 +29,10 @@ from .distill import Teacher, distillation_loss
 from .ema import ModelEma
 from .errors import UserError
 from .figures import plot_training_curves
-from .evaluate import evaluate_paths, infer_batches, loss_and_correct, view_logits
+from .evaluate import evaluate_classifier, infer_batches, loss_and_correct, view_logits
 from .model import build_model
 from .optim import Ranger
+from .predict import Classifier
 from .optim.ranger_compiled import CompiledRanger
 from .devices import resolve_device
 from .seeding import seed_epoch
@@ -127,6 +128,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         weights = "none" if resume_from is not None else cfg.weights
+        self.model_factory = model_factory
         self.model = model_factory(cfg.arch, len(self.classes), weights).to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -343,10 +345,11 @@ class Trainer:
         """Fit the OOD detector and temperature into best.pt, then evaluate it on the validation set."""
         from .trust import describe_trust, fit_trust, store_trust
 
-        trust = fit_trust(self.run_dir / "best.pt", self.split.train_paths, self.split.train_labels,
-                          self.split.val_paths, self.split.val_labels, device=str(self.device),
-                          batch_size=self.cfg.batch_size, workers=self.cfg.workers)
-        store_trust(self.run_dir / "best.pt", trust)  # last.pt stays as trained
+        best = self.run_dir / "best.pt"
+        trust = fit_trust(self.best_classifier(), self.split.train_paths, self.split.train_labels,
+                          self.split.val_paths, self.split.val_labels, batch_size=self.cfg.batch_size,
+                          workers=self.cfg.workers)
+        store_trust(best, trust)  # last.pt stays as trained
         print(f"fitted into best.pt: {describe_trust(trust)}", flush=True)
 
         extra = {"validation data": self.split.val_source,
@@ -354,9 +357,14 @@ class Trainer:
                          "evaluate on a separate test folder with `braintumor evaluate` for an unbiased estimate"}
         if self.split.skipped:
             extra["skipped unreadable files"] = [f"{path} ({reason})" for path, reason in self.split.skipped]
-        return evaluate_paths(self.run_dir / "best.pt", self.split.val_paths, self.split.val_labels,
-                              self.run_dir, device=str(self.device), batch_size=self.cfg.batch_size,
-                              workers=self.cfg.workers, title="Validation report (best.pt)", extra=extra)
+        return evaluate_classifier(self.best_classifier(), self.split.val_paths, self.split.val_labels,
+                                   self.run_dir, batch_size=self.cfg.batch_size, workers=self.cfg.workers,
+                                   title="Validation report (best.pt)", extra=extra)
+
+    def best_classifier(self) -> Classifier:
+        """best.pt as it is on disk, its network rebuilt by this run's model factory."""
+        return Classifier.from_checkpoint(self.run_dir / "best.pt", device=str(self.device),
+                                          model_factory=self.model_factory)
 
 
 def format_epoch(row: dict[str, Any], epochs: int, improved: bool) -> str:
