@@ -77,7 +77,8 @@ class _Head:
         return 0.5 * (self.half_width + self.half_height)
 
 
-def _check_label(label: str) -> int:
+def check_label(label: str) -> int:
+    """The index of a phantom class name in PHANTOM_CLASSES (a UserError for any other name)."""
     if label not in PHANTOM_CLASSES:
         raise UserError(f"unknown phantom class {label!r}: choose one of {', '.join(PHANTOM_CLASSES)}")
     return PHANTOM_CLASSES.index(label)
@@ -141,7 +142,7 @@ def _blend(image: np.ndarray, alpha: np.ndarray, value) -> np.ndarray:
 
 def _render(label: str, size: int = 128, rng: np.random.Generator | int | None = None) -> _Phantom:
     """Draw one phantom and keep its region maps; make_phantom is the public face."""
-    _check_label(label)
+    check_label(label)
     size = _check_size(size)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     draws = _draw_anatomy(rng, size)  # every anatomy and acquisition draw first: the lesion's never shift them
@@ -388,7 +389,7 @@ def write_phantom_set(out_dir: str | os.PathLike, per_class: int, size: int = 12
     classes = (classes,) if isinstance(classes, str) else tuple(classes)
     if not classes:
         raise UserError(f"no phantom classes given: choose from {', '.join(PHANTOM_CLASSES)}")
-    class_indices = [_check_label(name) for name in classes]
+    class_indices = [check_label(name) for name in classes]
     out_dir = Path(out_dir)
     try:
         for name, class_index in zip(classes, class_indices):

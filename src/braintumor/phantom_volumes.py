@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .phantom import PHANTOM_CLASSES, _check_label, make_phantom
+from .phantom import PHANTOM_CLASSES, check_label, make_phantom
 
 LESION_SLICES = 1 / 3  # the middle third of the slices shows the lesion
 
@@ -30,7 +30,7 @@ LESION_SLICES = 1 / 3  # the middle third of the slices shows the lesion
 def make_phantom_volume(label: str, size: int = 64, slices: int = 24, seed: int = 0
                         ) -> tuple[np.ndarray, np.ndarray]:
     """A viewer-ordered int16 volume (slices, size, size) and a bool per slice: does it show the lesion."""
-    _check_label(label)
+    check_label(label)
     if slices < 3:
         raise UserError(f"a phantom volume needs at least 3 slices, got {slices}")
     healthy = make_phantom("notumor", size, seed)
@@ -161,7 +161,7 @@ def write_phantom_volumes(out_dir: str | os.PathLike, per_class: int = 1, size: 
     try:
         out.mkdir(parents=True, exist_ok=True)
         for class_index, name in enumerate(classes):
-            _check_label(name)
+            check_label(name)
             for i in range(per_class):
                 volume, _ = make_phantom_volume(name, size, slices, seed=seed * 1_000 + class_index * 100 + i)
                 stem = f"{name}_{i:03d}"
