@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install browser clean reference-model
+.PHONY: demo test test-fast install browser clean reference-model
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) scripts/run_tests.py
+
+# The unit tier: every test not marked slow (slow = trains a model, starts processes or a browser; >= 1 s).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The shipped reference model (MODEL_CARD.md): train the scratch-cpu recipe on the real Training folder (about
 # an hour on 2 idle cores), then keep its validated weights in float16 inside the package.

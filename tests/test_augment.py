@@ -81,6 +81,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     Augmentation(rotation=0.0, brightness=0.3, contrast=0.3, gamma=0.3),
     Augmentation(rotation=10.0, scale=0.1, translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1),
 ], ids=["scale", "translate", "intensity", "recipe"])
+@pytest.mark.slow
 def test_both_data_paths_agree_in_distribution(augmentation):
     cpu, cached = _augment_both_paths(augmentation)
     mean_gap, spread_gap = _distance(cpu, cached)

@@ -36,6 +36,7 @@ def probabilities(classifier, path):
     return classifier.predict(str(path)).probabilities
 
 
+@pytest.mark.slow
 def test_format_and_backend_follow_the_content_when_the_suffix_lies(tiny_checkpoint, exports, phantom_dir, tmp_path):
     image = phantom_dir.joinpath(*IMAGE)
     expected = probabilities(Classifier.from_checkpoint(tiny_checkpoint), image)
@@ -56,6 +57,7 @@ def test_format_and_backend_follow_the_content_when_the_suffix_lies(tiny_checkpo
         assert got == pytest.approx(expected, abs=1e-4), name
 
 
+@pytest.mark.slow
 def test_torchscript_export_is_read_by_predict_evaluate_and_serve(tiny_checkpoint, phantom_dir, tmp_path, capsys):
     script = tmp_path / "model.ts"
     code, out, _ = run(["export", tiny_checkpoint, "--format", "torchscript", "--out", script], capsys)
@@ -77,6 +79,7 @@ def test_torchscript_export_is_read_by_predict_evaluate_and_serve(tiny_checkpoin
         assert refused.status_code == 422 and "Grad-CAM" in refused.json()["detail"]
 
 
+@pytest.mark.slow
 def test_onnx_export_is_read_by_predict_and_evaluate_without_a_backend_flag(exports, phantom_dir, tmp_path, capsys):
     image = phantom_dir.joinpath(*IMAGE)
     for backend in ([], ["--backend", "torch"], ["--backend", "auto"]):
@@ -99,6 +102,7 @@ def test_export_suffix_must_name_the_format(tiny_checkpoint, tmp_path, capsys, f
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_every_default_export_name_reads_back(tiny_checkpoint, tmp_path):
     source = shutil.copy(tiny_checkpoint, tmp_path / "best.pt")
     for fmt, backend in (("onnx", "onnx"), ("torchscript", "torchscript")):

@@ -281,6 +281,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, phantom_dir, tmp_path, capsys, monkeypatch):
     name, args, needs, message, *rest = case
@@ -355,6 +356,7 @@ def test_yaml_number_strings_are_read_as_numbers(phantom_dir, tmp_path):
     assert cfg.lr == 1e-5 and cfg.weight_decay == 5e-4 and cfg.epochs == 3 and isinstance(cfg.epochs, int)
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_no_traceback(tmp_path):
     script = textwrap.dedent("""
         import sys

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -16,6 +18,7 @@ def load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
     out = tmp_path / "throughput.json"
     assert load("train_throughput").main(["--data", str(phantom_dir), "--device", "cpu", "--image-size", "32",
@@ -33,6 +36,7 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
     assert results["project_first_epoch_seconds"] > 0 and results["project_seconds_to_first_epoch"] > 0
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tmp_path, capsys):
     out = tmp_path / "tta.json"
     assert load("time_to_accuracy").main(["--data", str(phantom_dir), "--recipe", "scratch-cpu", "--arch", "resnet18",
@@ -64,6 +68,7 @@ def test_gpu_session_script_plans_every_gpu_measurement(tmp_path):
     assert "time_to_accuracy.py --data Training --recipe scratch-gpu --seeds 0" in plan
 
 
+@pytest.mark.slow
 def test_ood_benchmark_smoke_mode(tmp_path, capsys):
     out = tmp_path / "ood.json"
     assert load("ood").main(["--smoke", "--json", str(out)]) == 0

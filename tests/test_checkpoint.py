@@ -69,6 +69,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.bin"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_killed_checkpoint_write_leaves_previous_last_pt_loadable(tmp_path):
     """SIGKILL in the middle of writing a new last.pt: the old one is still there and loads."""
     last = make_checkpoint(tmp_path / "last.pt", classes=("x", "y"), seed=5)
@@ -164,6 +165,7 @@ def test_a_damaged_spec_is_a_user_error_naming_the_file(tmp_path):
         model_from_checkpoint(load_checkpoint(path), path)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_validated_weights_and_spec_only(tmp_path):
     """best.pt from a full resume checkpoint: the EMA weights, the spec, provenance; no optimizer, no RNG state;
     about the size of the weights."""

@@ -32,11 +32,13 @@ def run(args, capsys):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_and_prints_where(trained_run):
     assert (trained_run / "best.pt").is_file() and (trained_run / "report.md").is_file()
     assert len((trained_run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_evaluate_with_leak_free_subset(trained_run, phantom_dir, tmp_path, capsys):
     code, out, _ = run(["evaluate", trained_run / "best.pt", phantom_dir, "--out", tmp_path / "eval",
                         "--device", "cpu", "--exclude-duplicates-of", phantom_dir], capsys)
@@ -87,6 +89,7 @@ def test_predict_rejects_a_blank_image_and_abstains_below_min_confidence(trained
     assert exit_info.value.code == 2 and "between 0 and 1" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_calibrate_refits_a_checkpoint_from_its_own_run(trained_run, tmp_path, capsys):
     import shutil
 
@@ -98,6 +101,7 @@ def test_calibrate_refits_a_checkpoint_from_its_own_run(trained_run, tmp_path, c
     assert code == 0 and "temperature" in out and trust["accept_rate"] == 0.9 and trust["n_val"] == 4
 
 
+@pytest.mark.slow
 def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_path, capsys):
     onnx_file = tmp_path / "model.onnx"
     code, out, _ = run(["export", trained_run / "best.pt", "--format", "onnx", "--out", onnx_file], capsys)
@@ -114,6 +118,7 @@ def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_pat
         assert got["probabilities"][name] == pytest.approx(p, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_export_int8_with_calibration_images(trained_run, phantom_dir, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     code, printed, _ = run(["export", trained_run / "best.pt", "--out", out, "--int8-calibration",
@@ -196,6 +201,7 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_unwritable_output_is_a_one_line_error(trained_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
@@ -203,6 +209,7 @@ def test_unwritable_output_is_a_one_line_error(trained_run, tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and str(blocker) in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_real_process_exit_codes_and_no_traceback(tmp_path):
     """Through a real interpreter: argparse errors and user errors are one line on stderr, exit code 2."""
     for args in (["train", str(tmp_path / "nowhere"), "--device", "cpu"], ["train", "d", "--epochs", "many"],
@@ -317,6 +324,7 @@ def test_resume_refuses_recipe_flags(trained_run, capsys, flag, value):
     assert (trained_run / "last.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_a_run_started_with_a_relative_data_path_resumes_from_another_folder(phantom_dir, tmp_path, monkeypatch,
                                                                             capsys):
     import shutil

@@ -30,6 +30,7 @@ def test_default_needs_accuracy_within_0_3_points_and_99_percent_agreement():
     assert comparison == {"n": 4, "reference_accuracy": 0.75, "accuracy": 0.5, "agreement": 0.75}
 
 
+@pytest.mark.slow
 def test_auto_backend_takes_the_fastest_passing_export_of_this_checkpoint(tiny_checkpoint, tmp_path, capsys):
     from braintumor.export import export_onnx
 
@@ -84,6 +85,7 @@ def trained_run(phantom_dir, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_accelerated_backends_agree_with_float32_on_a_trained_model(trained_run, phantom_dir, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("cpu_inference", BENCHMARKS / "cpu_inference.py")
     module = importlib.util.module_from_spec(spec)

@@ -74,6 +74,7 @@ CRASH_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
 def test_resume_after_a_crash_gives_the_uninterrupted_run(point, reference, phantom_dir, tmp_path, monkeypatch,
                                                           capsys):
@@ -96,6 +97,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(point, reference, phan
     assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_its_report_is_not_trained_again(reference, phantom_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(train_args(phantom_dir, run)) == 0

@@ -128,6 +128,7 @@ def test_multi_index_search_equals_brute_force():
     assert near_pairs([5], 4).shape == (0, 2)
 
 
+@pytest.mark.slow
 def test_multi_index_search_scales_to_a_hundred_thousand_hashes():
     """10^5 hashes: 5 * 10^9 pairs by brute force; the index verifies only a few candidates per hash."""
     rng = np.random.default_rng(1)

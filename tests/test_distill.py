@@ -40,6 +40,7 @@ def test_loss_matches_a_hand_computation_on_fixed_logits():
     assert only_soft.item() == pytest.approx(temperature**2 * soft / 2, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_weight_zero_trains_exactly_like_no_teacher(phantom_dir, tmp_path):
     # An untrained teacher serves; its 48 px input size exercises resizing the student's 32 px batches.
     teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=48, seed=5)

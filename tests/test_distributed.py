@@ -57,6 +57,7 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ranks_end_identical_and_resume_works_with_another_world_size(symmetric_data, tmp_path):
     dump, log = run_worker(tmp_path, "ddp", train_args(symmetric_data, tmp_path / "run"), nproc=2)
     rank0 = torch.load(dump / "rank0.pt", weights_only=True)
@@ -73,6 +74,7 @@ def test_ranks_end_identical_and_resume_works_with_another_world_size(symmetric_
     assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_cache", ["none", "memory"])
 def test_two_processes_match_one_process_on_the_same_global_batch(symmetric_data, tmp_path, data_cache):
     settings = dict(data_cache=data_cache, epochs=2)
@@ -90,6 +92,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(symmetric_data
         assert a["val_accuracy"] == b["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_user_error_on_rank_0_stops_every_rank(symmetric_data, tmp_path):
     """Rank 0 checks the files; its error must reach rank 1 too instead of leaving it waiting forever."""
     import shutil
@@ -133,6 +136,7 @@ def run_two_nodes(tmp_path, name, args, mode="group-norm"):
     return dump, "".join(stdout for stdout, _ in outputs)
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_process_on_the_same_global_batch(symmetric_data, tmp_path):
     """Multi-node: the same c10d rendezvous and gloo all-reduce a cluster uses, with both nodes on loopback."""
     settings = dict(data_cache="memory", epochs=2)

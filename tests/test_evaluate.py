@@ -23,6 +23,7 @@ def planted_leak(phantom_dir, tmp_path_factory):
     return test
 
 
+@pytest.mark.slow
 def test_full_and_leak_free_metrics_side_by_side(tiny_checkpoint, phantom_dir, planted_leak, tmp_path):
     result = evaluate_checkpoint(tiny_checkpoint, planted_leak, tmp_path, device="cpu",
                                  exclude_duplicates_of=str(phantom_dir))
@@ -36,6 +37,7 @@ def test_full_and_leak_free_metrics_side_by_side(tiny_checkpoint, phantom_dir, p
     assert "| Metric | full set | leak-free subset |" in markdown
 
 
+@pytest.mark.slow
 def test_without_a_leak_check_there_are_no_subsets(tiny_checkpoint, planted_leak, tmp_path):
     result = evaluate_checkpoint(tiny_checkpoint, planted_leak, tmp_path, device="cpu")
     assert result["subsets"] == {} and result["metrics"]["n"] == 12
@@ -49,6 +51,7 @@ def test_folder_classes_must_belong_to_the_model(tiny_checkpoint, tmp_path):
         evaluate_checkpoint(tiny_checkpoint, other, tmp_path / "out", device="cpu")
 
 
+@pytest.mark.slow
 def test_predictions_csv_rows_match_the_reports_counts(tiny_checkpoint, phantom_dir, planted_leak, tmp_path):
     import csv
 
@@ -80,6 +83,7 @@ def test_predictions_csv_rows_match_the_reports_counts(tiny_checkpoint, phantom_
     assert "(roc_curves.png)" in markdown and "Specificity" in markdown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_cache, tta", [("none", False), ("memory", True)])
 def test_training_validation_and_evaluate_run_one_routine_on_identical_tensors(phantom_dir, tmp_path, data_cache,
                                                                                 tta):

@@ -200,6 +200,7 @@ def test_overlay_blends_colormap_over_the_slice():
     np.testing.assert_allclose(np.asarray(explanation.overlay(alpha=1.0)), expected, atol=1)
 
 
+@pytest.mark.slow
 def test_planted_lesion_is_hotter_than_the_background(lesion_classifier):
     phantoms = [lesion_phantom(seed) for seed in range(1000, 1012)]
     results = explain(lesion_classifier, [Image.fromarray(image) for image, _ in phantoms], target="tumor")
@@ -226,6 +227,7 @@ def test_batch_matches_single_images_and_hand_computed_reference(lesion_classifi
     np.testing.assert_allclose(np.stack([r.heatmap for r in batch]), reference, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

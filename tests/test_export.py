@@ -35,6 +35,7 @@ def random_batch(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_onnx_probabilities_match_pytorch_for_batches_of_three_and_one(classifiers, phantom_dir):
     eager, onnx_backend = classifiers
     assert onnx_backend.backend == "onnx" and onnx_backend.model is None
@@ -95,6 +96,7 @@ def test_session_threads(onnx_path):
     assert session.get_session_options().intra_op_num_threads == available_cores()
 
 
+@pytest.mark.slow
 def test_torchscript_equals_eager(tiny_checkpoint, tmp_path, classifiers):
     eager, _ = classifiers
     path = export_torchscript(tiny_checkpoint, tmp_path / "model.ts")
@@ -153,6 +155,7 @@ def test_bad_files_raise_user_error(tmp_path, onnx_path):
         load_torchscript(garbage)
 
 
+@pytest.mark.slow
 def test_int8_quantization_stays_close_and_keeps_metadata(onnx_path, phantom_dir, tmp_path):
     paths = expand_inputs([phantom_dir])
     quantized = quantize_onnx(onnx_path, tmp_path / "int8.onnx", paths[::2])

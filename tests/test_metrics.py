@@ -103,6 +103,7 @@ def reference_bootstrap(y_true, y_pred, metric, n_resamples, seed):
     return tuple(np.percentile(stats, [2.5, 97.5]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["accuracy", "macro_f1"])
 def test_bootstrap_ci_matches_plain_loop(name):
     rng = np.random.default_rng(3)

@@ -26,6 +26,7 @@ def test_resnet152_head_is_exactly_the_reference_recipe():
     assert gradcam_layer(model) is model.layer4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, features", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
 def test_smaller_archs_get_the_same_head(arch, features):
     model = build_model(arch, num_classes=3, weights="none").eval()

@@ -32,6 +32,7 @@ def test_an_existing_folder_with_files_needs_overwrite(tmp_path):
         prepare_output_dir(out / "report.md", "unused")
 
 
+@pytest.mark.slow
 def test_commands_refuse_to_overwrite_without_the_flag(phantom_dir, tiny_checkpoint, tmp_path, capsys,
                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -165,6 +165,7 @@ def test_lesion_is_clearly_brighter_than_its_surroundings(label):
         assert contrast > 20 and contrast > 3 * noise, (label, seed, contrast, noise)
 
 
+@pytest.mark.slow
 def test_classes_are_separable_by_a_linear_model_on_tiny_images():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

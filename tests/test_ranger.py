@@ -79,6 +79,7 @@ def _hand_gc(params, gc: str) -> None:
     [("all", 0.0, 6, 0.5), ("all", 0.1, 5, 0.8), ("conv", 0.1, 6, 0.5), ("conv", 0.0, 3, 0.3), ("none", 0.1, 4, 1.0),
      ("none", 0.0, 1, 0.5)],
 )
+@pytest.mark.slow
 def test_matches_torch_radam_with_hand_gc_and_lookahead(gc, weight_decay, k, alpha, foreach):
     lr = 1e-2
     model = _small_model()
@@ -136,6 +137,7 @@ def test_matches_torch_radam_in_float64():
 # --- Oracle 2: pytorch_optimizer.Ranger ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("gc", ["all", "conv", "none"])
 def test_matches_pytorch_optimizer_ranger(gc, weight_decay):

@@ -36,6 +36,7 @@ def test_it_describes_itself():
                for p in classifier.model.parameters())  # fp16 on disk, fp32 in memory
 
 
+@pytest.mark.slow
 def test_predict_evaluate_explain_export_accept_reference(phantom_dir, tmp_path, capsys, monkeypatch):
     image = next((phantom_dir / "glioma").iterdir())
     assert main(["predict", "reference", str(image), "--json"]) == 0

@@ -91,6 +91,7 @@ def client(classifier):
         yield test_client
 
 
+@pytest.mark.slow
 def test_health_model_docs_and_page(client, classifier):
     assert client.get("/api/health").json() == {"status": "ok"}
     model = client.get("/api/model").json()
@@ -270,6 +271,7 @@ def test_declared_and_streamed_request_size_limits():
     assert caught.value.status_code == 413 and len(handed_out) < 41
 
 
+@pytest.mark.slow
 def test_concurrent_requests_match_sequential_answers(tiny_checkpoint):
     classifier = Classifier.from_checkpoint(tiny_checkpoint)  # its own copy: the test hooks the model
     # Widen the window between the hooked block's output and Grad-CAM's backward pass, in which a plain
@@ -362,6 +364,7 @@ def test_limits_and_port_errors_are_user_errors(classifier, tiny_checkpoint):
             run_server(tiny_checkpoint, port=port)
 
 
+@pytest.mark.slow
 def test_load_benchmark_runs_in_small_mode(tiny_checkpoint):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(tiny_checkpoint),
@@ -371,6 +374,7 @@ def test_load_benchmark_runs_in_small_mode(tiny_checkpoint):
     assert "errors: 0" in result.stdout and "p95" in result.stdout and "cores" in result.stdout
 
 
+@pytest.mark.slow
 def test_api_flags_out_of_distribution_and_low_confidence(trusted_checkpoint):
     from sklearn.datasets import load_sample_image
 
@@ -393,6 +397,7 @@ def test_api_flags_out_of_distribution_and_low_confidence(trusted_checkpoint):
         assert phantom["abstained"] is True and phantom["status"] == "low_confidence"
 
 
+@pytest.mark.slow
 def test_volumes_upload_as_a_verdict_with_the_most_suspicious_slice(client, classifier, tmp_path):
     from braintumor.phantom_volumes import make_phantom_volume, write_multiframe_dicom, write_nifti
     from braintumor.volume_verdict import classify_volume

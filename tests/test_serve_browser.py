@@ -76,6 +76,7 @@ def phantom_png(path: Path, label: str, seed: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
     _require_browser()
     from playwright.sync_api import expect, sync_playwright

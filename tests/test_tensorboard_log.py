@@ -18,6 +18,7 @@ def _events(run_dir) -> EventAccumulator:
     return events
 
 
+@pytest.mark.slow
 def test_run_folder_opens_in_tensorboard_with_every_epoch_once(phantom_dir, tmp_path):
     cfg = TrainConfig(data=str(phantom_dir), arch="resnet18", weights="none", image_size=32, epochs=1,
                       batch_size=8, lr=1e-3, device="cpu", workers=0, seed=3, out=str(tmp_path / "run"),

@@ -15,6 +15,7 @@ from braintumor.train import make_optimizer, make_scheduler, resume, train
 from helpers import tiny_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_cache", ["none", "memory"])
 def test_two_plus_two_epochs_resumed_equal_four_straight(phantom_dir, tmp_path, data_cache):
     straight = train(tiny_config(phantom_dir, tmp_path / "straight", epochs=4, data_cache=data_cache))
@@ -40,6 +41,7 @@ def test_two_plus_two_epochs_resumed_equal_four_straight(phantom_dir, tmp_path, 
     assert [r["train_loss"] for r in rows_a] == pytest.approx([r["train_loss"] for r in rows_b], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_run_folder_holds_everything_predict_and_users_need(phantom_dir, tmp_path):
     result = train(tiny_config(phantom_dir, tmp_path / "run", epochs=1))
     names = {p.name for p in result.run_dir.iterdir()}
@@ -68,6 +70,7 @@ def test_run_folder_holds_everything_predict_and_users_need(phantom_dir, tmp_pat
         resume(result.run_dir)
 
 
+@pytest.mark.slow
 def test_bad_files_stop_the_run_or_are_skipped_and_reported(phantom_dir, tmp_path):
     import shutil
 
@@ -88,6 +91,7 @@ def test_bad_files_stop_the_run_or_are_skipped_and_reported(phantom_dir, tmp_pat
     assert len(skipped) == 2 and any("broken.png" in s for s in skipped)
 
 
+@pytest.mark.slow
 def test_separate_validation_folder(phantom_dir, tmp_path):
     result = train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, val=str(phantom_dir)))
     assert json.loads((result.run_dir / "report.json").read_text())["n"] == 24
@@ -109,6 +113,7 @@ def test_every_optimizer_choice_builds_and_steps(name):
     assert lrs[2] > lrs[3] > 0  # cosine decay afterwards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_cache", ["none", "memory"])
 def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentation(phantom_dir, tmp_path,
                                                                                      data_cache, monkeypatch):
@@ -147,6 +152,7 @@ def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentat
     assert b["image_size"] == 48 and b["tta"] is True
 
 
+@pytest.mark.slow
 def test_eval_image_size_is_what_validation_and_the_model_use(phantom_dir, tmp_path):
     result = train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, image_size=32, eval_image_size=40,
                                data_cache="memory"))

@@ -72,6 +72,7 @@ def test_validation_sees_one_batch_shape_and_its_metrics_ignore_the_padding(phan
     assert padded["val_loss"] == pytest.approx(loss_sum / count, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_time_to_first_epoch_is_logged_once(phantom_dir, tmp_path):
     result = train(tiny_config(phantom_dir, tmp_path / "run", epochs=2, data_cache="memory",
                               max_steps_per_epoch=1))
@@ -80,6 +81,7 @@ def test_time_to_first_epoch_is_logged_once(phantom_dir, tmp_path):
     assert "seconds_to_first_epoch" not in second
 
 
+@pytest.mark.slow
 def test_the_trainer_builds_what_the_step_mode_says(phantom_dir, tmp_path):
     trainer = Trainer(tiny_config(phantom_dir, tmp_path / "run", train_step="compile-step"), tmp_path / "run")
     assert trainer.step_plan == StepPlan("compile-step")
@@ -117,6 +119,7 @@ def run_steps(plan: StepPlan, steps: int = 13) -> tuple[list[float], dict[str, t
     return losses, {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_the_compiled_step_gives_the_eager_losses_and_weights():
     """13 steps cross RAdam's rectification (step 6) and two LookAhead syncs (6, 12), with a changing lr."""
     eager_losses, eager_weights = run_steps(StepPlan("eager"))

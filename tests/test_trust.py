@@ -52,6 +52,7 @@ def out_of_distribution_inputs() -> dict[str, Image.Image]:
             "photo": natural_photo(), "text": text}
 
 
+@pytest.mark.slow
 def test_training_fits_the_detector_and_temperature_into_best_pt(phantom_model):
     trust = phantom_model["trained_trust"]
     assert trust["ood"]["method"] == "mahalanobis" and trust["temperature"] > 0
@@ -72,6 +73,7 @@ def test_detector_flags_noise_blanks_photo_and_text_and_accepts_held_aside_phant
     assert np.mean(accepted) >= 0.8  # the threshold accepts ~95 % of validation phantoms
 
 
+@pytest.mark.slow
 def test_onnx_backend_gives_the_same_ood_score_and_flag(phantom_model, tmp_path):
     from braintumor.export import export_onnx
 

@@ -33,6 +33,7 @@ def onnx_export(tiny_checkpoint, tmp_path_factory):
     return export(tiny_checkpoint, "onnx", tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
+@pytest.mark.slow
 def test_classifier_tta_on_both_backends(tiny_checkpoint, onnx_export):
     rng = np.random.default_rng(0)
     asymmetric = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -55,6 +56,7 @@ def test_classifier_tta_on_both_backends(tiny_checkpoint, onnx_export):
         assert all(s1[n] == pytest.approx(s2[n], abs=1e-6) for n in plain.classes)
 
 
+@pytest.mark.slow
 def test_stored_setting_is_the_default_and_travels_into_onnx(tmp_path):
     from braintumor.checkpoint import load_checkpoint, save_checkpoint
     from braintumor.export import export

@@ -156,6 +156,7 @@ def test_partition_inputs_and_bad_volumes(tmp_path, phantom):
         read_volume(mixed)
 
 
+@pytest.mark.slow
 def test_predict_and_explain_volumes_through_the_cli(tiny_checkpoint, tmp_path, capsys):
     assert main(["make-phantoms", str(tmp_path / "vol"), "--volumes", "--size", "32", "--slices", "6",
                  "--per-class", "1"]) == 0
