@@ -51,8 +51,12 @@ def test_recipe_and_launch_fields_split_as_documented():
     ("tta: maybe\n", r"^tta in .* must be true or false, got 'maybe'$"),
     ("arch: 18\n", r"^arch in .* must be text, got 18$"),
     ("lr: fast\n", r"^lr in .* must be a number, got 'fast'$"),
+    # files that are not a mapping of known options
+    ("epochs: [1, 2", "is not valid YAML"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("data: x\nlearning_rate: 0.1\n", r"unknown option\(s\) in .*: learning_rate \(see braintumor train --help\)"),
 ])
-def test_yaml_values_of_the_wrong_type_name_the_key(tmp_path, text, message):
+def test_bad_yaml_files_and_values_are_one_line_errors_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(UserError, match=message):
@@ -136,18 +140,6 @@ def test_an_old_runs_relative_data_path_is_found_from_its_folder_or_the_run_fold
     with pytest.raises(UserError, match="^the run's data path 'data' is relative .* resume from the folder the run "
                                         "was started in$"):
         resume_config(saved, {}, moved)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("epochs: [1, 2", "is not valid YAML"),
-    ("- just\n- a list\n", "must hold a mapping"),
-    ("data: x\nlearning_rate: 0.1\n", r"unknown option\(s\) in .*: learning_rate \(see braintumor train --help\)"),
-])
-def test_bad_files(tmp_path, text, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(UserError, match=message):
-        read_config_file(path)
 
 
 def test_missing_file():
