@@ -38,11 +38,12 @@ from braintumor.optim import Ranger
 from braintumor.train import make_optimizer, train
 from braintumor.train_step import AUTO_COMPILE_MIN_STEPS, STEP_MODES, choose_step_mode, wrap_network
 
-# name -> (--train-step mode, batch multiplier); the lr is multiplied with the batch (linear scaling rule).
-VARIANTS = {"eager": ("eager", 1), "compile": ("compile", 1), "compile-step": ("compile-step", 1),
-            "cuda-graphs": ("cuda-graphs", 1), "eager-2x-batch": ("eager", 2),
-            "compile-step-2x-batch": ("compile-step", 2)}
-CPU_VARIANTS = ("eager", "eager-2x-batch")
+# name -> (--train-step mode, batch multiplier, channels_last); the lr is multiplied with the batch (linear
+# scaling rule). The Trainer uses channels_last on every device; "eager-contiguous" measures what that buys.
+VARIANTS = {"eager": ("eager", 1, True), "eager-contiguous": ("eager", 1, False), "compile": ("compile", 1, True),
+            "compile-step": ("compile-step", 1, True), "cuda-graphs": ("cuda-graphs", 1, True),
+            "eager-2x-batch": ("eager", 2, True), "compile-step-2x-batch": ("compile-step", 2, True)}
+CPU_VARIANTS = ("eager", "eager-contiguous", "eager-2x-batch")
 WARMUP_STEPS = 5
 
 # Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU.
@@ -96,7 +97,7 @@ def reference_loop(paths, labels, cfg: TrainConfig, device: torch.device, steps:
 
 
 def measure_step(cfg: TrainConfig, classes: int, device: torch.device, steps: int, mode: str = "eager",
-                 batch_multiplier: int = 1) -> dict:
+                 batch_multiplier: int = 1, channels_last: bool = True) -> dict:
     """Warm-up seconds (the first steps, compilation included), steady images/s and peak memory (GiB) of the
     training step in ``mode`` on synthetic tensors already on the device; the Trainer's model set-up."""
     batch = cfg.batch_size * batch_multiplier
@@ -105,15 +106,14 @@ def measure_step(cfg: TrainConfig, classes: int, device: torch.device, steps: in
     torch.manual_seed(0)
     model = build_model(cfg.arch, classes, "none").to(device).train()
     amp = device.type == "cuda"
-    if amp:
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = amp
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     net = wrap_network(model, plan)
     optimizer = make_optimizer(variant_cfg, model.parameters(), compiled=plan.compiles_optimizer)
     criterion = nn.CrossEntropyLoss()
-    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    if amp:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device).contiguous(
+        memory_format=memory_format)
     targets = torch.randint(0, classes, (batch,), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -207,9 +207,10 @@ def main(argv=None) -> int:
         print(f"(c) ceiling: {top:.0f} img/s", flush=True)
         measured = {}
         for variant in variants:
-            mode, multiplier = VARIANTS[variant]
+            mode, multiplier, channels_last = VARIANTS[variant]
             try:
-                measured[variant] = measure_step(cfg, classes, device, variant_steps, mode, multiplier)
+                measured[variant] = measure_step(cfg, classes, device, variant_steps, mode, multiplier,
+                                                 channels_last)
             except Exception as err:  # a variant that fails is a result too; the others still run
                 measured[variant] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"}
             print(f"(d) {variant}: {measured[variant]}", flush=True)
