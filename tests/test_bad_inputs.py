@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from braintumor import atomic
-from braintumor.data import io as images
+from braintumor.data import pixels
 from braintumor.cli import main
 from helpers import make_checkpoint
 
@@ -183,7 +183,7 @@ def full_disk_for(name: str):
 
 
 def small_decode_budget(monkeypatch):
-    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 100_000)
+    monkeypatch.setattr(pixels, "MAX_DECODED_BYTES", 100_000)
 
 
 # Each case: id, argument list ({name} placeholders filled from `needs`), needs, message part, allowed leftovers,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from braintumor import dedup
-from braintumor.data import io as images
+from braintumor.data import dicom, pixels
 from braintumor.bombs import dicom_deflate_bomb
 from braintumor.data.io import ImageReadError, read_image
 from braintumor.serve.budget import DecodeBudget
@@ -43,12 +43,12 @@ def test_chunked_conversion_equals_the_whole_image_conversion(monkeypatch):
     rng = np.random.default_rng(0)
     values = rng.integers(0, 4096, (90, 70)).astype(np.uint16)
     whole = np.asarray(read_image(png16(values)))
-    monkeypatch.setattr(images, "_ROW_CHUNK_PIXELS", 100)  # about one row at a time
+    monkeypatch.setattr(pixels, "_ROW_CHUNK_PIXELS", 100)  # about one row at a time
     assert np.array_equal(np.asarray(read_image(png16(values))), whole)
 
 
 def test_large_images_are_shrunk_right_after_decoding(monkeypatch):
-    monkeypatch.setattr(images, "MAX_DECODED_SIDE", 64)
+    monkeypatch.setattr(pixels, "MAX_DECODED_SIDE", 64)
     values = np.zeros((200, 130), dtype=np.uint16)
     values[:, 65:] = 1000
     image = read_image(png16(values))
@@ -61,29 +61,29 @@ def test_large_images_are_shrunk_right_after_decoding(monkeypatch):
 
 
 def test_decoded_bytes_over_the_budget_are_refused_before_decoding(monkeypatch):
-    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 50_000)
+    monkeypatch.setattr(pixels, "MAX_DECODED_BYTES", 50_000)
     with pytest.raises(ImageReadError, match=r"too large: 200x200 pixels of mode I;16 decode to"):
         read_image(png16(np.zeros((200, 200))))
     read_image(png16(np.zeros((100, 100))))  # 20,000 bytes: fine
 
 
-def test_deflated_dicom_is_measured_before_pydicom_inflates_it(monkeypatch):
+def test_deflated_dicom_is_measured_before_pydicom_inflates_it(monkeypatch, tmp_path):
     data = dicom_deflate_bomb(side=512)
     assert len(data) < 20_000  # 512 KiB of pixels
     assert read_image(data).size == (512, 512)
-    monkeypatch.setattr(images, "MAX_DECODED_BYTES", 10_000)
-    monkeypatch.setattr(images, "_check_byte_budget", lambda *args: None)  # only the inflate check may refuse
+    monkeypatch.setattr(pixels, "MAX_DECODED_BYTES", 10_000)
+    monkeypatch.setattr(dicom, "check_byte_budget", lambda *args: None)  # only the inflate check may refuse
     called = []
     import pydicom
 
     monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: called.append(1))
     # limit = 2 * budget + 1 MiB: this slice inflates to 512 KiB + headers, under it; a bigger one is over.
-    read_or_error = None
-    try:
-        read_image(dicom_deflate_bomb(side=1100))
-    except ImageReadError as error:
-        read_or_error = error.reason
-    assert read_or_error is not None and "inflate to more than" in read_or_error and not called
+    bomb = dicom_deflate_bomb(side=1100)
+    (tmp_path / "bomb.dcm").write_bytes(bomb)
+    for source in (bomb, tmp_path / "bomb.dcm"):  # an upload and a file
+        with pytest.raises(ImageReadError, match="inflate to more than"):
+            read_image(source)
+    assert not called
 
 
 def test_the_server_and_the_cli_read_the_same_files(tmp_path):

@@ -15,7 +15,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.pixels import apply_rescale, apply_windowing
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from braintumor.data import io as images
+from braintumor.data.pixels import minmax_to_uint8
 from braintumor.errors import UserError
 from braintumor.data.io import IMAGE_EXTENSIONS, ImageReadError, check_image, find_bad_images, read_image
 
@@ -368,7 +368,7 @@ def test_dicom_voi_lut_sequence_windowed_as_pydicom_says(tmp_path):
     np.testing.assert_array_equal(out, reference)
     assert out[0, 0] == 0 and out[-1, -1] == 255  # below / above the LUT's input range clamp to its ends
     # The hand-written window the module used to apply would give something else entirely.
-    assert not np.array_equal(out, images._minmax_to_uint8(stored))
+    assert not np.array_equal(out, minmax_to_uint8(stored))
 
 
 def test_compressed_dicom_without_decoder_names_the_plugin(tmp_path, monkeypatch):

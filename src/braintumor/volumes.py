@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .data.io import has_dicom_magic, missing_decoder_reason
+from .data.dicom import has_dicom_magic, missing_decoder_reason
 
 log = logging.getLogger(__name__)
 

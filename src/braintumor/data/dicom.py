@@ -1,0 +1,247 @@
+"""DICOM slices: reading one into an RGB image, the memory guards around pydicom, and its LUTs.
+
+A file is DICOM when it carries the ``DICM`` magic at byte 128, or (read with ``force``) when its name ends in
+``.dcm``: :func:`braintumor.data.io.read_image` decides, for paths and named uploads alike. Grayscale pixels go
+through pydicom's Modality LUT (sequence or RescaleSlope/Intercept) and VOI LUT (VOI LUT Sequence, else
+WindowCenter/WindowWidth with LINEAR, LINEAR_EXACT or SIGMOID; first preset), scaled to 8 bit over the VOI's
+output range, or min–max when the file has no VOI (:func:`dicom_gray_to_uint8`); MONOCHROME1 is inverted; colour
+(SamplesPerPixel 3, palette colour) stays RGB. Compressed pixel data whose decoder plug-in is missing gives one
+line naming the package to install; multi-frame files are volumes (:mod:`braintumor.volumes` reads those).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from braintumor.data import pixels
+from braintumor.data.pixels import (ImageReadError, check_byte_budget, check_pixel_limit, gray_to_rgb,
+                                    minmax_to_uint8, one_line, shrink)
+
+MAGIC_OFFSET = 128
+MAGIC = b"DICM"
+HEADER_BYTES = MAGIC_OFFSET + len(MAGIC)  # enough of a file's start to tell DICOM by its magic
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+# Transfer syntaxes whose decoders are optional plug-ins (pydicom decodes RLE and deflate itself).
+_DECODER_PACKAGES = (("1.2.840.10008.1.2.4.9", "pylibjpeg pylibjpeg-openjpeg"),  # JPEG 2000
+                     ("1.2.840.10008.1.2.4.20", "pylibjpeg pylibjpeg-openjpeg"),  # HTJ2K
+                     ("1.2.840.10008.1.2.4.", "pylibjpeg pylibjpeg-libjpeg"))  # JPEG, JPEG-LS
+
+
+def has_dicom_magic(header: bytes) -> bool:
+    """True when ``header`` (the first 132 bytes or more) carries the DICOM magic at byte 128."""
+    return header[MAGIC_OFFSET:HEADER_BYTES] == MAGIC
+
+
+def read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Image:
+    """Decode one DICOM slice (a path or an open binary buffer) into an RGB image; ``force`` reads files without
+    the preamble and magic. Raises ImageReadError with one line for anything it cannot read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    _check_deflated_size(file, label)
+    try:
+        dataset = pydicom.dcmread(file, force=force)
+    except InvalidDicomError:
+        raise ImageReadError(label, "not a valid DICOM file") from None
+    except EOFError:
+        raise ImageReadError(label, "truncated DICOM file") from None
+    except Exception as error:  # noqa: BLE001 - malformed elements raise many exception types
+        raise ImageReadError(label, f"corrupt DICOM file ({one_line(error)})") from None
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+        # force=True parses almost any bytes into an empty dataset; without the DICM header that means "not DICOM".
+        raise ImageReadError(label, "not a valid DICOM file" if force else "DICOM file has no pixel data")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageReadError(
+            label, f"multi-frame DICOM ({frames} frames) is a volume: braintumor predict and explain read volumes, "
+                   "training and evaluation need 2-D slices"
+        )
+    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    check_pixel_limit(columns, rows, label)
+    samples_per_pixel = int(dataset.get("SamplesPerPixel", 1) or 1)
+    bytes_per_sample = max(1, -(-int(dataset.get("BitsAllocated", 8) or 8) // 8))
+    check_byte_budget(columns, rows, {1: "L", 2: "I;16", 4: "I"}.get(bytes_per_sample * samples_per_pixel, "RGB")
+                       if samples_per_pixel == 1 else ("RGB" if bytes_per_sample == 1 else "RGBA"), label)
+    file_meta = getattr(dataset, "file_meta", None)
+    if force and file_meta is not None and "TransferSyntaxUID" not in file_meta:
+        # Preamble-less files read with force=True have no meta header; their encoding is what pydicom guessed.
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit = getattr(dataset, "original_encoding", (True, True))[0]
+        file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    missing = missing_decoder_reason(dataset)
+    if missing:
+        raise ImageReadError(label, missing)
+    try:
+        values = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001 - missing codecs, short pixel data, bad attributes
+        message = one_line(error)
+        # pydicom: "The number of bytes of pixel data is less than expected (668 vs 768 bytes) ..."
+        if "truncated" in message.lower() or "less than expected" in message.lower():
+            raise ImageReadError(label, "truncated DICOM pixel data") from None
+        raise ImageReadError(label, f"cannot decode DICOM pixel data ({message})") from None
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(dataset.get("SamplesPerPixel", 1))
+    try:
+        if samples == 1 and photometric == "PALETTE COLOR":
+            rgb = _palette_to_uint8(values, dataset)
+        elif samples == 1:
+            return _gray_to_rgb(values, dataset, photometric)
+        elif samples == 3:
+            rgb = _color_to_uint8(values, dataset)
+        else:
+            raise ImageReadError(label, f"unsupported DICOM SamplesPerPixel {samples}")
+    except ImageReadError:
+        raise
+    except ValueError as error:
+        raise ImageReadError(label, f"cannot convert DICOM pixel data ({one_line(error)})") from None
+    return shrink(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB"))
+
+
+def deflated_size(file: Path | io.BytesIO, limit: int) -> int | None:
+    """Bytes a deflated DICOM's data set inflates to (counted up to just past ``limit``, in O(1 MiB) memory);
+    None when the file is not a deflated DICOM or its meta group cannot be read."""
+    # pydicom's public read_file_meta_info opens a path; the private reader it wraps reads the open handle, which
+    # uploads (bytes) need too (tests/test_hostile_inputs.py reads deflated files from bytes and from paths).
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    handle = file.open("rb") if isinstance(file, Path) else file
+    try:
+        if _DEFLATED_UID not in handle.read(4096):
+            return None
+        handle.seek(0)
+        try:
+            read_preamble(handle, True)
+            meta = _read_file_meta_info(handle)
+        except Exception:  # noqa: BLE001 - a broken meta group: pydicom's own reading gives the reason
+            return None
+        if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED_UID.decode():
+            return None
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while total <= limit and not inflater.eof:
+            piece = inflater.unconsumed_tail or handle.read(1 << 16)
+            if not piece:
+                break
+            try:
+                total += len(inflater.decompress(piece, 1 << 20))
+            except zlib.error:
+                return None  # corrupt: pydicom reports it
+        return total
+    finally:
+        if isinstance(file, Path):
+            handle.close()
+        else:
+            file.seek(0)
+
+
+def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
+    """Refuse a deflated DICOM whose data would inflate past the budget, before pydicom inflates all of it."""
+    limit = pixels.MAX_DECODED_BYTES * 2 + (1 << 20)  # the pixels plus the other elements, with room to spare
+    total = deflated_size(file, limit)
+    if total is not None and total > limit:
+        raise ImageReadError(label, f"too large: the deflated DICOM data inflate to more than "
+                                    f"{limit // 2**20} MiB (limit: {pixels.MAX_DECODED_BYTES // 2**20} MiB "
+                                    "per image)")
+
+
+def estimate_decode_bytes(data: bytes) -> int:
+    """Rough peak memory of reading the DICOM ``data`` (header only; no pixels are decoded)."""
+    import pydicom
+
+    inflated = deflated_size(io.BytesIO(data), pixels.MAX_DECODED_BYTES * 2 + (1 << 20))
+    if inflated is not None:  # pydicom would inflate everything just to read the header
+        return 3 * inflated
+    dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("BitsAllocated", 8))
+    native = rows * columns * samples * max(1, -(-bits // 8))
+    return 2 * native + rows * columns * 4
+
+
+def dicom_gray_to_uint8(values: np.ndarray, dataset) -> np.ndarray:
+    """Grayscale DICOM pixels to 0..255 the way pydicom reads the file's LUTs (not MONOCHROME1-inverted here).
+
+    ``pydicom.pixels.apply_modality_lut`` (Modality LUT Sequence or RescaleSlope/Intercept), then
+    ``apply_voi_lut`` (the VOI LUT Sequence when present, else Window Center/Width with its VOI LUT Function; the
+    first preset of each). The VOI output is scaled linearly to 0..255 over its full output range, which pydicom
+    itself gives when it is applied to the extreme inputs (the window's y_min/y_max, or the LUT's lowest and
+    highest entry). A file without a VOI, or with an invalid one, is scaled min–max instead.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(values, dataset))
+    has_lut = bool(dataset.get("VOILUTSequence"))
+    if not has_lut and not ("WindowCenter" in dataset and "WindowWidth" in dataset):
+        return minmax_to_uint8(values)
+    if has_lut and not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)  # a LUT is indexed by whole numbers (a rescale gives floats)
+    with np.errstate(over="ignore"):
+        try:
+            if has_lut:
+                descriptor = dataset.VOILUTSequence[0].LUTDescriptor
+                entries = int(descriptor[0]) or 2**16
+                first = int(descriptor[1])
+                probe = np.arange(first, first + entries, dtype=np.int64)
+            else:
+                probe = np.array([-1e300, 1e300])
+            low_high = np.asarray(apply_voi_lut(probe, dataset), dtype=np.float64)
+            out = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
+        except (ValueError, NotImplementedError, AttributeError, TypeError, IndexError, KeyError):
+            return minmax_to_uint8(values)  # an invalid VOI in the file: min–max rather than refuse the slice
+    low, high = float(low_high.min()), float(low_high.max())
+    if not high > low:
+        return minmax_to_uint8(values)
+    return np.clip(np.rint((out - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+
+
+def missing_decoder_reason(dataset) -> str | None:
+    """None when pydicom can decode this dataset's pixel data, else one line naming the plug-in to install."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        return None
+    from pydicom.pixels.decoders.base import get_decoder
+
+    try:
+        if get_decoder(syntax).is_available:
+            return None
+    except NotImplementedError:
+        return f"DICOM transfer syntax {syntax.name} ({syntax}) is not supported by pydicom"
+    packages = next((names for prefix, names in _DECODER_PACKAGES if str(syntax).startswith(prefix)),
+                    "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    return (f"DICOM pixel data compressed as {syntax.name} needs a decoder plug-in: pip install {packages} "
+            "(or pip install 'braintumor[dicom-codecs]')")
+
+
+def _gray_to_rgb(values: np.ndarray, dataset, photometric: str) -> Image.Image:
+    gray = dicom_gray_to_uint8(values, dataset)
+    if photometric == "MONOCHROME1":
+        np.subtract(255, gray, out=gray)  # MONOCHROME1: low values are bright
+    return gray_to_rgb(gray)
+
+
+def _color_to_uint8(values: np.ndarray, dataset) -> np.ndarray:
+    # pydicom >= 3 (required) converts YBR to RGB in pixel_array; colour is scaled by the stored bit depth, not
+    # min–max, so hues keep their balance.
+    bits = int(dataset.get("BitsStored", 8))
+    if values.dtype == np.uint8:
+        return values
+    if np.issubdtype(values.dtype, np.integer) and bits > 8:
+        scaled = values.astype(np.float64) * (255.0 / (2**bits - 1))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return values.astype(np.uint8)
+
+
+def _palette_to_uint8(values: np.ndarray, dataset) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
+
+    rgb = np.asarray(apply_color_lut(values, dataset))
+    if rgb.dtype == np.uint8:
+        return rgb
+    # 16-bit palette entries: keep the high byte's scale.
+    return np.clip(np.rint(rgb.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
