@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from braintumor.atomic import atomic_write
-from braintumor.checkpoint import load_checkpoint, model_from_checkpoint, publish_copy, save_checkpoint
+from braintumor.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from braintumor.errors import UserError
 
 from helpers import make_checkpoint
@@ -97,18 +97,6 @@ def test_save_checkpoint_adds_format_version(tmp_path):
     save_checkpoint({"model": {}, "value": torch.arange(3)}, tmp_path / "c.pt")
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert raw["format_version"] == 1 and torch.equal(raw["value"], torch.arange(3))
-
-
-def test_best_snapshot_survives_later_last_checkpoints(tmp_path):
-    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
-    save_checkpoint({"model": {}, "epoch": 1}, last)
-    publish_copy(last, best)
-    save_checkpoint({"model": {}, "epoch": 2}, last)  # replaced by rename: the snapshot keeps epoch 1
-    assert torch.load(best, weights_only=True)["epoch"] == 1
-    assert torch.load(last, weights_only=True)["epoch"] == 2
-    publish_copy(last, best)
-    assert torch.load(best, weights_only=True)["epoch"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
 def spec(**changes):

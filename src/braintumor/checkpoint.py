@@ -171,23 +171,6 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def publish_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Make ``target`` an atomic snapshot of ``source`` (e.g. best.pt of last.pt) without writing it again.
-
-    A hard link shares the file's data; since checkpoints are only ever replaced by rename, never rewritten in
-    place, a later last.pt leaves the linked best.pt as it was. Where links are not supported, copy.
-    """
-    source, target = Path(source), Path(target)
-    temporary = target.with_name(f".{target.name}.link.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        return atomic_write(target, lambda handle: handle.write(source.read_bytes()))
-    os.replace(temporary, target)
-    return target
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (no pickled code runs) and check it is one of ours."""
     path = resolve_checkpoint(path)
