@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # The shipped reference model (MODEL_CARD.md): train the scratch-cpu recipe on the real Training folder (about
-# an hour on 2 idle cores), then keep its validated weights in float16 inside the package.
+# 50 minutes on 2 idle cores), then keep its validated weights in float16 inside the package.
 REAL_DATA ?= ../shared/data/brain-tumor-mri/Training
 REFERENCE_RUN ?= runs/reference
 reference-model: $(STAMP)
