@@ -140,9 +140,14 @@ def deflated_size(file: Path | io.BytesIO, limit: int) -> int | None:
             file.seek(0)
 
 
+def _inflate_limit() -> int:
+    """Bytes a deflated DICOM may inflate to: the pixels' budget plus the other elements, with room to spare."""
+    return pixels.MAX_DECODED_BYTES * 2 + (1 << 20)
+
+
 def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
     """Refuse a deflated DICOM whose data would inflate past the budget, before pydicom inflates all of it."""
-    limit = pixels.MAX_DECODED_BYTES * 2 + (1 << 20)  # the pixels plus the other elements, with room to spare
+    limit = _inflate_limit()
     total = deflated_size(file, limit)
     if total is not None and total > limit:
         raise ImageReadError(label, f"too large: the deflated DICOM data inflate to more than "
@@ -154,7 +159,7 @@ def estimate_decode_bytes(data: bytes) -> int:
     """Rough peak memory of reading the DICOM ``data`` (header only; no pixels are decoded)."""
     import pydicom
 
-    inflated = deflated_size(io.BytesIO(data), pixels.MAX_DECODED_BYTES * 2 + (1 << 20))
+    inflated = deflated_size(io.BytesIO(data), _inflate_limit())
     if inflated is not None:  # pydicom would inflate everything just to read the header
         return 3 * inflated
     dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)

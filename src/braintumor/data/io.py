@@ -157,22 +157,6 @@ def unsupported_type_reason(suffix: str) -> str:
     return f"unsupported file type {shown}; supported: {', '.join(sorted(IMAGE_EXTENSIONS))}"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def estimate_decode_bytes(data: bytes, name: str | None = None) -> int:
     """Rough peak memory of decoding ``data`` (header only; nothing is decoded); 0 when the header is unreadable.
 
@@ -261,14 +245,6 @@ def _pil_to_rgb(image: Image.Image, label: str) -> Image.Image:
         return image.convert("RGB")
     except (ValueError, OSError) as error:
         raise ImageReadError(label, f"unsupported colour mode {mode} ({one_line(error)})") from None
-
-
-
-
-
-
-
-
 
 
 def _gray_array_to_rgb(values: np.ndarray) -> Image.Image:
