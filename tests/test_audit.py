@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from braintumor import audit as audit_module
-from braintumor import dedup
+from braintumor.data import dedup
 from braintumor.audit import audit, write_audit
-from braintumor.dedup import default_cache_dir, image_hashes
+from braintumor.data.dedup import default_cache_dir, image_hashes
 from braintumor.errors import UserError
 from braintumor.phantom import PHANTOM_CLASSES
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from braintumor.dedup import (
+from braintumor.data.dedup import (
     DEFAULT_THRESHOLD,
     HASH_BITS,
     content_box,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor import dedup
+from braintumor.data import dedup
 from braintumor.data import dicom, pixels
 from braintumor.bombs import dicom_deflate_bomb
 from braintumor.data.io import ImageReadError, read_image

@@ -1,7 +1,7 @@
 """Dataset audit: unreadable files, exact and near duplicates, label conflicts and train/test leakage.
 
 The report (``audit``) is JSON-able; ``write_audit`` adds a Markdown summary. Hashing, the hash cache and
-the duplicate search are in :mod:`braintumor.dedup`.
+the duplicate search are in :mod:`braintumor.data.dedup`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from braintumor.dedup import (
+from braintumor.data.dedup import (
     DEFAULT_THRESHOLD,
     HASH_BITS,
     check_threshold,

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from . import RESEARCH_NOTE, __version__
-from .dedup import DEFAULT_THRESHOLD
+from .data.dedup import DEFAULT_THRESHOLD
 from .errors import UserError
 
 log = logging.getLogger("braintumor")

@@ -170,7 +170,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
         extra["groups"] = group_source
     leak_free = duplicates = None
     if exclude_duplicates_of:
-        from .dedup import leak_free_mask
+        from .data.dedup import leak_free_mask
 
         train_paths = discover(exclude_duplicates_of).paths
         leak_free = leak_free_mask(paths, train_paths)

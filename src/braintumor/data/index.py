@@ -23,7 +23,7 @@ import torch
 from braintumor.config import TrainConfig
 from braintumor.data.cache import choose_cache
 from braintumor.data.scan import scan_files
-from braintumor.dedup import DEFAULT_THRESHOLD, group_ids
+from braintumor.data.dedup import DEFAULT_THRESHOLD, group_ids
 from braintumor.data.io import IMAGE_EXTENSIONS, unsupported_type_reason
 from braintumor.errors import UserError
 from braintumor.groups import find_groups, merge_groups

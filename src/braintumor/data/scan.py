@@ -2,7 +2,7 @@
 
 Each file is decoded at most once per run, with :func:`braintumor.data.io.read_image` (the reference reader), and
 that one image serves every purpose asked for: the validity check, the exact and perceptual hashes of
-:mod:`braintumor.dedup` (cached on disk, so a later run neither hashes nor decodes an unchanged file just to check
+:mod:`braintumor.data.dedup` (cached on disk, so a later run neither hashes nor decodes an unchanged file just to check
 it), and the uint8 images at training size for the decoded cache. The cached pixels are those
 :func:`braintumor.data.transforms.eval_transform` computes from the same image, so validation on the cache and
 ``braintumor evaluate`` see the same tensors.
@@ -21,7 +21,7 @@ import torch
 
 from braintumor.data.io import ImageReadError, read_image
 from braintumor.data.transforms import resize_to_uint8
-from braintumor.dedup import hash_files, record_from_image
+from braintumor.data.dedup import hash_files, record_from_image
 
 
 @dataclass
