@@ -41,12 +41,12 @@ def summarize_run(rows: list[dict]) -> dict:
             "epochs": len(rows), "train_seconds": rows[-1]["elapsed_seconds"], "reached": reached}
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def print_table(runs: dict[str, dict], title: str) -> None:
@@ -64,9 +64,9 @@ def print_table(runs: dict[str, dict], title: str) -> None:
     times = []
     for t in THRESHOLDS:
         hits = [run["reached"][str(t)]["seconds"] for run in values if run["reached"][str(t)] is not None]
-        times.append(f"{mean_std(hits)} ({len(hits)}/{len(values)})")
+        times.append(f"{mean_std(hits, 0)} ({len(hits)}/{len(values)})")
     print(f"| mean ± sd | {mean_std([100 * r['best'] for r in values])} | {mean_std([100 * r['final'] for r in values])}"
-          f" | | {mean_std([r['train_seconds'] for r in values])} | " + " | ".join(times) + " |")
+          f" | | {mean_std([r['train_seconds'] for r in values], 0)} | " + " | ".join(times) + " |")
 
 
 def device_name(device: str) -> str:
