@@ -11,7 +11,7 @@ import yaml
 from braintumor.checkpoint import load_checkpoint
 from braintumor.config import TrainConfig
 from braintumor.errors import UserError
-from braintumor.train import make_optimizer, make_scheduler, resume, train
+from braintumor.train import format_epoch, make_optimizer, make_scheduler, resume, train
 from helpers import tiny_config
 
 
@@ -162,3 +162,11 @@ def test_eval_image_size_is_what_validation_and_the_model_use(phantom_dir, tmp_p
     classifier = Classifier.from_checkpoint(result.best_checkpoint)
     assert classifier.image_size == 40
     assert classifier.preprocess(classifier.load(next(phantom_dir.rglob("*.png")))).shape == (3, 40, 40)
+
+
+def test_epoch_line_names_the_start_lr_and_the_size_only_while_it_is_reduced():
+    row = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85,
+           "lr": 1.3e-5, "seconds": 10.0, "images_per_second": 40.0, "image_size": 96}
+    line = format_epoch(row, 20, improved=True, image_size=128)
+    assert "train at 96 px loss" in line and "start lr 1.30e-05" in line and line.endswith("*best")
+    assert " px" not in format_epoch({**row, "image_size": 128}, 20, improved=False, image_size=128)

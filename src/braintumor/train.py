@@ -324,7 +324,7 @@ class Trainer:
                 plot_training_curves(history, self.run_dir / "training_curves.png")
                 if board is not None:
                     board.log_epoch(row)
-                log.info(format_epoch(row, self.cfg.epochs, improved))  # the CLI's handler keeps bars intact
+                log.info(format_epoch(row, self.cfg.epochs, improved, self.cfg.image_size))  # the CLI's handler keeps bars intact
             epochs_bar.update(1)
         epochs_bar.close()
         if self.dist.is_main and history and not (self.run_dir / "training_curves.png").is_file():
@@ -366,9 +366,13 @@ class Trainer:
                                           model_factory=self.model_factory)
 
 
-def format_epoch(row: dict[str, Any], epochs: int, improved: bool) -> str:
-    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  lr {row['lr']:.2e}  "
+def format_epoch(row: dict[str, Any], epochs: int, improved: bool, image_size: int | None = None) -> str:
+    """One console line per epoch; the lr is the one the epoch started with (warm-up and decay step per batch),
+    and the training size is shown while progressive resizing keeps it below ``image_size``."""
+    size = row.get("image_size")
+    at = f" at {size} px" if size and image_size and size != image_size else ""
+    return (f"epoch {row['epoch']}/{epochs}  train{at} loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  start lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f} s  {row['images_per_second']:.0f} img/s{'  *best' if improved else ''}")
 
 
