@@ -108,6 +108,7 @@ def test_paths_are_made_absolute(tmp_path, monkeypatch):
     assert (cfg.data, cfg.val, cfg.groups, cfg.teacher, cfg.weights) == tuple(
         str(tmp_path / name) for name in ("data", "val", "g.csv", "t.pt", "w.pth"))
     assert TrainConfig(data="/d", weights="imagenet").with_absolute_paths().weights == "imagenet"
+    assert TrainConfig(data="/d", teacher="reference").with_absolute_paths().teacher == "reference"  # the shipped model
 
 
 def saved_run(tmp_path, **values):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from braintumor.checkpoint import load_checkpoint
-from braintumor.distill import distillation_loss
+from braintumor.checkpoint import load_checkpoint, save_checkpoint
+from braintumor.distill import distillation_loss, split_conflict
 from braintumor.errors import UserError
 from braintumor.train import train
 from helpers import make_checkpoint
@@ -58,3 +58,31 @@ def test_teacher_with_other_classes_is_refused(phantom_dir, tmp_path):
     other = make_checkpoint(tmp_path / "other.pt", classes=("a", "b"), image_size=32)
     with pytest.raises(UserError, match="teacher"):
         train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, teacher=str(other)))
+
+
+SPLIT = {"val_split": 0.15, "split_seed": 0, "group_split": True, "groups": None}
+
+
+def test_a_teacher_from_another_split_of_the_same_folder_is_a_conflict(tmp_path):
+    data = str(tmp_path / "Training")
+    same = {"data": data, "val": None, "val_split": 0.15, "seed": 0, "split_seed": None, "group_split": True}
+    assert split_conflict(same, data, None, SPLIT) is None
+    assert split_conflict({**same, "seed": 3, "split_seed": 0}, data, None, SPLIT) is None  # the split seed counts
+    assert split_conflict({**same, "data": str(tmp_path / "other")}, data, None, SPLIT) is None
+    assert split_conflict({}, data, None, SPLIT) is None and split_conflict(None, data, None, SPLIT) is None
+    assert "--split-seed 3 there, 0 here" in split_conflict({**same, "seed": 3}, data, None, SPLIT)
+    assert "--val-split 0.2 there" in split_conflict({**same, "val_split": 0.2}, data, None, SPLIT)
+    assert "all of" in split_conflict({**same, "val": str(tmp_path / "v")}, data, None, SPLIT)
+    # The student validates on a separate folder: only a teacher trained on that folder conflicts.
+    assert "validation folder" in split_conflict(same, str(tmp_path / "x"), data, SPLIT)
+    assert split_conflict(same, data, str(tmp_path / "v"), SPLIT) is None
+
+
+def test_training_refuses_a_teacher_that_trained_on_the_validation_images(phantom_dir, tmp_path):
+    teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=32)
+    ckpt = load_checkpoint(teacher)
+    ckpt.pop("format_version")
+    save_checkpoint({**ckpt, "config": {"data": str(phantom_dir), "val": None, "val_split": 0.15, "seed": 1}},
+                    teacher)
+    with pytest.raises(UserError, match=r"may have seen this run's validation images.*--split-seed 1 there, 7 here"):
+        train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, teacher=str(teacher)))

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import REFERENCE_NAME
 from .errors import UserError
 from .model import ARCHS
 from .train_step import STEP_MODES
@@ -228,7 +229,8 @@ def shown_default(key: str) -> str:
 
 
 def _is_path(key: str, value: Any) -> bool:
-    return isinstance(value, str) and bool(value) and not (key == "weights" and value in ("imagenet", "none"))
+    return (isinstance(value, str) and bool(value) and not (key == "weights" and value in ("imagenet", "none"))
+            and not (key == "teacher" and value == REFERENCE_NAME))
 
 
 def _absolute(value: str, base: str | os.PathLike | None) -> str:

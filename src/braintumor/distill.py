@@ -8,6 +8,9 @@ resized to the teacher's own input size when the two differ.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,13 +31,47 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1.0 - weight) * hard + weight * soft
 
 
+def split_conflict(teacher_config: dict[str, Any] | None, data: str, val: str | None,
+                   split: dict[str, Any]) -> str | None:
+    """Why a teacher may have trained on the student's validation images, or None when its recorded training
+    run rules that out (or records nothing to compare: another folder, or no provenance).
+
+    ``split`` holds the student's ``val_split``, ``split_seed`` (already defaulted to its seed), ``group_split``
+    and ``groups``. A teacher that saw the student's validation slices makes the student's validation figures
+    (and the choice of best.pt) optimistic, so this is refused rather than warned about.
+    """
+    if not teacher_config or not teacher_config.get("data"):
+        return None
+    taught_on = Path(teacher_config["data"]).resolve()
+    if val is not None:
+        same = taught_on == Path(val).resolve()
+        return f"it was trained on {teacher_config['data']}, this run's validation folder" if same else None
+    if taught_on != Path(data).resolve():
+        return None
+    if teacher_config.get("val"):
+        return f"it was trained on all of {data} (it validated on {teacher_config['val']})"
+    theirs = {"val_split": teacher_config.get("val_split", 0.15),
+              "split_seed": teacher_config.get("split_seed") if teacher_config.get("split_seed") is not None
+              else teacher_config.get("seed", 0),
+              "group_split": teacher_config.get("group_split", True), "groups": teacher_config.get("groups")}
+    differ = [f"--{key.replace('_', '-')} {theirs[key]} there, {split[key]} here" for key in theirs
+              if theirs[key] != split[key]]
+    return f"it was trained on another split of {data} ({'; '.join(differ)})" if differ else None
+
+
 class Teacher:
     """A frozen trained model that gives logits for the student's batches."""
 
-    def __init__(self, path: str, classes: list[str], device: torch.device):
+    def __init__(self, path: str, classes: list[str], device: torch.device, *, data: str = "",
+                 val: str | None = None, split: dict[str, Any] | None = None):
         ckpt = load_checkpoint(path)
         if list(ckpt["classes"]) != list(classes):
             raise UserError(f"the teacher {path} knows the classes {ckpt['classes']}, but the data has {classes}")
+        conflict = split_conflict(ckpt.get("config"), data, val, split or {}) if data else None
+        if conflict:
+            raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
+                            "distil on the teacher's own split (same --split-seed, --val-split and grouping) "
+                            "so the validation figures stay honest")
         self.model: nn.Module = model_from_checkpoint(ckpt).to(device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
