@@ -22,7 +22,7 @@ def test_the_four_recipes_are_listed_with_a_description(capsys):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_recipe_parses_and_validates(name):
     values = read_recipe(name)
-    cfg = resolve_config(values, {"data": "DATA"})
+    cfg = resolve_config(values, {"data": "DATA", **({"teacher": "reference"} if name == "distill" else {})})
     assert cfg.recipe == name
     # Every float option really is a float (PyYAML reads 1e-5 without a dot as a string).
     assert isinstance(cfg.lr, float) and cfg.lr > 0
@@ -33,6 +33,18 @@ def test_seed_is_exactly_the_reference_recipe():
     assert (cfg.arch, cfg.weights, cfg.optimizer, cfg.lr, cfg.batch_size) == ("resnet152", "imagenet", "ranger",
                                                                             1e-5, 32)
     assert cfg.rotation > 0 and cfg.scale == cfg.translate == cfg.brightness == cfg.ema == 0 and not cfg.tta
+
+
+def test_distill_is_the_reference_models_recipe_and_needs_a_teacher():
+    from braintumor.checkpoint import load_checkpoint
+
+    recipe = read_recipe("distill")
+    trained = load_checkpoint("reference")["config"]  # the run that made the shipped model
+    assert {key: trained[key] for key in recipe if key != "recipe"} == {
+        key: value for key, value in recipe.items() if key != "recipe"}
+    assert trained["teacher"] and trained["distill_weight"] > 0
+    with pytest.raises(UserError, match="distill recipe needs a teacher"):
+        resolve_config(recipe, {"data": "DATA"})
 
 
 def test_flags_override_the_recipe_and_unknown_recipes_are_refused():

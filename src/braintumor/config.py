@@ -149,6 +149,8 @@ class TrainConfig:
             (0.0 <= self.distill_weight <= 1.0, f"--distill-weight must be in [0, 1], got {self.distill_weight}"),
             (math.isfinite(self.distill_temperature) and self.distill_temperature > 0,
              f"--distill-temperature must be positive and finite, got {self.distill_temperature}"),
+            (self.recipe != "distill" or bool(self.teacher),
+             "the distill recipe needs a teacher: add --teacher CKPT (a trained run's best.pt, or reference)"),
             (self.split_seed is None or 0 <= self.split_seed < 2**32,
              f"--split-seed must be between 0 and 2**32 - 1, got {self.split_seed}"),
             (1 <= self.epochs <= 100_000, f"--epochs must be at least 1 and at most 100000, got {self.epochs}"),
