@@ -55,13 +55,13 @@ def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tm
     assert "seed0" in capsys.readouterr().out
 
 
-
 def test_time_to_accuracy_formats_seconds_whole_and_accuracy_to_two_places():
     mean_std = load("time_to_accuracy").mean_std
     assert mean_std([2191.82], 0) == "2192"
     assert mean_std([98.0, 99.0]) == "98.50 ± 0.71"
     assert mean_std([1000.0, 1100.0], 0) == "1050 ± 71"
     assert mean_std([]) == "–"
+
 
 def test_gpu_session_script_plans_every_gpu_measurement(tmp_path):
     import subprocess

@@ -60,22 +60,23 @@ def test_teacher_with_other_classes_is_refused(phantom_dir, tmp_path):
         train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, teacher=str(other)))
 
 
-SPLIT = {"val_split": 0.15, "split_seed": 0, "group_split": True, "groups": None}
+STUDENT = {"val": None, "val_split": 0.15, "seed": 0, "split_seed": None, "group_split": True, "groups": None}
 
 
 def test_a_teacher_from_another_split_of_the_same_folder_is_a_conflict(tmp_path):
     data = str(tmp_path / "Training")
     same = {"data": data, "val": None, "val_split": 0.15, "seed": 0, "split_seed": None, "group_split": True}
-    assert split_conflict(same, data, None, SPLIT) is None
-    assert split_conflict({**same, "seed": 3, "split_seed": 0}, data, None, SPLIT) is None  # the split seed counts
-    assert split_conflict({**same, "data": str(tmp_path / "other")}, data, None, SPLIT) is None
-    assert split_conflict({}, data, None, SPLIT) is None and split_conflict(None, data, None, SPLIT) is None
-    assert "--split-seed 3 there, 0 here" in split_conflict({**same, "seed": 3}, data, None, SPLIT)
-    assert "--val-split 0.2 there" in split_conflict({**same, "val_split": 0.2}, data, None, SPLIT)
-    assert "all of" in split_conflict({**same, "val": str(tmp_path / "v")}, data, None, SPLIT)
+    mine = {**STUDENT, "data": data}
+    assert split_conflict(same, mine) is None
+    assert split_conflict({**same, "seed": 3, "split_seed": 0}, mine) is None  # the split seed counts
+    assert split_conflict({**same, "data": str(tmp_path / "other")}, mine) is None
+    assert split_conflict({}, mine) is None and split_conflict(None, mine) is None
+    assert "--split-seed 3 there, 0 here" in split_conflict({**same, "seed": 3}, mine)
+    assert "--val-split 0.2 there" in split_conflict({**same, "val_split": 0.2}, mine)
+    assert "all of" in split_conflict({**same, "val": str(tmp_path / "v")}, mine)
     # The student validates on a separate folder: only a teacher trained on that folder conflicts.
-    assert "validation folder" in split_conflict(same, str(tmp_path / "x"), data, SPLIT)
-    assert split_conflict(same, data, str(tmp_path / "v"), SPLIT) is None
+    assert "validation folder" in split_conflict(same, {**STUDENT, "data": str(tmp_path / "x"), "val": data})
+    assert split_conflict(same, {**STUDENT, "data": data, "val": str(tmp_path / "v")}) is None
 
 
 def test_training_refuses_a_teacher_that_trained_on_the_validation_images(phantom_dir, tmp_path):

@@ -31,17 +31,24 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1.0 - weight) * hard + weight * soft
 
 
-def split_conflict(teacher_config: dict[str, Any] | None, data: str, val: str | None,
-                   split: dict[str, Any]) -> str | None:
+def split_of(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's split of its training folder, from its stored config (defaults for older runs)."""
+    seed = config.get("split_seed")
+    return {"val_split": config.get("val_split", 0.15), "split_seed": config.get("seed", 0) if seed is None else seed,
+            "group_split": config.get("group_split", True), "groups": config.get("groups")}
+
+
+def split_conflict(teacher_config: dict[str, Any] | None, student_config: dict[str, Any]) -> str | None:
     """Why a teacher may have trained on the student's validation images, or None when its recorded training
     run rules that out (or records nothing to compare: another folder, or no provenance).
 
-    ``split`` holds the student's ``val_split``, ``split_seed`` (already defaulted to its seed), ``group_split``
-    and ``groups``. A teacher that saw the student's validation slices makes the student's validation figures
-    (and the choice of best.pt) optimistic, so this is refused rather than warned about.
+    Both are run configs (``TrainConfig.to_dict()`` or a checkpoint's ``config``). A teacher that saw the
+    student's validation slices makes the student's validation figures (and the choice of best.pt) optimistic,
+    so this is refused rather than warned about.
     """
     if not teacher_config or not teacher_config.get("data"):
         return None
+    data, val = student_config["data"], student_config.get("val")
     taught_on = Path(teacher_config["data"]).resolve()
     if val is not None:
         same = taught_on == Path(val).resolve()
@@ -50,24 +57,20 @@ def split_conflict(teacher_config: dict[str, Any] | None, data: str, val: str | 
         return None
     if teacher_config.get("val"):
         return f"it was trained on all of {data} (it validated on {teacher_config['val']})"
-    theirs = {"val_split": teacher_config.get("val_split", 0.15),
-              "split_seed": teacher_config.get("split_seed") if teacher_config.get("split_seed") is not None
-              else teacher_config.get("seed", 0),
-              "group_split": teacher_config.get("group_split", True), "groups": teacher_config.get("groups")}
-    differ = [f"--{key.replace('_', '-')} {theirs[key]} there, {split[key]} here" for key in theirs
-              if theirs[key] != split[key]]
+    theirs, ours = split_of(teacher_config), split_of(student_config)
+    differ = [f"--{key.replace('_', '-')} {theirs[key]} there, {ours[key]} here" for key in theirs
+              if theirs[key] != ours[key]]
     return f"it was trained on another split of {data} ({'; '.join(differ)})" if differ else None
 
 
 class Teacher:
     """A frozen trained model that gives logits for the student's batches."""
 
-    def __init__(self, path: str, classes: list[str], device: torch.device, *, data: str = "",
-                 val: str | None = None, split: dict[str, Any] | None = None):
+    def __init__(self, path: str, classes: list[str], device: torch.device, *, student_config: dict[str, Any]):
         ckpt = load_checkpoint(path)
         if list(ckpt["classes"]) != list(classes):
             raise UserError(f"the teacher {path} knows the classes {ckpt['classes']}, but the data has {classes}")
-        conflict = split_conflict(ckpt.get("config"), data, val, split or {}) if data else None
+        conflict = split_conflict(ckpt.get("config"), student_config)
         if conflict:
             raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
                             "distil on the teacher's own split (same --split-seed, --val-split and grouping) "

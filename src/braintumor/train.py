@@ -137,9 +137,8 @@ class Trainer:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(cfg, self.model.parameters(), compiled=self.step_plan.compiles_optimizer)
         self.ema = ModelEma(self.model, cfg.ema) if cfg.ema > 0 else None
-        self.teacher = Teacher(cfg.teacher, self.classes, self.device, data=cfg.data, val=cfg.val, split={
-            "val_split": cfg.val_split, "split_seed": cfg.seed if cfg.split_seed is None else cfg.split_seed,
-            "group_split": cfg.group_split, "groups": cfg.groups}) if cfg.teacher else None
+        self.teacher = (Teacher(cfg.teacher, self.classes, self.device, student_config=cfg.to_dict())
+                        if cfg.teacher else None)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.start_epoch, self.best_val_accuracy, self.best_epoch = 0, -1.0, 0
         self.saved_history: list[dict[str, Any]] | None = None
