@@ -36,14 +36,17 @@ from braintumor.data.transforms import train_transform
 from braintumor.model import build_model
 from braintumor.optim import Ranger
 from braintumor.train import make_optimizer, train
-from braintumor.train_step import AUTO_COMPILE_MIN_STEPS, STEP_MODES, choose_step_mode, wrap_network
+from braintumor.train_step import (AUTO_COMPILE_MIN_STEPS, STEP_MODES, autocast, choose_precision, choose_step_mode,
+                                  wrap_network)
 
-# name -> (--train-step mode, batch multiplier, channels_last); the lr is multiplied with the batch (linear
-# scaling rule). The Trainer uses channels_last on every device; "eager-contiguous" measures what that buys.
-VARIANTS = {"eager": ("eager", 1, True), "eager-contiguous": ("eager", 1, False), "compile": ("compile", 1, True),
-            "compile-step": ("compile-step", 1, True), "cuda-graphs": ("cuda-graphs", 1, True),
-            "eager-2x-batch": ("eager", 2, True), "compile-step-2x-batch": ("compile-step", 2, True)}
-CPU_VARIANTS = ("eager", "eager-contiguous", "eager-2x-batch")
+# name -> (--train-step mode, batch multiplier, channels_last, --precision); the lr is multiplied with the batch
+# (linear scaling rule). The Trainer uses channels_last on every device; "eager-contiguous" measures what that
+# buys, and "eager-bf16" what --precision bf16 buys on a CPU (it is the default on CUDA).
+VARIANTS = {"eager": ("eager", 1, True, "auto"), "eager-contiguous": ("eager", 1, False, "auto"),
+            "eager-bf16": ("eager", 1, True, "bf16"), "compile": ("compile", 1, True, "auto"),
+            "compile-step": ("compile-step", 1, True, "auto"), "cuda-graphs": ("cuda-graphs", 1, True, "auto"),
+            "eager-2x-batch": ("eager", 2, True, "auto"), "compile-step-2x-batch": ("compile-step", 2, True, "auto")}
+CPU_VARIANTS = ("eager", "eager-contiguous", "eager-bf16", "eager-2x-batch")
 WARMUP_STEPS = 5
 
 # Dense bf16 tensor-core peak (TFLOP/s) by device name, for MFU.
@@ -97,7 +100,7 @@ def reference_loop(paths, labels, cfg: TrainConfig, device: torch.device, steps:
 
 
 def measure_step(cfg: TrainConfig, classes: int, device: torch.device, steps: int, mode: str = "eager",
-                 batch_multiplier: int = 1, channels_last: bool = True) -> dict:
+                 batch_multiplier: int = 1, channels_last: bool = True, precision: str = "auto") -> dict:
     """Warm-up seconds (the first steps, compilation included), steady images/s and peak memory (GiB) of the
     training step in ``mode`` on synthetic tensors already on the device; the Trainer's model set-up."""
     batch = cfg.batch_size * batch_multiplier
@@ -105,8 +108,8 @@ def measure_step(cfg: TrainConfig, classes: int, device: torch.device, steps: in
     plan = choose_step_mode(mode, device, distributed=False, total_steps=10**9, optimizer=cfg.optimizer)
     torch.manual_seed(0)
     model = build_model(cfg.arch, classes, "none").to(device).train()
-    amp = device.type == "cuda"
-    torch.backends.cudnn.benchmark = amp
+    dtype, precision_notice = choose_precision(precision, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = wrap_network(model, plan)
@@ -125,7 +128,7 @@ def measure_step(cfg: TrainConfig, classes: int, device: torch.device, steps: in
             sync(device)
             warmup = time.perf_counter() - start
             start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, dtype):
             loss = criterion(net(images).float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,7 +136,9 @@ def measure_step(cfg: TrainConfig, classes: int, device: torch.device, steps: in
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"mode": plan.mode, "notice": plan.notice, "batch_size": batch, "lr": variant_cfg.lr,
+    notice = "; ".join(text for text in (plan.notice, precision_notice) if text) or None
+    return {"mode": plan.mode, "notice": notice, "precision": "bf16" if dtype is not None else "fp32",
+            "batch_size": batch, "lr": variant_cfg.lr,
             "warmup_seconds": warmup, "img_s": steps * batch / seconds, "peak_memory_gib": peak}
 
 
@@ -207,10 +212,10 @@ def main(argv=None) -> int:
         print(f"(c) ceiling: {top:.0f} img/s", flush=True)
         measured = {}
         for variant in variants:
-            mode, multiplier, channels_last = VARIANTS[variant]
+            mode, multiplier, channels_last, precision = VARIANTS[variant]
             try:
                 measured[variant] = measure_step(cfg, classes, device, variant_steps, mode, multiplier,
-                                                 channels_last)
+                                                 channels_last, precision)
             except Exception as err:  # a variant that fails is a result too; the others still run
                 measured[variant] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"}
             print(f"(d) {variant}: {measured[variant]}", flush=True)
@@ -239,14 +244,14 @@ def main(argv=None) -> int:
     if measured:
         print(f"\n(d) step variants on synthetic tensors ({arch}, {size} px, {WARMUP_STEPS} warm-up steps, "
               f"{variant_steps} timed)\n")
-        print("| variant | mode used | batch | lr | warm-up (s) | images/s | vs eager | vs (a) | peak GiB |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| variant | mode used | precision | batch | lr | warm-up (s) | images/s | vs eager | vs (a) | peak GiB |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         eager = measured.get("eager", {}).get("img_s", top)
         for variant, row in measured.items():
             if "error" in row:
-                print(f"| {variant} | failed: {row['error']} | | | | | | | |")
+                print(f"| {variant} | failed: {row['error']} | | | | | | | | |")
                 continue
-            print(f"| {variant} | {row['mode']} | {row['batch_size']} | {row['lr']:.1e} | {row['warmup_seconds']:.1f} "
+            print(f"| {variant} | {row['mode']} | {row['precision']} | {row['batch_size']} | {row['lr']:.1e} | {row['warmup_seconds']:.1f} "
                   f"| {row['img_s']:,.0f} | {row['img_s'] / eager:.2f}× | {row['img_s'] / ref:.2f}× "
                   f"| {row['peak_memory_gib']:.1f} |")
         for variant in ("compile", "compile-step", "cuda-graphs"):

@@ -32,7 +32,9 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
     assert "| (b) `braintumor train`" in table and "MFU of (b): n/a" in table
     # The CPU mode measures the eager step variants: the ceiling's batch, and twice it with twice the lr.
     assert results["variants"]["eager-2x-batch"]["batch_size"] == 16 and results["variants"]["eager"]["img_s"] > 0
-    assert "| eager-2x-batch | eager | 16 | 2.0e-05 |" in table
+    assert "| eager-2x-batch | eager | fp32 | 16 | 2.0e-05 |" in table
+    bf16 = results["variants"]["eager-bf16"]  # bf16 where the CPU has it natively, else float32 and a notice
+    assert bf16["precision"] == "bf16" or "no native bfloat16" in bf16["notice"]
     assert results["project_first_epoch_seconds"] > 0 and results["project_seconds_to_first_epoch"] > 0
 
 

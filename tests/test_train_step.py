@@ -12,7 +12,7 @@ from braintumor import train_step
 from braintumor.optim import Ranger
 from braintumor.optim.ranger_compiled import CompiledRanger
 from braintumor.train import Trainer, train
-from braintumor.train_step import StepPlan, choose_step_mode, pad_batch, wrap_network
+from braintumor.train_step import StepPlan, choose_precision, choose_step_mode, pad_batch, wrap_network
 
 from helpers import tiny_config
 
@@ -42,6 +42,40 @@ def test_a_mode_that_cannot_run_falls_back_with_one_line_saying_why(monkeypatch)
     assert plan.mode == "eager" and plan.notice.endswith("(torch.compile cannot run (no C++ compiler on the "
                                                          "PATH)): training with eager")
     assert choose_step_mode("eager", CPU, distributed=False, total_steps=1) == StepPlan("eager")
+
+
+def test_bf16_runs_on_cuda_and_on_a_cpu_only_when_asked_and_native(monkeypatch):
+    assert choose_precision("auto", CUDA) == (torch.bfloat16, None)
+    assert choose_precision("fp32", CUDA) == (None, None)
+    monkeypatch.setattr(train_step, "native_bf16_cpu", lambda: True)
+    assert choose_precision("auto", CPU) == (None, None)  # the CPU default stays float32
+    assert choose_precision("bf16", CPU) == (torch.bfloat16, None)
+    monkeypatch.setattr(train_step, "native_bf16_cpu", lambda: False)
+    dtype, notice = choose_precision("bf16", CPU)
+    assert dtype is None and "no native bfloat16" in notice and notice.endswith("training in float32")
+    with pytest.raises(ValueError):
+        choose_precision("fp16", CPU)
+
+
+def test_native_bf16_reads_the_cpu_capabilities(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True},
+                        raising=False)
+    assert train_step.native_bf16_cpu()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
+    assert not train_step.native_bf16_cpu()
+
+
+def test_cpu_bf16_trains_in_bf16_and_validates_in_float32(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_step, "native_bf16_cpu", lambda: True)
+    trainer = Trainer(tiny_config(phantom_dir, tmp_path / "run", precision="bf16", data_cache="memory",
+                                  max_steps_per_epoch=1), tmp_path / "run")
+    dtypes = []
+    hook = trainer.model.fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    trainer.train_one_epoch(0)
+    trainer.validate()
+    hook.remove()
+    assert dtypes[0] == torch.bfloat16 and set(dtypes[1:]) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a bf16 model
 
 
 def test_pad_batch_appends_zero_images():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from .predict import Classifier
 from .optim.ranger_compiled import CompiledRanger
 from .devices import resolve_device
 from .seeding import seed_epoch
-from .train_step import choose_step_mode, pad_batch, wrap_network
+from .train_step import autocast, choose_precision, choose_step_mode, pad_batch, wrap_network
 from .tensorboard_log import open_log
 
 log = logging.getLogger(__name__)
@@ -169,9 +168,13 @@ class Trainer:
         self.eval_net = (self.net if self.ema is None and not self.dist.enabled
                          else wrap_network(self.eval_model, self.step_plan))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        # One autocast context for the whole loop: bf16 on CUDA (no loss scaling needed), fp32 on CPU.
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
+        # bf16 autocast (no loss scaling needed) on CUDA, and on a CPU with native bf16 when --precision bf16 asks;
+        # validation on a CPU stays float32, as braintumor evaluate computes.
+        dtype, notice = choose_precision(cfg.precision, self.device)
+        if notice and self.dist.is_main:
+            print(notice, file=sys.stderr, flush=True)
+        self.autocast = autocast(self.device, dtype)
+        self.eval_autocast = autocast(self.device, dtype if self.device.type == "cuda" else None)
 
     def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -245,7 +248,7 @@ class Trainer:
         """Logits of each test-time view of a validation batch, padded to one shape for compiled steps."""
         n = images.shape[0]
         padded = self._images_to_device(pad_batch(images, self.val_batch_size))
-        with self.autocast:
+        with self.eval_autocast:
             views = view_logits(self.eval_net, padded, self.cfg.tta)
         return [view[:n].cpu().numpy() for view in views], None  # the padded rows are not counted
 
