@@ -29,8 +29,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # The shipped reference model (MODEL_CARD.md), in two trainings on the real Training folder (about 50 + 45
-# minutes on 2 idle cores): a teacher from the scratch-cpu recipe, kept in float16 as the previous reference model
-# was, then a student of the same size distilled from it on the same split (recipe distill), whose validated
+# minutes on 2 idle cores): a teacher from the scratch-cpu recipe as it was then (128 px, 22 epochs, float32: the
+# flags below pin those values), kept in float16 as the previous reference model was, then a student of the same size distilled from it on the same split (recipe distill), whose validated
 # weights are kept in float16 inside the package. The exact teacher file used is in git history:
 #   git show e8789b0:src/braintumor/reference/reference-resnet18.pt > runs/reference-teacher.pt
 # and make skips the teacher's training when that file exists.
@@ -39,7 +39,8 @@ REFERENCE_RUN ?= runs/reference
 REFERENCE_TEACHER ?= runs/reference-teacher.pt
 
 $(REFERENCE_TEACHER): | $(STAMP)
-	$(VENV)/bin/braintumor train $(REAL_DATA) --recipe scratch-cpu --seed 0 --out $(basename $@) --no-progress
+	$(VENV)/bin/braintumor train $(REAL_DATA) --recipe scratch-cpu --image-size 128 --progressive-resize 0 \
+		--epochs 22 --precision fp32 --seed 0 --out $(basename $@) --no-progress
 	$(PY) scripts/make_reference_model.py $(basename $@) --tta off --out $@
 
 reference-model: $(STAMP) $(REFERENCE_TEACHER)

@@ -26,6 +26,7 @@ import torch
 
 from braintumor.config import read_recipe, resolve_config
 from braintumor.train import train
+from braintumor.train_step import PRECISIONS
 
 THRESHOLDS = (0.97, 0.98, 0.99)
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     parser.add_argument("--arch", help="override the recipe's architecture")
     parser.add_argument("--progressive-resize", type=int, help="override the recipe's start size (0: off)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="override the recipe's training precision")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="keep the run folders under this folder (default: temporary)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         if not args.data:
             parser.error("--data is required unless --summarize is given")
         overrides = {key: getattr(args, key)
-                     for key in ("epochs", "image_size", "batch_size", "arch", "progressive_resize")}
+                     for key in ("epochs", "image_size", "batch_size", "arch", "progressive_resize", "precision")}
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(args.out or tmp)
             for seed in args.seeds:

@@ -42,7 +42,7 @@ def test_train_throughput_cpu_mode(phantom_dir, tmp_path, capsys):
 def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tmp_path, capsys):
     out = tmp_path / "tta.json"
     assert load("time_to_accuracy").main(["--data", str(phantom_dir), "--recipe", "scratch-cpu", "--arch", "resnet18",
-                                          "--image-size", "32", "--progressive-resize", "0", "--epochs", "1",
+                                          "--image-size", "32", "--progressive-resize", "0", "--precision", "fp32", "--epochs", "1",
                                           "--batch-size", "8", "--device",
                                           "cpu", "--seeds", "0", "1", "--out", str(tmp_path / "runs"),
                                           "--json", str(out)]) == 0
@@ -53,6 +53,7 @@ def test_time_to_accuracy_runs_seeds_on_one_split_and_summarizes(phantom_dir, tm
     assert "| mean ± sd |" in table and "recipe scratch-cpu" in table
     splits = {(tmp_path / "runs" / f"seed{s}" / "config.yaml").read_text().count("split_seed: 0") for s in (0, 1)}
     assert splits == {1}  # both seeds validated on the split of seed 0
+    assert "precision: fp32" in (tmp_path / "runs" / "seed0" / "config.yaml").read_text()  # the override
     assert load("time_to_accuracy").main(["--summarize", str(tmp_path / "runs" / "seed0")]) == 0
     assert "seed0" in capsys.readouterr().out
 

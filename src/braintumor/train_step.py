@@ -13,9 +13,9 @@ Step modes (``--train-step``):
 
 Precision (``--precision``): training steps run under bf16 autocast on CUDA (``auto``, ``bf16``), and on a
 CPU only with ``bf16`` and only where the CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16, e.g. Intel
-Sapphire Rapids and later): about 2x faster ResNet-18 steps there (benchmarks/train_throughput.py). Elsewhere a
-CPU emulates bf16, slower than float32, so ``bf16`` falls back to float32 with a notice. Validation on a CPU
-stays float32, as ``braintumor evaluate`` computes.
+Sapphire Rapids and later): about 2x faster ResNet-18 steps there (benchmarks/train_throughput.py, variant
+eager-bf16). On other CPUs, which would emulate bf16, ``bf16`` falls back to float32 with a notice. Validation on
+a CPU stays float32, as ``braintumor evaluate`` computes.
 
 A mode that cannot run here falls back to the nearest one that can, with a one-line notice. Compiled modes and
 CUDA graphs need one input shape per phase: training drops a last partial batch (data.pipeline.drop_partial_batch), and
