@@ -30,8 +30,9 @@ test-fast: $(STAMP)
 
 # The shipped reference model (MODEL_CARD.md), in two trainings on the real Training folder (about 50 + 45
 # minutes on 2 idle cores): a teacher from the scratch-cpu recipe as it was then (128 px, 22 epochs, float32: the
-# flags below pin those values), kept in float16 as the previous reference model was, then a student of the same size distilled from it on the same split (recipe distill), whose validated
-# weights are kept in float16 inside the package. The exact teacher file used is in git history:
+# flags below pin those values), kept in float16 as the previous reference model was, then a student of the same
+# size distilled from it on the same split (recipe distill), whose validated weights are kept in float16 inside
+# the package. The exact teacher file used is in git history:
 #   git show e8789b0:src/braintumor/reference/reference-resnet18.pt > runs/reference-teacher.pt
 # and make skips the teacher's training when that file exists.
 REAL_DATA ?= ../shared/data/brain-tumor-mri/Training

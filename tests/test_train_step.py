@@ -65,6 +65,7 @@ def test_native_bf16_reads_the_cpu_capabilities(monkeypatch):
     assert not train_step.native_bf16_cpu()
 
 
+@pytest.mark.slow
 def test_cpu_bf16_trains_in_bf16_and_validates_in_float32(phantom_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train_step, "native_bf16_cpu", lambda: True)
     trainer = Trainer(tiny_config(phantom_dir, tmp_path / "run", precision="bf16", data_cache="memory",
