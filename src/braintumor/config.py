@@ -212,6 +212,16 @@ PATH_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["path"])
 CHANGEABLE_ON_RESUME = ("epochs", *(name for name in LAUNCH_FIELDS if name != "out"))
 
 
+def split_of(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's split of its training folder: the validation fraction, the split seed (--split-seed,
+    else --seed), duplicate grouping and the groups file. ``config`` is ``TrainConfig.to_dict()`` or a stored run
+    config; keys an older run did not record take their declared defaults."""
+    split = {key: config.get(key, FIELDS[key].default) for key in ("val_split", "split_seed", "group_split", "groups")}
+    if split["split_seed"] is None:
+        split["split_seed"] = config.get("seed", FIELDS["seed"].default)
+    return split
+
+
 def flag_name(key: str) -> str:
     """The command-line spelling of an option: ``batch_size`` -> ``batch-size``."""
     return key.replace("_", "-")

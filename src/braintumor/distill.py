@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import split_of
 from .errors import UserError
 
 
@@ -29,13 +30,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                     F.log_softmax(teacher_logits / temperature, dim=1),
                     log_target=True, reduction="batchmean") * temperature**2
     return (1.0 - weight) * hard + weight * soft
-
-
-def split_of(config: dict[str, Any]) -> dict[str, Any]:
-    """What decides a run's split of its training folder, from its stored config (defaults for older runs)."""
-    seed = config.get("split_seed")
-    return {"val_split": config.get("val_split", 0.15), "split_seed": config.get("seed", 0) if seed is None else seed,
-            "group_split": config.get("group_split", True), "groups": config.get("groups")}
 
 
 def split_conflict(teacher_config: dict[str, Any] | None, student_config: dict[str, Any]) -> str | None:

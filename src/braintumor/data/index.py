@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braintumor.config import TrainConfig
+from braintumor.config import TrainConfig, split_of
 from braintumor.data.cache import choose_cache
 from braintumor.data.scan import scan_files
 from braintumor.data.dedup import DEFAULT_THRESHOLD, group_ids
@@ -268,7 +268,7 @@ def _grouped_split(cfg: TrainConfig, paths: list[Path], labels: list[int], recor
                   file=sys.stderr)
     elif patient_source:
         groups = merge_groups(patients)
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    split_seed = split_of(cfg.to_dict())["split_seed"]
     train_idx, val_idx = stratified_split(labels, cfg.val_split, split_seed, groups=groups)
     kept = [what for what, on in ((f"groups from {patient_source}", patient_source),
                                   ("duplicates", cfg.group_split)) if on]
