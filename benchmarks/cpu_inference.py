@@ -4,7 +4,7 @@ Exports the checkpoint to ONNX (float32) and to int8 (static QDQ, calibrated on 
 every CPU backend on the same slices: ONNX Runtime float32 (the reference), ONNX Runtime int8, and OpenVINO float32
 and int8 when ``openvino`` is installed (``pip install braintumor[openvino]``). For each: accuracy, agreement
 with float32, and ``Classifier.predict`` latency per slice from the file's bytes, split into decode,
-preprocessing and network. Each accelerated backend's verdict (braintumor.cpu_backends.judge) is written beside
+preprocessing and network. Each accelerated backend's verdict (braintumor.inference.accelerated.judge) is written beside
 its export, where ``braintumor predict --backend auto`` finds it.
 
     python benchmarks/cpu_inference.py --checkpoint runs/ref/best.pt --data Training --split val
@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braintumor.backends import OnnxBackend, load_onnx_session
-from braintumor.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
-from braintumor.cpu_backends import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
+from braintumor.inference.runtimes import OnnxBackend, load_onnx_session
+from braintumor.models.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
+from braintumor.inference.accelerated import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
 from braintumor.data.index import discover
-from braintumor.devices import available_cores
-from braintumor.export import export_onnx, quantize_onnx
-from braintumor.fingerprint import file_fingerprint
-from braintumor.predict import Classifier
+from braintumor.utils.devices import available_cores
+from braintumor.inference.export import export_onnx, quantize_onnx
+from braintumor.utils.fingerprint import file_fingerprint
+from braintumor.inference.classifier import Classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def evaluation_set(args, ckpt) -> tuple[list[Path], list[int], list[Path], str]:
     """(paths, labels, calibration paths, description) in the checkpoint's class order."""
     classes = list(ckpt["classes"])
     if args.split == "val":
-        from braintumor.config import TrainConfig, field_names
+        from braintumor.training.config import TrainConfig, field_names
         from braintumor.data.index import prepare_split
 
         values = {k: v for k, v in (ckpt.get("config") or {}).items() if k in field_names()}

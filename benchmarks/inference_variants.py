@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from braintumor.config import TrainConfig, field_names
-from braintumor.evaluate import evaluate_classifier, predict_paths
+from braintumor.training.config import TrainConfig, field_names
+from braintumor.evaluation.evaluate import evaluate_classifier, predict_paths
 from braintumor.data.index import prepare_split
-from braintumor.predict import Classifier
+from braintumor.inference.classifier import Classifier
 
 
 def main(argv=None) -> int:

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from braintumor.data.index import discover
-from braintumor.ood import energy_score, max_softmax_score
-from braintumor.predict import Classifier
+from braintumor.trust.ood import energy_score, max_softmax_score
+from braintumor.inference.classifier import Classifier
 
 ACCEPT = 0.95
 
@@ -198,11 +198,11 @@ def print_table(results: dict, checkpoint: str) -> None:
 
 def smoke_checkpoint(folder: Path) -> tuple[Path, Path]:
     """An untrained resnet18 (32 px) with a detector fitted on phantoms, and an ID phantom folder."""
-    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
+    from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
     from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.model import build_model
-    from braintumor.phantom import write_phantom_set
-    from braintumor.trust import fit_trust, store_trust
+    from braintumor.models.network import build_model
+    from braintumor.synthetic.phantom import write_phantom_set
+    from braintumor.trust.fitting import fit_trust, store_trust
     import torch
 
     torch.manual_seed(0)

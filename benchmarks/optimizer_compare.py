@@ -1,6 +1,6 @@
 """Does Ranger help? Train the same small model with Ranger + GC, Ranger without GC, RAdam and Adam.
 
-Every run goes through ``braintumor.train.train`` (the project's loop, not a copy of it) with the same lr, data,
+Every run goes through ``braintumor.training.trainer.train`` (the project's loop, not a copy of it) with the same lr, data,
 batch size, epochs and constant schedule; only the optimizer changes. A run's seed fixes the model's
 initialisation, the batch order and the augmentation, so for one seed all optimizers start from the same
 weights and see the same batches: the comparison is paired. Training and validation data are two phantom sets
@@ -10,7 +10,7 @@ The defaults train from random initialisation, where lr 1e-3 is needed (the fine
 moves a random ResNet in a few epochs); pass ``--lr`` to compare elsewhere. RAdam uses Ranger's betas
 (0.95, 0.999) and eps 1e-5, so "Ranger without GC" vs "RAdam" isolates LookAhead and "Ranger + GC" vs
 "Ranger without GC" isolates gradient centralization; Adam uses PyTorch's defaults (betas (0.9, 0.999),
-eps 1e-8), see ``braintumor.train.make_optimizer``.
+eps 1e-8), see ``braintumor.training.trainer.make_optimizer``.
 
 Writes ``optimizer_compare.md`` (table), ``optimizer_compare.png`` (plot) and ``optimizer_compare.json``
 (every epoch of every run) to ``--out``; prints the table. Asserts nothing.
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from braintumor.config import TrainConfig
+from braintumor.training.config import TrainConfig
 from braintumor.errors import UserError
-from braintumor.phantom import write_phantom_set
-from braintumor.train import train
+from braintumor.synthetic.phantom import write_phantom_set
+from braintumor.training.trainer import train
 
 # name -> (label in table and plot, TrainConfig.optimizer, TrainConfig.gc)
 OPTIMIZERS: dict[str, tuple[str, str, str]] = {

@@ -28,14 +28,14 @@ import onnxruntime
 import torch
 from PIL import Image
 
-from braintumor.backends import OnnxBackend, load_onnx_session
-from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
+from braintumor.inference.runtimes import OnnxBackend, load_onnx_session
+from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
 from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from braintumor.devices import available_cores
-from braintumor.export import export_onnx, quantize_onnx
-from braintumor.model import ARCHS, build_model
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
-from braintumor.predict import Classifier
+from braintumor.utils.devices import available_cores
+from braintumor.inference.export import export_onnx, quantize_onnx
+from braintumor.models.network import ARCHS, build_model
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.inference.classifier import Classifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:

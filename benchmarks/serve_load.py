@@ -61,10 +61,10 @@ def random_checkpoint(arch: str, image_size: int, folder: Path) -> Path:
     """An untrained (seeded) checkpoint with the four phantom classes."""
     import torch
 
-    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
+    from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
     from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.model import build_model
-    from braintumor.phantom import PHANTOM_CLASSES
+    from braintumor.models.network import build_model
+    from braintumor.synthetic.phantom import PHANTOM_CLASSES
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes=len(PHANTOM_CLASSES), weights="none").eval()
@@ -105,7 +105,7 @@ def wait_until_up(client, base: str, server: subprocess.Popen, deadline: float) 
 def phantom_pngs(size: int, count: int = 8) -> list[tuple[str, bytes]]:
     from PIL import Image
 
-    from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+    from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 
     slices = []
     for i in range(count):
@@ -117,7 +117,7 @@ def phantom_pngs(size: int, count: int = 8) -> list[tuple[str, bytes]]:
 
 
 def bomb_files(side: int) -> list[tuple[str, bytes]]:
-    from braintumor.bombs import dicom_deflate_bomb, png16_bomb
+    from bombs import dicom_deflate_bomb, png16_bomb
 
     return [("bomb16.png", png16_bomb(side)), ("bomb.dcm", dicom_deflate_bomb(side))]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from braintumor.config import read_recipe, resolve_config
-from braintumor.train import train
-from braintumor.train_step import PRECISIONS
+from braintumor.training.config import read_recipe, resolve_config
+from braintumor.training.trainer import train
+from braintumor.training.step import PRECISIONS
 
 THRESHOLDS = (0.97, 0.98, 0.99)
 

@@ -1,11 +1,11 @@
 """Training throughput: reference-style loop vs the project's train path vs the compute ceiling.
 
 (a) reference: fp32, PIL DataLoader with CPU transforms, batch 32 (the notebook recipe);
-(b) project: ``braintumor.train.train`` end to end on the folder (bad-file check, grouped split, decode cache,
+(b) project: ``braintumor.training.trainer.train`` end to end on the folder (bad-file check, grouped split, decode cache,
     device augmentation, bf16, checkpoints, report), images/s of its last epoch and total wall time;
 (c) ceiling: the same model, dtype, batch and optimizer on synthetic tensors already on the device;
 (d) step variants on the same synthetic tensors (``--variants``): each ``--train-step`` mode of
-    braintumor.train_step, and a doubled batch (lr doubled with it, the linear scaling rule), each with its
+    braintumor.training.step, and a doubled batch (lr doubled with it, the linear scaling rule), each with its
     warm-up time (first steps: compilation, CUDA-graph capture, cuDNN autotuning) and its steady rate.
 
 On a machine without CUDA it runs in a small CPU mode (resnet18, 64 px) so that it stays usable; there only the
@@ -29,14 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from braintumor.config import TrainConfig
+from braintumor.training.config import TrainConfig
 from braintumor.data.index import discover
 from braintumor.data.pipeline import ImageFolderDataset
 from braintumor.data.transforms import train_transform
-from braintumor.model import build_model
+from braintumor.models.network import build_model
 from braintumor.optim import Ranger
-from braintumor.train import make_optimizer, train
-from braintumor.train_step import (AUTO_COMPILE_MIN_STEPS, STEP_MODES, autocast, choose_precision, choose_step_mode,
+from braintumor.training.trainer import make_optimizer, train
+from braintumor.training.step import (AUTO_COMPILE_MIN_STEPS, STEP_MODES, autocast, choose_precision, choose_step_mode,
                                   wrap_network)
 
 # name -> (--train-step mode, batch multiplier, channels_last, --precision); the lr is multiplied with the batch
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            from braintumor.phantom import write_phantom_set
+            from braintumor.synthetic.phantom import write_phantom_set
 
             data = str(write_phantom_set(Path(tmp) / "phantoms", per_class=16 if not gpu else 400, size=size))
         index = discover(data)

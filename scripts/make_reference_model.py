@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 
-from braintumor.checkpoint import (REFERENCE_MODEL, inference_payload, load_checkpoint, resolve_checkpoint,
+from braintumor.models.checkpoint import (REFERENCE_MODEL, inference_payload, load_checkpoint, resolve_checkpoint,
                                   save_checkpoint, spec_of, validated_weights)
 
 

@@ -39,7 +39,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
     """A folder-per-class phantom set: 4 classes x 6 slices of 64 px."""
-    from braintumor.phantom import write_phantom_set
+    from braintumor.synthetic.phantom import write_phantom_set
 
     return write_phantom_set(tmp_path_factory.mktemp("phantoms"), per_class=6, size=64, seed=123)
 
@@ -57,8 +57,8 @@ def trusted_checkpoint(tmp_path_factory, tiny_checkpoint, phantom_dir):
     import shutil
 
     from braintumor.data.index import discover
-    from braintumor.phantom import write_phantom_set
-    from braintumor.trust import fit_trust, store_trust
+    from braintumor.synthetic.phantom import write_phantom_set
+    from braintumor.trust.fitting import fit_trust, store_trust
 
     root = tmp_path_factory.mktemp("trusted")
     path = shutil.copy(tiny_checkpoint, root / "trusted.pt")

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from braintumor import cli
-from braintumor.config import resolve_config
-from braintumor.model import build_model
-from braintumor.train import resume, train
+from braintumor.training.config import resolve_config
+from braintumor.models.network import build_model
+from braintumor.training.trainer import resume, train
 
 FACTORIES = {
     "batch-norm": build_model,

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from braintumor.config import TrainConfig
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.training.config import TrainConfig
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 
 
 def tiny_config(data, out, **overrides) -> TrainConfig:
@@ -24,9 +24,9 @@ def tiny_config(data, out, **overrides) -> TrainConfig:
 def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "notumor", "pituitary"),
                     image_size=64, seed=0):
     """Save an untrained (seeded) checkpoint with everything predict needs."""
-    from braintumor.checkpoint import ModelSpec, inference_payload, save_checkpoint
+    from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
     from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.model import build_model
+    from braintumor.models.network import build_model
 
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=len(classes), weights="none").eval()

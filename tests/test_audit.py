@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from braintumor import audit as audit_module
+from braintumor.data import audit as audit_module
 from braintumor.data import dedup
-from braintumor.audit import audit, write_audit
+from braintumor.data.audit import audit, write_audit
 from braintumor.data.dedup import default_cache_dir, image_hashes
 from braintumor.errors import UserError
-from braintumor.phantom import PHANTOM_CLASSES
+from braintumor.synthetic.phantom import PHANTOM_CLASSES
 
 from helpers import SIZE, phantom_pixels, planted_folder, save_image, train_and_test_folders
 

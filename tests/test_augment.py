@@ -11,9 +11,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import braintumor.data.transforms as transforms
-from braintumor.augment import Augmentation, RandomIntensity, apply_intensity, sample_intensity
+from braintumor.data.augment import Augmentation, RandomIntensity, apply_intensity, sample_intensity
 from braintumor.data.transforms import augment_batch, train_transform
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 

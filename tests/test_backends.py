@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from braintumor.cli import main
-from braintumor.export import export
-from braintumor.formats import CHECKPOINT, ONNX, TORCHSCRIPT, model_format
-from braintumor.predict import Classifier
+from braintumor.inference.export import export
+from braintumor.models.formats import CHECKPOINT, ONNX, TORCHSCRIPT, model_format
+from braintumor.inference.classifier import Classifier
 from braintumor.serve.app import create_app
 
 IMAGE = ("glioma", "glioma_0000.png")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from braintumor import atomic
+from braintumor.utils import atomic
 from braintumor.data import pixels
 from braintumor.cli import main
 from helpers import make_checkpoint
@@ -348,7 +348,7 @@ def test_predictions_stream_out_before_a_bad_file(tmp_path, capsys):
 
 
 def test_yaml_number_strings_are_read_as_numbers(phantom_dir, tmp_path):
-    from braintumor.config import read_config_file, resolve_config
+    from braintumor.training.config import read_config_file, resolve_config
 
     path = tmp_path / "c.yaml"
     path.write_text(f"data: {phantom_dir}\nlr: 1e-5\nweight_decay: 5e-4\nepochs: 3.0\n")

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from braintumor.atomic import atomic_write
-from braintumor.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from braintumor.utils.atomic import atomic_write
+from braintumor.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from braintumor.errors import UserError
 
 from helpers import make_checkpoint
@@ -76,7 +76,7 @@ def test_killed_checkpoint_write_leaves_previous_last_pt_loadable(tmp_path):
     before = load_checkpoint(last)["model"]["fc.3.weight"].clone()
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from braintumor import checkpoint
+        from braintumor.models import checkpoint
 
         def save_then_die(obj, handle):
             handle.write(b"PK" + b"0" * 100_000)  # part of a new checkpoint reaches the disk
@@ -100,7 +100,7 @@ def test_save_checkpoint_adds_format_version(tmp_path):
 
 
 def spec(**changes):
-    from braintumor.checkpoint import ModelSpec
+    from braintumor.models.checkpoint import ModelSpec
 
     values = dict(arch="resnet18", classes=("a", "b", "c"), image_size=32, mean=(0.5, 0.4, 0.3),
                   std=(0.2, 0.2, 0.2))
@@ -108,7 +108,7 @@ def spec(**changes):
 
 
 def test_model_spec_round_trips_and_validates():
-    from braintumor.checkpoint import ModelSpec
+    from braintumor.models.checkpoint import ModelSpec
 
     full = spec(tta=True, trust={"temperature": 1.5, "ood": {"mean": torch.zeros(2)}})
     data = full.to_dict()
@@ -128,8 +128,8 @@ def test_model_spec_round_trips_and_validates():
 
 def test_old_checkpoints_load_with_defaults_and_ema_weights(tmp_path):
     """A checkpoint of the first format (no tta, no trust; an EMA run keeps its average under "ema") still loads."""
-    from braintumor.checkpoint import spec_of
-    from braintumor.model import build_model
+    from braintumor.models.checkpoint import spec_of
+    from braintumor.models.network import build_model
 
     torch.manual_seed(0)
     trained, averaged = build_model("resnet18", 2), build_model("resnet18", 2)
@@ -157,8 +157,8 @@ def test_a_damaged_spec_is_a_user_error_naming_the_file(tmp_path):
 def test_best_checkpoint_holds_validated_weights_and_spec_only(tmp_path):
     """best.pt from a full resume checkpoint: the EMA weights, the spec, provenance; no optimizer, no RNG state;
     about the size of the weights."""
-    from braintumor.checkpoint import save_inference_checkpoint, spec_of
-    from braintumor.model import build_model
+    from braintumor.models.checkpoint import save_inference_checkpoint, spec_of
+    from braintumor.models.network import build_model
 
     torch.manual_seed(1)
     model, averaged = build_model("resnet18", 3), build_model("resnet18", 3)
@@ -180,8 +180,8 @@ def test_best_checkpoint_holds_validated_weights_and_spec_only(tmp_path):
 
 
 def test_resume_repairs_a_best_checkpoint_the_kill_left_stale(tmp_path):
-    from braintumor.checkpoint import save_inference_checkpoint
-    from braintumor.runstate import repair_best
+    from braintumor.models.checkpoint import save_inference_checkpoint
+    from braintumor.training.runstate import repair_best
 
     last = load_checkpoint(make_checkpoint(tmp_path / "last.pt"))
     save_inference_checkpoint({**last, "epoch": 1}, tmp_path / "best.pt")
@@ -195,7 +195,7 @@ def test_resume_repairs_a_best_checkpoint_the_kill_left_stale(tmp_path):
 
 
 def test_the_shipped_reference_model_reads_as_a_spec():
-    from braintumor.checkpoint import REFERENCE_MODEL, spec_of
+    from braintumor.models.checkpoint import REFERENCE_MODEL, spec_of
 
     loaded = spec_of(load_checkpoint("reference"), REFERENCE_MODEL)
     assert loaded.arch == "resnet18" and loaded.classes == ("glioma", "meningioma", "notumor", "pituitary")

@@ -238,7 +238,7 @@ def help_entries(argv, monkeypatch, capsys) -> dict[str, str]:
 
 
 def test_every_config_option_has_a_generated_train_flag_showing_its_default(monkeypatch, capsys):
-    from braintumor.config import FIELDS, flag_name, shown_default
+    from braintumor.training.config import FIELDS, flag_name, shown_default
 
     entries = help_entries(["train"], monkeypatch, capsys)
     for key, f in FIELDS.items():
@@ -254,7 +254,7 @@ def test_every_config_option_has_a_generated_train_flag_showing_its_default(monk
 
 def test_generated_flags_parse_to_the_fields_type_and_override_the_config_file(tmp_path, monkeypatch):
     from braintumor.cli import build_parser, train_options
-    from braintumor.config import read_config_file, resolve_config
+    from braintumor.training.config import read_config_file, resolve_config
 
     args = build_parser().parse_args(["train", "d", "--lr", "1e-3", "--epochs", "3", "--no-tta", "--no-progress",
                                       "--arch", "resnet18"])
@@ -276,7 +276,7 @@ def test_every_flag_of_every_command_shows_its_default(monkeypatch, capsys):
 
 def test_device_and_workers_have_one_default_everywhere():
     from braintumor.cli import build_parser
-    from braintumor.config import DEFAULT_WORKERS, TrainConfig
+    from braintumor.training.config import DEFAULT_WORKERS, TrainConfig
 
     parser = build_parser()
     for argv in (["predict", "m.pt", "a.png"], ["explain", "m.pt", "a.png"], ["serve"], ["evaluate", "m.pt", "d"],

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from braintumor.config import (CHANGEABLE_ON_RESUME, LAUNCH_FIELDS, RECIPE_FIELDS, SCHEDULERS, TrainConfig,
+from braintumor.training.config import (CHANGEABLE_ON_RESUME, LAUNCH_FIELDS, RECIPE_FIELDS, SCHEDULERS, TrainConfig,
                                field_names, read_config_file, resolve_config, resume_config, write_config)
 from braintumor.errors import UserError
-from braintumor.train import make_scheduler
+from braintumor.training.trainer import make_scheduler
 
 
 def test_defaults_are_the_reference_recipe():

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from braintumor.cpu_backends import compare_predictions, judge, resolve_auto_backend, write_verdict
-from braintumor.fingerprint import file_fingerprint
-from braintumor.predict import Classifier
+from braintumor.inference.accelerated import compare_predictions, judge, resolve_auto_backend, write_verdict
+from braintumor.utils.fingerprint import file_fingerprint
+from braintumor.inference.classifier import Classifier
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -32,7 +32,7 @@ def test_default_needs_accuracy_within_0_3_points_and_99_percent_agreement():
 
 @pytest.mark.slow
 def test_auto_backend_takes_the_fastest_passing_export_of_this_checkpoint(tiny_checkpoint, tmp_path, capsys):
-    from braintumor.export import export_onnx
+    from braintumor.inference.export import export_onnx
 
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
@@ -62,7 +62,7 @@ def trained_run(phantom_dir, tmp_path_factory):
     """A ResNet-18 at 32 px fitted to the phantoms (full-batch Adam, a few seconds), saved as a run's best.pt."""
     import torch
 
-    from braintumor.checkpoint import save_checkpoint
+    from braintumor.models.checkpoint import save_checkpoint
     from braintumor.data.index import discover
 
     from helpers import make_checkpoint

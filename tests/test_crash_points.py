@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from braintumor import report as report_module
-from braintumor import train as train_module
+from braintumor.evaluation import report as report_module
+from braintumor.training import trainer as train_module
 from braintumor.cli import main
 
 TIMING_KEYS = {"seconds", "images_per_second", "elapsed_seconds", "seconds_to_first_epoch"}

@@ -319,7 +319,7 @@ def test_grouped_split_is_deterministic_for_a_split_seed():
 
 def _loader(paths, labels, seed=3, rotation=15.0, rank=0, world_size=1, training=True, batch_size=4):
     from braintumor.data.pipeline import LoaderBatches
-    from braintumor.distributed import DistInfo
+    from braintumor.training.distributed import DistInfo
 
     return LoaderBatches(paths, labels, transform=train_transform(24, rotation) if training else eval_transform(24),
                          batch_size=batch_size, shuffle=training, seed=seed, workers=0,
@@ -327,7 +327,7 @@ def _loader(paths, labels, seed=3, rotation=15.0, rank=0, world_size=1, training
 
 
 def _epoch(batches, epoch):
-    from braintumor.seeding import seed_epoch
+    from braintumor.utils.seeding import seed_epoch
 
     seed_epoch(0, epoch, 0)  # the trainer's global seeding: workers=0 draws from the global generator
     batches.set_epoch(epoch)
@@ -392,10 +392,10 @@ def _count_decodes(monkeypatch):
 
 @pytest.mark.parametrize("data_cache", ["memory", "none"])
 def test_a_run_decodes_each_file_once_to_check_hash_and_cache_it(phantom_dir, tmp_path, monkeypatch, data_cache):
-    from braintumor.config import TrainConfig
+    from braintumor.training.config import TrainConfig
     from braintumor.data.index import prepare_split
     from braintumor.data.pipeline import build_batches
-    from braintumor.distributed import DistInfo
+    from braintumor.training.distributed import DistInfo
 
     monkeypatch.setenv("BRAINTUMOR_CACHE_DIR", str(tmp_path / "cache"))
     cfg = TrainConfig(data=str(phantom_dir), image_size=32, device="cpu", workers=0, data_cache=data_cache)

@@ -13,7 +13,7 @@ import braintumor.data.cache as cache
 from braintumor.data.cache import decode_to_tensor
 from braintumor.data.io import ImageReadError, read_image
 from braintumor.data.transforms import eval_transform, normalize_batch
-from braintumor.phantom import make_phantom
+from braintumor.synthetic.phantom import make_phantom
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency); the warning is expected.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -22,7 +22,7 @@ from braintumor.data.dedup import (
 )
 from braintumor.errors import UserError
 from braintumor.data.io import ImageReadError
-from braintumor.phantom import make_phantom
+from braintumor.synthetic.phantom import make_phantom
 
 from helpers import COPIES, SIZE, phantom_pixels, planted_folder, train_and_test_folders
 

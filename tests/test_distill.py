@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from braintumor.checkpoint import load_checkpoint, save_checkpoint
-from braintumor.distill import distillation_loss, split_conflict
+from braintumor.models.checkpoint import load_checkpoint, save_checkpoint
+from braintumor.training.distill import distillation_loss, split_conflict
 from braintumor.errors import UserError
-from braintumor.train import train
+from braintumor.training.trainer import train
 from helpers import make_checkpoint
 from helpers import tiny_config
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from braintumor.checkpoint import load_checkpoint
+from braintumor.models.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("ddp_worker.py")  # parses the CLI, injects the model factory, dumps weights
 

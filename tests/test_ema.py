@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from braintumor.ema import ModelEma
+from braintumor.training.ema import ModelEma
 
 
 def tiny_model() -> nn.Module:

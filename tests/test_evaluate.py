@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from braintumor.evaluate import evaluate_checkpoint
+from braintumor.evaluation.evaluate import evaluate_checkpoint
 from braintumor.errors import UserError
-from braintumor.phantom import write_phantom_set
+from braintumor.synthetic.phantom import write_phantom_set
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,11 @@ def test_training_validation_and_evaluate_run_one_routine_on_identical_tensors(p
     import numpy as np
     import torch
 
-    from braintumor.checkpoint import save_checkpoint
+    from braintumor.models.checkpoint import save_checkpoint
     from braintumor.data.io import read_image
-    from braintumor.evaluate import evaluate_paths, infer_batches, infer_paths
-    from braintumor.predict import Classifier
-    from braintumor.train import Trainer
+    from braintumor.evaluation.evaluate import evaluate_paths, infer_batches, infer_paths
+    from braintumor.inference.classifier import Classifier
+    from braintumor.training.trainer import Trainer
     from helpers import tiny_config
 
     cfg = tiny_config(phantom_dir, tmp_path / "run", data_cache=data_cache, val_split=0.5, tta=tta).validate()

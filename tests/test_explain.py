@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from braintumor.backends import OnnxBackend
-from braintumor.checkpoint import ModelSpec
+from braintumor.inference.runtimes import OnnxBackend
+from braintumor.models.checkpoint import ModelSpec
 from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.errors import UserError
-from braintumor.explain import Explanation, normalize_maps, explain, write_explanations
-from braintumor.phantom import make_phantom
-from braintumor.predict import Classifier
+from braintumor.visualize.explain import Explanation, normalize_maps, explain, write_explanations
+from braintumor.synthetic.phantom import make_phantom
+from braintumor.inference.classifier import Classifier
 
 SIZE = 64
 LESION_CLASSES = ("glioma", "meningioma", "pituitary")
@@ -242,7 +242,7 @@ def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path)
                                          f"slice_gradcam_{target}-2.png"]
     again = write_explanations(classifier, [tmp_path / "a"], tmp_path / "out", target=target)
     assert again == written[:2] and len(list((tmp_path / "out").iterdir())) == 3
-    from braintumor.figures import GRADCAM_SIZE_PX
+    from braintumor.visualize.figures import GRADCAM_SIZE_PX
 
     for path in written:  # slice | overlay | colour bar, one fixed size whatever the caption
         with Image.open(path) as picture:
@@ -256,7 +256,7 @@ def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path)
 def test_grad_cam_is_a_pure_function_of_model_layer_and_batch(lesion_classifier):
     """No Classifier, no files, no lock: a network, a layer name and a batch; the same maps as through the
     Classifier and as by hand, and the network left as it was found."""
-    from braintumor.explain import grad_cam
+    from braintumor.visualize.explain import grad_cam
 
     model = TinyCNN()
     model.load_state_dict(lesion_classifier.model.state_dict())  # a network of its own, outside any Classifier
@@ -278,7 +278,7 @@ def test_grad_cam_is_a_pure_function_of_model_layer_and_batch(lesion_classifier)
 
 
 def test_grad_cam_names_a_missing_layer():
-    from braintumor.explain import grad_cam
+    from braintumor.visualize.explain import grad_cam
 
     with pytest.raises(ValueError, match="no layer 'layer9'.*features, layer4, head"):
         grad_cam(TinyCNN(), "layer9", torch.zeros(1, 3, SIZE, SIZE))

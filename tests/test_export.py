@@ -11,14 +11,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from braintumor.checkpoint import load_checkpoint
+from braintumor.models.checkpoint import load_checkpoint
 from braintumor.errors import UserError
-from braintumor.backends import load_onnx_session, load_torchscript
-from braintumor.devices import available_cores
-from braintumor.export import export, export_onnx, export_torchscript, quantize_onnx
-from braintumor.fingerprint import file_fingerprint
-from braintumor.inputs import expand_inputs
-from braintumor.predict import Classifier
+from braintumor.inference.runtimes import load_onnx_session, load_torchscript
+from braintumor.utils.devices import available_cores
+from braintumor.inference.export import export, export_onnx, export_torchscript, quantize_onnx
+from braintumor.utils.fingerprint import file_fingerprint
+from braintumor.data.inputs import expand_inputs
+from braintumor.inference.classifier import Classifier
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from braintumor.data.pipeline import CachedBatches, shard_indices
 from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_transform, normalize_batch,
                                         train_transform)
 from braintumor.errors import UserError
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean/std that leave pixels in [0, 1]
 

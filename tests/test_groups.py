@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.config import TrainConfig
+from braintumor.training.config import TrainConfig
 from braintumor.errors import UserError
-from braintumor.groups import find_groups, merge_groups, read_groups_csv
+from braintumor.data.groups import find_groups, merge_groups, read_groups_csv
 from braintumor.data.index import prepare_split
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 
 
 def patient_folders(root: Path, patients: int = 8, slices: int = 3) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from braintumor.data import dedup
 from braintumor.data import dicom, pixels
-from braintumor.bombs import dicom_deflate_bomb
+from bombs import dicom_deflate_bomb
 from braintumor.data.io import ImageReadError, read_image
 from braintumor.serve.budget import DecodeBudget
 
@@ -134,7 +134,7 @@ def test_decode_budget_queues_instead_of_multiplying():
 
 
 def test_audit_lists_loops_and_other_file_types_and_accepts_one_class(tmp_path):
-    from braintumor.audit import audit
+    from braintumor.data.audit import audit
 
     folder = tmp_path / "only"
     folder.mkdir()

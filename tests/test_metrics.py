@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from braintumor import metrics
+from braintumor.evaluation import metrics
 from braintumor.errors import UserError
 
 # 3 present classes + 1 absent, 10 samples. Confusion matrix (rows true, columns predicted):

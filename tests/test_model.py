@@ -10,7 +10,7 @@ from torch import nn
 from torchvision import models
 
 from braintumor.errors import UserError
-from braintumor.model import ARCHS, build_model, gradcam_layer
+from braintumor.models.network import ARCHS, build_model, gradcam_layer
 
 
 def test_resnet152_head_is_exactly_the_reference_recipe():

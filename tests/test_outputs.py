@@ -8,7 +8,7 @@ import pytest
 
 from braintumor.cli import main
 from braintumor.errors import UserError
-from braintumor.outputs import prepare_output_dir
+from braintumor.utils.outputs import prepare_output_dir
 
 
 def test_default_is_a_new_time_stamped_folder_each_time(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for braintumor.phantom: determinism, files on disk, anatomy and lesion placement, separability."""
+"""Tests for braintumor.synthetic.phantom: determinism, files on disk, anatomy and lesion placement, separability."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from braintumor import phantom
+from braintumor.synthetic import phantom
 from braintumor.errors import UserError
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom, write_phantom_set
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom, write_phantom_set
 
 TUMOUR_CLASSES = ("glioma", "meningioma", "pituitary")
 SEEDS = range(8)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from braintumor.config import TrainConfig
+from braintumor.training.config import TrainConfig
 from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
-from braintumor.distributed import DistInfo
+from braintumor.training.distributed import DistInfo
 from braintumor.data.pipeline import CachedBatches, LoaderBatches
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from braintumor.cli import main
-from braintumor.config import list_recipes, read_recipe, resolve_config
+from braintumor.training.config import list_recipes, read_recipe, resolve_config
 from braintumor.errors import UserError
 
 EXPECTED = {"seed", "scratch-gpu", "scratch-cpu", "distill"}
@@ -36,7 +36,7 @@ def test_seed_is_exactly_the_reference_recipe():
 
 
 def test_distill_is_the_reference_models_recipe_and_needs_a_teacher():
-    from braintumor.checkpoint import load_checkpoint
+    from braintumor.models.checkpoint import load_checkpoint
 
     recipe = read_recipe("distill")
     trained = load_checkpoint("reference")["config"]  # the run that made the shipped model
@@ -55,7 +55,7 @@ def test_flags_override_the_recipe_and_unknown_recipes_are_refused():
 
 
 def test_yaml_number_strings_are_coerced_and_bad_ones_named(tmp_path):
-    from braintumor.config import read_config_file
+    from braintumor.training.config import read_config_file
 
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-5\nepochs: 3.0\n")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from braintumor import checkpoint
-from braintumor.checkpoint import REFERENCE_MODEL, load_checkpoint, resolve_checkpoint
+from braintumor.models import checkpoint
+from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, resolve_checkpoint
 from braintumor.cli import build_parser, main
 from braintumor.errors import UserError
-from braintumor.predict import Classifier
+from braintumor.inference.classifier import Classifier
 
 CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.metrics import compute_metrics
-from braintumor import report as reports
+from braintumor.evaluation.metrics import compute_metrics
+from braintumor.evaluation import report as reports
 
 # 3 present classes + 1 absent, 10 samples. Confusion matrix (rows true, columns predicted):
 #   [[2, 1, 1, 0], [1, 2, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]]

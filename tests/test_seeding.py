@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.seeding import STREAMS, derive_seed, seed_epoch
+from braintumor.utils.seeding import STREAMS, derive_seed, seed_epoch
 
 
 def test_derive_seed_is_deterministic_63_bit_and_distinct_per_input():

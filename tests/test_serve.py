@@ -22,8 +22,8 @@ from PIL import Image
 from starlette.requests import Request
 
 from braintumor.errors import UserError
-from braintumor.phantom import PHANTOM_CLASSES, make_phantom
-from braintumor.predict import Classifier
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.inference.classifier import Classifier
 from braintumor.serve import create_app, run_server
 from braintumor.serve.app import PREVIEW_SIZE, read_uploads
 
@@ -399,9 +399,9 @@ def test_api_flags_out_of_distribution_and_low_confidence(trusted_checkpoint):
 
 @pytest.mark.slow
 def test_volumes_upload_as_a_verdict_with_the_most_suspicious_slice(client, classifier, tmp_path):
-    from braintumor.phantom_volumes import make_phantom_volume, write_multiframe_dicom, write_nifti
-    from braintumor.volume_verdict import classify_volume
-    from braintumor.volumes import read_volume
+    from braintumor.synthetic.volumes import make_phantom_volume, write_multiframe_dicom, write_nifti
+    from braintumor.inference.volume_verdict import classify_volume
+    from braintumor.data.volumes import read_volume
 
     volume, _ = make_phantom_volume("glioma", 32, 6, seed=4)
     nifti = write_nifti(tmp_path / "case.nii.gz", volume)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.phantom import make_phantom
-from braintumor.predict import Classifier
+from braintumor.synthetic.phantom import make_phantom
+from braintumor.inference.classifier import Classifier
 from braintumor.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -7,9 +7,9 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from braintumor.config import TrainConfig
-from braintumor.tensorboard_log import SCALARS
-from braintumor.train import resume, train
+from braintumor.training.config import TrainConfig
+from braintumor.training.tensorboard import SCALARS
+from braintumor.training.trainer import resume, train
 
 
 def _events(run_dir) -> EventAccumulator:

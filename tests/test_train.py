@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from braintumor.checkpoint import load_checkpoint
-from braintumor.config import TrainConfig
+from braintumor.models.checkpoint import load_checkpoint
+from braintumor.training.config import TrainConfig
 from braintumor.errors import UserError
-from braintumor.train import format_epoch, make_optimizer, make_scheduler, resume, train
+from braintumor.training.trainer import format_epoch, make_optimizer, make_scheduler, resume, train
 from helpers import tiny_config
 
 
@@ -121,7 +121,7 @@ def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentat
                    translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, data_cache=data_cache, epochs=4)
     straight = train(tiny_config(phantom_dir, tmp_path / "straight", **options))
     # The same 4-epoch run, stopped after epoch 2 (its checkpoint and metrics written), then resumed.
-    import braintumor.train as train_module
+    import braintumor.training.trainer as train_module
 
     plots = []
 
@@ -145,7 +145,7 @@ def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentat
         assert torch.equal(a["ema"]["module"][key], b["ema"]["module"][key]), key
     assert a["ema"]["updates"] == b["ema"]["updates"] > 0
     # Inference uses the averaged weights at the full size, with the stored TTA setting.
-    from braintumor.checkpoint import model_from_checkpoint
+    from braintumor.models.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(b)
     assert all(torch.equal(v, b["ema"]["module"][k]) for k, v in model.state_dict().items())
@@ -157,7 +157,7 @@ def test_eval_image_size_is_what_validation_and_the_model_use(phantom_dir, tmp_p
     result = train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, image_size=32, eval_image_size=40,
                                data_cache="memory"))
     assert load_checkpoint(result.best_checkpoint)["image_size"] == 40
-    from braintumor.predict import Classifier
+    from braintumor.inference.classifier import Classifier
 
     classifier = Classifier.from_checkpoint(result.best_checkpoint)
     assert classifier.image_size == 40

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from braintumor import train_step
+from braintumor.training import step as train_step
 from braintumor.optim import Ranger
 from braintumor.optim.ranger_compiled import CompiledRanger
-from braintumor.train import Trainer, train
-from braintumor.train_step import StepPlan, choose_precision, choose_step_mode, pad_batch, wrap_network
+from braintumor.training.trainer import Trainer, train
+from braintumor.training.step import StepPlan, choose_precision, choose_step_mode, pad_batch, wrap_network
 
 from helpers import tiny_config
 

@@ -7,22 +7,22 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from braintumor.calibration import fit_temperature, softmax
-from braintumor.checkpoint import load_checkpoint
-from braintumor.config import TrainConfig
+from braintumor.trust.temperature import fit_temperature, softmax
+from braintumor.models.checkpoint import load_checkpoint
+from braintumor.training.config import TrainConfig
 from braintumor.data.index import discover
-from braintumor.metrics import expected_calibration_error
-from braintumor.ood import acceptance_threshold, fit_mahalanobis
-from braintumor.phantom import make_phantom, write_phantom_set
-from braintumor.predict import Classifier
-from braintumor.trust import fit_trust, store_trust
+from braintumor.evaluation.metrics import expected_calibration_error
+from braintumor.trust.ood import acceptance_threshold, fit_mahalanobis
+from braintumor.synthetic.phantom import make_phantom, write_phantom_set
+from braintumor.inference.classifier import Classifier
+from braintumor.trust.fitting import fit_trust, store_trust
 
 
 @pytest.fixture(scope="module")
 def phantom_model(phantom_dir, tmp_path_factory):
     """A resnet18 trained briefly on the 24 phantoms (32 px), with the detector refitted on a separate
     validation set of 8 phantoms per class; training itself already fitted one into best.pt."""
-    from braintumor.train import train
+    from braintumor.training.trainer import train
 
     root = tmp_path_factory.mktemp("trust")
     result = train(TrainConfig(data=str(phantom_dir), arch="resnet18", weights="none", image_size=32, epochs=2,
@@ -75,7 +75,7 @@ def test_detector_flags_noise_blanks_photo_and_text_and_accepts_held_aside_phant
 
 @pytest.mark.slow
 def test_onnx_backend_gives_the_same_ood_score_and_flag(phantom_model, tmp_path):
-    from braintumor.export import export_onnx
+    from braintumor.inference.export import export_onnx
 
     onnx_path = export_onnx(phantom_model["checkpoint"], tmp_path / "model.onnx")
     torch_clf = Classifier.from_checkpoint(phantom_model["checkpoint"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.model import forward_probabilities
-from braintumor.predict import Classifier
+from braintumor.models.network import forward_probabilities
+from braintumor.inference.classifier import Classifier
 
 
 def test_forward_probabilities_with_tta_is_the_mean_over_the_mirror():
@@ -28,7 +28,7 @@ def test_forward_probabilities_with_tta_is_the_mean_over_the_mirror():
 
 @pytest.fixture(scope="module")
 def onnx_export(tiny_checkpoint, tmp_path_factory):
-    from braintumor.export import export
+    from braintumor.inference.export import export
 
     return export(tiny_checkpoint, "onnx", tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
@@ -58,8 +58,8 @@ def test_classifier_tta_on_both_backends(tiny_checkpoint, onnx_export):
 
 @pytest.mark.slow
 def test_stored_setting_is_the_default_and_travels_into_onnx(tmp_path):
-    from braintumor.checkpoint import load_checkpoint, save_checkpoint
-    from braintumor.export import export
+    from braintumor.models.checkpoint import load_checkpoint, save_checkpoint
+    from braintumor.inference.export import export
     from helpers import make_checkpoint
 
     path = make_checkpoint(tmp_path / "m.pt", image_size=32)

@@ -14,10 +14,10 @@ from PIL import Image
 
 from braintumor.cli import main
 from braintumor.errors import UserError
-from braintumor.phantom_volumes import (make_phantom_volume, write_dicom_series, write_multiframe_dicom,
+from braintumor.synthetic.volumes import (make_phantom_volume, write_dicom_series, write_multiframe_dicom,
                                         write_nifti)
-from braintumor.volume_verdict import NO_FINDING, VerdictRule, classify_volume, decide, no_tumour_class
-from braintumor.volumes import is_volume, partition_inputs, read_volume, window_volume
+from braintumor.inference.volume_verdict import NO_FINDING, VerdictRule, classify_volume, decide, no_tumour_class
+from braintumor.data.volumes import is_volume, partition_inputs, read_volume, window_volume
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 SLICES, SIZE = 12, 48

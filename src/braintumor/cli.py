@@ -8,9 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import RESEARCH_NOTE, __version__
-from .data.dedup import DEFAULT_THRESHOLD
-from .errors import UserError
+from braintumor import RESEARCH_NOTE, __version__
+from braintumor.data.dedup import DEFAULT_THRESHOLD
+from braintumor.errors import UserError
 
 log = logging.getLogger("braintumor")
 
@@ -88,7 +88,7 @@ _METAVARS = {"int": "N", "int | None": "N", "float": "X"}
 def config_flag(p: argparse.ArgumentParser, key: str, default=None) -> None:
     """Add the flag of TrainConfig option ``key``, generated from its field: type, choices, help and shown
     default. ``default`` None (train): a flag not given leaves the recipe's or --config's value in place."""
-    from .config import FIELDS, flag_name, shown_default
+    from braintumor.training.config import FIELDS, flag_name, shown_default
 
     f = FIELDS[key]
     meta, kind = f.metadata, str(f.type)
@@ -105,7 +105,7 @@ def config_flag(p: argparse.ArgumentParser, key: str, default=None) -> None:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     """``train``: DATA, the sources of options (--recipe, --config, --resume), then one flag per config option."""
-    from .config import FIELDS
+    from braintumor.training.config import FIELDS
 
     p.add_argument("data", nargs="?", help="training folder with one sub-folder per class (or data: in --config)")
     p.add_argument("--recipe", help="a shipped recipe (see `braintumor recipes`); --config and flags override it "
@@ -125,15 +125,15 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 
 def train_options(args) -> dict:
     """The config options given on the command line (DATA and every generated flag that was used)."""
-    from .config import FIELDS
+    from braintumor.training.config import FIELDS
 
     return {key: getattr(args, key) for key, f in FIELDS.items()
             if (f.metadata["flag"] or key == "data") and getattr(args, key) is not None}
 
 
 def cmd_train(args) -> int:
-    from .config import read_config_file, read_recipe, resolve_config
-    from .train import resume, train
+    from braintumor.training.config import read_config_file, read_recipe, resolve_config
+    from braintumor.training.trainer import resume, train
 
     given = train_options(args)
     if args.resume:
@@ -154,7 +154,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .config import list_recipes
+    from braintumor.training.config import list_recipes
 
     recipes = list_recipes()
     width = max(map(len, recipes))
@@ -176,9 +176,9 @@ def _suffix_backend(checkpoint: str, backend: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_checkpoint
-    from .outputs import prepare_output_dir
-    from .report import format_table
+    from braintumor.evaluation.evaluate import evaluate_checkpoint
+    from braintumor.utils.outputs import prepare_output_dir
+    from braintumor.evaluation.report import format_table
 
     note_cpu_only(_suffix_backend(args.checkpoint, args.backend), args.device)
     out = prepare_output_dir(args.out, "evaluation", overwrite=args.overwrite)
@@ -195,16 +195,16 @@ def cmd_evaluate(args) -> int:
 
 
 def _volume_rule(args):
-    from .volume_verdict import VerdictRule
+    from braintumor.inference.volume_verdict import VerdictRule
 
     return VerdictRule(threshold=args.slice_threshold, min_slices=args.min_slices)
 
 
 def cmd_predict(args) -> int:
-    from .predict import Classifier
-    from .streaming import PredictionWriter, stream_predictions
-    from .volume_verdict import classify_volume
-    from .volumes import partition_inputs, read_volume
+    from braintumor.inference.classifier import Classifier
+    from braintumor.inference.writers import PredictionWriter, stream_predictions
+    from braintumor.inference.volume_verdict import classify_volume
+    from braintumor.data.volumes import partition_inputs, read_volume
 
     rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
@@ -250,14 +250,14 @@ def _print_table(predictions: list, classes: list[str]) -> None:
 
 def cmd_make_phantoms(args) -> int:
     if args.volumes:
-        from .phantom_volumes import write_phantom_volumes
+        from braintumor.synthetic.volumes import write_phantom_volumes
 
         written = write_phantom_volumes(args.out, per_class=args.per_class or 1, size=args.size, slices=args.slices,
                                         seed=args.seed)
         print(f"wrote {len(written) // 3} phantom volumes, each as NIfTI, DICOM series folder and multi-frame "
               f"DICOM ({args.slices} axial slices of {args.size} px), to {args.out}")
         return 0
-    from .phantom import write_phantom_set
+    from braintumor.synthetic.phantom import write_phantom_set
 
     per_class = 100 if args.per_class is None else args.per_class
     out = write_phantom_set(args.out, per_class=per_class, size=args.size, seed=args.seed)
@@ -266,15 +266,15 @@ def cmd_make_phantoms(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from braintumor.demo import run_demo
 
     run_demo(args.out, per_class=args.per_class, epochs=args.epochs, seed=args.seed)
     return 0
 
 
 def cmd_audit(args) -> int:
-    from .audit import audit, write_audit
-    from .outputs import prepare_output_dir
+    from braintumor.data.audit import audit, write_audit
+    from braintumor.utils.outputs import prepare_output_dir
 
     out = prepare_output_dir(args.out, "audit", overwrite=args.overwrite)
     report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty(),
@@ -293,7 +293,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .trust import describe_trust, fit_trust_for_checkpoint
+    from braintumor.trust.fitting import describe_trust, fit_trust_for_checkpoint
 
     trust = fit_trust_for_checkpoint(args.checkpoint, data=args.data, val=args.val, accept_rate=args.accept_rate,
                                      device=args.device, batch_size=args.batch_size, workers=args.workers)
@@ -302,11 +302,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .explain import write_explanations
-    from .outputs import prepare_output_dir
-    from .predict import Classifier
-    from .volume_verdict import classify_volume, write_volume_outputs
-    from .volumes import partition_inputs, read_volume
+    from braintumor.visualize.explain import write_explanations
+    from braintumor.utils.outputs import prepare_output_dir
+    from braintumor.inference.classifier import Classifier
+    from braintumor.inference.volume_verdict import classify_volume, write_volume_outputs
+    from braintumor.data.volumes import partition_inputs, read_volume
 
     rule = _volume_rule(args)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
@@ -325,8 +325,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import default_export_path, export, quantize_onnx
-    from .predict import expand_inputs
+    from braintumor.inference.export import default_export_path, export, quantize_onnx
+    from braintumor.inference.classifier import expand_inputs
 
     if args.int8_calibration is None:
         print(f"wrote {export(args.checkpoint, args.format, args.out)}")
@@ -341,7 +341,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import run_server
+    from braintumor.serve import run_server
 
     note_cpu_only(_suffix_backend(args.checkpoint, args.backend), args.device)
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
@@ -362,7 +362,7 @@ def _tta_flag(p: argparse.ArgumentParser) -> None:
 
 def _compute_flags(p: argparse.ArgumentParser, batch_size: int | None = None, workers: bool = False) -> None:
     """--device (and --batch-size, --workers) with the same meaning and default in every command."""
-    from .config import DEFAULT_DEVICE, DEFAULT_WORKERS
+    from braintumor.training.config import DEFAULT_DEVICE, DEFAULT_WORKERS
 
     config_flag(p, "device", default=DEFAULT_DEVICE)
     if batch_size is not None:
@@ -488,7 +488,7 @@ def _make_phantoms_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
-    from .demo import DEMO_EPOCHS, DEMO_PER_CLASS
+    from braintumor.demo import DEMO_EPOCHS, DEMO_PER_CLASS
 
     p.add_argument("--out", default="demo-run", help="demo folder")
     p.add_argument("--per-class", type=bounded(int, 2, 100_000), default=DEMO_PER_CLASS,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from .config import TrainConfig
-from .phantom import write_phantom_set
+from braintumor.training.config import TrainConfig
+from braintumor.synthetic.phantom import write_phantom_set
 
 DEMO_IMAGE_SIZE = 128
 DEMO_PER_CLASS = 128
@@ -26,9 +26,9 @@ def demo_config(train_dir: Path, run_dir: Path, epochs: int, seed: int) -> Train
 
 def run_demo(out: str | Path, per_class: int | None = None, epochs: int | None = None, seed: int = 0) -> dict:
     """Generate train and test phantoms, train, evaluate on the held-out test set; returns the test report."""
-    from .evaluate import evaluate_checkpoint
-    from .report import format_table
-    from .train import train
+    from braintumor.evaluation.evaluate import evaluate_checkpoint
+    from braintumor.evaluation.report import format_table
+    from braintumor.training.trainer import train
 
     out = Path(out)
     per_class = per_class or DEMO_PER_CLASS

@@ -6,7 +6,7 @@ through pydicom's Modality LUT (sequence or RescaleSlope/Intercept) and VOI LUT 
 WindowCenter/WindowWidth with LINEAR, LINEAR_EXACT or SIGMOID; first preset), scaled to 8 bit over the VOI's
 output range, or min–max when the file has no VOI (:func:`dicom_gray_to_uint8`); MONOCHROME1 is inverted; colour
 (SamplesPerPixel 3, palette colour) stays RGB. Compressed pixel data whose decoder plug-in is missing gives one
-line naming the package to install; multi-frame files are volumes (:mod:`braintumor.volumes` reads those).
+line naming the package to install; multi-frame files are volumes (:mod:`braintumor.data.volumes` reads those).
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braintumor.config import TrainConfig, split_of
+from braintumor.training.config import TrainConfig, split_of
 from braintumor.data.cache import choose_cache
 from braintumor.data.scan import scan_files
 from braintumor.data.dedup import DEFAULT_THRESHOLD, group_ids
 from braintumor.data.io import IMAGE_EXTENSIONS, unsupported_type_reason
 from braintumor.errors import UserError
-from braintumor.groups import find_groups, merge_groups
+from braintumor.data.groups import find_groups, merge_groups
 
 MAX_LISTED_BAD_FILES = 10
 

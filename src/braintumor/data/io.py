@@ -7,7 +7,7 @@ Conversion rules:
 - 16-bit, 32-bit integer and float grayscale are scaled min–max to 0..255 (a constant image becomes zeros).
 - Alpha (RGBA, LA, PA, transparent palettes) is composited on black.
 - Multi-frame files (TIFF stacks, animated PNG) give their first frame; multi-frame DICOM volumes are refused
-  here, because no single frame is the obvious one to classify (``braintumor.volumes`` reads them as volumes).
+  here, because no single frame is the obvious one to classify (``braintumor.data.volumes`` reads them as volumes).
 - EXIF orientation is not applied (torchvision's decoder does not apply it either; pixels stay as stored).
 - DICOM: read by :mod:`braintumor.data.dicom` (LUTs, MONOCHROME1, colour, missing decoder plug-ins).
 

@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from braintumor.augment import Augmentation
-from braintumor.config import TrainConfig
+from braintumor.data.augment import Augmentation
+from braintumor.training.config import TrainConfig
 from braintumor.data.cache import decode_to_tensor
 from braintumor.data.index import SplitData
 from braintumor.data.io import read_image
 from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_transform,
                                         normalize_batch, train_transform)
-from braintumor.distributed import DistInfo
+from braintumor.training.distributed import DistInfo
 from braintumor.errors import UserError
-from braintumor.seeding import derive_seed
+from braintumor.utils.seeding import derive_seed
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from braintumor.augment import Augmentation, RandomIntensity, intensity_enabled, random_intensity
+from braintumor.data.augment import Augmentation, RandomIntensity, intensity_enabled, random_intensity
 from braintumor.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,7 +176,7 @@ def augment_batch(
     uint8 (B, 3, H, W) -> float32 on the same device; the random draws come from ``generator``, which must live on
     that device. rotation_deg = 0 flips only. ``scale`` / ``translate`` add RandomAffine's scale U(1 - s, 1 + s) and
     shift of up to ``translate`` of the size; ``brightness`` / ``contrast`` / ``gamma`` add
-    :func:`braintumor.augment.random_intensity`; each draws random numbers only when switched on, so switching
+    :func:`braintumor.data.augment.random_intensity`; each draws random numbers only when switched on, so switching
     none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
     the DataLoader path's Resize; progressive resizing).
     """

@@ -1,5 +1,5 @@
 """Web page and JSON API for predictions (FastAPI + uvicorn). Research use only."""
 
-from .app import RESEARCH_NOTE, create_app, run_server
+from braintumor.serve.app import RESEARCH_NOTE, create_app, run_server
 
 __all__ = ["RESEARCH_NOTE", "create_app", "run_server"]

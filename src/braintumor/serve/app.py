@@ -27,10 +27,10 @@ from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .. import RESEARCH_NOTE
-from ..errors import UserError
-from ..data.io import ImageReadError, estimate_decode_bytes, read_image
-from .budget import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
+from braintumor import RESEARCH_NOTE
+from braintumor.errors import UserError
+from braintumor.data.io import ImageReadError, estimate_decode_bytes, read_image
+from braintumor.serve.budget import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
 
 STATIC_DIR = Path(__file__).with_name("static")
 FIELD = "files"
@@ -211,7 +211,7 @@ class Analyzer:
 
     def read_volume(self, upload: Upload):
         """The upload as a Volume when it is a NIfTI file or a multi-frame DICOM, else None (read it as a slice)."""
-        from ..volumes import read_volume_bytes
+        from braintumor.data.volumes import read_volume_bytes
 
         try:
             volume = read_volume_bytes(upload.data, upload.filename)
@@ -223,7 +223,7 @@ class Analyzer:
 
     def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None,
                  images: list[Image.Image | None] | None = None, volumes: list | None = None) -> dict:
-        from ..volume_verdict import classify_volume
+        from braintumor.inference.volume_verdict import classify_volume
 
         if volumes is None:
             volumes = [self.read_volume(upload) for upload in uploads]
@@ -266,7 +266,7 @@ class Analyzer:
                 "volume": details}
 
     def _explain(self, results: list[dict], shown: list, volumes: list, summaries: list, target: str | None) -> None:
-        from ..volume_verdict import explained_class, montage_image
+        from braintumor.inference.volume_verdict import explained_class, montage_image
 
         # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
         # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
@@ -417,7 +417,7 @@ def _predict_openapi(max_files: int) -> dict:
 
 
 def _version() -> str:
-    from .. import __version__
+    from braintumor import __version__
 
     return __version__
 
@@ -440,7 +440,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
     """Load ``checkpoint`` and serve the page and API with uvicorn until interrupted (127.0.0.1 by default)."""
     import uvicorn
 
-    from ..predict import Classifier
+    from braintumor.inference.classifier import Classifier
 
     if not 0 <= int(port) <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the report, per-image results and the evaluation loop."""

@@ -1,0 +1,1 @@
+"""Inference: the Classifier, the runtimes, exports, writers and the volume verdict."""

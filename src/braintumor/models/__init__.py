@@ -1,0 +1,1 @@
+"""The network (ResNet-N + head), the checkpoint and its ModelSpec, and model-file formats."""

@@ -1,0 +1,225 @@
+"""What a checkpoint holds, how it is written atomically, and how it is read back safely.
+
+The model's description is one typed :class:`ModelSpec` (architecture, classes, preprocessing, TTA, the fitted
+temperature and OOD statistics). A checkpoint stores the spec's fields at its top level beside the weights, the
+layout every braintumor checkpoint has had, so files written before the spec existed (the shipped reference model
+among them) load unchanged. Two files per run: ``best.pt`` is for inference (the validated weights, the EMA
+weights when the run used EMA, the spec, and a few provenance fields); ``last.pt`` holds everything resume needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from braintumor.utils.atomic import atomic_write
+from braintumor.errors import UserError
+from braintumor.models.formats import ONNX, TORCHSCRIPT, content_format
+from braintumor.models.network import build_model
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
+# What best.pt keeps besides the weights and the spec: where the weights came from (small; ``calibrate`` reads
+# the recipe to rebuild the run's split).
+PROVENANCE_KEYS = ("config", "epoch", "best_val_accuracy")
+# The model shipped inside the package (see MODEL_CARD.md); "reference" names it wherever a checkpoint is expected.
+REFERENCE_NAME = "reference"
+REFERENCE_MODEL = Path(__file__).parents[1] / "reference" / "reference-resnet18.pt"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything besides the weights that inference needs to use a network as it was trained and validated.
+
+    ``image_size``, ``mean`` and ``std`` are the evaluation preprocessing (resize to a square, normalise);
+    ``tta`` averages each slice with its mirror; ``trust`` holds what ``braintumor calibrate`` fitted: the
+    temperature, the OOD detector's statistics (``"ood"``) and the fit's summary (None: not fitted).
+    """
+
+    arch: str
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tta: bool = False
+    trust: dict[str, Any] | None = None
+
+    FIELDS = ("arch", "classes", "image_size", "mean", "std", "tta", "trust")
+
+    def __post_init__(self) -> None:
+        # Normalise the containers (lists from JSON or a checkpoint) and check every field, once, here.
+        object.__setattr__(self, "classes", tuple(self.classes) if isinstance(self.classes, (list, tuple))
+                           else self.classes)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        problem = self._problem()
+        if problem:
+            raise ValueError(problem)
+
+    def _problem(self) -> str:
+        if not isinstance(self.arch, str) or not self.arch:
+            return f"arch must be a name, got {self.arch!r}"
+        if (not isinstance(self.classes, tuple) or len(self.classes) < 2
+                or not all(isinstance(c, str) and c for c in self.classes) or len(set(self.classes)) != len(self.classes)):
+            return f"classes must be two or more distinct names, got {self.classes!r}"
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            return f"image_size must be a positive integer, got {self.image_size!r}"
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(math.isfinite(v) for v in value):
+                return f"{name} must be 3 finite numbers, got {value!r}"
+        if not all(v > 0 for v in self.std):
+            return f"std must be positive, got {self.std!r}"
+        if not isinstance(self.tta, bool):
+            return f"tta must be true or false, got {self.tta!r}"
+        if self.trust is not None and not isinstance(self.trust, dict):
+            return f"trust must be a dict of fitted statistics, got {type(self.trust).__name__}"
+        return ""
+
+    @property
+    def temperature(self) -> float:
+        """The fitted softmax temperature (1 when none was fitted)."""
+        return float((self.trust or {}).get("temperature", 1.0))
+
+    @property
+    def ood_state(self) -> dict[str, Any] | None:
+        """The fitted OOD detector's tensors (``ood.MahalanobisDetector.from_state``), or None."""
+        return (self.trust or {}).get("ood")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, numbers and strings (``trust`` only when fitted): checkpoint and export-metadata keys."""
+        data = {"arch": self.arch, "classes": list(self.classes), "image_size": self.image_size,
+                "mean": list(self.mean), "std": list(self.std), "tta": self.tta}
+        if self.trust is not None:
+            data["trust"] = self.trust
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        """The spec in ``data`` (a checkpoint or export metadata; other keys are ignored). Keys added after the
+        first release (``tta``, ``trust``) default when absent; anything malformed raises ValueError."""
+        missing = [key for key in ("arch", "classes", "image_size", "mean", "std") if key not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        size = data["image_size"]
+        return cls(arch=data["arch"], classes=data["classes"],
+                   image_size=int(size) if isinstance(size, float) and size.is_integer() else size,
+                   mean=data["mean"], std=data["std"], tta=data.get("tta", False), trust=data.get("trust"))
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def spec_of(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint") -> ModelSpec:
+    """The ModelSpec of a loaded checkpoint; a malformed one is a UserError naming the file."""
+    try:
+        return ModelSpec.from_dict(ckpt)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{source} is damaged: {err}") from None
+
+
+def validated_weights(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The weights inference uses: the EMA average when the run kept one, else the trained weights."""
+    return ckpt["ema"]["module"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
+
+
+def inference_payload(weights: dict[str, Any], spec: ModelSpec, **provenance: Any) -> dict[str, Any]:
+    """What best.pt holds: the weights, the spec and provenance (``config``, ``epoch``, ``best_val_accuracy``)."""
+    unknown = set(provenance) - set(PROVENANCE_KEYS)
+    if unknown:
+        raise ValueError(f"not provenance: {', '.join(sorted(unknown))}")
+    return {"model": weights, **spec.to_dict(), **provenance}
+
+
+def save_inference_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write best.pt from a full (resume) checkpoint: validated weights, spec, provenance; no optimizer state."""
+    provenance = {key: ckpt[key] for key in PROVENANCE_KEYS if key in ckpt}
+    return save_checkpoint(inference_payload(validated_weights(ckpt), spec_of(ckpt), **provenance), path)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file a user means: "reference" (the shipped model), a run folder (its best.pt, else
+    last.pt), or the path itself."""
+    if str(path) == REFERENCE_NAME:
+        if not REFERENCE_MODEL.is_file():
+            raise UserError(f"the reference model is missing from this installation ({REFERENCE_MODEL}); "
+                            "reinstall braintumor or build it with `make reference-model`")
+        return REFERENCE_MODEL
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts only) atomically with ``torch.save``."""
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (no pickled code runs) and check it is one of ours."""
+    path = resolve_checkpoint(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    kind = content_format(path)
+    if kind in (ONNX, TORCHSCRIPT) or (kind is None and path.suffix.lower() == ".onnx"):
+        what = f"{'is' if kind else 'is named as'} {'a TorchScript' if kind == TORCHSCRIPT else 'an ONNX'} export"
+        raise UserError(f"{path} {what}, not a .pt checkpoint; this command needs the checkpoint "
+                        "(predict, evaluate and serve read exports too)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise on top of our one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            # Do not repeat torch's advice to retry with weights_only=False: that would run the file's code.
+            raise UserError(f"cannot read checkpoint {path}: not a braintumor checkpoint (it holds Python objects "
+                            "other than tensors and plain data, and braintumor will not unpickle it)") from None
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
+    except Exception as err:  # noqa: BLE001 - torch's loader fails on foreign bytes in many ways
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # e.g. "101" (a magic-number mismatch inside torch), IndexError/KeyError from the unpickler on text
+        if first_line.isdigit() or isinstance(err, (KeyError, IndexError, TypeError, EOFError)):
+            raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
+        raise UserError(f"{path} is not a braintumor checkpoint (missing classes, arch or weights)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer braintumor (format {ckpt['format_version']}); upgrade")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint", *,
+                          model_factory: Callable[[str, int, str], nn.Module] = build_model) -> nn.Module:
+    """Rebuild the network a checkpoint describes (with ``model_factory``, the one it was trained with), load its
+    weights and put it in eval mode."""
+    spec = spec_of(ckpt, source)
+    arch, classes = spec.arch, spec.classes
+    try:
+        model = model_factory(arch, len(classes), "none")
+    except (ValueError, KeyError, UserError):
+        raise UserError(f"{source} is damaged: unknown architecture {arch!r}") from None
+    # A run with --ema is used through its averaged weights; fp16 weights (the shipped model) load into fp32.
+    weights = validated_weights(ckpt)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(f"{source} is damaged: its weights do not fit a {arch} with {len(classes)} classes "
+                        f"({detail})") from None
+    return model.eval()

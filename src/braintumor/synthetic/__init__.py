@@ -1,0 +1,1 @@
+"""Generated data: phantom slices and volumes (the demo's and the tests' data)."""

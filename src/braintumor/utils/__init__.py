@@ -1,0 +1,1 @@
+"""Small shared utilities: atomic writes, locks, devices, fingerprints, seeding, output folders."""

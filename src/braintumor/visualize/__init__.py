@@ -1,0 +1,1 @@
+"""Explanations (Grad-CAM and other methods) and figures."""

@@ -1,0 +1,179 @@
+"""The figures people read: confusion matrix, reliability diagram, training curves, Grad-CAM panels and montages.
+
+All are bare matplotlib ``Figure`` objects (no pyplot state to leak in a server or a training loop), written
+atomically. Grad-CAM panels have a fixed pixel size whatever the caption, so a folder of them lines up.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+
+from braintumor.utils.atomic import atomic_write
+
+GRADCAM_SIZE_PX = (900, 460)  # width, height of every Grad-CAM panel
+_DPI = 100
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, tight: bool = True, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG atomically; ``tight=False`` keeps the figure's exact pixel size."""
+    options = {"bbox_inches": "tight"} if tight else {}
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, **options))
+    return Path(path)
+
+
+def figure_to_image(fig: Figure, dpi: int = _DPI) -> Image.Image:
+    """Render a figure at its exact size (figsize × dpi) to an RGB PIL image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB")
+
+
+def plot_confusion_matrix(counts, class_names: Sequence[str], path) -> Path:
+    """Confusion matrix PNG: each cell its count and its share of the true class (row %), coloured by that share."""
+    counts = np.asarray(counts, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    size = max(4.5, 1.0 * len(class_names) + 2.2)  # cells stay legible from 2 to 10+ classes
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (row)")
+    tilt = len(class_names) > 3  # long names side by side would overlap
+    ax.set_xticks(range(len(class_names)), labels=class_names, rotation=45 if tilt else 0,
+                  ha="right" if tilt else "center")
+    ax.set_yticks(range(len(class_names)), labels=[f"{name}\n(n={int(n)})" for name, n in
+                                                   zip(class_names, totals[:, 0])])
+    small = len(class_names) > 6
+    for (row, col), count in np.ndenumerate(counts):
+        share = fraction[row, col]
+        ax.text(col, row, f"{count}\n{100 * share:.1f} %", ha="center", va="center", fontsize=8 if small else 11,
+                color="white" if share > 0.5 else "black", fontweight="bold" if row == col else "normal")
+    ax.set(xlabel="Predicted class", ylabel="True class",
+           title=f"Confusion matrix: counts and row % (n={int(counts.sum())})")
+    return save_figure(fig, path)
+
+
+def plot_reliability(bins: dict, ece: float, path) -> Path:
+    """Reliability diagram PNG: accuracy per confidence bin with its image count and its gap to the diagonal.
+
+    Empty bins are left out, each bar is labelled with its count (a 2-image bin shows as such), the red part of a
+    bar is the gap between the bin's accuracy and its mean confidence, and the title gives the ECE.
+    """
+    edges = np.asarray(bins["bin_edges"], dtype=float)
+    count = np.asarray(bins["count"], dtype=int)
+    used = count > 0
+    accuracy = np.array([a if a is not None else np.nan for a in bins["accuracy"]], dtype=float)
+    confidence = np.array([c if c is not None else np.nan for c in bins["confidence"]], dtype=float)
+    left, width = edges[:-1][used], np.diff(edges)[used]
+    fig = Figure(figsize=(6.4, 7.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(left, accuracy[used], width=width, align="edge", color="#4878a8", edgecolor="black",
+            label="accuracy in the bin")
+    gap_low = np.minimum(accuracy[used], confidence[used])
+    top.bar(left, np.abs(confidence[used] - accuracy[used]), bottom=gap_low, width=width, align="edge",
+            facecolor="none", edgecolor="#d62728", linewidth=1.2, hatch="////",
+            label="gap: bin accuracy vs its mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="gray", zorder=3, label="perfect calibration")
+    for x, w, a, c, n in zip(left, width, accuracy[used], confidence[used], count[used]):
+        top.text(x + w / 2, max(a, c) + 0.015, str(n), ha="center", va="bottom", fontsize=7)
+    total = int(count.sum())
+    top.set(ylim=(0, 1.08), ylabel="Accuracy (number above a bar: its images)",
+            title=f"Reliability diagram: ECE = {ece:.4f} ({len(count)} bins, n={total})")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    bottom.bar(left, count[used], width=width, align="edge", edgecolor="black", color="gray")
+    bottom.set(xlim=(0, 1), xlabel="Confidence (top-label probability)", ylabel="Images per bin")
+    return save_figure(fig, path)
+
+
+def plot_training_curves(rows: Sequence[dict], path) -> Path:
+    """Loss, accuracy and learning rate per epoch; the best epoch (highest validation accuracy) is marked."""
+    epochs = [row["epoch"] for row in rows]
+    fig = Figure(figsize=(13, 4), layout="constrained")
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    for key, label in (("train", "train"), ("val", "validation")):
+        loss_ax.plot(epochs, [row[f"{key}_loss"] for row in rows], marker="o", label=label)
+        acc_ax.plot(epochs, [100 * row[f"{key}_accuracy"] for row in rows], marker="o", label=label)
+    best = max(rows, key=lambda row: row["val_accuracy"]) if rows else None
+    if best is not None:
+        for ax in (loss_ax, acc_ax, lr_ax):
+            ax.axvline(best["epoch"], color="green", linestyle=":", linewidth=1.5)
+        acc_ax.plot([best["epoch"]], [100 * best["val_accuracy"]], marker="*", markersize=16, color="green",
+                    linestyle="none", label=f"best: epoch {best['epoch']} ({100 * best['val_accuracy']:.1f} %)")
+    lrs = [row.get("lr", math.nan) for row in rows]
+    lr_ax.plot(epochs, lrs, marker="o", color="purple")
+    positive = [v for v in lrs if v and v > 0 and math.isfinite(v)]
+    if positive and max(positive) / min(positive) > 20:
+        lr_ax.set_yscale("log")
+    loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
+    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    lr_ax.set(title="Learning rate (at the start of the epoch)", xlabel="epoch", ylabel="lr")
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.grid(alpha=0.3)
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
+    loss_ax.legend()
+    acc_ax.legend(fontsize=8)
+    return save_figure(fig, path, tight=False, dpi=110)
+
+
+def _heat_colorbar(fig: Figure, axes, colormap: str) -> None:
+    mappable = ScalarMappable(norm=Normalize(0, 1), cmap=colormaps[colormap])
+    bar = fig.colorbar(mappable, ax=axes, fraction=0.035, pad=0.02)
+    bar.set_label("Grad-CAM (0 none, 1 strongest evidence)")
+
+
+def _show(ax, image, title: str | None = None) -> None:
+    ax.imshow(np.asarray(image), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def _fit(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def gradcam_panel(explanation, *, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
+    """The slice | the Grad-CAM overlay, side by side with a colour bar and a caption; always GRADCAM_SIZE_PX."""
+    width, height = GRADCAM_SIZE_PX
+    fig = Figure(figsize=(width / _DPI, height / _DPI))
+    left, right = fig.subplots(1, 2, gridspec_kw={"wspace": 0.04})
+    fig.subplots_adjust(left=0.02, right=0.86, top=0.84, bottom=0.03)
+    _show(left, explanation.image.convert("L").convert("RGB"), "slice")
+    _show(right, explanation.overlay(alpha=alpha, colormap=colormap), f"Grad-CAM for: {_fit(explanation.target, 28)}")
+    _heat_colorbar(fig, [left, right], colormap)
+    fig.suptitle(_fit(f"predicted {explanation.predicted} (p = {explanation.probability:.2f})   ·   "
+                      f"{explanation.target}: p = {explanation.target_probability:.2f}", 95), fontsize=12)
+    image = figure_to_image(fig)
+    return image if image.size == GRADCAM_SIZE_PX else image.resize(GRADCAM_SIZE_PX, Image.BILINEAR)
+
+
+def gradcam_montage(explanations: Sequence, titles: Sequence[str], title: str, *, alpha: float = 0.45,
+                    colormap: str = "jet") -> Image.Image:
+    """Slices (top row) above their Grad-CAM overlays (bottom row), one column each, a colour bar and a title."""
+    columns = max(1, len(explanations))
+    fig = Figure(figsize=(2.3 * columns + 1.2, 5.6))
+    axes = np.asarray(fig.subplots(2, columns, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.12}))
+    fig.subplots_adjust(left=0.01, right=0.88, top=0.86, bottom=0.02)
+    for column, (explanation, caption) in enumerate(zip(explanations, titles)):
+        _show(axes[0, column], explanation.image.convert("L").convert("RGB"), caption)
+        _show(axes[1, column], explanation.overlay(alpha=alpha, colormap=colormap))
+    for column in range(len(explanations), columns):
+        axes[0, column].set_axis_off()
+        axes[1, column].set_axis_off()
+    _heat_colorbar(fig, axes.ravel().tolist(), colormap)
+    fig.suptitle(title, fontsize=11)
+    return figure_to_image(fig)
