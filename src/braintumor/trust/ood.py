@@ -1,27 +1,68 @@
-"""Out-of-distribution detection: Mahalanobis distance of a slice's pooled features to the training classes.
+"""Two trust tiers computed inside the network: ``not_mri`` (not a brain MR slice at all) and ``atypical`` (a brain
+slice unlike the training data).
 
-Lee et al. (2018, "A simple unified framework for detecting out-of-distribution samples and adversarial
-attacks"): fit one mean per class and one shared covariance to the penultimate features of the training images;
-an image's score is its smallest Mahalanobis distance to a class mean. Differences from the paper: only the
-pooled output of the last block (the head's input) is used, with no input pre-processing (no gradient step), and
-the covariance is Ledoit–Wolf shrunk (scikit-learn) because a 2048-d covariance from a few thousand images is
-singular otherwise. The distance is divided by a threshold chosen on the validation split (by default the value
-that accepts 95 % of validation slices), so ``ood_score`` > 1 means "out of distribution" for any model.
+:class:`ScoringNet` wraps a classifier; its forward returns ``(logits (B, C), scores (B, 2))`` with
+``scores[:, 0]`` the not-MRI score and ``scores[:, 1]`` the atypical score, each already divided by its threshold so
+that a score above :data:`braintumor.trust.status.FLAG_AT` (1) flags its tier. Everything is plain tensor
+arithmetic (matrix products, gathers, ``where``), so the same graph runs in PyTorch, exports to ONNX (opset 17) and
+is kept by a TorchScript trace. Anything non-finite (input pixels, features, logits, scores) gives +inf scores.
 
-The detector is a small ``nn.Module`` (a whitening matrix and whitened class centres), so the same arithmetic
-runs in PyTorch and inside the exported ONNX graph. Energy and maximum-softmax scores are here for comparison
-(``benchmarks/ood.py`` measures all three); why Mahalanobis was chosen is in the README.
+- ``not_mri`` — class-agnostic: the Mahalanobis distance of the slice's *feature statistics* (per-channel mean and
+  standard deviation of the activations after each ResNet stage, ``layer1`` … ``layer4``, log-transformed) to one
+  Gaussian fitted on the training slices (Ledoit–Wolf shrunk covariance), divided by a threshold set far out in
+  the tail of real MRI (validation slices and generated MRI-like variants of them: windowings, flips, rotations,
+  crops). Low-level statistics tell a photo, a page of text, noise or a blank apart from an MR slice whatever
+  class the head would give it. An optional logistic direction (trained on generated non-MRI images vs training
+  MRI) adds a second, supervised check; the score is the larger of the two ratios.
+- ``atypical`` — class-conditional (Mondrian) conformal: the Mahalanobis distance of the pooled last-block
+  features (the head's input) to the centre of the *predicted* class (Lee et al., 2018: class means, one shared
+  Ledoit–Wolf covariance, no input pre-processing), divided by that class's own threshold: the conformal order
+  statistic of the validation slices predicted as that class, so each class is flagged at about the same rate
+  (2 % by default) instead of one class carrying most of the warnings.
+
+Legacy checkpoints (one tier: ``trust["ood"]`` with method ``"mahalanobis"``, the smallest distance to any class
+centre over one threshold) load as atypical-only; their not-MRI score is 0 (never flags) and
+:func:`missing_tiers_note` says what they lack. The fitting lives in :mod:`braintumor.trust.fitting`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-DEFAULT_ACCEPT_RATE = 0.95
+NOT_MRI, ATYPICAL = "not_mri", "atypical"
+TIERS = (NOT_MRI, ATYPICAL)
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+DEFAULT_ACCEPT_RATE = 0.95  # the legacy one-tier detector's acceptance (kept for old callers)
+ATYPICAL_RATE = 0.02  # target share of each class's validation slices flagged atypical
+NOT_MRI_RATE = 0.001  # conformal level of the not-MRI threshold on real MRI, before the margin
+STATS_EPS = 1e-3  # log(x + eps) of the per-channel means and standard deviations
+MISSING_NOT_MRI = "no not-MRI tier: refit with braintumor calibrate"
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def backbone_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (B, D), statistics (B, 2 * sum of stage widths)) of a torchvision ResNet.
+
+    ``pooled`` is the head's input (the last stage averaged over space). ``statistics`` are, for every stage
+    ``layer1`` … ``layer4``, the per-channel spatial mean and standard deviation, as ``log(value + STATS_EPS)``.
+    """
+    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+    statistics = []
+    for name in LAYERS:
+        x = getattr(model, name)(x)
+        flat = x.float().flatten(2)
+        mean = flat.mean(dim=2)
+        std = (flat - mean[:, :, None]).pow(2).mean(dim=2).clamp_min(0).sqrt()
+        statistics += [mean, std]
+    pooled = torch.flatten(model.avgpool(x), 1)
+    return pooled, torch.log(torch.cat(statistics, dim=1).clamp_min(0) + STATS_EPS)
 
 
 def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -31,34 +72,269 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.flatten(model.avgpool(x), 1)
 
 
-class MahalanobisDetector(nn.Module):
-    """Smallest Mahalanobis distance of features to a class mean, divided by the acceptance threshold."""
+def _tensor(value: Any, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"trust entry {name} must be a tensor, got {type(value).__name__}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"trust entry {name} holds non-finite values")
+    return value.float()
 
-    def __init__(self, whitening: torch.Tensor, centers: torch.Tensor, threshold: float):
+
+def _number(value: Any, name: str, positive: bool = True) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"trust entry {name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"trust entry {name} must be positive, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------- tiers
+
+
+class MahalanobisDetector(nn.Module):
+    """Mahalanobis distances of features to class centres in whitened coordinates (shared covariance).
+
+    ``whitening`` (D, K) with W W^T = inverse covariance; ``centers`` (C, K) the class means, whitened. The
+    legacy one-tier detector is this module with one threshold (``forward``: smallest distance / threshold).
+    """
+
+    def __init__(self, whitening: torch.Tensor, centers: torch.Tensor, threshold: float = 1.0):
         super().__init__()
-        self.register_buffer("whitening", whitening.float())  # (D, K): W W^T = inverse shared covariance
-        self.register_buffer("centers", centers.float())  # (C, K): class means, whitened
+        self.register_buffer("whitening", whitening.float())
+        self.register_buffer("centers", centers.float())
         self.register_buffer("threshold", torch.tensor(float(threshold)))
 
-    def distance(self, features: torch.Tensor) -> torch.Tensor:
-        """Smallest Mahalanobis distance (not squared) to a class mean, (B,)."""
+    def class_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """Distance (not squared) to every class centre, (B, C)."""
         z = features.float() @ self.whitening
         squared = ((z[:, None, :] - self.centers[None, :, :]) ** 2).sum(dim=2)
-        return squared.min(dim=1).values.clamp_min(0).sqrt()
+        return squared.clamp_min(0).sqrt()
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """Smallest Mahalanobis distance to a class centre, (B,)."""
+        return self.class_distances(features).min(dim=1).values
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.distance(features) / self.threshold
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint stores (tensors and numbers only, so ``weights_only`` loading works)."""
+        """The legacy one-tier entry (tensors and numbers only, so ``weights_only`` loading works)."""
         return {"method": "mahalanobis", "whitening": self.whitening.cpu(), "centers": self.centers.cpu(),
                 "threshold": float(self.threshold)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "MahalanobisDetector":
-        if state.get("method") != "mahalanobis":
-            raise ValueError(f"unknown OOD method {state.get('method')!r}")
-        return cls(state["whitening"], state["centers"], state["threshold"])
+        if not isinstance(state, dict) or state.get("method") != "mahalanobis":
+            raise ValueError(f"unknown OOD method {state.get('method') if isinstance(state, dict) else state!r}")
+        whitening, centers = _tensor(state.get("whitening"), "ood.whitening"), _tensor(state.get("centers"), "ood.centers")
+        if whitening.ndim != 2 or centers.ndim != 2 or centers.shape[1] != whitening.shape[1]:
+            raise ValueError("trust entry ood has mismatched whitening and centre shapes")
+        return cls(whitening, centers, _number(state.get("threshold"), "ood.threshold"))
+
+
+class AtypicalTier(nn.Module):
+    """Mahalanobis distance of the pooled features to the predicted class's centre over that class's threshold
+    (Mondrian conformal); ``nearest=True`` is the legacy rule (nearest centre, one threshold)."""
+
+    def __init__(self, detector: MahalanobisDetector, thresholds: torch.Tensor, nearest: bool = False):
+        super().__init__()
+        self.detector = detector
+        self.register_buffer("thresholds", thresholds.float().reshape(-1))
+        self.nearest = bool(nearest)
+
+    def forward(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        distances = self.detector.class_distances(pooled)
+        if self.nearest:
+            return distances.min(dim=1).values / self.thresholds[0]
+        predicted = logits.argmax(dim=1, keepdim=True)
+        own = torch.gather(distances, 1, predicted).squeeze(1)
+        return own / self.thresholds[predicted.squeeze(1)]
+
+
+class NotMriTier(nn.Module):
+    """Class-agnostic Mahalanobis distance of the feature statistics over its threshold; with a logistic
+    direction, the larger of that and sigmoid(logit) / sigmoid(logit threshold)."""
+
+    def __init__(self, center: torch.Tensor, whitening: torch.Tensor, threshold: float,
+                 weight: torch.Tensor | None = None, bias: float = 0.0, logit_threshold: float = 0.0):
+        super().__init__()
+        self.register_buffer("center", center.float().reshape(-1))
+        self.register_buffer("whitening", whitening.float())
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.logistic = weight is not None
+        self.register_buffer("weight", (weight if weight is not None else torch.zeros(len(self.center))).float().reshape(-1))
+        self.register_buffer("bias", torch.tensor(float(bias)))
+        self.register_buffer("logit_threshold", torch.tensor(float(logit_threshold)))
+
+    def distance(self, statistics: torch.Tensor) -> torch.Tensor:
+        z = (statistics.float() - self.center) @ self.whitening
+        return (z * z).sum(dim=1).clamp_min(0).sqrt()
+
+    def logit(self, statistics: torch.Tensor) -> torch.Tensor:
+        return statistics.float() @ self.weight + self.bias
+
+    def forward(self, statistics: torch.Tensor) -> torch.Tensor:
+        score = self.distance(statistics) / self.threshold
+        if self.logistic:
+            supervised = torch.sigmoid(self.logit(statistics)) / torch.sigmoid(self.logit_threshold)
+            score = torch.maximum(score, supervised)
+        return score
+
+
+class TrustHead(nn.Module):
+    """Both tiers; a missing tier scores 0 (never flags). forward -> (B, 2) [not_mri, atypical]."""
+
+    def __init__(self, not_mri: NotMriTier | None = None, atypical: AtypicalTier | None = None):
+        super().__init__()
+        self.not_mri, self.atypical = not_mri, atypical
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return tuple(name for name in TIERS if getattr(self, name) is not None)
+
+    def forward(self, pooled: torch.Tensor, statistics: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        zeros = logits[:, 0].float() * 0
+        not_mri = self.not_mri(statistics) if self.not_mri is not None else zeros
+        atypical = self.atypical(pooled, logits) if self.atypical is not None else zeros
+        return torch.stack([not_mri, atypical], dim=1).float()
+
+
+def _finite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(tensor.float().flatten(1)).all(dim=1)
+
+
+class ScoringNet(nn.Module):
+    """A classifier network with its trust head: forward(images) -> (logits (B, C), scores (B, 2) float32).
+
+    scores[:, 0] = not_mri_score, scores[:, 1] = atypical_score, normalized (> FLAG_AT flags); non-finite input
+    pixels, features or logits give +inf scores. What runs in PyTorch, what ONNX exports ("logits",
+    "trust_scores") and what a TorchScript trace keeps.
+    """
+
+    def __init__(self, model: nn.Module, head: TrustHead):
+        super().__init__()
+        if isinstance(head, MahalanobisDetector):  # the 0.1 signature ScoringNet(model, detector): legacy tier
+            head = TrustHead(None, AtypicalTier(head, head.threshold.reshape(1), nearest=True))
+        self.model, self.head = model, head
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return self.head.tiers
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, statistics = backbone_features(self.model, images)
+        logits = self.model.fc(pooled)
+        scores = self.head(pooled, statistics, logits)
+        finite = _finite_rows(images) & _finite_rows(pooled) & _finite_rows(logits) & _finite_rows(scores)
+        scores = torch.where(finite[:, None], scores, torch.full_like(scores, float("inf")))
+        return logits, scores
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+def _not_mri_from_state(state: dict[str, Any]) -> NotMriTier:
+    if not isinstance(state, dict) or state.get("method") != "gaussian-statistics":
+        raise ValueError(f"unknown not_mri method {state.get('method') if isinstance(state, dict) else state!r}")
+    center, whitening = _tensor(state.get("center"), "not_mri.center"), _tensor(state.get("whitening"), "not_mri.whitening")
+    if center.ndim != 1 or whitening.ndim != 2 or whitening.shape[0] != center.shape[0]:
+        raise ValueError("trust entry not_mri has mismatched centre and whitening shapes")
+    weight = state.get("weight")
+    if weight is not None:
+        weight = _tensor(weight, "not_mri.weight")
+        if weight.reshape(-1).shape[0] != center.shape[0]:
+            raise ValueError("trust entry not_mri.weight does not match the statistics' size")
+    return NotMriTier(center, whitening, _number(state.get("threshold"), "not_mri.threshold"), weight,
+                      _number(state.get("bias", 0.0), "not_mri.bias", positive=False),
+                      _number(state.get("logit_threshold", 0.0), "not_mri.logit_threshold", positive=False))
+
+
+def _atypical_from_state(state: dict[str, Any]) -> AtypicalTier:
+    if not isinstance(state, dict) or state.get("method") != "mahalanobis-mondrian":
+        raise ValueError(f"unknown atypical method {state.get('method') if isinstance(state, dict) else state!r}")
+    detector = MahalanobisDetector.from_state({"method": "mahalanobis", "whitening": state.get("whitening"),
+                                               "centers": state.get("centers"), "threshold": 1.0})
+    thresholds = _tensor(state.get("thresholds"), "atypical.thresholds").reshape(-1)
+    if thresholds.shape[0] != detector.centers.shape[0] or not (thresholds > 0).all():
+        raise ValueError("trust entry atypical.thresholds must hold one positive threshold per class")
+    return AtypicalTier(detector, thresholds)
+
+
+def trust_tiers(state: dict[str, Any] | None) -> tuple[str, ...]:
+    """Which tiers a checkpoint's ``trust`` entry holds: ("not_mri", "atypical") for a two-tier model,
+    ("atypical",) for a legacy one-tier one, () when nothing was fitted."""
+    if not isinstance(state, dict):
+        return ()
+    tiers = [name for name in TIERS if isinstance(state.get(name), dict)]
+    if ATYPICAL not in tiers and isinstance(state.get("ood"), dict):
+        tiers.append(ATYPICAL)
+    return tuple(name for name in TIERS if name in tiers)
+
+
+def trust_head_from_state(state: dict[str, Any] | None) -> TrustHead | None:
+    """The :class:`TrustHead` of a checkpoint's ``trust`` entry (None when it has no tier). Raises ValueError
+    for a malformed entry (callers turn it into one line naming the file)."""
+    tiers = trust_tiers(state)
+    if not tiers:
+        return None
+    not_mri = _not_mri_from_state(state[NOT_MRI]) if NOT_MRI in state else None
+    if isinstance(state.get(ATYPICAL), dict):
+        atypical = _atypical_from_state(state[ATYPICAL])
+    elif ATYPICAL in tiers:  # legacy: trust["ood"]
+        detector = MahalanobisDetector.from_state(state["ood"])
+        atypical = AtypicalTier(detector, detector.threshold.reshape(1), nearest=True)
+    else:
+        atypical = None
+    return TrustHead(not_mri, atypical).eval()
+
+
+def missing_tiers_note(state: dict[str, Any] | None) -> str | None:
+    """What a model's trust entry lacks, in one phrase for users (None when both tiers are there)."""
+    tiers = trust_tiers(state)
+    if not tiers:
+        return "no trust tiers fitted: refit with braintumor calibrate"
+    if NOT_MRI not in tiers:
+        return MISSING_NOT_MRI
+    if ATYPICAL not in tiers:
+        return "no atypical tier: refit with braintumor calibrate"
+    return None
+
+
+def trust_summary(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON-able part of a trust entry (numbers, strings, lists: no tensors), e.g. for export metadata."""
+    if not isinstance(state, dict):
+        return None
+
+    def plain(value):
+        if isinstance(value, torch.Tensor):
+            return None
+        if isinstance(value, dict):
+            kept = {key: plain(item) for key, item in value.items()}
+            return {key: item for key, item in kept.items() if item is not None}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    summary = plain({key: value for key, value in state.items() if key != "ood"})
+    summary["tiers"] = list(trust_tiers(state))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- fitting helpers
+
+
+def whiten(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), whitening (D, D)) of a Ledoit–Wolf shrunk covariance: (x - mean) W has identity covariance."""
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(features, dtype=np.float64)
+    mean = features.mean(axis=0)
+    covariance = LedoitWolf(assume_centered=True).fit(features - mean).covariance_
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-10)
+    return mean, eigenvectors / np.sqrt(eigenvalues)
 
 
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray) -> MahalanobisDetector:
@@ -75,7 +351,7 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray) -> MahalanobisDete
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-10)
     whitening = eigenvectors / np.sqrt(eigenvalues)  # x W: coordinates in which the covariance is the identity
-    centers = means[classes] @ whitening  # classes absent from the data get no centre
+    centers = means @ whitening  # a class absent from the data keeps a centre at the origin (never nearest in practice)
     return MahalanobisDetector(torch.from_numpy(whitening), torch.from_numpy(centers), 1.0)
 
 
@@ -92,6 +368,25 @@ def acceptance_threshold(scores: np.ndarray, accept_rate: float = DEFAULT_ACCEPT
     return float(scores[rank - 1])
 
 
+def mondrian_thresholds(scores: np.ndarray, groups: np.ndarray, n_groups: int,
+                        rate: float = ATYPICAL_RATE) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group conformal thresholds (Mondrian conformal prediction: one calibration per group).
+
+    For each group g, the conformal order statistic of the scores in g at acceptance 1 - ``rate``: a new score
+    of group g exceeds it with probability at most ``rate`` (exchangeability within the group). A group without
+    scores takes the threshold of all scores pooled. Returns (thresholds (n_groups,), counts (n_groups,)).
+    """
+    scores, groups = np.asarray(scores, dtype=np.float64), np.asarray(groups)
+    pooled = acceptance_threshold(scores, 1.0 - rate)
+    thresholds, counts = np.full(n_groups, pooled), np.zeros(n_groups, dtype=int)
+    for group in range(n_groups):
+        mine = scores[groups == group]
+        counts[group] = len(mine)
+        if len(mine):
+            thresholds[group] = acceptance_threshold(mine, 1.0 - rate)
+    return np.maximum(thresholds, 1e-12), counts
+
+
 def energy_score(logits: np.ndarray) -> np.ndarray:
     """Negative free energy -logsumexp(logits) (Liu et al., 2020); higher = less like the training data."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
@@ -102,15 +397,3 @@ def max_softmax_score(logits: np.ndarray) -> np.ndarray:
     """1 - largest softmax probability (Hendrycks & Gimpel, 2017); higher = less like the training data."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     return (1.0 - torch.softmax(logits, dim=1).max(dim=1).values).numpy()
-
-
-class ScoringNet(nn.Module):
-    """A classifier network that also returns each image's ``ood_score`` (for PyTorch inference and ONNX export)."""
-
-    def __init__(self, model: nn.Module, detector: MahalanobisDetector):
-        super().__init__()
-        self.model, self.detector = model, detector
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled_features(self.model, images)
-        return self.model.fc(features), self.detector(features)
