@@ -1,22 +1,39 @@
-"""Grad-CAM heat maps (captum's LayerGradCam) as a pure function of (model, layer, batch), and their files.
+"""Explanation maps of a classifier's decision, one function for every method: :func:`explain_batch`.
 
-Grad-CAM (Selvaraju et al., 2017) weights each channel of a convolutional block's activations by the mean
-gradient of the explained class's score, sums over channels and keeps the positive part. Here the map is upsampled
-bilinearly to the model input size, passed through ReLU and min–max normalized per image, so 1 marks the region
-that most supports the class and 0 none (a map that is constant everywhere becomes all zeros).
+Methods (``METHODS``), each giving one map per image at the model input size, positive part, min–max normalized
+per image (1 marks the region that most supports the explained class, 0 none; a constant map becomes all zeros):
 
-:func:`grad_cam` touches nothing but the model it is given: captum registers its hooks for one call and removes
-them afterwards, and the model's train/eval mode and its parameters' ``requires_grad`` flags are restored. Reading
-files and locking a shared model belong to the caller (``Classifier.explain`` holds its lock for writing, so
-plain predictions wait), so a long-running server can call it repeatedly.
+- ``gradcam`` (Selvaraju et al., 2017; captum ``LayerGradCam``): a block's activations weighted per channel by the
+  spatial mean of the class score's gradient, summed over channels.
+- ``gradcampp`` (Grad-CAM++, Chattopadhay et al., 2018): channel weights from positive gradients with the
+  closed-form second/third-order coefficients (the exponential-score form, as in pytorch-grad-cam).
+- ``hirescam`` (Draelos & Carin, 2020; captum ``LayerGradientXActivation`` summed over channels): gradient times
+  activation element-wise, no spatial averaging of the gradient, so the map is faithful to the score.
+- ``layercam`` (Jiang et al., 2021): positive gradient times activation element-wise.
+- ``occlusion`` (Zeiler & Fergus, 2014; captum ``Occlusion``): the drop of the class score (logit) when a square
+  patch of side 3/16 of the input (24 px at 128 px; half-side stride) is replaced by black.
+- ``integrated-gradients`` (Sundararajan et al., 2017; captum ``IntegratedGradients``): path integral of the
+  gradient from a black image, 16 steps (Gauss–Legendre), summed over colour channels, positive part, smoothed by
+  a Gaussian of sigma 1/64 of the side so that the maximum marks a region, not one noisy pixel.
+
+CAM methods read the block named by ``layer`` (dotted, e.g. ``"layer3"``; default ``DEFAULT_LAYER``) and upsample
+bilinearly. "Black" is each image's per-channel minimum, the background of an MRI slice. The class score is the
+logit (a softmax near 1 barely moves when evidence is removed).
+
+:func:`explain_batch` touches nothing but the model it is given: captum registers its hooks for one call and
+removes them afterwards, and the model's train/eval mode and its parameters' ``requires_grad`` flags are
+restored. Reading files and locking a shared model belong to the caller (``Classifier.explain`` holds its lock for
+writing, so plain predictions wait), so a long-running server can call it repeatedly.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +41,30 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, LayerGradientXActivation, Occlusion
 from PIL import Image
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 from braintumor.utils.atomic import atomic_write
 from braintumor.data.inputs import expand_inputs
 
+CAM_METHODS = ("gradcam", "gradcampp", "hirescam", "layercam")
+METHODS = CAM_METHODS + ("occlusion", "integrated-gradients")
+DEFAULT_METHOD = "gradcam"
+DEFAULT_LAYER = "layer4"
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "layercam": "LayerCAM",
+                 "occlusion": "Occlusion", "integrated-gradients": "Integrated gradients"}
+
+OCCLUSION_WINDOW = 3 / 16  # patch side as a share of the input side (24 px at 128 px)
+IG_STEPS = 16
+IG_SMOOTHING = 1 / 64  # Gaussian sigma as a share of the input side
+
 
 @dataclass
 class Explanation:
-    """One image's Grad-CAM: the explained class, the prediction, and a heat map at the model input size."""
+    """One image's explanation: the explained class, the prediction, the method and its map at the model input
+    size."""
 
     source: str
     target: str
@@ -43,16 +73,22 @@ class Explanation:
     target_probability: float
     heatmap: np.ndarray
     image: Image.Image
+    method: str = DEFAULT_METHOD
 
     @classmethod
     def of(cls, source: str, classes: Sequence[str], probabilities: np.ndarray, heatmap: np.ndarray,
-           image: Image.Image, target: int | None = None) -> "Explanation":
-        """The explanation of one row of ``grad_cam``'s output (``target`` None: the predicted class)."""
+           image: Image.Image, target: int | None = None, method: str = DEFAULT_METHOD) -> "Explanation":
+        """The explanation of one row of ``explain_batch``'s output (``target`` None: the predicted class)."""
         predicted = int(np.argmax(probabilities))
         explained = predicted if target is None else int(target)
         return cls(source=source, target=classes[explained], predicted=classes[predicted],
                    probability=float(probabilities[predicted]), target_probability=float(probabilities[explained]),
-                   heatmap=heatmap, image=image)
+                   heatmap=heatmap, image=image, method=method)
+
+    @property
+    def method_label(self) -> str:
+        """The method's display name (e.g. "Grad-CAM")."""
+        return METHOD_LABELS.get(self.method, self.method)
 
     def overlay(self, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
         """The heat map in a matplotlib colour map blended over the grayscale slice (RGB, S x S)."""
@@ -66,12 +102,13 @@ class Explanation:
 
     def caption(self) -> str:
         """One line naming the prediction and the class the map explains."""
-        return f"predicted: {self.predicted} (p={self.probability:.2f}) · Grad-CAM for: {self.target}"
+        return f"predicted: {self.predicted} (p={self.probability:.2f}) · {self.method_label} for: {self.target}"
 
 
-def explain(classifier, x, target: str | None = None, batch_size: int = 16):
-    """Grad-CAM for one input or a list of inputs through a Classifier (see ``Classifier.explain``)."""
-    return classifier.explain(x, target=target, batch_size=batch_size)
+def explain(classifier, x, target: str | None = None, batch_size: int = 16, **options):
+    """Explanations of one input or a list of inputs through a Classifier (see ``Classifier.explain``);
+    ``options`` (``method=``, ``layer=``) are passed on when given."""
+    return classifier.explain(x, target=target, batch_size=batch_size, **options)
 
 
 def find_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
@@ -82,48 +119,143 @@ def find_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
         return model.get_submodule(layer)
     except AttributeError:
         names = [name for name, _ in model.named_children()]
-        raise ValueError(f"the model has no layer {layer!r} for Grad-CAM; its top-level layers are: "
+        raise ValueError(f"the model has no layer {layer!r} for a CAM explanation; its top-level layers are: "
                          f"{', '.join(names)}") from None
+
+
+def check_method(method: str, layer: str | nn.Module | None = None) -> str:
+    """``method`` if it is one of METHODS; a ValueError naming the choices otherwise, or when ``layer`` is given
+    to a method that reads no layer."""
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; choose one of: {', '.join(METHODS)}")
+    if layer is not None and method not in CAM_METHODS:
+        raise ValueError(f"--layer applies to the CAM methods ({', '.join(CAM_METHODS)}), not to {method!r}")
+    return method
+
+
+def explain_batch(model: nn.Module, batch: torch.Tensor, method: str = DEFAULT_METHOD,
+                  layer: str | nn.Module | None = None,
+                  targets: Sequence[int] | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (B, C) and explanation maps (B, S, S) float32 in [0, 1] of a preprocessed batch
+    (B, 3, S, S) on the model's device; ``targets`` holds each image's class index (None: its predicted class).
+
+    ``method`` is one of METHODS; ``layer`` names the block a CAM method reads (None: DEFAULT_LAYER). The model runs
+    in eval mode (a map does not depend on the rest of the batch); its modes, ``requires_grad`` flags and hooks are
+    as before when this returns.
+    """
+    check_method(method, layer)
+    target_layer = find_layer(model, DEFAULT_LAYER if layer is None else layer) if method in CAM_METHODS else None
+    with _explaining(model), torch.inference_mode(False), torch.enable_grad():
+        # An input that requires grad keeps the graph to a layer alive even when every weight is frozen.
+        inputs = batch.clone().requires_grad_(method in CAM_METHODS)
+        with torch.no_grad():
+            probabilities = torch.softmax(model(inputs).float(), dim=1)
+        # A tensor of per-sample indices makes captum select output[i, indices[i]] for row i; an int would
+        # explain the same class for every image.
+        indices = (probabilities.argmax(dim=1) if targets is None
+                   else torch.as_tensor(targets, dtype=torch.long, device=inputs.device))
+        if len(indices) != len(inputs):
+            raise ValueError(f"got {len(indices)} targets for {len(inputs)} images")
+        maps = _ATTRIBUTORS[method](model, target_layer, inputs, indices)
+    return probabilities.cpu().numpy(), normalize_maps(F.relu(maps.detach().float())).cpu().numpy().astype(np.float32)
 
 
 def grad_cam(model: nn.Module, layer: str | nn.Module, batch: torch.Tensor,
              targets: Sequence[int] | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (B, C) and normalized Grad-CAM maps (B, H, W) at ``layer`` for a preprocessed batch
-    (on the model's device); ``targets`` holds each image's class index (None: its predicted class).
+    """Grad-CAM at ``layer``: ``explain_batch(model, batch, "gradcam", layer, targets)``."""
+    return explain_batch(model, batch, "gradcam", layer=layer, targets=targets)
 
-    The model runs in eval mode (dropout off, batch norm on running statistics: a map does not depend on the
-    rest of the batch); its modes, ``requires_grad`` flags and hooks are as before when this returns.
-    """
-    target_layer = find_layer(model, layer)
+
+@contextmanager
+def _explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen weights inside; every module's mode and every ``requires_grad`` flag restored after."""
     # Per module, not model.train(flag): a caller may keep e.g. frozen batch norms in eval inside a
     # training model, and that mix must survive.
     modes = [(module, module.training) for module in model.modules()]
     requires_grad = [p.requires_grad for p in model.parameters()]
     try:
         model.eval()
-        # Gradients are needed only with respect to activations: frozen weights keep the graph small,
-        # and an input that requires grad keeps the graph alive even when every weight is frozen.
+        # Gradients are needed only with respect to activations or inputs: frozen weights keep the graph small.
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():
-            inputs = batch.clone().requires_grad_(True)
-            with torch.no_grad():
-                probabilities = torch.softmax(model(inputs).float(), dim=1)
-            indices = (probabilities.argmax(dim=1) if targets is None
-                       else torch.as_tensor(targets, dtype=torch.long, device=inputs.device))
-            # A tensor of per-sample indices makes captum select output[i, indices[i]] for row i; an
-            # int would explain the same class for every image.
-            attributions = LayerGradCam(model, target_layer).attribute(inputs, target=indices,
-                                                                        relu_attributions=False)
-        maps = LayerAttribution.interpolate(attributions.detach().float(), tuple(inputs.shape[-2:]),
-                                            interpolate_mode="bilinear")
-        maps = F.relu(maps[:, 0])
+        yield
     finally:
         for module, training in modes:
             module.training = training
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
-    return probabilities.cpu().numpy(), normalize_maps(maps).cpu().numpy().astype(np.float32)
+
+
+def _upsampled(maps: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) or (B, h, w) layer maps, bilinearly resized to the input's (B, S, S)."""
+    maps = maps if maps.dim() == 4 else maps[:, None]
+    return LayerAttribution.interpolate(maps.float(), tuple(inputs.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+
+
+def _black(inputs: torch.Tensor) -> torch.Tensor:
+    """Each image's per-channel minimum (an MRI slice's background), broadcast to the input's shape."""
+    return inputs.amin(dim=(2, 3), keepdim=True).expand_as(inputs).contiguous()
+
+
+def _layer_gradients_and_activations(model, layer, inputs, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class score's gradient at ``layer``'s output and that output, both (B, K, h, w)."""
+    attributor = LayerGradientXActivation(model, layer, multiply_by_inputs=False)
+    holder: dict[str, torch.Tensor] = {}
+    handle = layer.register_forward_hook(lambda _m, _i, output: holder.__setitem__("activations", output))
+    try:
+        gradients = attributor.attribute(inputs, target=indices)
+    finally:
+        handle.remove()
+    return gradients.detach(), holder["activations"].detach()
+
+
+def _gradcam(model, layer, inputs, indices):
+    attributions = LayerGradCam(model, layer).attribute(inputs, target=indices, relu_attributions=False)
+    return _upsampled(attributions.detach(), inputs)
+
+
+def _gradcampp(model, layer, inputs, indices):
+    gradients, activations = _layer_gradients_and_activations(model, layer, inputs, indices)
+    squared, cubed = gradients ** 2, gradients ** 3
+    denominator = 2 * squared + activations.sum(dim=(2, 3), keepdim=True) * cubed
+    alpha = torch.where(gradients != 0, squared / torch.where(denominator != 0, denominator,
+                                                              torch.ones_like(denominator)), 0.0)
+    weights = (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)
+    return _upsampled((weights * activations).sum(dim=1), inputs)
+
+
+def _hirescam(model, layer, inputs, indices):
+    product = LayerGradientXActivation(model, layer).attribute(inputs, target=indices)
+    return _upsampled(product.detach().sum(dim=1), inputs)
+
+
+def _layercam(model, layer, inputs, indices):
+    gradients, activations = _layer_gradients_and_activations(model, layer, inputs, indices)
+    return _upsampled((F.relu(gradients) * activations).sum(dim=1), inputs)
+
+
+def _occlusion(model, _layer, inputs, indices):
+    side = inputs.shape[-1]
+    window = max(1, round(side * OCCLUSION_WINDOW))
+    stride = max(1, window // 2)
+    with torch.no_grad():
+        attributions = Occlusion(model).attribute(inputs, sliding_window_shapes=(inputs.shape[1], window, window),
+                                                  strides=(inputs.shape[1], stride, stride), baselines=_black(inputs),
+                                                  target=indices, perturbations_per_eval=8)
+    return attributions.sum(dim=1)
+
+
+def _integrated_gradients(model, _layer, inputs, indices):
+    attributions = IntegratedGradients(model).attribute(inputs, baselines=_black(inputs), target=indices,
+                                                        n_steps=IG_STEPS, internal_batch_size=4 * IG_STEPS)
+    positive = F.relu(attributions.detach().sum(dim=1, keepdim=True))
+    sigma = max(0.5, inputs.shape[-1] * IG_SMOOTHING)
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur(positive, [kernel, kernel], [sigma, sigma])[:, 0]
+
+
+_ATTRIBUTORS = {"gradcam": _gradcam, "gradcampp": _gradcampp, "hirescam": _hirescam, "layercam": _layercam,
+                "occlusion": _occlusion, "integrated-gradients": _integrated_gradients}
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -136,12 +268,13 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def write_explanations(classifier, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                       target: str | None = None, batch_size: int = 16) -> list[Path]:
-    """Write one Grad-CAM panel PNG per image (folders are expanded) and return the written paths.
+                       target: str | None = None, batch_size: int = 16, **options) -> list[Path]:
+    """Write one explanation panel PNG per image (folders are expanded) and return the written paths.
 
     Each panel is the slice beside its overlay with a colour bar and a caption (``figures.gradcam_panel``, always
-    the same size). Files are named ``<stem>_gradcam_<class>.png`` after the explained class, so a rerun
-    replaces its own files instead of leaving stale ones beside them.
+    the same size). Files are named ``<stem>_<method>_<class>.png`` after the method and the explained class, so a
+    rerun replaces its own files instead of leaving stale ones beside them. ``options`` (``method=``, ``layer=``)
+    go to ``classifier.explain`` when given.
     """
     from braintumor.visualize.figures import gradcam_panel
 
@@ -152,9 +285,9 @@ def write_explanations(classifier, paths: Sequence[str | os.PathLike], out_dir: 
     taken: set[str] = set()
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        for file, explanation in zip(chunk, classifier.explain([str(f) for f in chunk], target=target,
-                                                               batch_size=batch_size)):
-            name = _unique_name(f"{_safe(file.stem)}_gradcam_{_safe(explanation.target)}", taken)
+        explanations = classifier.explain([str(f) for f in chunk], target=target, batch_size=batch_size, **options)
+        for file, explanation in zip(chunk, explanations):
+            name = _unique_name(f"{_safe(file.stem)}_{_safe(explanation.method)}_{_safe(explanation.target)}", taken)
             buffer = io.BytesIO()
             gradcam_panel(explanation).save(buffer, format="PNG")
             written.append(atomic_write(out_dir / name, lambda handle: handle.write(buffer.getvalue())))

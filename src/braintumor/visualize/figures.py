@@ -129,10 +129,14 @@ def plot_training_curves(rows: Sequence[dict], path) -> Path:
     return save_figure(fig, path, tight=False, dpi=110)
 
 
-def _heat_colorbar(fig: Figure, axes, colormap: str) -> None:
+def _heat_colorbar(fig: Figure, axes, colormap: str, label: str = "Grad-CAM") -> None:
     mappable = ScalarMappable(norm=Normalize(0, 1), cmap=colormaps[colormap])
     bar = fig.colorbar(mappable, ax=axes, fraction=0.035, pad=0.02)
-    bar.set_label("Grad-CAM (0 none, 1 strongest evidence)")
+    bar.set_label(f"{label} (0 none, 1 strongest evidence)")
+
+
+def _method_label(explanation) -> str:
+    return getattr(explanation, "method_label", "Grad-CAM")
 
 
 def _show(ax, image, title: str | None = None) -> None:
@@ -147,14 +151,15 @@ def _fit(text: str, limit: int) -> str:
 
 
 def gradcam_panel(explanation, *, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
-    """The slice | the Grad-CAM overlay, side by side with a colour bar and a caption; always GRADCAM_SIZE_PX."""
+    """The slice | the explanation overlay, side by side with a colour bar and a caption; always GRADCAM_SIZE_PX."""
     width, height = GRADCAM_SIZE_PX
     fig = Figure(figsize=(width / _DPI, height / _DPI))
     left, right = fig.subplots(1, 2, gridspec_kw={"wspace": 0.04})
     fig.subplots_adjust(left=0.02, right=0.86, top=0.84, bottom=0.03)
     _show(left, explanation.image.convert("L").convert("RGB"), "slice")
-    _show(right, explanation.overlay(alpha=alpha, colormap=colormap), f"Grad-CAM for: {_fit(explanation.target, 28)}")
-    _heat_colorbar(fig, [left, right], colormap)
+    label = _method_label(explanation)
+    _show(right, explanation.overlay(alpha=alpha, colormap=colormap), f"{label} for: {_fit(explanation.target, 28)}")
+    _heat_colorbar(fig, [left, right], colormap, label)
     fig.suptitle(_fit(f"predicted {explanation.predicted} (p = {explanation.probability:.2f})   ·   "
                       f"{explanation.target}: p = {explanation.target_probability:.2f}", 95), fontsize=12)
     image = figure_to_image(fig)
