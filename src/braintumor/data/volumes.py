@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from braintumor.errors import UserError
+from braintumor.utils.optional import require
 from braintumor.data.dicom import has_dicom_magic, missing_decoder_reason
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def partition_inputs(paths) -> tuple[list[Path], list[Path]]:
 
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a NIfTI file, a multi-frame DICOM or a DICOM series folder as windowed axial slices."""
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     path = Path(path)
     if not path.exists():
@@ -201,7 +202,7 @@ def read_volume_bytes(data: bytes, name: str) -> Volume | None:
 
 
 def _to_volume(image, source: str, kind: str) -> Volume:
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     canonical = nib.as_closest_canonical(image)
     data = np.asarray(canonical.dataobj, dtype=np.float32)
@@ -251,7 +252,7 @@ def _check_size(shape, label: str) -> None:
 
 
 def _nifti_from_bytes(raw: bytes, name: str):
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     try:
         image = (nib.Nifti2Image if raw[4:8] == b"n+2\0" else nib.Nifti1Image).from_bytes(raw)
@@ -262,7 +263,7 @@ def _nifti_from_bytes(raw: bytes, name: str):
 
 
 def _read_nifti(path: Path):
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     try:
         image = nib.load(str(path))
@@ -273,7 +274,7 @@ def _read_nifti(path: Path):
 
 
 def _nifti_3d(image, path: str):
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     try:
         shape = image.shape
@@ -340,7 +341,7 @@ def _check_grayscale(dataset, label: str) -> None:
 
 
 def _read_dicom_series(folder: Path):
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -398,7 +399,7 @@ def _read_multiframe(path: Path):
 
 
 def _multiframe_image(dataset, label: str):
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
     from pydicom.pixels import apply_modality_lut
 
     path = label

@@ -27,6 +27,7 @@ from braintumor.inference.runtimes import decode_onnx_metadata
 from braintumor.utils.devices import available_cores
 from braintumor.errors import UserError
 from braintumor.utils.fingerprint import file_fingerprint
+from braintumor.utils.optional import require
 
 MAX_ACCURACY_GAP_POINTS = 0.3
 MIN_AGREEMENT = 0.99
@@ -131,7 +132,7 @@ class OpenVinoSession:
 
 def load_openvino(path: str | os.PathLike, threads: int | None = None) -> tuple[OpenVinoSession, dict[str, Any]]:
     """An OpenVINO session for a braintumor ONNX export and its metadata (as backends.load_onnx_session)."""
-    import onnx
+    onnx = require("onnx", "onnx", "the OpenVINO backend")
 
     path = Path(path)
     if not path.is_file():

@@ -34,6 +34,7 @@ from braintumor.inference.runtimes import (INPUT_NAME, OOD_OUTPUT_NAME, OUTPUT_N
 from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, model_from_checkpoint, resolve_checkpoint, spec_of
 from braintumor.errors import UserError
 from braintumor.utils.fingerprint import file_fingerprint
+from braintumor.utils.optional import require
 from braintumor.models.formats import ONNX, SUFFIXES, TORCHSCRIPT
 
 FORMATS = (ONNX, TORCHSCRIPT)
@@ -76,7 +77,7 @@ def default_export_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
 
 def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, opset: int = 17) -> Path:
     """Write the checkpoint's network as a checked ONNX model with braintumor metadata (atomically)."""
-    import onnx
+    onnx = require("onnx", "onnx", "export --format onnx")
 
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UserError(f"ONNX opset must be an integer >= {MIN_OPSET}, got {opset!r}")
@@ -122,6 +123,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     percent, so check accuracy on a held-out set before using it. ``calibration_images`` (paths, bytes or PIL
     images; the first ``max_images`` are used) should look like the data the model will see, e.g. training slices.
     """
+    require("onnxruntime", "onnx", "int8 quantization")
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 

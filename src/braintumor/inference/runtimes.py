@@ -20,6 +20,7 @@ import torch
 
 from braintumor.models.checkpoint import ModelSpec, load_checkpoint, model_from_checkpoint, spec_of
 from braintumor.utils.devices import available_cores, resolve_device
+from braintumor.utils.optional import require
 from braintumor.errors import UserError
 from braintumor.models.formats import ONNX, TORCHSCRIPT, model_format
 from braintumor.models.network import build_model
@@ -157,7 +158,7 @@ def load_onnx_session(path: str | os.PathLike, threads: int | None = None):
     ``threads`` sets intra-op parallelism (default: the CPU cores this process may use). Raises UserError when
     the file is missing, is not an ONNX model, or lacks braintumor metadata.
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnx", "running an ONNX model")
 
     path = Path(path)
     if not path.is_file():

@@ -438,7 +438,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
                max_files: int = 16, workers_threads: int | None = None, device: str = "cpu",
                backend: str = "torch", tta: bool | None = None, min_confidence: float = 0.0) -> None:
     """Load ``checkpoint`` and serve the page and API with uvicorn until interrupted (127.0.0.1 by default)."""
-    import uvicorn
+    import uvicorn  # the [serve] extra, checked in serve/__init__.py
 
     from braintumor.inference.classifier import Classifier
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from braintumor.errors import UserError
+from braintumor.utils.optional import require
 from braintumor.synthetic.phantom import PHANTOM_CLASSES, check_label, make_phantom
 
 LESION_SLICES = 1 / 3  # the middle third of the slices shows the lesion
@@ -59,7 +60,7 @@ def make_phantom_volume(label: str, size: int = 64, slices: int = 24, seed: int 
 
 def write_nifti(path: str | os.PathLike, volume: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
     """Write a viewer-ordered volume as NIfTI, voxels in LPS order (x: right→left, y: anterior→posterior)."""
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "writing NIfTI volumes")
 
     row_mm, col_mm, slice_mm = spacing
     data = np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))  # (columns, rows, slices): L, P, S

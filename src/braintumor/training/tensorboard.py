@@ -75,5 +75,5 @@ def open_log(run_dir: str | os.PathLike, start_epoch: int = 0) -> TensorBoardLog
     try:
         return TensorBoardLog(run_dir, start_epoch)
     except ImportError as error:
-        log.warning("no TensorBoard event files for this run (%s); pip install tensorboard", error)
+        log.warning("no TensorBoard event files for this run (%s); pip install 'braintumor[tensorboard]'", error)
         return None
