@@ -9,8 +9,7 @@ run side by side.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,53 +22,20 @@ from braintumor.data.io import read_image
 from braintumor.data.transforms import eval_transform
 from braintumor.utils.devices import resolve_device
 from braintumor.errors import UserError
-from braintumor.visualize.explain import Explanation, grad_cam
+from braintumor.visualize.explain import Explanation
 from braintumor.utils.fingerprint import file_fingerprint
 from braintumor.models.formats import ONNX, model_format
-from braintumor.data.inputs import ImageInput, describe_source, expand_inputs
+from braintumor.data.inputs import ImageInput, describe_source, expand_inputs, to_image
 from braintumor.utils.locking import ReadWriteLock
-from braintumor.models.network import build_model, gradcam_layer
+from braintumor.models.network import build_model
+from braintumor.inference import service
+from braintumor.inference.results import Prediction
 
 # What --backend picks among: the file's own runtime ("torch": as before the CPU exports existed), a verified
 # CPU export beside a checkpoint ("auto"), or a runtime for an ONNX file ("onnx", "openvino").
 BACKENDS = ("torch", "onnx", "openvino", "auto")
 __all__ = ["BACKENDS", "Classifier", "ImageInput", "Prediction", "check_min_confidence", "describe_source",
-           "expand_inputs"]
-
-
-@dataclass
-class Prediction:
-    """The predicted class of one image, every class's probability, and whether to trust it.
-
-    ``label`` is always the most probable class. ``out_of_distribution`` is True when the slice does not look like
-    the training data (``ood_score`` > 1; both None when the model has no fitted detector); ``abstained`` is True
-    when the confidence is below the ``min_confidence`` asked for. ``status`` sums this up for display.
-    """
-
-    source: str
-    label: str
-    index: int
-    probabilities: dict[str, float]
-    ood_score: float | None = None
-    out_of_distribution: bool | None = None
-    abstained: bool = False
-
-    @property
-    def confidence(self) -> float:
-        return self.probabilities[self.label]
-
-    @property
-    def status(self) -> str:
-        """"out_of_distribution", "low_confidence" or "ok"."""
-        if self.out_of_distribution:
-            return "out_of_distribution"
-        return "low_confidence" if self.abstained else "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "label": self.label, "confidence": self.confidence,
-                "probabilities": self.probabilities, "status": self.status,
-                "out_of_distribution": self.out_of_distribution, "ood_score": self.ood_score,
-                "abstained": self.abstained}
+           "expand_inputs"]  # Prediction: defined in inference/results.py (the one results schema)
 
 
 class Classifier:
@@ -85,6 +51,7 @@ class Classifier:
         self.tta = spec.tta if tta is None else bool(tta)  # the mean of the slice's and its mirror's probabilities
         self.temperature = spec.temperature
         self.has_ood = backend.has_ood
+        self.trust_tiers = _trust_tiers(backend, spec)
         self.min_confidence = check_min_confidence(min_confidence)
         self._transform = eval_transform(spec.image_size, list(spec.mean), list(spec.std))
         # Grad-CAM hooks the shared model and changes its grad state: it holds this lock for writing, while
@@ -169,90 +136,74 @@ class Classifier:
         return self._transform(image.convert("RGB"))
 
     def load(self, item: ImageInput) -> Image.Image:
-        """Any supported input (path, bytes, PIL image) as an RGB image."""
-        return read_image(item)
+        """Any supported input (path, bytes, PIL image, numpy array, tensor) as an RGB image."""
+        return to_image(item)[0]
 
     def infer(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw logits (B, C) and OOD scores (B,) (None without a detector) for a preprocessed batch (B, 3, S, S)."""
+        """Raw logits (B, C) and trust scores (B, 2) (None without trust tiers) for a preprocessed batch."""
         with self.lock.read():
             return self.runtime.run(batch)
 
     def calibrated(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Softmax of logits divided by the fitted temperature (or ``temperature``), (B, C)."""
-        temperature = self.temperature if temperature is None else temperature
-        return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temperature, dim=1).numpy()
+        return service.calibrate([logits], self.temperature if temperature is None else temperature)
 
     def infer_views(self, batch: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Logits of each test-time view (the batch, and its mirror when ``tta``) and the batch's OOD scores."""
-        if not self.tta:
-            logits, scores = self.infer(batch)
-            return [logits], scores
-        # One pass over the batch and its mirror (as model.forward_probabilities): far cheaper on a CPU than two.
-        logits, scores = self.infer(torch.cat([batch, batch.flip(-1)]))
-        n = len(batch)
-        return [logits[:n], logits[n:]], None if scores is None else scores[:n]
+        """Logits of each test-time view (the batch, and its mirror when ``tta``) and the batch's trust scores."""
+        return service.tta_views(self.infer, batch, self.tta)
 
     def probabilities(self, views: list[np.ndarray], temperature: float | None = None) -> np.ndarray:
-        """Mean over the views of the calibrated softmax (as ``model.forward_probabilities`` does for TTA)."""
-        return np.mean([self.calibrated(view, temperature) for view in views], axis=0)
+        """Mean over the views of the calibrated softmax."""
+        return service.calibrate(views, self.temperature if temperature is None else temperature)
 
     def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
-        """Calibrated softmax probabilities (B, C) for a preprocessed batch (B, 3, S, S), mirrored too with TTA."""
-        return self.probabilities(self.infer_views(batch)[0])
+        """Calibrated probabilities (B, C) for a preprocessed batch (B, 3, S, S), mirrored too with TTA."""
+        return service.run_batch(self, batch).probabilities
 
-    def predict(self, x: ImageInput | list[ImageInput], batch_size: int = 32) -> Prediction | list[Prediction]:
-        """Predict one input (returns a Prediction) or a list of inputs (returns a list, same order)."""
-        single = not isinstance(x, (list, tuple))
+    def predict(self, x: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> Prediction | list[Prediction]:
+        """Predict one input (returns a Prediction) or a list of inputs (a list, same order). Inputs: paths, bytes,
+        PIL images, numpy arrays (H×W or H×W×C, uint8 or float) and torch tensors (also C×H×W); see
+        :func:`braintumor.data.inputs.to_image` for how arrays become pixels."""
+        single = _is_single(x)
         items = [x] if single else list(x)
-        results: list[Prediction] = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            batch = torch.stack([self.preprocess(self.load(item)) for item in chunk])
-            results.extend(self.predict_batch(batch, [describe_source(item) for item in chunk]))
+        results = list(service.iter_predictions(self, items, batch_size=batch_size))
         return results[0] if single else results
 
     def predict_batch(self, batch: torch.Tensor, sources: list[str]) -> list[Prediction]:
         """Predictions for a preprocessed batch (B, 3, S, S), one per source name."""
-        views, scores = self.infer_views(batch)
-        return [self.prediction(source, row, None if scores is None else scores[k])
-                for k, (source, row) in enumerate(zip(sources, self.probabilities(views)))]
+        return service.predict_batch(self, batch, sources)
 
-    def prediction(self, source: str, row: np.ndarray, ood_score: float | None = None) -> Prediction:
-        """The Prediction for one row of probabilities (C,) and its OOD score."""
-        index = int(np.argmax(row))
-        return Prediction(source=source, label=self.classes[index], index=index,
-                          probabilities={name: float(p) for name, p in zip(self.classes, row)},
-                          ood_score=None if ood_score is None else float(ood_score),
-                          out_of_distribution=None if ood_score is None else bool(ood_score > 1.0),
-                          abstained=bool(row[index] < self.min_confidence))
-
-    def explain(self, x: ImageInput | list[ImageInput], target: str | None = None,
-                batch_size: int = 16) -> Explanation | list[Explanation]:
-        """Grad-CAM for one input (an Explanation) or a list (a list, same order); ``target`` is a class name, or
-        None to explain each image's predicted class. Needs the PyTorch backend."""
-        if self.model is None:
-            raise UserError("Grad-CAM needs gradients: load the PyTorch checkpoint (.pt), not an ONNX or "
-                            "TorchScript export")
-        if target is not None and target not in self.classes:
-            raise UserError(f"unknown class {target!r} for --class; this model's classes are: "
-                            f"{', '.join(self.classes)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        single = not isinstance(x, (list, tuple))
+    def explain(self, x: ImageInput | Sequence[ImageInput], target: str | None = None, batch_size: int = 16,
+                method: str | None = None) -> Explanation | list[Explanation]:
+        """Explanation for one input (an Explanation) or a list (a list, same order): the heat map of ``target``
+        (a class name; None: each image's predicted class) by ``method`` (None: the default), with the
+        calibrated probabilities and ``explanation.prediction`` (status included). Needs the PyTorch backend."""
+        single = _is_single(x)
         items = [x] if single else list(x)
-        results: list[Explanation] = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            images = [self.load(item).convert("RGB") for item in chunk]
-            batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-            targets = None if target is None else [self.classes.index(target)] * len(chunk)
-            with self.lock.write():
-                probabilities, heatmaps = grad_cam(self.model, gradcam_layer(self.model), batch, targets)
-            size = (self.image_size, self.image_size)
-            results.extend(Explanation.of(describe_source(item), self.classes, row, heatmap,
-                                          image.resize(size, Image.BILINEAR), None if target is None else targets[0])
-                           for item, image, row, heatmap in zip(chunk, images, probabilities, heatmaps))
+        results = service.explain_items(self, items, target=target, method=method, batch_size=batch_size)
         return results[0] if single else results
+
+
+def _is_single(x: Any) -> bool:
+    """One input, not a list of them (an array or tensor is one image; a list or tuple holds several)."""
+    return not isinstance(x, (list, tuple))
+
+
+def _trust_tiers(backend, spec: ModelSpec) -> tuple[str, ...]:
+    """Which trust tiers the model's scores carry: the runtime's own answer, else the checkpoint's trust state."""
+    tiers = getattr(backend, "tiers", None)
+    if tiers is not None:
+        return tuple(tiers)
+    if not backend.has_ood:
+        return ()
+    try:
+        from braintumor.trust.ood import trust_tiers
+    except ImportError:  # before the two-tier trust module
+        return ("atypical",)
+    try:
+        return tuple(trust_tiers(spec.trust or {}))
+    except Exception:  # noqa: BLE001 - an export's metadata may not hold the detector's state
+        return ("not_mri", "atypical")
 
 
 def check_min_confidence(value: float) -> float:

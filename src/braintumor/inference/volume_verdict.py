@@ -5,7 +5,7 @@ The rule (``VerdictRule``), stated in every output:
 - A slice *has content* when at least 5 % of its pixels are brighter than 10 % of the window; empty slices
   (air above and below the head) are classified and listed but never decide the verdict.
 - A slice *votes* for a tumour class when the model predicts that class with probability ≥ ``threshold``
-  (default 0.5).
+  (default 0.5) and the slice's status is ``ok`` or ``atypical`` (``not_mri`` and ``uncertain`` slices never vote).
 - The verdict is the tumour class with the most votes, if it has at least ``min_slices`` (default 2); ties go
   to the class with the highest single-slice probability. Otherwise the verdict is the model's no-tumour class
   (a class named ``notumor``, ``no_tumor``, ``normal``, ``healthy``, …), or ``no tumour class found`` for a
@@ -14,22 +14,28 @@ The rule (``VerdictRule``), stated in every output:
 Tumour classes are all classes except the no-tumour class. The most suspicious slices (shown in the montage)
 are the content slices with the highest probability of the verdict class, or of any tumour class when the
 verdict is no tumour.
+
+The volume's status: ``not_mri`` (and no verdict) when at least half of its slices with content are not recognised
+as brain MRI (noise, a photo, NaN voxels); ``atypical`` when most accepted content slices are atypical; else ``ok``.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from braintumor.utils.atomic import atomic_write
 from braintumor.data.volumes import Volume
+from braintumor.inference.results import VolumePrediction
+from braintumor.inference.writers import write_predictions_csv
+from braintumor.trust.status import ATYPICAL, NOT_MRI, OK
+from braintumor.utils.atomic import atomic_write
 
 _NO_TUMOUR_NAMES = {"notumor", "notumour", "normal", "healthy", "none", "negative", "nofinding", "nolesion"}
 NO_FINDING = "no tumour class found"
@@ -67,14 +73,14 @@ class VerdictRule:
 
 @dataclass
 class VolumeResult:
-    """Per-slice predictions of one volume and its verdict."""
+    """Per-slice predictions of one volume, its verdict and status (see :meth:`summary` for the schema)."""
 
     source: str
     kind: str
     classes: list[str]
-    probabilities: np.ndarray  # (Z, C)
+    probabilities: np.ndarray  # (Z, C) calibrated
     content: np.ndarray  # bool (Z,)
-    verdict: str
+    verdict: str | None
     rule: str
     votes: dict[str, int]
     suspicious: list[int]  # slice indices for the montage, in slice order
@@ -82,50 +88,41 @@ class VolumeResult:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     window: tuple[float, float]
+    predictions: list = field(default_factory=list)  # one Prediction per slice
+    status: str = "ok"
     montage: str | None = field(default=None)
 
     @property
     def evidence(self) -> str:
         """One sentence: how many slices voted for the verdict (or for any tumour class)."""
         n = int(self.content.sum())
+        if self.verdict is None:
+            flagged = sum(1 for p, c in zip(self.predictions, self.content) if c and p.status == "not_mri")
+            return f"{flagged} of {n} slices with content are not recognised as brain MRI"
         if self.verdict in self.votes:
             return f"{self.votes[self.verdict]} of {n} slices with content vote {self.verdict}"
         counted = ", ".join(f"{name} {count}" for name, count in self.votes.items()) or "none"
         return f"{n} slices with content; tumour votes: {counted}"
 
     def slice_predictions(self) -> list:
-        """One ``Prediction`` per slice, its source ``<volume>#slice<index>``."""
-        from braintumor.inference.classifier import Prediction
+        """One ``Prediction`` per slice (source ``<volume>#slice<index>``, with ``volume`` and ``slice_index``)."""
+        return list(self.predictions)
 
-        return [Prediction(source=f"{self.source}#slice{row['slice']:03d}", label=row["label"],
-                           index=self.classes.index(row["label"]), probabilities=row["probabilities"])
-                for row in self.slice_rows()]
-
-    def slice_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for index, row in enumerate(self.probabilities):
-            best = int(np.argmax(row))
-            rows.append({"slice": index, "content": bool(self.content[index]), "label": self.classes[best],
-                         "confidence": float(row[best]),
-                         "probabilities": {c: float(p) for c, p in zip(self.classes, row)}})
-        return rows
+    def summary(self) -> VolumePrediction:
+        """The volume in the results schema (plain types: JSON, the server's response model)."""
+        key = self.predictions[self.key_slice] if self.predictions else None
+        return VolumePrediction(
+            source=self.source, kind=self.kind, verdict=self.verdict, status=self.status, rule=self.rule,
+            evidence=self.evidence, votes=dict(self.votes), slices_total=int(len(self.probabilities)),
+            slices_with_content=int(self.content.sum()), suspicious_slices=list(self.suspicious),
+            key_slice=int(self.key_slice), confidence=float("nan") if key is None else key.confidence,
+            probabilities={} if key is None else dict(key.probabilities),
+            shape_zyx=[int(s) for s in self.shape], spacing_mm=[float(s) for s in self.spacing],
+            window=[float(w) for w in self.window], content=[bool(c) for c in self.content],
+            slices=list(self.predictions), montage=self.montage)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "verdict": self.verdict, "rule": self.rule,
-                "evidence": self.evidence, "votes": self.votes, "slices_total": int(len(self.probabilities)),
-                "slices_with_content": int(self.content.sum()), "suspicious_slices": self.suspicious,
-                "key_slice": self.key_slice,
-                "shape_zyx": list(self.shape), "spacing_mm": list(self.spacing),
-                "window": list(self.window), "montage": self.montage, "slices": self.slice_rows()}
-
-    def csv_text(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["slice", "content", "label", "confidence", *self.classes])
-        for row in self.slice_rows():
-            writer.writerow([row["slice"], int(row["content"]), row["label"], f"{row['confidence']:.6f}",
-                             *(f"{row['probabilities'][c]:.6f}" for c in self.classes)])
-        return buffer.getvalue()
+        return self.summary().to_dict()
 
 
 def content_mask(slices: np.ndarray) -> np.ndarray:
@@ -133,13 +130,18 @@ def content_mask(slices: np.ndarray) -> np.ndarray:
     return (slices > CONTENT_LEVEL).mean(axis=(1, 2)) >= CONTENT_FRACTION
 
 
-def decide(probabilities: np.ndarray, classes, content: np.ndarray, rule: VerdictRule
-           ) -> tuple[str, dict[str, int]]:
-    """The verdict and the vote count per tumour class (classes with no vote are left out)."""
+def decide(probabilities: np.ndarray, classes, content: np.ndarray, rule: VerdictRule,
+           accepted: np.ndarray | None = None) -> tuple[str, dict[str, int]]:
+    """The verdict and the vote count per tumour class (classes with no vote are left out); only slices
+    ``accepted`` (status ok or atypical; default all) vote."""
     normal = no_tumour_class(classes)
     tumour = [k for k, name in enumerate(classes) if name != normal]
-    predicted = probabilities.argmax(axis=1)
-    confident = probabilities.max(axis=1) >= rule.threshold
+    finite = np.isfinite(probabilities).all(axis=1)
+    safe = np.where(finite[:, None], probabilities, 0.0)
+    predicted = safe.argmax(axis=1)
+    confident = finite & (safe.max(axis=1) >= rule.threshold)
+    if accepted is not None:
+        confident &= np.asarray(accepted, dtype=bool)
     votes = {classes[k]: int(np.sum(content & confident & (predicted == k))) for k in tumour}
     votes = {name: count for name, count in votes.items() if count}
     if not votes or max(votes.values()) < rule.min_slices:
@@ -147,7 +149,7 @@ def decide(probabilities: np.ndarray, classes, content: np.ndarray, rule: Verdic
 
     def strength(name: str) -> tuple[int, float]:
         k = classes.index(name)
-        return votes[name], float(probabilities[content, k].max())
+        return votes[name], float(safe[content, k].max())
 
     return max(votes, key=strength), votes
 
@@ -157,6 +159,7 @@ def most_suspicious(probabilities: np.ndarray, classes, content: np.ndarray, ver
     """Up to ``count`` content slices with the highest probability of the verdict (or of any tumour class), in
     slice order, and the single most suspicious one."""
     normal = no_tumour_class(classes)
+    probabilities = np.where(np.isfinite(probabilities), probabilities, 0.0)
     if verdict in classes and verdict != normal:
         score = probabilities[:, classes.index(verdict)]
     else:
@@ -167,27 +170,47 @@ def most_suspicious(probabilities: np.ndarray, classes, content: np.ndarray, ver
     return sorted(int(i) for i in ranked), int(ranked[0])
 
 
-def classify_volume(classifier, volume: Volume, rule: VerdictRule | None = None, *, batch_size: int = 32,
-                    montage_slices: int = 6) -> VolumeResult:
-    """Classify every axial slice of ``volume`` with the 2-D model and decide the volume's verdict."""
-    rule = rule or VerdictRule()
-    images = volume.images()
-    rows = []
-    for start in range(0, len(images), batch_size):
-        import torch
+def volume_status(statuses: Sequence[str], content: np.ndarray) -> str:
+    """``not_mri`` when at least half of the slices with content (all slices when none has content) are not
+    recognised as brain MRI; else ``atypical`` when more than half of the accepted ones are atypical; else ``ok``."""
+    statuses = np.asarray(list(statuses), dtype=object)
+    considered = statuses[content] if content.any() else statuses
+    if not len(considered):
+        return NOT_MRI
+    if np.mean(considered == NOT_MRI) >= 0.5:
+        return NOT_MRI
+    accepted = considered[np.isin(considered, (OK, ATYPICAL))]
+    return ATYPICAL if len(accepted) and np.mean(accepted == ATYPICAL) > 0.5 else OK
 
-        batch = torch.stack([classifier.preprocess(image) for image in images[start:start + batch_size]])
-        rows.append(classifier.predict_proba(batch))
-    probabilities = np.concatenate(rows) if rows else np.zeros((0, len(classifier.classes)))
+
+def summarize_volume(volume: Volume, classes: list[str], predictions: list, rule: VerdictRule, *,
+                     montage_slices: int = 6) -> VolumeResult:
+    """The verdict of a volume from its slices' predictions (one per axial slice, in order)."""
+    probabilities = (np.array([[p.probabilities[c] for c in classes] for p in predictions], dtype=np.float64)
+                     if predictions else np.zeros((0, len(classes))))
     content = content_mask(volume.slices)
-    classes = list(classifier.classes)
-    verdict, votes = decide(probabilities, classes, content, rule)
-    suspicious, key_slice = most_suspicious(probabilities, classes, content, verdict, montage_slices)
+    statuses = [p.status for p in predictions]
+    status = volume_status(statuses, content)
+    accepted = np.isin(np.asarray(statuses, dtype=object), (OK, ATYPICAL))
+    verdict, votes = decide(probabilities, classes, content, rule, accepted)
+    if status == NOT_MRI:
+        verdict = None
+    suspicious, key_slice = (most_suspicious(probabilities, classes, content, verdict or "", montage_slices)
+                             if len(predictions) else ([], 0))
     return VolumeResult(
         source=volume.source, kind=volume.kind, classes=classes, probabilities=probabilities, content=content,
         verdict=verdict, rule=rule.describe(no_tumour_class(classes)), votes=votes,
         suspicious=suspicious, key_slice=key_slice,
-        shape=tuple(int(s) for s in volume.slices.shape), spacing=volume.spacing, window=volume.window)
+        shape=tuple(int(s) for s in volume.slices.shape), spacing=volume.spacing, window=volume.window,
+        predictions=list(predictions), status=status)
+
+
+def classify_volume(classifier, volume: Volume, rule: VerdictRule | None = None, *, batch_size: int = 32,
+                    montage_slices: int = 6) -> VolumeResult:
+    """Deprecated: :func:`braintumor.inference.service.predict_volume` (kept while callers move to it)."""
+    from braintumor.inference.service import predict_volume
+
+    return predict_volume(classifier, volume, rule, batch_size=batch_size)
 
 
 def explained_class(result: VolumeResult) -> str | None:
@@ -224,8 +247,7 @@ def write_volume_outputs(classifier, volume: Volume, result: VolumeResult, out_d
         path = atomic_write(out / f"{stem}_montage.png", lambda handle: handle.write(buffer.getvalue()))
         result.montage = path.name
         written.append(path)
-    text = result.csv_text()
-    written.append(atomic_write(out / f"{stem}_slices.csv", lambda handle: handle.write(text), "w"))
+    written.append(write_predictions_csv(out / f"{stem}_slices.csv", result.predictions, result.classes))
     data = json.dumps(result.to_dict(), indent=2)
     written.append(atomic_write(out / f"{stem}_volume.json", lambda handle: handle.write(data), "w"))
     return written

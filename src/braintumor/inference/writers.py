@@ -1,110 +1,143 @@
-"""Predictions written out as they are made: an interruption keeps every finished batch; bad files skipped or fatal."""
+"""Results written out: the one CSV writer (every CSV the tool writes), and predict's table/CSV/JSON on stdout.
+
+CSV files follow RFC 4180 through the csv module: fields holding a comma, a quote, ``\\r`` or ``\\n`` are quoted,
+rows end in ``\\r\\n``, so a file name with a line break stays one cell. Cells starting with ``=``, ``+``, ``-`` or
+``@`` are **not** neutralised: the CSVs are data for pandas and the csv module, and a path must read back as
+the same path (prefixing a quote would change it); open them in a spreadsheet with import-as-text. File names
+that are not valid UTF-8 are written with their original bytes (``surrogateescape``), so
+``os.fsencode(cell)`` gives the file's name back (pandas: ``encoding_errors="surrogateescape"``).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-import torch
-
-from braintumor.errors import UserError
-from braintumor.data.io import ImageReadError
-from braintumor.inference.classifier import Classifier, Prediction
-
+from braintumor.inference.results import Prediction, csv_columns, csv_row, json_safe
+from braintumor.trust.status import ATYPICAL, NOT_MRI, UNCERTAIN
+from braintumor.utils.atomic import atomic_write
 
 NOT_RECOGNISED = "not recognised as a brain MRI slice like the training data"
-# What the table shows instead of a class for a slice that should not get one (its probabilities stay).
-SHOWN_STATUS = {"out_of_distribution": "NOT RECOGNISED", "low_confidence": "uncertain"}
+# What the table's prediction column shows for a slice that gets no class (its probabilities stay).
+SHOWN_STATUS = {NOT_MRI: "NOT RECOGNISED", UNCERTAIN: "uncertain"}
+
+
+def csv_writer(out: IO[str]):
+    """The one CSV dialect: csv module defaults (QUOTE_MINIMAL, ``\\r\\n``)."""
+    return csv.writer(out)
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv_writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A CSV file written atomically (UTF-8; names that are not valid UTF-8 keep their bytes)."""
+    data = csv_text(header, rows).encode("utf-8", "surrogateescape")
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_predictions_csv(path: str | os.PathLike, predictions: Sequence[Prediction], classes: Sequence[str], *,
+                          volumes: bool = True, evaluation: bool = False) -> Path:
+    """Predictions as a CSV file with the schema's columns (docs/schema.md)."""
+    classes = list(classes)
+    return write_csv(path, csv_columns(classes, volumes=volumes, evaluation=evaluation),
+                     (csv_row(p, classes, volumes=volumes, evaluation=evaluation) for p in predictions))
 
 
 class PredictionWriter:
-    """Table, CSV or JSON rows written and flushed one prediction at a time (JSON: an array, closed by close()).
+    """``predict``'s stdout: a table, CSV or JSON, written as predictions are made.
 
-    An out-of-distribution or low-confidence slice shows no class in the table's prediction column, with a legend
-    at the end; CSV and JSON carry ``status``, ``out_of_distribution`` and ``ood_score`` for every slice."""
+    - table: one row per slice (a ``not_mri``/``uncertain`` slice shows no class) and one per volume (its verdict,
+      the key slice's probabilities); legends go to stderr.
+    - CSV: one header and one row per slice, volume slices included (``volume``, ``slice_index``); every row has
+      every column. Volume verdicts are not rows: the caller reports them on stderr.
+    - JSON: one array of slice objects and volume objects (:class:`VolumePrediction`), printed whole by
+      :meth:`close`, so stdout holds a complete document or, after an error, nothing.
+    """
 
-    def __init__(self, out: IO[str], classifier: Classifier, fmt: str = "table", width: int = 5):
-        self.out, self.classifier, self.fmt, self.width = out, classifier, fmt, max(5, width)
-        self.classes = list(classifier.classes)
+    def __init__(self, out: IO[str], classes: Sequence[str], fmt: str = "table", width: int = 5,
+                 err: IO[str] | None = None, min_confidence: float = 0.0):
+        if fmt not in ("table", "csv", "json"):
+            raise ValueError(f"unknown format {fmt!r}")
+        self.out, self.fmt, self.width, self.err = out, fmt, max(5, width), err
+        self.classes = list(classes)
+        self.min_confidence = min_confidence
         self.count = 0
         self.statuses: set[str] = set()
+        self._records: list[dict] = []
         if fmt == "csv":
-            self._csv = csv.writer(out)
-            self._csv.writerow(["source", "label", "confidence", *self.classes, "status", "ood_score",
-                                "out_of_distribution"])
+            self._csv = csv_writer(out)
+            self._csv.writerow(csv_columns(self.classes))
         elif fmt == "table":
-            out.write(f"{'image':<{self.width}}  {'prediction':<14} "
-                      + " ".join(f"{c[:10]:>10}" for c in self.classes) + f" {'ood_score':>9}\n")
-        elif fmt == "json":
-            out.write("[")
+            out.write(f"{'image':<{self.width}}  {'prediction':<14} " + " ".join(f"{c[:10]:>10}" for c in self.classes)
+                      + f" {'status':>9} {'not_mri':>8} {'atypical':>8}\n")
         out.flush()
 
+    def _table_row(self, source: str, shown: str, probabilities: dict, status: str, not_mri, atypical) -> None:
+        def score(value):
+            return "n/a" if value is None else f"{value:.2f}"
+
+        self.out.write(f"{source:<{self.width}}  {shown:<14} "
+                       + " ".join(f"{probabilities.get(c, float('nan')):>10.4f}" for c in self.classes)
+                       + f" {status:>9} {score(not_mri):>8} {score(atypical):>8}\n")
+
     def write(self, p: Prediction) -> None:
+        """One slice."""
         self.statuses.add(p.status)
         if self.fmt == "csv":
-            self._csv.writerow([p.source, p.label, f"{p.confidence:.6f}",
-                                *(f"{p.probabilities[c]:.6f}" for c in self.classes), p.status,
-                                "" if p.ood_score is None else f"{p.ood_score:.4f}",
-                                "" if p.out_of_distribution is None else str(p.out_of_distribution).lower()])
+            self._csv.writerow(csv_row(p, self.classes))
         elif self.fmt == "json":
-            text = json.dumps(p.to_dict(), indent=2).replace("\n", "\n  ")
-            self.out.write(("," if self.count else "") + "\n  " + text)
+            self._records.append(p.to_dict())
         else:
-            score = "n/a" if p.ood_score is None else f"{p.ood_score:.2f}"
-            self.out.write(f"{p.source:<{self.width}}  {SHOWN_STATUS.get(p.status, p.label):<14} "
-                           + " ".join(f"{p.probabilities[c]:>10.4f}" for c in self.classes) + f" {score:>9}\n")
+            self._table_row(p.source, p.shown_class or SHOWN_STATUS.get(p.status, "-"), p.probabilities, p.status,
+                            p.not_mri_score, p.atypical_score)
         self.count += 1
         self.out.flush()
 
-    def write_record(self, record: dict) -> None:
-        """Another JSON object in the array (e.g. a volume's verdict); only the JSON format has room for it."""
-        if self.fmt == "json":
-            text = json.dumps(record, indent=2).replace("\n", "\n  ")
-            self.out.write(("," if self.count else "") + "\n  " + text)
+    def write_volume(self, result) -> None:
+        """One volume (a VolumeResult): its slices (CSV), one object (JSON), or one verdict row (table)."""
+        summary = result.summary()
+        self.statuses.add(summary.status)
+        if self.fmt == "csv":
+            for p in summary.slices:
+                self._csv.writerow(csv_row(p, self.classes))
+                self.count += 1
+        elif self.fmt == "json":
+            self._records.append(summary.to_dict())
             self.count += 1
-            self.out.flush()
-
-    def close(self) -> None:
-        if self.fmt == "json":
-            self.out.write("\n]\n" if self.count else "]\n")
-        elif self.fmt == "table":
-            if "out_of_distribution" in self.statuses:
-                self.out.write(f"NOT RECOGNISED: {NOT_RECOGNISED} (ood_score above 1); its probabilities mean "
-                               "nothing\n")
-            if "low_confidence" in self.statuses:
-                self.out.write(f"uncertain: highest probability below --min-confidence "
-                               f"{self.classifier.min_confidence:g}\n")
-            if not self.classifier.has_ood:
-                self.out.write("note: this model has no out-of-distribution detector; run `braintumor calibrate` "
-                               "on it\n")
+        else:
+            shown = SHOWN_STATUS[NOT_MRI] if summary.verdict is None else summary.verdict
+            key = summary.slices[summary.key_slice] if summary.slices else None
+            self._table_row(summary.source, shown, summary.probabilities, summary.status,
+                            None if key is None else key.not_mri_score, None if key is None else key.atypical_score)
+            self.count += 1
         self.out.flush()
 
+    def legend(self, has_not_mri_tier: bool = True) -> list[str]:
+        """Human lines explaining the table (for stderr)."""
+        lines = []
+        if self.fmt != "table":
+            return lines
+        if NOT_MRI in self.statuses:
+            lines.append(f"NOT RECOGNISED (status not_mri): {NOT_RECOGNISED}; its probabilities mean nothing")
+        if UNCERTAIN in self.statuses:
+            lines.append(f"uncertain: highest probability below --min-confidence {self.min_confidence:g}")
+        if ATYPICAL in self.statuses:
+            lines.append("atypical: a brain MRI slice unlike the training data; its class is less reliable")
+        return lines
 
-def stream_predictions(classifier: Classifier, paths: list[Path], writer: PredictionWriter, *,
-                       batch_size: int = 32, skip_bad: bool = False) -> list[tuple[str, str]]:
-    """Predict ``paths`` in batches, writing each batch as soon as it is done; returns the skipped files. The
-    caller closes ``writer`` (more records may follow).
-
-    Without ``skip_bad`` the first unreadable file ends the run with a UserError naming it (what was written so
-    far stays written); with it, unreadable files are skipped and returned as (path, reason).
-    """
-    skipped: list[tuple[str, str]] = []
-    for start in range(0, len(paths), batch_size):
-        tensors, sources = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                tensors.append(classifier.preprocess(classifier.load(path)))
-                sources.append(str(path))
-            except ImageReadError as err:
-                if not skip_bad:
-                    done = f" after {writer.count} prediction(s)" if writer.count else ""
-                    raise UserError(f"{err}{done}; rerun with --skip-bad to skip unreadable files") from None
-                skipped.append((str(path), err.reason))
-        if tensors:
-            for prediction in classifier.predict_batch(torch.stack(tensors), sources):
-                writer.write(prediction)
-    if not writer.count:
-        raise UserError(f"none of the {len(paths)} file(s) could be read")
-    return skipped
+    def close(self) -> None:
+        """Finish the document (JSON: the whole array)."""
+        if self.fmt == "json":
+            self.out.write(json.dumps(json_safe(self._records), indent=2) + "\n")
+        self.out.flush()
