@@ -371,3 +371,114 @@ def test_a_real_process_prints_no_traceback(tmp_path):
                             text=True, env=env, timeout=600)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- data-side cases of issue 25: CSVs, truncated JPEGs, file names, audit and phantom messages -----------------
+
+
+def one_error_line(code: int, err: str, part: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and part in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("text, part", [
+    ('path,group\n"glioma/a.png,P1\nglioma/b.png,P2\n', "not a readable CSV: unexpected end of data"),
+    ("path,group\nglioma/a.png\n", "line 2: every row needs a path and a group"),
+])
+def test_a_broken_groups_csv_is_one_line(phantom_dir, tmp_path, capsys, text, part):
+    (tmp_path / "groups.csv").write_text(text)
+    code, _, err = run_cli(["audit", phantom_dir, "--groups", tmp_path / "groups.csv", "--out", tmp_path / "a"],
+                           capsys)
+    one_error_line(code, err, part)
+
+
+def test_a_groups_csv_naming_missing_files_is_refused_or_counted(phantom_dir, tmp_path, capsys):
+    """None of its paths exists: exit 2 (it belongs elsewhere). Some missing: a counted warning, then the audit."""
+    (tmp_path / "none.csv").write_text("path,group\nglioma/nowhere.png,P1\nglioma/gone.png,P2\n")
+    code, _, err = run_cli(["audit", phantom_dir, "--groups", tmp_path / "none.csv", "--out", tmp_path / "a"], capsys)
+    one_error_line(code, err, "none of its 2 paths exists")
+    existing = sorted((phantom_dir / "glioma").iterdir())[0].relative_to(phantom_dir)
+    (tmp_path / "some.csv").write_text(f"path,group\n{existing},P1\nglioma/gone.png,P2\n")
+    code, _, err = run_cli(["audit", phantom_dir, "--groups", tmp_path / "some.csv", "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "warning: 1 of 2 paths in groups file" in err and "'glioma/gone.png'" in err, err
+
+
+def truncated_jpeg(path: Path, side: int = 9400) -> Path:
+    """A JPEG whose header claims side x side pixels, cut to 1 KB and closed with an end-of-image marker (libjpeg
+    would pad the missing rows with grey)."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 100).save(buffer, "JPEG", quality=5)
+    path.write_bytes(buffer.getvalue()[:1000] + b"\xff\xd9")
+    return path
+
+
+def test_a_1kb_jpeg_claiming_9400_pixels_is_reported_as_truncated(tmp_path):
+    from braintumor.data.io import read_image
+
+    from braintumor.data.io import ImageReadError
+
+    bomb = truncated_jpeg(tmp_path / "claim.jpg")
+    for source in (bomb, bomb.read_bytes()):  # a file and an upload
+        with pytest.raises(ImageReadError, match=r"truncated image \(1002 bytes cannot hold the 9400x9400 pixels"):
+            read_image(source)
+    # Honest JPEGs far smaller per pixel than any real slice still read: flat grey, 4:2:0 colour, progressive.
+    for mode, options in (("L", {}), ("RGB", {"subsampling": 2}), ("L", {"progressive": True})):
+        buffer = io.BytesIO()
+        Image.new(mode, (2000, 1500), 0).save(buffer, "JPEG", quality=1, **options)
+        assert read_image(buffer.getvalue()).size == (2000, 1500)
+
+
+def test_file_names_that_are_not_utf8_do_not_crash_audit(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    Image.new("L", (32, 32), 50).save(folder / "a" / "x.png")
+    raw_name = os.fsencode(folder / "b") + b"/bad\xff.png"
+    Image.new("L", (32, 32), 90).save(raw_name, format="PNG")
+    for _ in range(2):  # the second run reads the hash cache
+        code, _, err = run_cli(["audit", folder, "--out", tmp_path / "audit", "--overwrite"], capsys)
+        assert code == 0, err
+    import json
+
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert os.fsdecode(raw_name) in report["paths"] if "paths" in report else report["n_images"] == 2
+    assert "bad\\udcff.png" in (tmp_path / "audit" / "audit.md").read_text()
+
+
+def test_fail_on_leak_names_the_audited_set_first(tmp_path, capsys):
+    from braintumor.synthetic.phantom import write_phantom_set
+
+    train = write_phantom_set(tmp_path / "Training", per_class=3, size=48, seed=1)
+    test = write_phantom_set(tmp_path / "Testing", per_class=2, size=48, seed=9)
+    leaked = sorted((train / "glioma").iterdir())[0]
+    (test / "glioma" / "copied.png").write_bytes(leaked.read_bytes())
+    code, _, err = run_cli(["audit", test, "--against", train, "--fail-on-leak", "--threshold", "0",
+                            "--out", tmp_path / "audit"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert f"1 image(s) of {test} duplicate images of {train} (1 of {train} duplicate images of {test})" in lines[0]
+
+
+def test_make_phantoms_leaves_nothing_behind_when_a_write_fails(tmp_path, capsys, monkeypatch):
+    from braintumor.synthetic import phantom
+
+    written = []
+    real = phantom.atomic_write
+
+    def fail_third(path, write, mode="wb"):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real(path, write, mode)
+
+    monkeypatch.setattr(phantom, "atomic_write", fail_third)
+    code, _, err = run_cli(["make-phantoms", tmp_path / "new" / "ph", "--per-class", "2", "--size", "32"], capsys)
+    one_error_line(code, err, "No space left on device")
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "kept"  # a folder that was there keeps what it held
+    (existing / "glioma").mkdir(parents=True)
+    (existing / "glioma" / "mine.txt").write_text("x")
+    written.clear()
+    code, _, err = run_cli(["make-phantoms", existing, "--per-class", "2", "--size", "32"], capsys)
+    assert code == 2 and files_under(existing) == {"glioma/mine.txt"}, err
+    assert sorted(p.name for p in existing.iterdir()) == ["glioma"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -171,8 +172,23 @@ def note_cpu_only(backend: str, device: str) -> None:
               file=sys.stderr)
 
 
-def _suffix_backend(checkpoint: str, backend: str) -> str:
-    return "onnx" if str(checkpoint).lower().endswith(".onnx") else backend
+def _model_backend(checkpoint: str, backend: str) -> str:
+    """The runtime a model file runs on, from its content (models/formats), for the CPU-only note."""
+    from braintumor.models.formats import ONNX, model_format
+    from braintumor.models.checkpoint import resolve_checkpoint
+
+    try:
+        return "onnx" if model_format(resolve_checkpoint(checkpoint)) == ONNX else backend
+    except (UserError, OSError):
+        return backend  # loading the model reports the problem
+
+
+def _progress(total: int, quiet: bool, unit: str):
+    """A tqdm bar on stderr (shown on a terminal only, never with -q)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=True if quiet else None, leave=False,
+                dynamic_ncols=True)
 
 
 def cmd_evaluate(args) -> int:
@@ -180,15 +196,20 @@ def cmd_evaluate(args) -> int:
     from braintumor.utils.outputs import prepare_output_dir
     from braintumor.evaluation.report import format_table
 
-    note_cpu_only(_suffix_backend(args.checkpoint, args.backend), args.device)
+    note_cpu_only(_model_backend(args.checkpoint, args.backend), args.device)
     out = prepare_output_dir(args.out, "evaluation", overwrite=args.overwrite)
     report = evaluate_checkpoint(args.checkpoint, args.data, out, device=args.device,
                                  batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
                                  skip_bad=args.skip_bad, workers=args.workers, tta=args.tta, groups=args.groups,
-                                 backend=args.backend)
+                                 backend=args.backend, min_confidence=args.min_confidence,
+                                 progress=not getattr(args, "quiet", False))
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
+    trust = report["metrics"].get("trust", {})
+    for status, accuracy in trust.get("accuracy_by_status", {}).items():
+        count = trust["statuses"].get(status, 0)
+        print(f"{status}: {count} slice(s)" + ("" if accuracy is None else f", accuracy {accuracy:.2%}"))
     print(f"per-image results: {out / 'predictions.csv'}")
     print(f"report: {out / 'report.md'}")
     return 0
@@ -200,52 +221,64 @@ def _volume_rule(args):
     return VerdictRule(threshold=args.slice_threshold, min_slices=args.min_slices)
 
 
+def _model_note(classifier) -> str | None:
+    """What the model lacks for the full status (no trust tiers, no not-MRI tier), or None."""
+    missing = getattr(classifier.runtime, "missing", None)
+    if missing is None and not classifier.has_ood:
+        missing = "no trust tiers fitted: refit with braintumor calibrate"
+    return missing
+
+
 def cmd_predict(args) -> int:
+    from braintumor.data.pixels import ImageReadError
     from braintumor.inference.classifier import Classifier
-    from braintumor.inference.writers import PredictionWriter, stream_predictions
-    from braintumor.inference.volume_verdict import classify_volume
-    from braintumor.data.volumes import partition_inputs, read_volume
+    from braintumor.inference.service import VolumeResult, discover_inputs, predict_paths
+    from braintumor.inference.writers import PredictionWriter
 
     rule = _volume_rule(args)
+    found = discover_inputs(args.paths)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
                                             tta=args.tta)
     classifier.min_confidence = args.min_confidence
     note_cpu_only(classifier.backend, args.device)
-    image_paths, volume_paths = partition_inputs(args.paths)
     fmt = "json" if args.json else "csv" if args.csv else "table"
-    writer = PredictionWriter(sys.stdout, classifier, fmt, width=max(len(str(p)) for p in image_paths or ["image"]))
-    skipped = []
-    if image_paths:  # slices stream out as they are made
-        skipped = stream_predictions(classifier, image_paths, writer, batch_size=args.batch_size,
-                                     skip_bad=args.skip_bad)
+    width = max(len(str(p)) for p in [*found.images, *found.volumes] or ["image"])
+    writer = PredictionWriter(sys.stdout, classifier.classes, fmt, width=width, min_confidence=args.min_confidence)
+    skipped: list[tuple[str, str]] = []
     volumes = []
-    for path in volume_paths:
-        log.debug("reading volume %s", path)
-        volume = classify_volume(classifier, read_volume(path), rule, batch_size=args.batch_size)
-        volumes.append(volume)
-        if fmt == "json":
-            writer.write_record(volume.to_dict())
-        elif fmt == "csv":
-            for prediction in volume.slice_predictions():
-                writer.write(prediction)
-            log.info("%s: volume verdict %s (%s)", volume.source, volume.verdict, volume.evidence)
+    total = len(found.images) + len(found.volumes)
+    with _progress(total, getattr(args, "quiet", False) or total < 2, "file") as bar:
+        try:
+            for result in predict_paths(classifier, found, rule=rule, batch_size=args.batch_size,
+                                        skip_bad=args.skip_bad, on_skip=lambda s, r: skipped.append((s, r)),
+                                        progress=bar.update):
+                if isinstance(result, VolumeResult):
+                    writer.write_volume(result)
+                    volumes.append(result)
+                else:
+                    writer.write(result)
+        except ImageReadError as err:
+            done = f" after {writer.count} prediction(s)" if writer.count else ""
+            raise UserError(f"{err}{done}; rerun with --skip-bad to skip unreadable files") from None
+    if not writer.count:
+        raise UserError(f"none of the {total} file(s) could be read")
     writer.close()
-    if fmt == "table":
-        for v in volumes:
-            print(f"{v.source}: volume verdict {v.verdict} ({v.evidence}; {len(v.probabilities)} axial slices)")
-        if volumes:
-            print(f"volume rule: {volumes[0].rule}. Per-slice results: --csv or --json; montage: braintumor explain")
+    lines = writer.legend()
+    for v in volumes:
+        if fmt != "json":  # JSON carries the verdict in the volume's object
+            lines.append(f"{v.source}: volume verdict {v.verdict or 'NOT RECOGNISED'} (status {v.status}; "
+                         f"{v.evidence}; {len(v.probabilities)} axial slices)")
+    if volumes and fmt == "table":
+        lines.append(f"volume rule: {volumes[0].rule}. Per-slice results: --csv or --json; montage: braintumor explain")
+    note = _model_note(classifier)
+    if note:
+        lines.append(f"note: this model has {note}" if note.startswith("no ") else f"note: {note}")
     if skipped:
-        print(one_line(f"skipped {len(skipped)} unreadable file(s): "
-                       + "; ".join(f"{path} ({reason})" for path, reason in skipped)), file=sys.stderr)
+        lines.append(f"skipped {len(skipped)} unreadable file(s): "
+                     + "; ".join(f"{path} ({reason})" for path, reason in skipped))
+    for line in lines:
+        print(one_line(line), file=sys.stderr)
     return 0
-
-
-def _print_table(predictions: list, classes: list[str]) -> None:
-    width = max(len(p.source) for p in predictions)
-    print(f"{'image':<{width}}  {'prediction':<12} " + " ".join(f"{c[:10]:>10}" for c in classes))
-    for p in predictions:
-        print(f"{p.source:<{width}}  {p.label:<12} " + " ".join(f"{p.probabilities[c]:>10.4f}" for c in classes))
 
 
 def cmd_make_phantoms(args) -> int:
@@ -286,8 +319,10 @@ def cmd_audit(args) -> int:
     print(" ".join(f"{key.replace('_', ' ')}: {value}" for key, value in summary.items()))
     print(f"report: {md_path}")
     if args.fail_on_leak and summary.get("leaked_images", 0) > 0:
-        print(f"error: {summary['leaked_images']} image(s) of {args.against} duplicate training images",
-              file=sys.stderr)
+        # The audited set (DATA) first, as in the headline: its images that duplicate one of OTHER_DATA.
+        print(f"error: leak: {summary['duplicating_against']} image(s) of {args.data} duplicate images of "
+              f"{args.against} ({summary['leaked_images']} of {args.against} duplicate images of {args.data}); "
+              f"see {md_path}", file=sys.stderr)
         return 1
     return 0
 
@@ -305,19 +340,26 @@ def cmd_explain(args) -> int:
     from braintumor.visualize.explain import write_explanations
     from braintumor.utils.outputs import prepare_output_dir
     from braintumor.inference.classifier import Classifier
-    from braintumor.inference.volume_verdict import classify_volume, write_volume_outputs
-    from braintumor.data.volumes import partition_inputs, read_volume
+    from braintumor.inference.service import discover_inputs, predict_volume
+    from braintumor.inference.volume_verdict import write_volume_outputs
+    from braintumor.data.volumes import read_volume
 
     rule = _volume_rule(args)
+    found = discover_inputs(args.images)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
+    if classifier.model is None:  # checked before anything else is said or written: one line
+        raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not a "
+                        f"{classifier.backend} export")
     note_cpu_only(classifier.backend, args.device)
-    image_paths, volume_paths = partition_inputs(args.images)
     out = prepare_output_dir(args.out, "gradcam", overwrite=args.overwrite)
-    written = write_explanations(classifier, image_paths, out, target=args.target) if image_paths else []
-    for path in volume_paths:
+    options = {"method": args.method} if args.method else {}
+    written = write_explanations(classifier, found.images, out, target=args.target, **options) \
+        if found.images else []
+    for path in found.volumes:
         volume = read_volume(path)
-        result = classify_volume(classifier, volume, rule)
-        log.info("%s: volume verdict %s (%s)", result.source, result.verdict, result.evidence)
+        result = predict_volume(classifier, volume, rule)
+        print(one_line(f"{result.source}: volume verdict {result.verdict or 'NOT RECOGNISED'} (status "
+                       f"{result.status}; {result.evidence})"), file=sys.stderr)
         written.extend(write_volume_outputs(classifier, volume, result, out))
     for path in written:
         print(path)
@@ -343,7 +385,7 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from braintumor.serve import run_server
 
-    note_cpu_only(_suffix_backend(args.checkpoint, args.backend), args.device)
+    note_cpu_only(_model_backend(args.checkpoint, args.backend), args.device)
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
                max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta,
                min_confidence=args.min_confidence)
@@ -408,6 +450,8 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", metavar="FILE.csv", help=GROUPS_HELP + "; with --exclude-duplicates-of, a group "
                    "seen in training is not leak-free")
     p.add_argument("--backend", default="torch", help="torch or onnx (no Grad-CAM in the gallery)")
+    p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                   help="status uncertain below this probability (reported apart in the metrics)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -427,7 +471,7 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable files (listed on stderr at the end) instead of stopping at the first")
     p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
-                   help="abstain (status low_confidence, no class in the table) below this probability")
+                   help="abstain (status uncertain, no class in the table) below this probability")
     p.set_defaults(func=cmd_predict)
 
 
@@ -435,6 +479,8 @@ def _explain_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="PATH", help="images, folders or volumes, as for predict")
     p.add_argument("--class", dest="target", help="class to explain (default: the predicted class)")
+    p.add_argument("--method", default=None, help="explanation method, e.g. gradcam, occlusion or "
+                   "integrated-gradients (default: gradcam; a wrong name lists them all)")
     _out_flags(p, "gradcam")
     _volume_flags(p)
     _compute_flags(p)
@@ -456,7 +502,8 @@ def _audit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", metavar="OTHER_DATA",
                    help="a second folder (e.g. the test set) to check for leaks (default: none)")
     _out_flags(p, "audit")
-    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when OTHER_DATA duplicates DATA")
+    p.add_argument("--fail-on-leak", action="store_true",
+                   help="exit 1 when DATA and OTHER_DATA share images (exact or near duplicates)")
     p.add_argument("--threshold", type=bounded(int, 0, 64), default=DEFAULT_THRESHOLD,
                    help="near duplicates: at most this many of the 256 perceptual-hash bits differ "
                         "(0: identical hashes only)")
@@ -479,7 +526,9 @@ def _make_phantoms_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write")
     p.add_argument("--per-class", type=bounded(int, 1, 100_000), default=None,
                    help="slices or volumes per class (default: 100 slices, 1 volume)")
-    p.add_argument("--size", type=bounded(int, 8, 4096), default=128, help="image side in pixels")
+    from braintumor.synthetic.phantom import MAX_SIZE, MIN_SIZE
+
+    p.add_argument("--size", type=bounded(int, MIN_SIZE, MAX_SIZE), default=128, help="image side in pixels")
     p.add_argument("--volumes", action="store_true",
                    help="write phantom volumes: NIfTI (.nii.gz), a DICOM series folder and a multi-frame DICOM each")
     p.add_argument("--slices", type=bounded(int, 1, 1024), default=24, help="axial slices per phantom volume")
@@ -549,13 +598,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 class _TqdmHandler(logging.Handler):
     """Log lines through tqdm.write, so they land above any progress bar: information (the run's progress) on
-    stdout, warnings and errors on stderr, which a failing command keeps to its one error line."""
+    stdout, warnings and errors on stderr, which a failing command keeps to its one error line. Commands whose
+    stdout is data (DATA_COMMANDS) send information to stderr too."""
+
+    info_to_stderr = False
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
         try:
-            tqdm.write(self.format(record), file=sys.stdout if record.levelno < logging.WARNING else sys.stderr)
+            to_stdout = record.levelno < logging.WARNING and not self.info_to_stderr
+            tqdm.write(self.format(record), file=sys.stdout if to_stdout else sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -572,14 +625,43 @@ def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     logger.propagate = False
 
 
+# Commands whose stdout is their result (a table, CSV, JSON, written paths): every other line goes to stderr.
+DATA_COMMANDS = ("predict", "explain", "evaluate")
+
+
+def _keep_file_names() -> None:
+    """File names that are not valid UTF-8 reach stdout/stderr as their own bytes instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="surrogateescape" if stream is sys.stdout else "backslashreplace")
+        except (AttributeError, ValueError):  # not a TextIOWrapper (tests capture output)
+            pass
+
+
+def _closed_pipe() -> int:
+    """stdout's reader went away (``| head``): stop quietly, like other Unix tools (exit 141 is SIGPIPE's)."""
+    try:  # later writes (and the interpreter's final flush) must not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for user errors, 130 when interrupted)."""
+    """Entry point; returns the exit code (2 for user errors, 130 when interrupted, 141 for a closed pipe)."""
     args = build_parser().parse_args(argv)
     configure_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    _TqdmHandler.info_to_stderr = args.command in DATA_COMMANDS
+    _keep_file_names()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()
+            return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except UserError as err:
         print(one_line(f"error: {err}"), file=sys.stderr)
         return err.exit_code

@@ -139,8 +139,10 @@ def _group_report(data: dict, other: dict | None, groups_csv) -> dict | None:
     """Patient/series groups (CSV or per-patient sub-folders) and those found in both sets."""
     from braintumor.data.groups import find_groups
 
-    mine, source = find_groups(data["paths"], data["root"], groups_csv)
-    theirs, other_source = find_groups(other["paths"], other["root"], groups_csv) if other else ([], "")
+    # A CSV may list both sets: a path is missing only when it is under neither (checked, and warned, once).
+    mine, source = find_groups(data["paths"], data["root"], groups_csv,
+                               roots=[data["root"]] + ([other["root"]] if other else []))
+    theirs, other_source = find_groups(other["paths"], other["root"], groups_csv, roots=[]) if other else ([], "")
     if not source and not other_source:
         return None
     mine_counts, their_counts = Counter(g for g in mine if g is not None), Counter(g for g in theirs if g is not None)
@@ -274,7 +276,10 @@ def write_audit(report: dict, out_dir) -> tuple[Path, Path]:
     except OSError as error:
         raise UserError(f"cannot create output folder {out_dir}: {error.strerror}") from None
     json_path, md_path = out_dir / "audit.json", out_dir / "audit.md"
-    json_text, md_text = json.dumps(report, indent=1) + "\n", _markdown(report).rstrip("\n") + "\n"
+    # File names that are not valid UTF-8 (held with surrogate escapes): JSON escapes them (\udcXX, which reads
+    # back to the same name), the Markdown shows their bytes as \xXX.
+    json_text = json.dumps(report, indent=1) + "\n"
+    md_bytes = (_markdown(report).rstrip("\n") + "\n").encode("utf-8", "backslashreplace")
     atomic_write(json_path, lambda handle: handle.write(json_text), "w")
-    atomic_write(md_path, lambda handle: handle.write(md_text), "w")
+    atomic_write(md_path, lambda handle: handle.write(md_bytes), "wb")
     return json_path, md_path

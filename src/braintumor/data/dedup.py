@@ -141,6 +141,17 @@ def _memory_cache(path: Path, error: Exception) -> sqlite3.Connection:
     return db
 
 
+def _db_key(name: str) -> str | bytes:
+    """The cache key of an absolute path: the path itself, or its bytes (a BLOB, which never equals a TEXT key)
+    when the file system name is not valid UTF-8 (Python holds such names with surrogate escapes, which SQLite
+    refuses)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape")
+    return name
+
+
 def hash_files(paths, *, cache_dir=None, progress: bool = False,
                 compute: Callable[[str], dict] | None = None) -> tuple[list[dict], dict]:
     """Per-file records (``exact``, ``phash``, size, mode, or ``error``) in input order, and cache stats.
@@ -161,11 +172,13 @@ def hash_files(paths, *, cache_dir=None, progress: bool = False,
     db, cache_path = _open_cache(cache_dir)
     try:
         names = list(keys)
+        name_of = {_db_key(name): name for name in names}
         try:
             for start in range(0, len(names), 500):
-                chunk = names[start:start + 500]
+                chunk = [_db_key(name) for name in names[start:start + 500]]
                 rows = db.execute(f"SELECT * FROM records WHERE path IN ({','.join('?' * len(chunk))})", chunk)
-                records.update({p: json.loads(r) for p, size, mtime, r in rows if keys[p] == (size, mtime)})
+                records.update({name_of[p]: json.loads(r) for p, size, mtime, r in rows
+                                if p in name_of and keys[name_of[p]] == (size, mtime)})
         except sqlite3.Error as error:  # e.g. locked by another audit for longer than we wait
             db.close()
             db = _memory_cache(cache_path, error)
@@ -180,7 +193,7 @@ def hash_files(paths, *, cache_dir=None, progress: bool = False,
                 records[name] = record
                 try:
                     db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
-                               (name, *keys[name], json.dumps(record)))
+                               (_db_key(name), *keys[name], json.dumps(record)))
                     if done % 1000 == 0:  # an interrupted run keeps what it hashed
                         db.commit()
                 except sqlite3.Error as error:

@@ -201,6 +201,8 @@ def _read_pil(file: Path | io.BytesIO, label: str) -> Image.Image:
             raise ImageReadError(label, f"unsupported image format {image.format or 'unknown'}; supported: "
                                         "JPEG, PNG, BMP, TIFF and DICOM")
         check_pixel_limit(image.width, image.height, label)
+        if image.format in ("JPEG", "MPO"):
+            _check_jpeg_data_size(image, _byte_length(file), label)
         factor = shrink_factor(image.width, image.height)
         if factor > 1 and image.format in ("JPEG", "MPO"):
             # DCT scaling: the decoder itself produces a 1/2, 1/4 or 1/8 size image, never the full one.
@@ -208,6 +210,29 @@ def _read_pil(file: Path | io.BytesIO, label: str) -> Image.Image:
         check_byte_budget(image.width, image.height, image.mode, label)
         image = _load_pil(image, label)
         return _pil_to_rgb(image, label)
+
+
+def _byte_length(file: Path | io.BytesIO) -> int:
+    return file.stat().st_size if isinstance(file, Path) else file.getbuffer().nbytes
+
+
+def _check_jpeg_data_size(image: Image.Image, size: int, label: str) -> None:
+    """Refuse a JPEG whose file is far too small for the pixels its header claims (a truncated file that still
+    ends in an end-of-image marker, which libjpeg pads with grey instead of failing).
+
+    Every 8x8 block of every component costs at least one bit with Huffman coding (its DC code; progressive DC
+    scans too), so ``blocks / 8`` bytes is a hard floor. Arithmetic-coded JPEGs can go below it on flat
+    content; the floor used is therefore eight times lower (one bit per 64 blocks), which a real slice never
+    approaches and a header claiming 9400x9400 pixels over 1 KB of data fails by a factor of twenty.
+    """
+    layers = getattr(image, "layer", None) or [(0, 1, 1, 0)]
+    h_max = max(h for _, h, _, _ in layers) or 1
+    v_max = max(v for _, _, v, _ in layers) or 1
+    blocks = sum(-(-image.width * max(h, 1) // (8 * h_max)) * -(-image.height * max(v, 1) // (8 * v_max))
+                 for _, h, v, _ in layers)
+    if size * 8 * 64 < blocks:
+        raise ImageReadError(label, f"truncated image ({size} bytes cannot hold the {image.width}x{image.height} "
+                                    "pixels its header claims)")
 
 
 def _load_pil(image: Image.Image, label: str) -> Image.Image:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,10 +30,11 @@ import numpy as np
 from PIL import Image
 
 from braintumor.errors import UserError
+from braintumor.utils.atomic import atomic_write
 
 PHANTOM_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
-_MIN_SIZE, _MAX_SIZE = 32, 2048
+MIN_SIZE, MAX_SIZE = 32, 2048
 # Tissue intensities before contrast and gamma (T1 with contrast: fat and enhancing lesions bright, CSF dark).
 _WHITE_MATTER, _GREY_MATTER, _CSF = 0.62, 0.42, 0.07
 _FLOAT = np.float32  # halves the time of every full-image operation; 8-bit output needs no more
@@ -95,8 +98,8 @@ def _check_whole(value, what: str) -> int:
 
 def _check_size(size) -> int:
     size = _check_whole(size, "phantom size")
-    if not _MIN_SIZE <= size <= _MAX_SIZE:
-        raise UserError(f"phantom size must be between {_MIN_SIZE} and {_MAX_SIZE} pixels, got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserError(f"phantom size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
     return size
 
 
@@ -392,12 +395,47 @@ def write_phantom_set(out_dir: str | os.PathLike, per_class: int, size: int = 12
     class_indices = [check_label(name) for name in classes]
     out_dir = Path(out_dir)
     try:
-        for name, class_index in zip(classes, class_indices):
-            class_dir = out_dir / name
-            class_dir.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, i]))
-                Image.fromarray(make_phantom(name, size, rng)).save(class_dir / f"{name}_{i:04d}.png")
+        with removed_on_failure(out_dir):
+            for name, class_index in zip(classes, class_indices):
+                class_dir = out_dir / name
+                class_dir.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    rng = np.random.default_rng(np.random.SeedSequence([seed, class_index, i]))
+                    image = Image.fromarray(make_phantom(name, size, rng))
+                    atomic_write(class_dir / f"{name}_{i:04d}.png", lambda handle: image.save(handle, "PNG"))
     except OSError as exc:
         raise UserError(f"cannot write phantoms to {out_dir}: {exc.strerror or exc}") from None
     return out_dir
+
+
+@contextmanager
+def removed_on_failure(out_dir: str | os.PathLike) -> Iterator[None]:
+    """On any failure inside, remove what the block created under ``out_dir`` (files, then folders, then
+    ``out_dir`` and the parents it needed), so a failed writer leaves no empty class folder or partial set;
+    files and folders that were there before are kept."""
+    out_dir = Path(out_dir)
+    first_new = out_dir
+    while not first_new.parent.exists() and first_new.parent != first_new:
+        first_new = first_new.parent
+    before = set(out_dir.rglob("*")) if out_dir.is_dir() else set()
+    existed = out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        created = [p for p in (out_dir.rglob("*") if out_dir.is_dir() else []) if p not in before]
+        for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            try:
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError:
+                pass  # best effort: the original error is what the user needs to see
+        if not existed:
+            folder = out_dir
+            while True:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == first_new:
+                    break
+                folder = folder.parent
+        raise

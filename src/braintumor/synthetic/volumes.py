@@ -23,7 +23,7 @@ from PIL import Image
 
 from braintumor.errors import UserError
 from braintumor.utils.optional import require
-from braintumor.synthetic.phantom import PHANTOM_CLASSES, check_label, make_phantom
+from braintumor.synthetic.phantom import PHANTOM_CLASSES, check_label, make_phantom, removed_on_failure
 
 LESION_SLICES = 1 / 3  # the middle third of the slices shows the lesion
 
@@ -159,16 +159,18 @@ def write_phantom_volumes(out_dir: str | os.PathLike, per_class: int = 1, size: 
     """Per class and index: ``<class>_<i>.nii.gz``, ``<class>_<i>_series/`` and ``<class>_<i>_multiframe.dcm``."""
     out = Path(out_dir)
     written = []
+    for name in classes:
+        check_label(name)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for class_index, name in enumerate(classes):
-            check_label(name)
-            for i in range(per_class):
-                volume, _ = make_phantom_volume(name, size, slices, seed=seed * 1_000 + class_index * 100 + i)
-                stem = f"{name}_{i:03d}"
-                written.append(write_nifti(out / f"{stem}.nii.gz", volume))
-                written.append(write_dicom_series(out / f"{stem}_series", volume, seed=i))
-                written.append(write_multiframe_dicom(out / f"{stem}_multiframe.dcm", volume))
+        with removed_on_failure(out):
+            out.mkdir(parents=True, exist_ok=True)
+            for class_index, name in enumerate(classes):
+                for i in range(per_class):
+                    volume, _ = make_phantom_volume(name, size, slices, seed=seed * 1_000 + class_index * 100 + i)
+                    stem = f"{name}_{i:03d}"
+                    written.append(write_nifti(out / f"{stem}.nii.gz", volume))
+                    written.append(write_dicom_series(out / f"{stem}_series", volume, seed=i))
+                    written.append(write_multiframe_dicom(out / f"{stem}_multiframe.dcm", volume))
     except OSError as exc:
         raise UserError(f"cannot write phantom volumes to {out}: {exc.strerror or exc}") from None
     return written
