@@ -98,7 +98,8 @@ def test_health_model_docs_and_page(client, classifier):
     assert model["classes"] == list(PHANTOM_CLASSES)
     assert model["arch"] == "resnet18" and model["fingerprint"] == classifier.fingerprint
     assert "Research use only" in model["note"]
-    assert model["limits"] == {"max_file_bytes": 200_000, "max_files": 4}
+    assert model["limits"]["max_file_bytes"] == 200_000 and model["limits"]["max_files"] == 4
+    assert set(model["explain_methods"]) >= {"gradcam"} and model["default_explain_method"] in model["explain_methods"]
 
     schema = client.get("/openapi.json")
     assert schema.status_code == 200
@@ -135,8 +136,8 @@ def test_predict_matches_classifier(client, classifier, name, make):
     assert payload["model"]["fingerprint"] == classifier.fingerprint
     [result] = payload["results"]
     expected = classifier.predict(data)
-    assert result["filename"] == name
-    assert result["label"] == expected.label
+    assert result["source"] == name
+    assert result["predicted_class"] == expected.predicted_class
     assert list(result["probabilities"]) == list(PHANTOM_CLASSES)
     np.testing.assert_allclose([result["probabilities"][c] for c in PHANTOM_CLASSES],
                                [expected.probabilities[c] for c in PHANTOM_CLASSES], atol=1e-5)
@@ -144,7 +145,10 @@ def test_predict_matches_classifier(client, classifier, name, make):
     assert (result["width"], result["height"]) == (64, 64)
     preview = decode_png(result["preview_png_base64"])
     assert preview.size == (64, 64)
-    assert "gradcam_png_base64" not in result
+    assert result["explanation"] is None and result["volume_prediction"] is None
+    assert result["status"] in ("ok", "atypical", "not_mri", "uncertain")
+    assert set(result) >= {"source", "predicted_class", "confidence", "probabilities", "status", "not_mri_score",
+                           "atypical_score", "volume", "slice_index"}
 
 
 def test_preview_is_small_and_keeps_aspect(client):
@@ -158,26 +162,28 @@ def test_multiple_files_in_one_request(client, classifier):
     items = [(f"{label}.png", png_bytes(label, seed=i)) for i, label in enumerate(PHANTOM_CLASSES[:3])]
     items.append(("slice.dcm", dicom_bytes()))
     results = client.post("/api/predict", files=upload(*items)).json()["results"]
-    assert [r["filename"] for r in results] == [name for name, _ in items]
+    assert [r["source"] for r in results] == [name for name, _ in items]
     for result, (_, data) in zip(results, items):
         expected = classifier.predict(data)
-        assert result["label"] == expected.label
+        assert result["predicted_class"] == expected.predicted_class
         assert result["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
-        assert "preview_png_base64" not in result
+        assert result["preview_png_base64"] is None
 
 
 def test_explain_returns_decodable_overlay(client):
     response = client.post("/api/predict?explain=1", files=upload(("a.png", png_bytes()), ("b.dcm", dicom_bytes())))
     assert response.status_code == 200, response.text
     for result in response.json()["results"]:
-        assert result["gradcam_target"] == result["label"]
-        overlay = decode_png(result["gradcam_png_base64"])
+        assert result["explanation"]["target"] == result["predicted_class"]
+        overlay = decode_png(result["explanation"]["overlay_png_base64"])
         assert overlay.mode == "RGB" and min(overlay.size) >= 16
 
     chosen = client.post("/api/predict?explain=1&target=notumor", files=upload(("a.png", png_bytes())))
-    assert chosen.json()["results"][0]["gradcam_target"] == "notumor"
+    assert chosen.json()["results"][0]["explanation"]["target"] == "notumor"
     unknown = client.post("/api/predict?explain=1&target=edema", files=upload(("a.png", png_bytes())))
     assert unknown.status_code == 422 and "edema" in unknown.json()["detail"]
+    bad_method = client.post("/api/predict?explain=1&method=astrology", files=upload(("a.png", png_bytes())))
+    assert bad_method.status_code == 422 and "astrology" in bad_method.json()["detail"]
 
 
 def test_file_too_large_and_too_many_files(client):
@@ -291,11 +297,11 @@ def test_concurrent_requests_match_sequential_answers(tiny_checkpoint):
         with ThreadPoolExecutor(8) as pool:
             concurrent = list(pool.map(ask, range(len(items))))
     for seq, con in zip(sequential, concurrent):
-        assert con["filename"] == seq["filename"] and con["label"] == seq["label"]
+        assert con["source"] == seq["source"] and con["predicted_class"] == seq["predicted_class"]
         assert con["probabilities"] == pytest.approx(seq["probabilities"], abs=1e-6)
-        if "gradcam_png_base64" in seq:
-            a = np.asarray(decode_png(seq["gradcam_png_base64"]), dtype=float)
-            b = np.asarray(decode_png(con["gradcam_png_base64"]), dtype=float)
+        if seq["explanation"] is not None:
+            a = np.asarray(decode_png(seq["explanation"]["overlay_png_base64"]), dtype=float)
+            b = np.asarray(decode_png(con["explanation"]["overlay_png_base64"]), dtype=float)
             assert np.abs(a - b).max() <= 2  # same heat map (PNG of the same overlay, up to float noise)
 
 
@@ -374,53 +380,222 @@ def test_load_benchmark_runs_in_small_mode(tiny_checkpoint):
     assert "errors: 0" in result.stdout and "p95" in result.stdout and "cores" in result.stdout
 
 
-@pytest.mark.slow
-def test_api_flags_out_of_distribution_and_low_confidence(trusted_checkpoint):
+def flagging_classifier(checkpoint) -> Classifier:
+    """A tiny classifier whose trust scores are set by the picture: colour images score not_mri 5.0 (flagged),
+    grayscale ones with a bright top-left corner atypical 3.0, everything else 0.2 on both tiers. The scores
+    enter through the runtime seam the service reads (``infer`` -> logits, scores (B, 2)), so status, batching
+    and calibration are the service's own."""
+    import torch
+
+    classifier = Classifier.from_checkpoint(checkpoint)
+    real_infer = classifier.infer
+
+    mean = torch.tensor(classifier.mean).view(1, 3, 1, 1)
+    std = torch.tensor(classifier.std).view(1, 3, 1, 1)
+
+    def infer(batch):
+        logits, _ = real_infer(batch)
+        pixels = batch * std + mean  # back to 0..1 RGB
+        colour = (pixels[:, 0] - pixels[:, 1]).abs().mean(dim=(1, 2)) + (pixels[:, 1] - pixels[:, 2]).abs().mean(dim=(1, 2))
+        corner = pixels[:, :, :4, :4].mean(dim=(1, 2, 3))
+        not_mri = torch.where(colour > 0.02, 5.0, 0.2)
+        atypical = torch.where(corner > 0.8, 3.0, 0.2)
+        return logits, torch.stack([not_mri, atypical], dim=1).numpy()
+
+    classifier.infer = infer
+    classifier.trust_tiers = ("not_mri", "atypical")
+    return classifier
+
+
+def marked_phantom_png(label="glioma", seed=5, size=64) -> bytes:
+    """A phantom slice with a bright top-left corner: atypical to :func:`flagging_classifier`."""
+    pixels = make_phantom(label, size, seed).copy()
+    pixels[:size // 8, :size // 8] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def photo_jpeg() -> bytes:
     from sklearn.datasets import load_sample_image
 
-    classifier = Classifier.from_checkpoint(trusted_checkpoint)
-    photo, slice_png = io.BytesIO(), io.BytesIO()
+    photo = io.BytesIO()
     Image.fromarray(load_sample_image("flower.jpg")).save(photo, format="JPEG")
-    Image.fromarray(make_phantom("glioma", 64, 5)).save(slice_png, format="PNG")
+    return photo.getvalue()
+
+
+def test_api_statuses_are_the_services(tiny_checkpoint):
+    classifier = flagging_classifier(tiny_checkpoint)
+    items = [("flower.jpg", photo_jpeg()), ("slice.png", png_bytes()), ("odd.png", marked_phantom_png())]
+    with TestClient(create_app(classifier)) as test_client:
+        flower, phantom, odd = test_client.post("/api/predict", files=upload(*items)).json()["results"]
+        assert flower["status"] == "not_mri" and flower["not_mri_score"] > 1 and len(flower["probabilities"]) == 4
+        assert phantom["status"] == "ok" and odd["status"] == "atypical" and odd["atypical_score"] > 1
+        for result, (_, data) in zip((flower, phantom, odd), items):
+            assert result["status"] == classifier.predict(data).status
+        classifier.min_confidence = 0.99  # what serve --min-confidence 0.99 sets
+        phantom = test_client.post("/api/predict", files=upload(items[1])).json()["results"][0]
+        assert phantom["status"] == "uncertain"
+
+
+@pytest.mark.slow
+def test_api_uses_a_fitted_models_trust_scores(trusted_checkpoint):
+    classifier = Classifier.from_checkpoint(trusted_checkpoint)
     with TestClient(create_app(classifier)) as test_client:
         assert test_client.get("/favicon.ico").status_code == 200
-        model = test_client.get("/api/model").json()
-        assert model["ood_detector"] is True and model["temperature"] > 0
-        files = [("files", ("flower.jpg", photo.getvalue(), "image/jpeg")),
-                 ("files", ("slice.png", slice_png.getvalue(), "image/png"))]
-        flower, phantom = test_client.post("/api/predict", files=files).json()["results"]
-        assert flower["out_of_distribution"] is True and flower["ood_score"] > 1
-        assert flower["status"] == "out_of_distribution" and len(flower["probabilities"]) == 4
-        assert phantom["out_of_distribution"] is False and phantom["status"] == "ok"
-        classifier.min_confidence = 0.99  # what serve --min-confidence 0.99 sets
-        phantom = test_client.post("/api/predict", files=files[1:]).json()["results"][0]
-        assert phantom["abstained"] is True and phantom["status"] == "low_confidence"
+        assert test_client.get("/api/model").json()["ood_detector"] is True
+        [flower] = test_client.post("/api/predict", files=upload(("flower.jpg", photo_jpeg()))).json()["results"]
+    expected = classifier.predict(photo_jpeg())
+    assert flower["status"] == expected.status != "ok"
+    for name in ("not_mri_score", "atypical_score"):
+        assert flower[name] == (None if getattr(expected, name) is None else pytest.approx(getattr(expected, name)))
 
 
 @pytest.mark.slow
 def test_volumes_upload_as_a_verdict_with_the_most_suspicious_slice(client, classifier, tmp_path):
     from braintumor.synthetic.volumes import make_phantom_volume, write_multiframe_dicom, write_nifti
-    from braintumor.inference.volume_verdict import classify_volume
     from braintumor.data.volumes import read_volume
+    from braintumor.inference.service import predict_volume
 
     volume, _ = make_phantom_volume("glioma", 32, 6, seed=4)
     nifti = write_nifti(tmp_path / "case.nii.gz", volume)
     multiframe = write_multiframe_dicom(tmp_path / "case.dcm", volume)
-    expected = classify_volume(classifier, read_volume(nifti))
+    expected = predict_volume(classifier, read_volume(nifti))
     response = client.post("/api/predict?preview=1&explain=1",
                            files=upload(("case.nii.gz", nifti.read_bytes()), ("frames.dcm", multiframe.read_bytes()),
                                         ("a.png", png_bytes())))
     assert response.status_code == 200, response.text
     first, second, plain = response.json()["results"]
     for result in (first, second):
-        assert result["label"] == expected.verdict and result["volume"]["rule"] == expected.rule
-        assert result["volume"]["slices_total"] == 6 and len(result["volume"]["slices"]) == 6
-        key = result["volume"]["key_slice"]
+        volume = result["volume_prediction"]
+        assert volume["verdict"] == expected.verdict and volume["rule"] == expected.rule
+        assert volume["status"] == expected.status
+        assert volume["slices_total"] == 6 and len(volume["slices"]) == 6
+        assert [row["slice_index"] for row in volume["slices"]] == list(range(6))
+        key = volume["key_slice"]
+        # The card's own fields are the key slice's prediction, and say so (slice_index), not the volume's.
+        assert result["slice_index"] == key and result["volume"] is not None
         assert result["probabilities"] == pytest.approx(dict(zip(classifier.classes,
                                                                  expected.probabilities[key])), abs=1e-5)
+        assert result["status"] == volume["slices"][key]["status"]
         assert decode_png(result["preview_png_base64"]).size == (32, 32)
-        assert decode_png(result["volume_montage_png_base64"]).width > 300
-        assert "gradcam_png_base64" in result
-    assert "volume" not in plain and plain["label"] == classifier.predict(png_bytes()).label
+        assert decode_png(volume["montage_png_base64"]).width > 300
+        assert "overlay_png_base64" in result["explanation"]
+    assert plain["volume_prediction"] is None
+    assert plain["predicted_class"] == classifier.predict(png_bytes()).predicted_class
     broken = client.post("/api/predict", files=upload(("bad.nii.gz", b"\x1f\x8b" + b"garbage" * 10)))
     assert broken.status_code == 415 and "cannot read volume bad.nii.gz" in broken.json()["detail"]
+
+
+def test_a_2000_character_boundary_is_a_400(client):
+    boundary = "b" * 2000
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n").encode() \
+        + png_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    response = client.post("/api/predict", content=body,
+                           headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 400 and "malformed multipart body" in response.json()["detail"]
+
+
+def test_memory_budget_shares_and_reservations():
+    from braintumor.serve.budget import BudgetFull, MemoryBudget, Reservation
+
+    budget = MemoryBudget(1000, large_share=0.5, small_item=100)
+    with pytest.raises(BudgetFull) as refused:
+        budget.acquire(600)  # large, and more than the large share: never
+    assert refused.value.too_large
+    with Reservation(budget) as big:
+        for _ in range(5):
+            big.add(90)  # crosses 100 bytes: moves to the large share
+        assert big.large and budget.in_use == budget.in_use_large == 450
+        with pytest.raises(BudgetFull) as full:
+            big.add(90)  # the large share (500) is full ...
+        assert not full.value.too_large
+        with Reservation(budget) as small:
+            small.add(90)  # ... but the rest still takes small items
+            assert budget.in_use == 540
+    assert budget.in_use == budget.in_use_large == 0 and budget.peak == 540
+
+
+def test_a_full_budget_is_503_with_retry_after_and_a_too_large_decode_is_413(classifier):
+    big_png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1100, 1100), dtype=np.uint8)).save(big_png, "PNG")
+    app = create_app(classifier, budget_bytes=4 * 2**20, budget_wait_seconds=0.0)
+    budget = app.state.budget
+    with TestClient(app) as test_client:
+        budget.acquire(budget.capacity - 1000)  # other requests hold nearly everything
+        busy = test_client.post("/api/predict", files=upload(("a.png", png_bytes())))
+        assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+        assert "busy" in busy.json()["detail"]
+        budget.release(budget.capacity - 1000, large=False)
+        assert test_client.post("/api/predict", files=upload(("a.png", png_bytes()))).status_code == 200
+
+        small = create_app(classifier, budget_bytes=2 * 2**20)
+        with TestClient(small) as small_client:
+            response = small_client.post("/api/predict", files=upload(("big.png", big_png.getvalue())))
+        assert response.status_code == 413 and response.json()["detail"].startswith("big.png: needs about")
+        assert small.state.budget.in_use == 0
+    assert budget.in_use == 0
+
+
+@pytest.fixture()
+def live_server(classifier):
+    """uvicorn with this package's settings and short slow-client limits, on a free loopback port."""
+    import threading
+
+    import uvicorn
+
+    from braintumor.serve.app import uvicorn_options
+
+    options = uvicorn_options(header_timeout=0.5, body_grace=0.5, min_body_rate=1000)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="warning", **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    yield listener.getsockname(), options["http"]
+    server.should_exit = True
+    thread.join(timeout=10)
+    listener.close()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a generous socket timeout: not a timing test)."""
+    sock.settimeout(30)
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def test_slow_header_and_slow_body_clients_are_closed(live_server):
+    address, protocol = live_server
+    slow_headers = []
+    for _ in range(5):
+        sock = socket.create_connection(address)
+        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+        slow_headers.append(sock)
+    slow_body = socket.create_connection(address)
+    slow_body.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                      b"Content-Length: 100000\r\n\r\n--B\r\n")  # then nothing: 5 bytes of 100000
+    idle = socket.create_connection(address)  # connects and says nothing
+    for sock in slow_headers:
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 408")
+    assert _read_until_closed(slow_body).startswith(b"HTTP/1.1 408")
+    assert _read_until_closed(idle) == b""
+    for sock in (*slow_headers, slow_body, idle):
+        sock.close()
+    assert protocol.closed_slow == 7
+    # A prompt client is served as before.
+    import httpx
+
+    response = httpx.post(f"http://{address[0]}:{address[1]}/api/predict", files=upload(("a.png", png_bytes())),
+                          timeout=60)
+    assert response.status_code == 200

@@ -2,8 +2,11 @@
 
 Uploads are parsed as they stream in (python-multipart's push parser), kept in memory and decoded from
 memory: nothing is written to disk, so nothing outlives the request, and a file over the per-file limit is
-refused as soon as its bytes pass the limit instead of after it has been stored. Inference runs in worker
-threads; plain forward passes may run side by side, while Grad-CAM (which hooks the shared model) runs alone.
+refused as soon as its bytes pass the limit instead of after it has been stored. One process-wide memory budget
+(:mod:`braintumor.serve.budget`) counts the upload bytes of every request in flight and the estimated memory of
+every decode: when it is full a request gets 503 with Retry-After, and a file that alone needs more than the
+server allows gets 413. Slow clients are closed (:mod:`braintumor.serve.connections`). Inference runs in
+worker threads; large decodes (volumes, bombs) in a single low-priority lane of their own.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import base64
 import io
 import os
 import socket
+import struct
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +31,22 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
+from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from braintumor import RESEARCH_NOTE
-from braintumor.errors import UserError
+from braintumor.data.dicom import has_dicom_magic
 from braintumor.data.io import ImageReadError, estimate_decode_bytes, read_image
-from braintumor.serve.budget import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
+from braintumor.errors import UserError
+from braintumor.inference import service
+from braintumor.serve.budget import (DEFAULT_BUDGET_BYTES, RETRY_AFTER_SECONDS, BudgetFull, MemoryBudget,
+                                     Reservation, malloc_trim)
+from braintumor.serve.schema import PREVIEW_SIZE, PredictResponse
 
 STATIC_DIR = Path(__file__).with_name("static")
 FIELD = "files"
-PREVIEW_SIZE = 256  # longest side of the preview PNG returned with ?preview=1
+BUDGET_WAIT_SECONDS = 5.0  # how long a decode may wait for room in the budget before the request gets 503
 _FORM_FIELD_LIMIT = 64 * 1024  # non-file form fields are ignored, but never buffered without bound
 _PART_OVERHEAD = 16 * 1024  # multipart boundary and part headers allowed per file in the request total
 _SECURITY_HEADERS = {
@@ -55,14 +67,21 @@ class Upload:
 
     filename: str
     data: bytes
+    size: int = field(default=0)  # bytes received (kept after ``data`` is dropped, to give the budget back)
 
 
 def _human(n_bytes: int) -> str:
-    for unit, size in (("MiB", 2**20), ("KiB", 1024)):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 1024)):
         if n_bytes >= size:
             value = n_bytes / size
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n_bytes} bytes"
+
+
+def _busy(what: str) -> HTTPException:
+    """503 with Retry-After: the server's memory budget is full for now."""
+    return HTTPException(503, f"the server is busy ({what}); retry in a few seconds",
+                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 class _UploadCollector:
@@ -101,13 +120,13 @@ class _UploadCollector:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b"").decode("latin-1"))
         if b"name" not in options:
             raise HTTPException(400, f"a multipart part has no field name; {_MULTIPART_HELP}")
-        field = options[b"name"].decode("utf-8", "replace")
+        field_name = options[b"name"].decode("utf-8", "replace")
         if b"filename" not in options:
-            if field == FIELD:
+            if field_name == FIELD:
                 raise HTTPException(422, f"the field 'files' holds text, not a file; {_MULTIPART_HELP}")
             return  # another form field: ignored
-        if field != FIELD:
-            raise HTTPException(422, f"unexpected file field {field!r}; {_MULTIPART_HELP}")
+        if field_name != FIELD:
+            raise HTTPException(422, f"unexpected file field {field_name!r}; {_MULTIPART_HELP}")
         if len(self.uploads) >= self.max_files:
             raise HTTPException(413, f"too many files: at most {self.max_files} per request")
         # Some clients send a full path; only the last component names the file.
@@ -124,15 +143,17 @@ class _UploadCollector:
 
     def on_part_end(self) -> None:
         if self._filename is not None:
-            self.uploads.append(Upload(self._filename, bytes(self._buffer)))
+            self.uploads.append(Upload(self._filename, bytes(self._buffer), len(self._buffer)))
         self._buffer = bytearray()
 
     def on_end(self) -> None:
         self.finished = True
 
 
-async def read_uploads(request: Request, max_file_bytes: int, max_files: int) -> list[Upload]:
-    """Parse the multipart body as it streams in; 413 as soon as a limit is passed, 400/415/422 for bad bodies."""
+async def read_uploads(request: Request, max_file_bytes: int, max_files: int,
+                       reservation: Reservation | None = None) -> list[Upload]:
+    """Parse the multipart body as it streams in; 413 as soon as a limit is passed, 400/415/422 for bad bodies,
+    503 when ``reservation`` (the request's share of the server's memory budget) cannot hold the next chunk."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
         raise HTTPException(415, f"unsupported request body {content_type.decode('latin-1') or '(none)'!r}; "
@@ -152,10 +173,20 @@ async def read_uploads(request: Request, max_file_bytes: int, max_files: int) ->
             received += len(chunk)
             if received > max_request_bytes:
                 raise HTTPException(413, f"request body exceeds the limit of {_human(max_request_bytes)}")
+            if reservation is not None:
+                try:
+                    reservation.add(len(chunk))
+                except BudgetFull as full:
+                    if full.too_large:
+                        raise HTTPException(413, f"request body exceeds what this server holds at once "
+                                                 f"({_human(full.available)})") from None
+                    raise _busy("too many uploads in flight") from None
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as err:
+    except FormParserError as err:  # every python-multipart error, the boundary's length included
         raise HTTPException(400, f"malformed multipart body ({err}); {_MULTIPART_HELP}") from None
+    except ClientDisconnect:  # the client left (or was closed for sending too slowly): nobody reads an answer
+        raise HTTPException(400, "the client disconnected before the request body was complete") from None
     if not collector.finished:
         raise HTTPException(400, f"incomplete multipart body (no closing boundary); {_MULTIPART_HELP}")
     if not collector.uploads:
@@ -182,12 +213,41 @@ def preview_image(image: Image.Image, size: int = PREVIEW_SIZE) -> Image.Image:
     return image.copy() if target == image.size else image.resize(target, Image.Resampling.LANCZOS)
 
 
-class Analyzer:
-    """Decode, predict and explain uploads with one shared Classifier; called from worker threads."""
+def _nifti_voxels(data: bytes) -> int | None:
+    """Voxel count from a (gzipped) NIfTI-1/2 header, without inflating more than the header; None if not NIfTI."""
+    head = data[:600]
+    if data[:2] == b"\x1f\x8b":
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(data[:64 * 1024], 600)
+        except zlib.error:
+            return None
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:348] in (b"n+1\0",
+                                                                                                     b"ni1\0"):
+            dims = struct.unpack(order + "8h", head[40:56])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540 and head[4:8] == b"n+2\0":
+            dims = struct.unpack(order + "8q", head[16:80])
+            break
+    else:
+        return None
+    count = max(0, min(int(dims[0]), 7))
+    voxels = 1
+    for size in dims[1:1 + count]:
+        voxels *= max(1, int(size))
+    return voxels
 
-    def __init__(self, classifier, decode_budget: DecodeBudget | None = None):
+
+class Analyzer:
+    """Decode, predict and explain uploads with one shared Classifier; called from worker threads.
+
+    The memory budget is held around each file's decode (and a volume's whole analysis, which decodes it).
+    """
+
+    def __init__(self, classifier, budget: MemoryBudget | None = None, *, wait_seconds: float = BUDGET_WAIT_SECONDS):
         self.classifier = classifier
-        self.decode_budget = decode_budget or DecodeBudget()
+        self.budget = budget or MemoryBudget()
+        self.wait_seconds = wait_seconds
 
     def model_info(self) -> dict[str, Any]:
         info = self.classifier.describe()
@@ -196,14 +256,46 @@ class Analyzer:
     @staticmethod
     def decode_cost(upload: Upload) -> int:
         """Estimated peak bytes of decoding an upload (read from its header; nothing is decoded)."""
-        return estimate_decode_bytes(upload.data, upload.filename) + len(upload.data)
+        data = upload.data
+        voxels = _nifti_voxels(data)
+        if voxels is not None:
+            # A volume: its voxels as read, as float32 while windowed and as 8-bit slices, plus the upload.
+            return voxels * 16 + len(data)
+        estimate = estimate_decode_bytes(data, upload.filename) + len(data)
+        if has_dicom_magic(data[:132]):
+            estimate = max(estimate, 12 * len(data))  # multi-frame: every frame, through the volume pipeline
+        return estimate
 
-    def decode(self, upload: Upload, cost: int | None = None) -> Image.Image:
-        """Decode one upload by its file name's rules (as the command line reads files), within the budget."""
+    @contextmanager
+    def budgeted(self, upload: Upload, cost: int) -> Iterator[None]:
+        """Hold ``cost`` bytes of the server's budget: 413 when one file alone needs more than the server allows,
+        503 when the budget stays full for ``wait_seconds``."""
         try:
-            # Decode memory is budgeted server-wide: concurrent large uploads wait their turn.
-            with self.decode_budget.hold(self.decode_cost(upload) if cost is None else cost):
-                image = read_image(upload.data, name=upload.filename)
+            with self.budget.hold(cost, timeout=self.wait_seconds):
+                yield
+        except BudgetFull as full:
+            if full.too_large:
+                raise HTTPException(413, f"{upload.filename}: needs about {_human(cost)} of memory to decode, more "
+                                         f"than this server allows for one file ({_human(full.available)})") from None
+            raise _busy("decoding other uploads") from None
+
+    def read(self, upload: Upload, cost: int, options: "Options"):
+        """Decode one upload within the budget: a 2-D slice as an image, a volume as its finished result (a
+        volume is analysed while its decode memory is held)."""
+        with self.budgeted(upload, cost):
+            volume = self.read_volume(upload)
+            if volume is None:
+                return self.decode(upload)
+            try:
+                return self.analyze_volume(upload.filename, volume, options)
+            finally:
+                del volume
+                malloc_trim()
+
+    def decode(self, upload: Upload) -> Image.Image:
+        """Decode one upload by its file name's rules (as the command line reads files)."""
+        try:
+            image = read_image(upload.data, name=upload.filename)
         except ImageReadError as err:
             raise HTTPException(415, f"{upload.filename}: not a readable image or DICOM ({err.reason})") from None
         upload.data = b""  # decoded: the encoded bytes need not stay in memory for the rest of the request
@@ -221,83 +313,92 @@ class Analyzer:
             upload.data = b""  # read: the encoded bytes need not stay in memory for the rest of the request
         return volume
 
-    def __call__(self, uploads: list[Upload], *, explain: bool, preview: bool, target: str | None,
-                 images: list[Image.Image | None] | None = None, volumes: list | None = None) -> dict:
-        from braintumor.inference.volume_verdict import classify_volume
+    # --- results: every prediction, status and explanation comes from braintumor.inference.service --------------
 
-        if volumes is None:
-            volumes = [self.read_volume(upload) for upload in uploads]
-        if images is None:
-            images = [None if volume is not None else self.decode(upload)
-                      for upload, volume in zip(uploads, volumes)]
-        slices = [image for image in images if image is not None]
-        predictions = iter(self.classifier.predict(slices) if slices else [])
-        results, summaries = [], []
-        for upload, image, volume in zip(uploads, images, volumes):
-            summary = classify_volume(self.classifier, volume) if volume is not None else None
-            summaries.append(summary)
-            if volume is None:
-                p = next(predictions)
-                results.append({"filename": upload.filename, "label": p.label, "confidence": p.confidence,
-                                "probabilities": p.probabilities, "status": p.status,
-                                "out_of_distribution": p.out_of_distribution, "ood_score": p.ood_score,
-                                "abstained": p.abstained, "width": image.width, "height": image.height})
-            else:
-                results.append(self._volume_result(upload.filename, volume, summary))
-        shown = [image if image is not None else volume.images()[result["volume"]["key_slice"]]
-                 for image, volume, result in zip(images, volumes, results)]
-        if preview:
-            for result, image in zip(results, shown):
+    def finish_slices(self, names: list[str], images: list[Image.Image], options: "Options") -> list[dict[str, Any]]:
+        """The request's 2-D slices, predicted in one batch; previews and explanations when asked for."""
+        results = []
+        for prediction, image in zip(service.predict_items(self.classifier, images, sources=names), images):
+            result = prediction.to_dict()
+            result.update(width=image.width, height=image.height)
+            if options.preview:
                 result["preview_png_base64"] = png_base64(preview_image(image))
-        if explain:
-            self._explain(results, shown, volumes, summaries, target)
-        return {"model": self.model_info(), "results": results, "note": RESEARCH_NOTE}
+            if options.explain:
+                result["explanation"] = self.explanation(image, prediction.source, options.target, options)
+            results.append(result)
+        return results
 
-    def _volume_result(self, filename: str, volume, summary) -> dict:
-        """A volume's card: its verdict as the label, the most suspicious slice's probabilities, the details."""
-        row = summary.probabilities[summary.key_slice]
-        classes = self.classifier.classes
-        confidence = float(row[classes.index(summary.verdict)]) if summary.verdict in classes else float(row.max())
-        details = summary.to_dict()
-        details["source"] = filename
-        height, width = volume.slices.shape[1:]
-        return {"filename": filename, "label": summary.verdict, "confidence": confidence,
-                "probabilities": {c: float(p) for c, p in zip(classes, row)}, "width": width, "height": height,
-                "volume": details}
-
-    def _explain(self, results: list[dict], shown: list, volumes: list, summaries: list, target: str | None) -> None:
+    def analyze_volume(self, name: str, volume, options: "Options") -> dict[str, Any]:
+        """A volume's card: its key slice's prediction (labelled as that slice's), with the volume's own status,
+        verdict and every slice's prediction under ``volume_prediction``."""
         from braintumor.inference.volume_verdict import explained_class, montage_image
 
-        # Grad-CAM hooks the shared model's last block: explain() holds the classifier's lock for writing,
-        # so no plain forward pass (which reads under the same lock) can land in the hooks meanwhile.
+        outcome = service.predict_volume(self.classifier, volume)
+        summary = outcome.summary()
+        details = summary.to_dict()
+        details.pop("montage", None)
+        key = summary.slices[summary.key_slice] if summary.slices else None
+        result = key.to_dict() if key is not None else {
+            "source": name, "predicted_class": None, "confidence": None, "probabilities": {},
+            "status": summary.status, "volume": name, "slice_index": None}
+        height, width = volume.slices.shape[1:]
+        result.update(width=int(width), height=int(height), volume_prediction=details)
+        if key is None:
+            return result
+        shown = Image.fromarray(volume.slices[summary.key_slice], mode="L").convert("RGB")
+        if options.preview:
+            result["preview_png_base64"] = png_base64(preview_image(shown))
+        if options.explain:
+            chosen = options.target if options.target is not None else explained_class(outcome)
+            result["explanation"] = self.explanation(shown, key.source, chosen, options)
+            with self._explaining():
+                details["montage_png_base64"] = png_base64(montage_image(self.classifier, volume, outcome))
+        return result
+
+    @contextmanager
+    def _explaining(self) -> Iterator[None]:
         try:
-            plain = [k for k, volume in enumerate(volumes) if volume is None]
-            explanations = dict(zip(plain, self.classifier.explain([shown[k] for k in plain], target=target)
-                                    if plain else []))
-            for k, summary in enumerate(summaries):
-                if summary is not None:  # a volume: its key slice, explaining its tumour verdict by default
-                    chosen = target if target is not None else explained_class(summary)
-                    explanations[k] = self.classifier.explain(shown[k], target=chosen)
-                    results[k]["volume_montage_png_base64"] = png_base64(
-                        montage_image(self.classifier, volumes[k], summary))
-        except UserError as err:  # e.g. an ONNX model has no gradients
-            raise HTTPException(422, f"Grad-CAM is not available: {err}") from None
-        for k, result in enumerate(results):
-            # The map is at the model's input size; give it the preview's geometry so the two line up.
-            overlay = explanations[k].overlay().resize(preview_size(shown[k]), Image.Resampling.BILINEAR)
-            heatmap = explanations[k].overlay(alpha=1.0).resize(preview_size(shown[k]), Image.Resampling.BILINEAR)
-            result["gradcam_target"] = explanations[k].target
-            result["gradcam_png_base64"] = png_base64(overlay)
-            # The colour-mapped map alone, for the page to lay over the slice at an opacity the user picks.
-            result["gradcam_heatmap_png_base64"] = png_base64(heatmap)
+            yield
+        except UserError as err:  # e.g. an export has no gradients, an unknown layer
+            raise HTTPException(422, f"explanations are not available: {err}") from None
+
+    def explanation(self, image: Image.Image, source: str, target: str | None, options: "Options") -> dict[str, Any]:
+        """The explanation of one slice (the service's), as PNGs at the preview's geometry."""
+        with self._explaining():
+            [explained] = service.explain_items(self.classifier, [image], sources=[source], target=target,
+                                                method=options.method, layer=options.layer)
+        size = preview_size(image)
+        overlay = explained.overlay().resize(size, Image.Resampling.BILINEAR)
+        heatmap = explained.overlay(alpha=1.0).resize(size, Image.Resampling.BILINEAR)
+        return {"method": explained.method, "layer": options.layer, "target": explained.target,
+                "overlay_png_base64": png_base64(overlay), "heatmap_png_base64": png_base64(heatmap)}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asked for besides the predictions."""
+
+    preview: bool = False
+    explain: bool = False
+    method: str | None = None
+    layer: str | None = None
+    target: str | None = None
+
+
+def _explain_methods() -> tuple[tuple[str, ...], str]:
+    from braintumor.visualize.explain import DEFAULT_METHOD, METHODS
+
+    return tuple(METHODS), DEFAULT_METHOD
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
-               inference_threads: int | None = None, decode_budget_bytes: int | None = None) -> FastAPI:
+               inference_threads: int | None = None, budget_bytes: int | None = None,
+               budget_wait_seconds: float = BUDGET_WAIT_SECONDS, decode_budget_bytes: int | None = None) -> FastAPI:
     """The FastAPI app: page at /, static files, /api/health, /api/model, /api/predict, docs at /docs.
 
     ``inference_threads`` bounds how many requests run the model at once (default: the CPU count, at most 8);
-    ``decode_budget_bytes`` bounds the estimated memory of all decodes in flight (default 1 GiB).
+    ``budget_bytes`` bounds the memory of all uploads in flight and all decodes together (default 1 GiB;
+    ``decode_budget_bytes`` is its former name); a decode waits at most ``budget_wait_seconds`` for room.
     """
     max_file_bytes, max_files = int(max_file_bytes), int(max_files)
     if max_file_bytes < 1 or max_files < 1:
@@ -305,44 +406,83 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     if inference_threads is not None and int(inference_threads) < 1:
         raise UserError("the number of inference threads must be at least 1")
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
-    analyzer = Analyzer(classifier, DecodeBudget(decode_budget_bytes or DEFAULT_DECODE_BUDGET_BYTES))
+    budget = MemoryBudget(int(budget_bytes or decode_budget_bytes or DEFAULT_BUDGET_BYTES))
+    analyzer = Analyzer(classifier, budget, wait_seconds=budget_wait_seconds)
+    methods, default_method = _explain_methods()
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
                   description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM) and volumes (NIfTI, "
                               f"multi-frame DICOM) slice by slice. {RESEARCH_NOTE}")
     app.state.analyzer = analyzer
+    app.state.budget = budget
     app.state.limiter = None  # made on first use: it belongs to the running event loop
     _add_pages(app)
 
-    @app.get("/api/model", summary="The loaded model and the upload limits")
+    @app.get("/api/model", summary="The loaded model, the explanation methods and the upload limits")
     async def model() -> dict:
         return {**classifier.describe(), "note": RESEARCH_NOTE, "gradcam": classifier.model is not None,
-                "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files}}
+                "explain_methods": list(methods), "default_explain_method": default_method,
+                "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files,
+                           "budget_bytes": budget.capacity}}
 
-    @app.post("/api/predict", summary="Classify one or more slices", openapi_extra=_predict_openapi(max_files))
+    @app.post("/api/predict", summary="Classify one or more slices or volumes", response_model=PredictResponse,
+              openapi_extra=_predict_openapi(max_files))
     async def predict(
         request: Request,
-        explain: bool = Query(False, description="add a Grad-CAM overlay PNG (base64) per file"),
+        explain: bool = Query(False, description="add an explanation (overlay and heat-map PNGs) per file"),
+        method: str | None = Query(None, description=f"explanation method: {', '.join(methods)} "
+                                                     f"(default {default_method})"),
+        layer: str | None = Query(None, description="the layer a CAM method reads (default: the last block)"),
         preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
-        target: str | None = Query(None, description="class explained by Grad-CAM (default: the predicted one)"),
+        target: str | None = Query(None, description="class explained (default: the predicted one)"),
     ) -> dict:
-        """Predicted class and per-class probabilities for each file in the multipart field ``files``."""
+        """Predicted class, per-class probabilities, status and trust scores for each file in the multipart
+        field ``files``; a volume also gets its own status, verdict and every slice's prediction."""
         if target is not None and target not in classifier.classes:
             raise HTTPException(422, f"unknown target class {target!r}; choose one of {', '.join(classifier.classes)}")
-        uploads = await read_uploads(request, max_file_bytes, max_files)
+        if method is not None and method not in methods:
+            raise HTTPException(422, f"unknown explanation method {method!r}; choose one of {', '.join(methods)}")
+        options = Options(preview=preview, explain=explain, method=method, layer=layer, target=target)
         if app.state.limiter is None:
             app.state.limiter = anyio.CapacityLimiter(threads)
             # Uploads that decode to large images take a lane of their own: one thread, at a lower CPU priority,
             # so they can neither occupy the threads that ordinary requests need nor crowd out their CPU time.
             app.state.large_lane = ThreadPoolExecutor(1, thread_name_prefix="large-decode",
                                                       initializer=_nice_this_thread)
-        images, volumes = await _decode_uploads(app, analyzer, uploads)
-
-        def work() -> dict:
-            return analyzer(uploads, explain=explain, preview=preview, target=target, images=images, volumes=volumes)
-
-        return await anyio.to_thread.run_sync(work, limiter=app.state.limiter)
+        with Reservation(budget) as reservation:
+            uploads = await read_uploads(request, max_file_bytes, max_files, reservation)
+            results = await _analyze(app, analyzer, uploads, options, reservation)
+        return {"model": analyzer.model_info(), "results": results, "note": RESEARCH_NOTE}
 
     return app
+
+
+async def _analyze(app: FastAPI, analyzer: Analyzer, uploads: list[Upload], options: Options,
+                   reservation: Reservation) -> list[dict]:
+    """Every upload's result, in upload order: files are read one at a time (each within the memory budget,
+    large ones in the low-priority lane), then the request's 2-D slices are predicted in one batch."""
+    results: list[dict | None] = []
+    slices: list[tuple[int, str, Image.Image]] = []
+    for upload in uploads:
+        cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
+        if cost > LARGE_DECODE_BYTES:
+            read = await asyncio.get_running_loop().run_in_executor(app.state.large_lane, analyzer.read, upload,
+                                                                    cost, options)
+        else:
+            read = await anyio.to_thread.run_sync(analyzer.read, upload, cost, options, limiter=app.state.limiter)
+        upload.data = b""
+        reservation.give_back(upload.size)
+        if isinstance(read, Image.Image):
+            slices.append((len(results), upload.filename, read))
+            results.append(None)
+        else:
+            results.append(read)
+    if slices:
+        def work() -> list[dict]:
+            return analyzer.finish_slices([name for _, name, _ in slices], [image for _, _, image in slices], options)
+
+        for (index, _, _), result in zip(slices, await anyio.to_thread.run_sync(work, limiter=app.state.limiter)):
+            results[index] = result
+    return results  # type: ignore[return-value]
 
 
 def _add_pages(app: FastAPI) -> None:
@@ -375,26 +515,6 @@ def _add_pages(app: FastAPI) -> None:
         return {"status": "ok"}
 
 
-async def _decode_uploads(app: FastAPI, analyzer: Analyzer, uploads: list[Upload]) -> tuple[list, list]:
-    """(images, volumes), one entry each per upload (None where the other applies), decoded in worker threads;
-    uploads estimated to decode large go through the app's single low-priority lane."""
-    images, volumes = [], []
-    for upload in uploads:
-        volume = await anyio.to_thread.run_sync(analyzer.read_volume, upload, limiter=app.state.limiter)
-        volumes.append(volume)
-        if volume is not None:
-            images.append(None)
-            continue
-        cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
-        if cost > LARGE_DECODE_BYTES:
-            image = await asyncio.get_running_loop().run_in_executor(app.state.large_lane, analyzer.decode,
-                                                                     upload, cost)
-        else:
-            image = await anyio.to_thread.run_sync(analyzer.decode, upload, cost, limiter=app.state.limiter)
-        images.append(image)
-    return images, volumes
-
-
 def _nice_this_thread() -> None:
     """Lower this thread's CPU priority (Linux threads have their own nice value); a no-op where unsupported."""
     try:
@@ -412,8 +532,12 @@ def _predict_openapi(max_files: int) -> dict:
                                "items": {"type": "string", "format": "binary"},
                                "description": "JPEG, PNG, BMP, TIFF or DICOM slices; NIfTI (.nii, .nii.gz) "
                                               "or multi-frame DICOM volumes"}}}}}},
-        "responses": {"413": {"description": "a file or the request is over the size or count limit"},
-                      "415": {"description": "a file is not a readable image or DICOM"}}}
+        "responses": {"400": {"description": "a malformed multipart body"},
+                      "413": {"description": "a file or the request is over the size or count limit, or a file "
+                                             "needs more memory to decode than the server allows"},
+                      "415": {"description": "a file is not a readable image, DICOM or volume"},
+                      "503": {"description": "the server's memory budget is full: retry after Retry-After "
+                                             "seconds"}}}
 
 
 def _version() -> str:
@@ -455,4 +579,12 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: bound to {host}, so other machines can reach this server; it has no authentication",
               flush=True)
-    uvicorn.run(app, host=host, port=int(port), log_level="info")
+    uvicorn.run(app, host=host, port=int(port), log_level="info", **uvicorn_options())
+
+
+def uvicorn_options(**limits: float) -> dict[str, Any]:
+    """uvicorn settings of every server this package starts: h11 with header and body deadlines for slow
+    clients (``limits``: see :func:`braintumor.serve.connections.guarded_protocol`) and short keep-alive."""
+    from braintumor.serve.connections import guarded_protocol
+
+    return {"http": guarded_protocol(**limits), "timeout_keep_alive": 5, "h11_max_incomplete_event_size": 64 * 1024}
