@@ -348,7 +348,7 @@ def cmd_explain(args) -> int:
     found = discover_inputs(args.images)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
     if classifier.model is None:  # checked before anything else is said or written: one line
-        raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not a "
+        raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
     note_cpu_only(classifier.backend, args.device)
     out = prepare_output_dir(args.out, "gradcam", overwrite=args.overwrite)
@@ -367,18 +367,16 @@ def cmd_explain(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from braintumor.inference.export import default_export_path, export, quantize_onnx
-    from braintumor.inference.classifier import expand_inputs
+    from braintumor.inference.export import export_model
 
-    if args.int8_calibration is None:
-        print(f"wrote {export(args.checkpoint, args.format, args.out)}")
-        return 0
-    if args.format != "onnx":
-        raise UserError("--int8-calibration needs --format onnx")
-    out = Path(args.out) if args.out else default_export_path(args.checkpoint, "onnx")
-    fp32 = export(args.checkpoint, "onnx", out.with_name(out.stem + ".fp32.onnx"))
-    int8 = quantize_onnx(fp32, out, expand_inputs([args.int8_calibration]))
-    print(f"wrote {fp32} (float32) and {int8} (int8, not exact: check it with `braintumor evaluate {int8} DATA`)")
+    written = export_model(args.checkpoint, args.format, args.out, overwrite=args.overwrite,
+                           int8_calibration=args.int8_calibration, measure=args.measure)
+    for path, note in written:
+        kind = (" (int8, not exact: check it with `braintumor evaluate " + str(path) + " DATA`)"
+                if args.int8_calibration and path == written[-1][0] else "")
+        print(f"wrote {path}{kind}")
+        if note:
+            print(note, file=sys.stderr)
     return 0
 
 
@@ -492,8 +490,12 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
     p.add_argument("--out", help="output file (default: beside the checkpoint, named after it with the format's "
                                  "suffix, e.g. RUN/best.onnx; ./braintumor-reference.onnx for the reference model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--int8-calibration", metavar="DIR", help="also quantize to int8 (ONNX), calibrated on images "
                    "from DIR; faster on CPUs, not exact (default: no int8 model)")
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
+                   help="ONNX: compare each export with the checkpoint (classes, statuses, speed) and write the "
+                        "verdict beside it, which predict/evaluate/serve --backend auto read")
     p.set_defaults(func=cmd_export)
 
 

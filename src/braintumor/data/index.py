@@ -50,15 +50,11 @@ def _extensions_hint() -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """All image files below ``folder`` (recursive, hidden files and folders skipped), sorted."""
-    found = []
-    for directory, subdirs, files in os.walk(folder):
-        # Pruning in place stops os.walk from descending into hidden folders such as .ipynb_checkpoints.
-        subdirs[:] = [d for d in subdirs if not _is_hidden(d)]
-        for name in files:
-            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(directory) / name)
-    return sorted(found)
+    """All image files below ``folder`` (recursive, hidden files and folders skipped), sorted: the one image
+    discovery, :func:`braintumor.data.inputs.find_files`."""
+    from braintumor.data.inputs import find_files
+
+    return find_files(folder)
 
 
 def full_suffix(path: Path) -> str:

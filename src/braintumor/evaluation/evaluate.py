@@ -3,7 +3,9 @@ and ``braintumor evaluate`` all run :func:`infer_batches`), then metrics and rep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +18,23 @@ from braintumor.data.index import discover, keep_readable, report_unsupported
 from braintumor.data.pipeline import CachedBatches, ImageFolderDataset
 from braintumor.data.scan import scan_files
 from braintumor.evaluation.metrics import compute_metrics
-from braintumor.inference.classifier import Classifier
+from braintumor.evaluation.per_image import image_losses, plot_worst_mistakes
 from braintumor.evaluation.report import plot_roc_curves, write_report
+from braintumor.inference.classifier import Classifier, check_min_confidence
+from braintumor.inference.results import EvaluatedPrediction
+from braintumor.inference.service import calibrate, infer_batches, predictions_from, run_batches, tta_views
+from braintumor.inference.writers import write_predictions_csv
+from braintumor.trust.status import ATYPICAL, NOT_MRI, OK, STATUSES
 
-
-InferViews = Callable[[torch.Tensor], tuple[list[np.ndarray], "np.ndarray | None"]]
+__all__ = ["evaluate_checkpoint", "evaluate_classifier", "file_batches", "infer_batches", "loss_and_correct",
+           "trust_metrics", "view_logits"]
 
 
 def view_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                 tta: bool) -> list[torch.Tensor]:
-    """Float logits of each test-time view: the batch, and with ``tta`` its mirror too (one forward pass over
-    both, as :meth:`braintumor.inference.classifier.Classifier.infer_views` runs them)."""
-    if not tta:
-        return [forward(images).float()]
-    logits = forward(torch.cat([images, images.flip(-1)])).float()
-    return [logits[: len(images)], logits[len(images):]]
-
-
-@torch.inference_mode()
-def infer_batches(infer_views: InferViews, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
-                  ) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray]:
-    """Run a model over preprocessed (images, labels) batches: each test-time view's logits (N, C), the OOD
-    scores (N,) (None without a detector) and the labels (N,).
-
-    ``infer_views`` maps a batch to (logits of each view, scores): ``Classifier.infer_views`` for a saved model,
-    the training network for validation; the batches come from either data path with the same preprocessing.
-    """
-    outputs, labels = [], []
-    for images, batch_labels in batches:
-        outputs.append(infer_views(images))
-        labels.append(np.asarray(batch_labels, dtype=np.int64).reshape(-1))
-    if not outputs:
-        return [np.zeros((0, n_classes), dtype=np.float32)], None, np.zeros(0, dtype=np.int64)
-    views = [np.concatenate([batch_views[v] for batch_views, _ in outputs]) for v in range(len(outputs[0][0]))]
-    scores = None if outputs[0][1] is None else np.concatenate([score for _, score in outputs])
-    return views, scores, np.concatenate(labels)
+    """Float logits of each test-time view of a training network (:func:`~braintumor.inference.service.tta_views`,
+    the one TTA)."""
+    return [view.float() for view in tta_views(forward, images, tta)[0]]
 
 
 def loss_and_correct(views: list[np.ndarray], labels: np.ndarray) -> tuple[float, int]:
@@ -67,27 +51,37 @@ def loss_and_correct(views: list[np.ndarray], labels: np.ndarray) -> tuple[float
     return float(loss), int((scores.argmax(1) == target).sum())
 
 
-def infer_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
-                workers: int = 0) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Raw logits (N, C) of each test-time view (one, or two with TTA) and OOD scores (N,) (None without a
-    detector) for image files, decoded and preprocessed in DataLoader workers."""
-    dataset = ImageFolderDataset(paths, [0] * len(paths), classifier.preprocess)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    views, scores, _ = infer_batches(classifier.infer_views, loader, len(classifier.classes))
-    return views, scores
+def file_batches(classifier: Classifier, paths: list[Path], batch_size: int = 64, workers: int = 0) -> DataLoader:
+    """Image files decoded and preprocessed in DataLoader workers, as (images, index) batches."""
+    dataset = ImageFolderDataset(paths, list(range(len(paths))), classifier.preprocess)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
 
 
-def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 64,
-                  workers: int = 0) -> np.ndarray:
-    """Calibrated probabilities (N, C) for image files (mirror-averaged with TTA)."""
-    return classifier.probabilities(infer_paths(classifier, paths, batch_size, workers)[0])
+def trust_metrics(predictions: list[EvaluatedPrediction], classes: list[str]) -> dict[str, Any]:
+    """Slices per status, accuracy per status (accepted ``ok`` vs ``atypical``, ...), and per true class the rate
+    of each flagged status (``not_mri``, ``atypical``, ``uncertain``)."""
+    counts = {status: sum(p.status == status for p in predictions) for status in STATUSES}
+    accuracy = {status: (float(np.mean([bool(p.correct) for p in predictions if p.status == status]))
+                         if counts[status] else None) for status in STATUSES}
+    rates = {}
+    for name in classes:
+        members = [p for p in predictions if p.true_class == name]
+        rates[name] = {status: (sum(p.status == status for p in members) / len(members) if members else None)
+                       for status in STATUSES if status != OK}
+    return {"statuses": counts, "accuracy_by_status": accuracy, "flag_rate_by_class": rates}
 
 
-def evaluate_paths(checkpoint: str | Path, paths: list[Path], labels: list[int], out_dir: str | Path, *,
-                   device: str = "auto", **options) -> dict[str, Any]:
-    """Load ``checkpoint`` and evaluate it on labelled files (see :func:`evaluate_classifier`)."""
-    return evaluate_classifier(Classifier.from_checkpoint(checkpoint, device=device), paths, labels, out_dir,
-                               **options)
+def _trust_lines(trust: dict[str, Any], tiers: tuple[str, ...], n: int) -> dict[str, str]:
+    """The trust metrics as report lines (the report's extra section)."""
+    lines = {"trust tiers": ", ".join(tiers) if tiers else "none (fit them with braintumor calibrate)"}
+    lines["slices per status"] = ", ".join(
+        f"{status} {count} ({count / max(n, 1):.1%})"
+        + ("" if trust["accuracy_by_status"][status] is None else f", accuracy {trust['accuracy_by_status'][status]:.2%}")
+        for status, count in trust["statuses"].items())
+    lines["flag rate per class"] = "; ".join(
+        f"{name}: " + ", ".join(f"{status} {rate:.1%}" for status, rate in rates.items() if rate is not None)
+        for name, rates in trust["flag_rate_by_class"].items())
+    return lines
 
 
 def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[int], out_dir: str | Path, *,
@@ -95,55 +89,72 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
                         extra: dict[str, Any] | None = None, leak_free: list[bool] | None = None,
                         workers: int = 0, groups: list | None = None,
                         duplicate_of_train: list[bool] | None = None,
-                        images: torch.Tensor | None = None) -> dict[str, Any]:
-    """Metrics of a classifier on labelled files, written as a report with predictions.csv, ROC curves and the
-    worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train`` and ``groups`` add
-    predictions.csv columns. ``images``: the files already decoded at the model's size (uint8 (N, 3, S, S))."""
+                        images: torch.Tensor | None = None, progress: bool = False) -> dict[str, Any]:
+    """Metrics of a classifier on labelled files, written as a report with predictions.csv (the results schema,
+    docs/schema.md), ROC curves and the worst mistakes; ``leak_free`` adds a subset column; ``duplicate_of_train``
+    and ``groups`` fill those predictions.csv columns. ``images``: the files already decoded at the model's size
+    (uint8 (N, 3, S, S)). ``progress``: a tqdm bar on stderr (on a terminal)."""
+    from tqdm import tqdm
+
     if images is None:
-        views, ood_scores = infer_paths(classifier, paths, batch_size, workers)
+        batches = file_batches(classifier, paths, batch_size, workers)
     else:
-        batches = CachedBatches(images, list(labels), batch_size, shuffle=False, mean=classifier.mean,
+        batches = CachedBatches(images, list(range(len(paths))), batch_size, shuffle=False, mean=classifier.mean,
                                 std=classifier.std)
-        views, ood_scores, _ = infer_batches(classifier.infer_views, batches, len(classifier.classes))
-    probabilities = classifier.probabilities(views)
-    y_true = np.asarray(labels)
-    y_pred = probabilities.argmax(axis=1)
-    uncalibrated = classifier.probabilities(views, temperature=1.0) if classifier.temperature != 1.0 else None
-    metrics = compute_metrics(y_true, y_pred, probabilities, classifier.classes, uncalibrated_probabilities=uncalibrated)
+    with tqdm(total=len(paths), unit="slice", file=sys.stderr, disable=None if progress else True,
+              leave=False) as bar:
+        outputs, _ = run_batches(classifier, batches, progress=bar.update)
+    classes = list(classifier.classes)
+    probabilities = outputs.probabilities
+    y_true = np.asarray(labels, dtype=np.int64)
+    finite = np.isfinite(probabilities).all(axis=1)
+    safe = np.where(finite[:, None], probabilities, 1.0 / len(classes))  # metrics need numbers; status says why
+    y_pred = safe.argmax(axis=1)
+    losses = image_losses(safe, y_true) if len(y_true) else np.zeros(0)
+    rows = [{"true_class": classes[y_true[i]], "correct": bool(finite[i] and y_pred[i] == y_true[i]),
+             "loss": float(losses[i]) if finite[i] else float("nan"),
+             "duplicate_of_train": None if duplicate_of_train is None else bool(duplicate_of_train[i]),
+             "group": None if groups is None or groups[i] is None else str(groups[i])} for i in range(len(paths))]
+    predictions = predictions_from(classifier, outputs, [os.fspath(p) for p in paths], cls=EvaluatedPrediction,
+                                   extra=rows)
+    uncalibrated = calibrate(outputs.views, 1.0) if classifier.temperature != 1.0 else None
+    if uncalibrated is not None:
+        uncalibrated = np.where(np.isfinite(uncalibrated).all(axis=1)[:, None], uncalibrated, 1.0 / len(classes))
+    metrics = compute_metrics(y_true, y_pred, safe, classes, uncalibrated_probabilities=uncalibrated)
     metrics["temperature"] = classifier.temperature
-    metrics["ood"] = {"detector": ood_scores is not None}
-    if ood_scores is not None:
-        flagged = ood_scores > 1.0
-        metrics["ood"].update(n_flagged=int(flagged.sum()), fraction_flagged=float(flagged.mean()),
-                              accept_rate=classifier.trust.get("accept_rate"))
-    extra = {"checkpoint": f"{classifier.source_path} (sha256 {classifier.fingerprint})", **(extra or {})}
+    tiers = tuple(classifier.trust_tiers)
+    trust = trust_metrics(predictions, classes)
+    metrics["trust"] = {"tiers": list(tiers), **trust}
+    metrics["ood"] = {"detector": bool(tiers)}  # the report's summary line: slices flagged by either tier
+    if tiers:
+        flagged = trust["statuses"][NOT_MRI] + trust["statuses"][ATYPICAL]
+        metrics["ood"].update(n_flagged=int(flagged), fraction_flagged=flagged / max(len(predictions), 1),
+                              accept_rate=classifier.trust.get("accept_rate", 0.95))
+    extra = {"checkpoint": f"{classifier.source_path} (sha256 {classifier.fingerprint})", **(extra or {}),
+             **_trust_lines(trust, tiers, len(predictions))}
     subsets = None
     if leak_free is not None:
         mask = np.asarray(leak_free, dtype=bool)
         subsets = {"full set": metrics}
         if mask.any():
-            subsets["leak-free subset"] = compute_metrics(y_true[mask], y_pred[mask], probabilities[mask],
-                                                          classifier.classes)
+            subsets["leak-free subset"] = compute_metrics(y_true[mask], y_pred[mask], safe[mask], classes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from braintumor.evaluation.per_image import plot_worst_mistakes, write_predictions_csv
-
-    write_predictions_csv(out / "predictions.csv", paths, y_true, probabilities, classifier.classes,
-                          ood_scores=ood_scores,
-                          duplicate_of_train=duplicate_of_train, groups=groups)
+    write_predictions_csv(out / "predictions.csv", predictions, classes, volumes=False, evaluation=True)
     figures = []
-    if plot_roc_curves(y_true, probabilities, classifier.classes, out / "roc_curves.png"):
+    if plot_roc_curves(y_true, safe, classes, out / "roc_curves.png"):
         figures.append("roc_curves.png")
-    if plot_worst_mistakes(classifier, paths, y_true, probabilities, out / "worst_mistakes.png"):
+    if plot_worst_mistakes(classifier, paths, y_true, safe, out / "worst_mistakes.png"):
         figures.append("worst_mistakes.png")
     write_report(metrics, out, title=title, extra=extra, subsets=subsets, figures=figures)
-    return {"metrics": metrics, "subsets": subsets or {}, "out_dir": str(out_dir)}
+    return {"metrics": metrics, "subsets": subsets or {}, "out_dir": str(out_dir), "predictions": predictions}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, *,
                         device: str = "auto", batch_size: int = 64, exclude_duplicates_of: str | None = None,
                         skip_bad: bool = False, workers: int = 0, tta: bool | None = None,
-                        groups: str | None = None, backend: str = "torch") -> dict[str, Any]:
+                        groups: str | None = None, backend: str = "torch", min_confidence: float = 0.0,
+                        progress: bool = False) -> dict[str, Any]:
     """``braintumor evaluate``: every metric on a labelled folder, optionally beside its leak-free subset;
     ``tta`` overrides the model's stored test-time augmentation setting.
 
@@ -154,6 +165,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     from braintumor.data.groups import find_groups
 
     classifier = Classifier.from_checkpoint(checkpoint, device=device, tta=tta, backend=backend)
+    classifier.min_confidence = check_min_confidence(min_confidence)
     index = discover(data_dir, classes=classifier.classes)
     # One decode per file checks it, hashes it for the leak check and, where memory allows, feeds the model.
     size = classifier.image_size
@@ -186,4 +198,5 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     return evaluate_classifier(classifier, paths, labels, out_dir, batch_size=batch_size, workers=workers,
                                title=f"Evaluation of {Path(checkpoint).name} on {data_dir}", extra=extra,
                                leak_free=leak_free, groups=test_groups if group_source else None,
-                               duplicate_of_train=duplicates, images=scan.keep(kept, size) if decoded else None)
+                               duplicate_of_train=duplicates, images=scan.keep(kept, size) if decoded else None,
+                               progress=progress)

@@ -1,10 +1,8 @@
-"""Per-image evaluation outputs: ``predictions.csv`` (one row per slice) and the worst-mistakes gallery."""
+"""Per-image evaluation outputs: each slice's loss and the worst-mistakes gallery (``predictions.csv`` is written by
+the one CSV writer, :func:`braintumor.inference.writers.write_predictions_csv`)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,31 +17,6 @@ GALLERY_SIZE = 8
 def image_losses(probabilities: np.ndarray, y_true: np.ndarray) -> np.ndarray:
     """Cross-entropy of each image's true class, -log p(true), clipped at p = 1e-12."""
     return -np.log(np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-12, 1.0))
-
-
-def write_predictions_csv(path, paths: Sequence, y_true, probabilities, classes: Sequence[str], *,
-                          ood_scores=None, duplicate_of_train: Sequence[bool] | None = None,
-                          groups: Sequence | None = None) -> Path:
-    """One row per image: path, true and predicted class, correct, loss, every probability, ood_score and
-    out_of_distribution (empty without a detector), whether it has a duplicate in the training set (empty without
-    ``--exclude-duplicates-of``) and its group (empty without groups)."""
-    y_true, probabilities = np.asarray(y_true), np.asarray(probabilities)
-    y_pred, losses = probabilities.argmax(axis=1), image_losses(probabilities, y_true)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "true_class", "predicted_class", "correct", "confidence", "loss",
-                     *(f"p_{name}" for name in classes), "ood_score", "out_of_distribution",
-                     "duplicate_in_train", "group"])
-    for i, path_i in enumerate(paths):
-        ood = "" if ood_scores is None else f"{ood_scores[i]:.4f}"
-        flagged = "" if ood_scores is None else str(bool(ood_scores[i] > 1.0)).lower()
-        duplicate = "" if duplicate_of_train is None else str(bool(duplicate_of_train[i])).lower()
-        writer.writerow([os.fspath(path_i), classes[y_true[i]], classes[y_pred[i]], str(bool(y_true[i] == y_pred[i])).lower(),
-                         f"{probabilities[i, y_pred[i]]:.6f}", f"{losses[i]:.6f}",
-                         *(f"{p:.6f}" for p in probabilities[i]), ood, flagged, duplicate,
-                         "" if groups is None else groups[i]])
-    text = buffer.getvalue()
-    return atomic_write(path, lambda handle: handle.write(text), "w")
 
 
 def worst_mistakes(y_true, probabilities, limit: int = GALLERY_SIZE) -> list[int]:
@@ -82,7 +55,7 @@ def plot_worst_mistakes(classifier, paths: Sequence, y_true, probabilities, path
             cam_ax = axes[row, column * per_item + 1]
             cam_ax.imshow(explanations[k].overlay(alpha=0.0))
             cam_ax.imshow(explanations[k].heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            cam_ax.set_title(f"Grad-CAM for {explanations[k].target}", fontsize=8)
+            cam_ax.set_title(f"{explanations[k].method_label} for {explanations[k].target}", fontsize=8)
     if explanations:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize

@@ -15,25 +15,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from braintumor.inference.runtimes import OnnxBackend, TorchBackend, open_model_file
+from braintumor.inference.runtimes import BACKENDS, TorchBackend, open_model
 from braintumor.models.checkpoint import ModelSpec, resolve_checkpoint
-from braintumor.inference.accelerated import load_openvino, resolve_auto_backend
 from braintumor.data.io import read_image
 from braintumor.data.transforms import eval_transform
 from braintumor.utils.devices import resolve_device
 from braintumor.errors import UserError
 from braintumor.visualize.explain import Explanation
 from braintumor.utils.fingerprint import file_fingerprint
-from braintumor.models.formats import ONNX, model_format
 from braintumor.data.inputs import ImageInput, describe_source, expand_inputs, to_image
 from braintumor.utils.locking import ReadWriteLock
 from braintumor.models.network import build_model
 from braintumor.inference import service
 from braintumor.inference.results import Prediction
 
-# What --backend picks among: the file's own runtime ("torch": as before the CPU exports existed), a verified
-# CPU export beside a checkpoint ("auto"), or a runtime for an ONNX file ("onnx", "openvino").
-BACKENDS = ("torch", "onnx", "openvino", "auto")
 __all__ = ["BACKENDS", "Classifier", "ImageInput", "Prediction", "check_min_confidence", "describe_source",
            "expand_inputs"]  # Prediction: defined in inference/results.py (the one results schema)
 
@@ -62,7 +57,7 @@ class Classifier:
     def from_model(cls, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu",
                    **options: Any) -> "Classifier":
         """A Classifier over a PyTorch network in memory (with the spec's OOD detector, when fitted)."""
-        return cls(TorchBackend(model, device, spec.ood_state), spec, **options)
+        return cls(TorchBackend(model, device, spec.trust), spec, **options)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "torch",
@@ -76,21 +71,10 @@ class Classifier:
         ONNX export and run it on ONNX Runtime or OpenVINO. ``model_factory`` rebuilds a checkpoint's network (a
         run trained with ``train(..., model_factory=...)`` is read back with the same factory).
         """
-        path, runtime = resolve_checkpoint(path), backend
-        if runtime not in BACKENDS:
-            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {runtime!r}")
-        device = resolve_device(device)
-        if runtime == "auto" and device.type == "cpu" and model_format(path) != ONNX:
-            path, runtime = resolve_auto_backend(path) or (path, "torch")
-        if runtime in ("onnx", "openvino") and model_format(path) != ONNX:
-            raise UserError(f"--backend {runtime} runs ONNX exports, and {path} is not one; export it with "
-                            f"`braintumor export {path} --format onnx`, or use --backend torch")
-        if runtime == "openvino":
-            session, meta = load_openvino(path)
-            opened = OnnxBackend(session, name="openvino"), ModelSpec.from_dict(meta)
-        else:
-            opened = open_model_file(path, device, model_factory=model_factory)
-        return cls(*opened, fingerprint=file_fingerprint(path), source_path=str(path), tta=tta)
+        # One loader decides the file's format (read once), the runtime and validates the file (runtimes.open_model).
+        opened = open_model(path, device, backend, model_factory=model_factory)
+        return cls(opened.runtime, opened.spec, fingerprint=file_fingerprint(opened.path),
+                   source_path=str(opened.path), tta=tta)
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -174,13 +158,15 @@ class Classifier:
         return service.predict_batch(self, batch, sources)
 
     def explain(self, x: ImageInput | Sequence[ImageInput], target: str | None = None, batch_size: int = 16,
-                method: str | None = None) -> Explanation | list[Explanation]:
+                method: str | None = None, layer: str | None = None) -> Explanation | list[Explanation]:
         """Explanation for one input (an Explanation) or a list (a list, same order): the heat map of ``target``
         (a class name; None: each image's predicted class) by ``method`` (None: the default), with the
-        calibrated probabilities and ``explanation.prediction`` (status included). Needs the PyTorch backend."""
+        calibrated probabilities and ``explanation.prediction`` (status included); ``layer`` for the CAM methods
+        (None: the last block). Needs the PyTorch backend."""
         single = _is_single(x)
         items = [x] if single else list(x)
-        results = service.explain_items(self, items, target=target, method=method, batch_size=batch_size)
+        results = service.explain_items(self, items, target=target, method=method, layer=layer,
+                                        batch_size=batch_size)
         return results[0] if single else results
 
 

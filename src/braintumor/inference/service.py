@@ -317,27 +317,23 @@ def predict_items(classifier: "Classifier", items: Sequence[ImageInput | Volume]
 
 # ------------------------------------------------------------------ explanations
 
-def _explain_maps(model: torch.nn.Module, batch: torch.Tensor, method: str | None, layer: str | None,
+def _explain_maps(model: torch.nn.Module, batch: torch.Tensor, method: str, layer: str | None,
                   targets: list[int]) -> np.ndarray:
-    """Heat maps (B, S, S) in [0, 1] from ``visualize.explain`` (its explain_batch when present)."""
-    from braintumor.visualize import explain as explain_module
+    """Heat maps (B, S, S) in [0, 1] from ``visualize.explain.explain_batch`` (an unknown method or layer is a
+    UserError)."""
+    from braintumor.visualize.explain import explain_batch
 
-    explain_batch = getattr(explain_module, "explain_batch", None)
-    if explain_batch is not None:
-        method = method or getattr(explain_module, "DEFAULT_METHOD", None)
+    try:
         return explain_batch(model, batch, method=method, layer=layer, targets=targets)[1]
-    if method not in (None, "gradcam"):
-        raise UserError(f"unknown explanation method {method!r}; this version has: gradcam")
-    from braintumor.models.network import gradcam_layer
-
-    return explain_module.grad_cam(model, layer or gradcam_layer(model), batch, targets)[1]
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def explain_methods() -> tuple[str, ...]:
     """The explanation methods ``explain_items`` accepts (``visualize.explain.METHODS``)."""
-    from braintumor.visualize import explain as explain_module
+    from braintumor.visualize.explain import METHODS
 
-    return tuple(getattr(explain_module, "METHODS", ("gradcam",)))
+    return tuple(METHODS)
 
 
 def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, target: str | None = None,
@@ -346,8 +342,9 @@ def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, targ
     """Explanations of image inputs: each the calibrated :class:`Prediction` (``explanation.prediction``, with
     its status), and a heat map of ``target`` (a class name; None: the predicted class) by ``method`` (None:
     ``visualize.explain.DEFAULT_METHOD``). Needs a PyTorch model: exports have no gradients (UserError)."""
-    from braintumor.visualize.explain import Explanation
+    from braintumor.visualize.explain import DEFAULT_METHOD, Explanation
 
+    method = method or DEFAULT_METHOD
     if classifier.model is None:
         raise UserError(f"explanations need gradients: load the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
@@ -368,7 +365,7 @@ def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, targ
         for prediction, image, heatmap, explained in zip(predictions, images, maps, targets):
             explanation = Explanation.of(prediction.source, classes, np.array(list(prediction.probabilities.values())),
                                          np.asarray(heatmap, dtype=np.float32), image.resize(size, Image.BILINEAR),
-                                         explained)
+                                         explained, method=method)
             explanation.prediction = prediction  # calibrated probabilities and the status
             explanation.status = prediction.status
             results.append(explanation)
