@@ -111,3 +111,49 @@ def train_and_test_folders(tmp_path) -> tuple[Path, Path, list[Path]]:
     leaked_edit = save_image(test / "meningioma" / "z.png", brightened(cropped_by(Image.fromarray(phantom_pixels(3)), 0.03)))
     clean = [save_image(test / PHANTOM_CLASSES[i % 2] / f"s{i}.png", phantom_pixels(i)) for i in range(10, 14)]
     return train, test, [leaked_exact, *clean, leaked_near, leaked_edit]
+
+
+def two_tier_trust(model, images, temperature: float = 1.7, seed: int = 0) -> dict:
+    """A synthetic two-tier ``trust`` entry for ``model`` (no fitting: random whitened coordinates), with each
+    threshold at the median score of ``images`` so that about half of them flag each tier."""
+    from braintumor.trust.ood import backbone_features
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pooled, statistics = backbone_features(model.eval(), images)
+        logits = model.fc(pooled)
+    classes, rank = logits.shape[1], 8
+    not_mri = {"method": "gaussian-statistics", "center": statistics.mean(dim=0),
+               "whitening": torch.randn(statistics.shape[1], rank, generator=generator), "threshold": 1.0}
+    atypical = {"method": "mahalanobis-mondrian", "whitening": torch.randn(pooled.shape[1], rank, generator=generator),
+                "centers": torch.randn(classes, rank, generator=generator), "thresholds": torch.ones(classes)}
+    from braintumor.trust.ood import trust_head_from_state
+
+    head = trust_head_from_state({"not_mri": not_mri, "atypical": atypical})
+    with torch.no_grad():
+        scores = head(pooled, statistics, logits)
+    not_mri["threshold"] = float(scores[:, 0].median())
+    atypical["thresholds"] = torch.full((classes,), float(scores[:, 1].median()))
+    return {"not_mri": not_mri, "atypical": atypical, "temperature": temperature, "n_train": len(images),
+            "n_val": len(images)}
+
+
+def make_trusted_checkpoint(path, image_size=64, seed=0, legacy: bool = False):
+    """``make_checkpoint`` with a synthetic trust entry: both tiers, or (``legacy``) the one-tier ``trust["ood"]``
+    of checkpoints written before the not-MRI tier."""
+    from braintumor.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    make_checkpoint(path, image_size=image_size, seed=seed)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    images = torch.randn(16, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    trust = two_tier_trust(model, images, seed=seed)
+    if legacy:
+        atypical = trust.pop("atypical")
+        trust.pop("not_mri")
+        trust["ood"] = {"method": "mahalanobis", "whitening": atypical["whitening"], "centers": atypical["centers"],
+                        "threshold": float(atypical["thresholds"][0])}
+    ckpt["trust"] = trust
+    ckpt.pop("format_version", None)
+    save_checkpoint(ckpt, path)
+    return path

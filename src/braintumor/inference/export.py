@@ -1,11 +1,15 @@
 """Export a checkpoint to ONNX or TorchScript with its ModelSpec, and quantize an ONNX export to int8.
 
-ONNX files hold the network (input ``input`` (B, 3, S, S) normalized float32, output ``logits`` (B, C), dynamic batch
-axis) and, in the model's ``metadata_props``, everything :class:`braintumor.inference.classifier.Classifier` needs to run it
-alone: the spec (classes, image_size, mean, std, arch, tta), the braintumor version and the source checkpoint's
-fingerprint (:func:`braintumor.inference.runtimes.export_metadata`; :mod:`braintumor.inference.runtimes` reads the files back).
-When the checkpoint holds a fitted OOD detector and temperature (:mod:`braintumor.trust.fitting`), the graph has a second
-output ``ood_score`` (B,) computed inside it, and ``trust`` in the metadata holds the temperature and fit summary.
+Every export carries everything the checkpoint's predictions depend on. ONNX files hold the network (input
+``input`` (B, 3, S, S) normalized float32, output ``logits`` (B, C), dynamic batch axis) and, in the model's
+``metadata_props``, everything :class:`braintumor.inference.classifier.Classifier` needs to run it alone: the spec
+(classes, image_size, mean, std, arch, tta), the braintumor version and the source checkpoint's fingerprint
+(:func:`braintumor.inference.runtimes.export_metadata`; :mod:`braintumor.inference.runtimes` reads the files back).
+When the checkpoint holds fitted trust tiers (:mod:`braintumor.trust`), the graph is the
+:class:`braintumor.trust.ood.ScoringNet` with a second output ``trust_scores`` (B, 2) ``[not_mri, atypical]``
+computed inside it, and ``trust`` in the metadata holds the temperature, the tiers and the fit summary.
+TorchScript files are a trace of the same module (both outputs; any batch and image size) with the same metadata
+stored inside the archive (``braintumor.json``).
 
 Exporter choice (torch 2.14, onnx 1.23, onnxscript 0.7): the TorchScript-based exporter (``dynamo=False``)
 writes the requested opset 17 directly, takes ~2 s for resnet18, and matches eager PyTorch to ~1e-6 relative.
@@ -29,9 +33,10 @@ import torch
 
 from braintumor import __version__
 from braintumor.utils.atomic import atomic_write
-from braintumor.inference.runtimes import (INPUT_NAME, OOD_OUTPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_META, encode_onnx_metadata,
-                       export_metadata, load_onnx_session)
-from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, model_from_checkpoint, resolve_checkpoint, spec_of
+from braintumor.inference.runtimes import (INPUT_NAME, OUTPUT_NAME, TORCHSCRIPT_META, TRUST_OUTPUT_NAME,
+                                           encode_onnx_metadata, export_metadata, load_onnx_session, scoring_module)
+from braintumor.models.checkpoint import (REFERENCE_MODEL, load_checkpoint, missing_model_error, model_from_checkpoint,
+                                          resolve_checkpoint, spec_of)
 from braintumor.errors import UserError
 from braintumor.utils.fingerprint import file_fingerprint
 from braintumor.utils.optional import require
@@ -42,19 +47,39 @@ FORMAT_NAMES = {ONNX: "an ONNX", TORCHSCRIPT: "a TorchScript"}
 MIN_OPSET = 13
 
 
-def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> Path:
+def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
+           overwrite: bool = False) -> Path:
     """Export ``checkpoint`` as ``fmt`` ("onnx" or "torchscript") to ``out`` (default: beside it); return the path.
 
     ``out`` must end in a suffix of its format (``.onnx``; ``.ts``, ``.pt``, ``.pth`` or ``.torchscript``), so
-    every reader can tell what the file is from its name as well as from its content."""
+    every reader can tell what the file is from its name as well as from its content. An existing ``out`` is
+    replaced only with ``overwrite``."""
+    source, out = export_target(checkpoint, fmt, out, overwrite=overwrite)
+    return export_onnx(source, out) if fmt == ONNX else export_torchscript(source, out)
+
+
+def export_target(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
+                  overwrite: bool = False) -> tuple[Path, Path]:
+    """(source checkpoint, output path) of an export, checked before anything is written: a known format, an
+    existing checkpoint, a suffix of the format, not the checkpoint itself, no file replaced without
+    ``overwrite``."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     source = resolve_checkpoint(checkpoint)
+    if not source.is_file():
+        raise missing_model_error(source)
     out = default_export_path(source, fmt) if out is None else Path(out)
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another file name")
     check_export_suffix(out, fmt)
-    return export_onnx(source, out) if fmt == ONNX else export_torchscript(source, out)
+    refuse_overwrite(out, overwrite)
+    return source, out
+
+
+def refuse_overwrite(path: Path, overwrite: bool) -> None:
+    """A one-line UserError when ``path`` exists and ``overwrite`` was not asked for."""
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def check_export_suffix(out: Path, fmt: str) -> None:
@@ -81,8 +106,8 @@ def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
 
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise UserError(f"ONNX opset must be an integer >= {MIN_OPSET}, got {opset!r}")
-    model, meta, with_detector = _load_for_export(checkpoint_path)
-    output_names = [OUTPUT_NAME, OOD_OUTPUT_NAME] if with_detector else [OUTPUT_NAME]
+    model, meta, tiers = _load_for_export(checkpoint_path)
+    output_names = [OUTPUT_NAME, TRUST_OUTPUT_NAME] if tiers else [OUTPUT_NAME]
     example = torch.zeros(2, 3, meta["image_size"], meta["image_size"])
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter announces its own deprecation; the choice is explained above.
@@ -105,14 +130,18 @@ def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
 
 
 def export_torchscript(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write the checkpoint's network as TorchScript (scripted: any batch size) with ``braintumor.json`` inside."""
-    model, meta, _ = _load_for_export(checkpoint_path, with_ood=False)
+    """Write the checkpoint's network, with its trust head when fitted, as a TorchScript trace (outputs: logits,
+    and trust scores (B, 2) when the model has a tier; any batch and image size) with ``braintumor.json`` (spec,
+    temperature, tiers, fit summary, provenance) inside the same file."""
+    model, meta, _ = _load_for_export(checkpoint_path)
     extra_files = {TORCHSCRIPT_META: json.dumps(meta)}
-    with warnings.catch_warnings():
-        # torch.jit warns that it is deprecated in favour of torch.export; TorchScript is what was asked for.
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(model)
-        return atomic_write(out_path, lambda handle: torch.jit.save(scripted, handle, _extra_files=extra_files))
+    size = meta["image_size"]
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit warns that it is deprecated in favour of torch.export, and that traced shapes are constants
+        # (they are not: the batch and image size stay free, as tests/test_export.py checks).
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.zeros(2, 3, size, size), check_trace=False)
+        return atomic_write(out_path, lambda handle: torch.jit.save(traced, handle, _extra_files=extra_files))
 
 
 def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calibration_images: Sequence,
@@ -163,17 +192,55 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     return atomic_write(out_path, lambda handle: handle.write(data))
 
 
-def _load_for_export(checkpoint_path: str | os.PathLike, with_ood: bool = True,
-                     ) -> tuple[torch.nn.Module, dict[str, Any], bool]:
-    """The checkpoint's network in eval mode, fp32, on CPU (with its OOD detector as a second output when it has
-    one and ``with_ood``), the metadata that goes with it, and whether the detector is in the network."""
-    from braintumor.trust.ood import MahalanobisDetector, ScoringNet
-
+def _load_for_export(checkpoint_path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any], tuple[str, ...]]:
+    """The checkpoint's network in eval mode, fp32, on CPU (a ScoringNet returning the trust scores as a second
+    output when it has a tier), the metadata that goes with it, and the tiers in the network."""
     source = resolve_checkpoint(checkpoint_path)
     ckpt = load_checkpoint(source)
     spec = spec_of(ckpt, source)
     model = model_from_checkpoint(ckpt, source).float().cpu().eval()
+    network, tiers = scoring_module(model, spec.trust, source)
     meta = export_metadata(spec, __version__, file_fingerprint(source))
-    if with_ood and spec.ood_state is not None:
-        return ScoringNet(model, MahalanobisDetector.from_state(spec.ood_state)).eval(), meta, True
-    return model, meta, False
+    return network.float().cpu().eval(), meta, tiers
+
+
+def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
+                 overwrite: bool = False, int8_calibration: str | os.PathLike | None = None, measure: bool = True,
+                 threads: int | None = None) -> list[tuple[Path, str | None]]:
+    """``braintumor export``: write the export(s) and, for ONNX, measure each against the checkpoint and write its
+    verdict beside it (what ``--backend auto`` reads). Returns (file written, one line on the measurement or None).
+
+    With ``int8_calibration`` (a folder or image paths) the float32 export goes to ``<out stem>.fp32.onnx`` and
+    the int8 one, calibrated and measured on those images, to ``out``. Every target is checked (suffix, not the
+    checkpoint, no file replaced without ``overwrite``) before anything is written.
+    """
+    from braintumor.data.inputs import expand_inputs
+    from braintumor.inference.accelerated import describe_measurement, measure_export
+
+    if int8_calibration is not None and fmt != ONNX:
+        raise UserError("--int8-calibration needs --format onnx")
+    source, out = export_target(checkpoint, fmt, out, overwrite=overwrite)
+    if fmt == TORCHSCRIPT:
+        return [(export_torchscript(source, out), None)]
+    calibration = None
+    if int8_calibration is not None:
+        calibration = expand_inputs([int8_calibration])
+        if not calibration:
+            raise UserError(f"--int8-calibration {int8_calibration} holds no images")
+        fp32_out = out.with_name(out.stem + ".fp32.onnx")
+        _, fp32_out = export_target(source, ONNX, fp32_out, overwrite=overwrite)
+        targets = [(export_onnx(source, fp32_out), "onnxruntime-fp32")]
+        targets.append((quantize_onnx(fp32_out, out, calibration), "onnxruntime-int8"))
+    else:
+        targets = [(export_onnx(source, out), "onnxruntime-fp32")]
+    written = []
+    for path, backend in targets:
+        note = None
+        if measure:
+            try:
+                verdict = measure_export(source, path, backend, calibration, threads=threads)
+                note = describe_measurement(backend, verdict)
+            except UserError as err:  # the export is written; only the measurement failed
+                note = f"note: {path} was written but not measured ({err}); --backend auto will not use it"
+        written.append((path, note))
+    return written

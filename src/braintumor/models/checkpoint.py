@@ -10,7 +10,9 @@ weights when the run used EMA, the spec, and a few provenance fields); ``last.pt
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import numbers
 import os
 import pickle
 import warnings
@@ -23,10 +25,13 @@ from torch import nn
 
 from braintumor.utils.atomic import atomic_write
 from braintumor.errors import UserError
-from braintumor.models.formats import ONNX, TORCHSCRIPT, content_format
-from braintumor.models.network import build_model
+from braintumor.models.formats import CHECKPOINT, TORCHSCRIPT, content_format, model_format
+from braintumor.models.network import build_model, torch_load_problem
 
 FORMAT_VERSION = 1
+# The largest input side a model may declare (training's --image-size bound too): ResNet-152 at 1024 px already
+# needs tens of GB per batch of 32, and a larger image_size read from a file would only allocate.
+MAX_IMAGE_SIZE = 1024
 REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
 # What best.pt keeps besides the weights and the spec: where the weights came from (small; ``calibrate`` reads
 # the recipe to rebuild the run's split).
@@ -73,8 +78,9 @@ class ModelSpec:
         if (not isinstance(self.classes, tuple) or len(self.classes) < 2
                 or not all(isinstance(c, str) and c for c in self.classes) or len(set(self.classes)) != len(self.classes)):
             return f"classes must be two or more distinct names, got {self.classes!r}"
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            return f"image_size must be a positive integer, got {self.image_size!r}"
+        if (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                or not 1 <= self.image_size <= MAX_IMAGE_SIZE):
+            return f"image_size must be a whole number from 1 to {MAX_IMAGE_SIZE}, got {self.image_size!r}"
         for name in ("mean", "std"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) != 3 or not all(math.isfinite(v) for v in value):
@@ -83,8 +89,8 @@ class ModelSpec:
             return f"std must be positive, got {self.std!r}"
         if not isinstance(self.tta, bool):
             return f"tta must be true or false, got {self.tta!r}"
-        if self.trust is not None and not isinstance(self.trust, dict):
-            return f"trust must be a dict of fitted statistics, got {type(self.trust).__name__}"
+        if self.trust is not None:
+            return _trust_problem(self.trust)
         return ""
 
     @property
@@ -94,7 +100,8 @@ class ModelSpec:
 
     @property
     def ood_state(self) -> dict[str, Any] | None:
-        """The fitted OOD detector's tensors (``ood.MahalanobisDetector.from_state``), or None."""
+        """The legacy one-tier OOD detector's tensors (``trust["ood"]``), or None; the trust head as a whole is
+        built from :attr:`trust` (``braintumor.trust.ood.trust_head_from_state``)."""
         return (self.trust or {}).get("ood")
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +127,24 @@ class ModelSpec:
     def replace(self, **changes: Any) -> "ModelSpec":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _trust_problem(trust: Any) -> str:
+    """What is wrong with a spec's ``trust`` entry at the level of plain values (the trust head's tensors are
+    checked where the head is built), or ""."""
+    if not isinstance(trust, dict):
+        return f"trust must be a dict of fitted statistics, got {type(trust).__name__}"
+    if not all(isinstance(key, str) for key in trust):
+        return "trust keys must be names"
+    for key in ("ood", "not_mri", "atypical"):  # the tiers' fitted statistics (checked in full by the trust head)
+        if key in trust and not isinstance(trust[key], dict):
+            return f"trust.{key} must be a dict of fitted statistics, got {type(trust[key]).__name__}"
+    if "temperature" in trust:
+        value = trust["temperature"]
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value))
+                or float(value) <= 0):
+            return f"trust.temperature must be a finite number above 0, got {value!r}"
+    return ""
 
 
 def spec_of(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint") -> ModelSpec:
@@ -165,42 +190,57 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def missing_model_error(path: str | os.PathLike, what: str = "checkpoint") -> UserError:
+    """"checkpoint not found: PATH", with "did you mean ...?" when a name close to it exists ("reference", or a
+    file beside PATH)."""
+    path = Path(path)
+    parent = path.parent
+    # "reference" is a bare name: offered only for a bare name; files beside the path for any path.
+    candidates = {REFERENCE_NAME: REFERENCE_NAME} if str(parent) == "." else {}
+    try:
+        for entry in sorted(parent.iterdir())[:2000] if parent.is_dir() else ():
+            candidates.setdefault(entry.name, entry.name if str(parent) == "." else str(parent / entry.name))
+    except OSError:
+        pass
+    match = difflib.get_close_matches(path.name, list(candidates), n=1, cutoff=0.75)
+    hint = f"; did you mean {candidates[match[0]]!r}?" if match else ""
+    return UserError(f"{what} not found: {path}{hint}")
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``payload`` (tensors, numbers, strings, lists, dicts only) atomically with ``torch.save``."""
     payload = {"format_version": FORMAT_VERSION, **payload}
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (no pickled code runs) and check it is one of ours."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (no pickled code runs) and check it is one of ours.
+
+    ``kind`` is the file's format when the caller has already asked :func:`~braintumor.models.formats.model_format`
+    (a file's format is read once per load)."""
     path = resolve_checkpoint(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    kind = content_format(path)
-    if kind in (ONNX, TORCHSCRIPT) or (kind is None and path.suffix.lower() == ".onnx"):
-        what = f"{'is' if kind else 'is named as'} {'a TorchScript' if kind == TORCHSCRIPT else 'an ONNX'} export"
-        raise UserError(f"{path} {what}, not a .pt checkpoint; this command needs the checkpoint "
-                        "(predict, evaluate and serve read exports too)")
+        raise missing_model_error(path)
+    kind = model_format(path) if kind is None else kind
+    if kind != CHECKPOINT:
+        # Bytes no format claims get their name's format: say so (an error path, so the second look is free).
+        verb = "is" if content_format(path) else "is named as"
+        raise UserError(f"{path} {verb} {'a TorchScript' if kind == TORCHSCRIPT else 'an ONNX'} export, not a .pt "
+                        "checkpoint; this command needs the checkpoint (predict, evaluate and serve read exports too)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise on top of our one line
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
-            # Do not repeat torch's advice to retry with weights_only=False: that would run the file's code.
-            raise UserError(f"cannot read checkpoint {path}: not a braintumor checkpoint (it holds Python objects "
-                            "other than tensors and plain data, and braintumor will not unpickle it)") from None
-        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
     except Exception as err:  # noqa: BLE001 - torch's loader fails on foreign bytes in many ways
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        # e.g. "101" (a magic-number mismatch inside torch), IndexError/KeyError from the unpickler on text
-        if first_line.isdigit() or isinstance(err, (KeyError, IndexError, TypeError, EOFError)):
-            raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file") from None
-        raise UserError(f"cannot read checkpoint {path}: {first_line}") from None
+        raise UserError(f"cannot read checkpoint {path}: {torch_load_problem(err)}") from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
         raise UserError(f"{path} is not a braintumor checkpoint (missing classes, arch or weights)")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer braintumor (format {ckpt['format_version']}); upgrade")
+    version = ckpt.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise UserError(f"{path} is damaged: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer braintumor (format {version}); upgrade")
     return ckpt
 
 
@@ -222,4 +262,21 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the
         detail = " ".join(str(err).split())[:200]
         raise UserError(f"{source} is damaged: its weights do not fit a {arch} with {len(classes)} classes "
                         f"({detail})") from None
+    bad = non_finite_tensor(model.state_dict())
+    if bad:
+        # Refused at load: a NaN weight makes every prediction NaN, which no status could make useful.
+        raise UserError(f"{source} is damaged: its weights hold NaN or infinite values ({bad})")
     return model.eval()
+
+
+def non_finite_tensor(tensors: Any, prefix: str = "") -> str:
+    """The name of the first floating-point tensor holding NaN or inf in a (nested) dict/list, or ""."""
+    if isinstance(tensors, torch.Tensor):
+        return prefix or "a tensor" if tensors.is_floating_point() and not bool(torch.isfinite(tensors).all()) else ""
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors) \
+        if isinstance(tensors, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return ""

@@ -1,5 +1,8 @@
 """Which kind of model file a path holds, read from its first bytes (the name is only a hint).
 
+This is the one place that decides a model file's format: every loader asks :func:`model_format` once per load
+and passes the answer on (``load_checkpoint(..., kind=...)``, ``inference.runtimes.open_model``).
+
 PyTorch checkpoints (``torch.save``) and TorchScript archives (``torch.jit.save``) are both zip files: TorchScript
 ones carry the module's code (``<archive>/code/``), checkpoints only pickled data. ONNX files are a protobuf
 ``ModelProto`` whose first field is ``ir_version`` (field 1, a varint: tag byte 0x08). Checkpoints in torch's
@@ -13,8 +16,11 @@ import zipfile
 from pathlib import Path
 
 CHECKPOINT, TORCHSCRIPT, ONNX = "checkpoint", "torchscript", "onnx"
+FORMATS = (CHECKPOINT, TORCHSCRIPT, ONNX)
 # Suffixes each format may be written under (export refuses others); the first is the default.
 SUFFIXES = {ONNX: (".onnx",), TORCHSCRIPT: (".ts", ".pt", ".pth", ".torchscript"), CHECKPOINT: (".pt", ".pth")}
+# Runtimes that run ONNX files only (on the CPU), whatever --device says.
+ONNX_RUNTIMES = ("onnx", "openvino")
 _ZIP_MAGIC = b"PK\x03\x04"
 _ONNX_FIRST_BYTE = 0x08
 _PICKLE_PROTOCOL_BYTE = 0x80
@@ -47,6 +53,14 @@ def content_format(path: str | os.PathLike) -> str | None:
     if head[:1] == bytes([_ONNX_FIRST_BYTE]):
         return ONNX
     return None
+
+
+def runtime_for(path: str | os.PathLike, backend: str) -> str:
+    """The runtime a model file will run on when ``--backend`` is ``backend``: an ONNX file (by content) always
+    runs on ONNX Runtime (or OpenVINO when asked), so ``--device`` does not apply to it."""
+    if backend in ONNX_RUNTIMES:
+        return backend
+    return "onnx" if Path(path).is_file() and model_format(path) == ONNX else backend
 
 
 def _has_code(path: Path) -> bool:

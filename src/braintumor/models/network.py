@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +78,22 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
     return model.layer4
 
 
+def torch_load_problem(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in a few words for a one-line error.
+
+    Never torch's own advice to retry with ``weights_only=False``: that would run code from the file."""
+    text = str(err).strip()
+    if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+        return ("it holds Python objects other than tensors and plain data, and braintumor will not unpickle it "
+                "(not a braintumor checkpoint or state dict)")
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    # e.g. "101" (a magic-number mismatch inside torch), IndexError/KeyError from the unpickler on text
+    if (isinstance(err, (pickle.UnpicklingError, KeyError, IndexError, TypeError, EOFError)) or first_line.isdigit()
+            or "weights_only" in text):
+        return "not a PyTorch checkpoint file"
+    return first_line
+
+
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """ImageNet weights through torchvision's own mechanism (TORCH_HOME cache, else download)."""
     weights = models.get_weight(_IMAGENET_WEIGHTS[arch])
@@ -95,9 +113,11 @@ def _load_backbone_file(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise UserError(f"weights file not found: {path} (use --weights imagenet, none, or a state-dict path)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read weights file {path}: {err}") from err
+        with warnings.catch_warnings():  # torch's pickle-protocol notes: noise on top of the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's loader fails on foreign bytes in many ways
+        raise UserError(f"cannot read weights file {path}: {torch_load_problem(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a braintumor checkpoint: take its weights
     if not isinstance(state, dict):
