@@ -224,11 +224,10 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
         return [(export_torchscript(source, out), None)]
     calibration = None
     if int8_calibration is not None:
+        _, fp32_out = export_target(source, ONNX, out.with_name(out.stem + ".fp32.onnx"), overwrite=overwrite)
         calibration = expand_inputs([int8_calibration])
         if not calibration:
             raise UserError(f"--int8-calibration {int8_calibration} holds no images")
-        fp32_out = out.with_name(out.stem + ".fp32.onnx")
-        _, fp32_out = export_target(source, ONNX, fp32_out, overwrite=overwrite)
         targets = [(export_onnx(source, fp32_out), "onnxruntime-fp32")]
         targets.append((quantize_onnx(fp32_out, out, calibration), "onnxruntime-int8"))
     else:
