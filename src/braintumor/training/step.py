@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from braintumor.optim.table import OPTIMIZER_TABLE
+
 STEP_MODES = ("auto", "eager", "compile", "compile-step", "cuda-graphs")
 PRECISIONS = ("auto", "bf16", "fp32")
 # auto compiles on CUDA from this many optimizer steps in the run. An estimate until measured on the GPU (see
@@ -83,8 +85,8 @@ def choose_step_mode(requested: str, device: torch.device, *, distributed: bool,
         if missing:
             reasons.append(f"torch.compile cannot run ({missing})")
             mode = "eager"
-    if mode in ("compile-step", "cuda-graphs") and optimizer != "ranger":
-        reasons.append(f"only Ranger has a compiled update; --optimizer {optimizer} steps eagerly")
+    if mode in ("compile-step", "cuda-graphs") and OPTIMIZER_TABLE[optimizer].compiled is None:
+        reasons.append(f"--optimizer {optimizer} has no compiled update: it steps eagerly")
         mode = "compile"
     notice = None
     if mode != requested:
