@@ -163,3 +163,60 @@ def test_missing_file():
 def test_validation_messages(override, message):
     with pytest.raises(UserError, match=message):
         resolve_config({"data": "d"}, override)
+
+
+def alias_bomb() -> bytes:
+    """The classic "billion laughs": nine levels of ten aliases each, 10^9 strings once expanded (~440 bytes)."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level, name in enumerate("bcdefghi"):
+        previous = "abcdefghi"[level]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    lines.append("epochs: *i")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_a_config_file_of_binary_bytes_is_one_line(tmp_path):
+    from braintumor.training.config import read_config_file
+
+    path = tmp_path / "model.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00" + bytes(range(256)))
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 0\)") as raised:
+        read_config_file(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
+    from braintumor.cli import main
+    from braintumor.training.config import read_config_file
+
+    path = tmp_path / "bomb.yaml"
+    path.write_bytes(alias_bomb())
+    assert len(path.read_bytes()) < 500
+    with pytest.raises(UserError, match="expands to more than 10,000 values") as raised:
+        read_config_file(path)
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 400
+    assert main(["train", "--config", str(path)]) == 2
+
+
+def test_a_large_value_is_quoted_short_in_the_error(tmp_path):
+    from braintumor.training.config import read_config_file
+
+    path = tmp_path / "list.yaml"
+    path.write_text("epochs: [&a [" + ",".join(["x" * 50] * 9) + "], " + ",".join(["*a"] * 80) + "]\n")
+    with pytest.raises(UserError, match="epochs in .* must be a whole number") as raised:
+        read_config_file(path)
+    assert len(str(raised.value)) < 400
+
+
+def test_too_big_or_too_deep_config_files_are_one_line(tmp_path):
+    from braintumor.training.config import MAX_CONFIG_BYTES, read_config_file
+
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(UserError, match="a config is at most"):
+        read_config_file(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("epochs: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError) as raised:
+        read_config_file(deep)
+    assert "\n" not in str(raised.value)

@@ -12,26 +12,26 @@ import dataclasses
 import logging
 import math
 import os
+import reprlib
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from braintumor.models.checkpoint import REFERENCE_NAME
+from braintumor.models.checkpoint import MAX_IMAGE_SIZE, REFERENCE_NAME  # MAX_IMAGE_SIZE: one home, the ModelSpec
 from braintumor.errors import UserError
 from braintumor.models.network import ARCHS
+from braintumor.optim.table import OPTIMIZERS
 from braintumor.training.step import PRECISIONS, STEP_MODES
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("ranger", "radam", "adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "cosine", "linear")
 # Names of earlier versions, still read from old run configs and YAML files (with a one-line notice).
 LEGACY_SCHEDULERS = {"none": "constant", "onecycle": "linear"}
 DATA_CACHES = ("auto", "none", "memory", "gpu")
 GC_MODES = ("all", "conv", "none")
-MAX_IMAGE_SIZE = 1024  # ResNet-152 at 1024 px already needs tens of GB per batch of 32
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # every command's --workers default
 DEFAULT_DEVICE = "auto"  # every command's --device default
 
@@ -123,7 +123,7 @@ class TrainConfig:
             check_type(f.name, value, f"--{flag_name(f.name)}")
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 raise UserError(f"--{flag_name(f.name)} must be one of {', '.join(f.metadata['choices'])}, "
-                                f"got {value!r}")
+                                f"got {shown_value(value)}")
         for ok, message in self._range_checks():
             if not ok:
                 raise UserError(message)
@@ -203,6 +203,42 @@ class TrainConfig:
                                             if key in PATH_FIELDS and _is_path(key, value)})
 
 
+# Below this peak lr a network from random initialisation (--weights none) learns next to nothing in a short
+# run: the 1e-5 default is a fine-tuning rate for ImageNet weights; the scratch recipes use 1e-3 to 3e-3.
+SCRATCH_MIN_LR = 1e-4
+# Rough seconds per training image (forward + backward) at 224 px on 2 CPU cores, from predict_latency's
+# 7.4 img/s eager ResNet-152 inference (README) times 3 for training, scaled by the networks' FLOPs.
+CPU_SECONDS_PER_IMAGE_224 = {"resnet18": 0.06, "resnet34": 0.12, "resnet50": 0.14, "resnet101": 0.27,
+                             "resnet152": 0.4}
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """One-line warnings about a config that will run but probably not as the user hopes."""
+    warnings = []
+    if cfg.weights == "none" and cfg.lr < SCRATCH_MIN_LR:
+        warnings.append(f"warning: --weights none trains from random initialisation, where --lr {cfg.lr:g} (a "
+                        "fine-tuning rate) learns next to nothing; use --lr 1e-3 or so, or --recipe scratch-cpu")
+    return warnings
+
+
+def cpu_time_hint(cfg: TrainConfig, train_images: int, cores: int) -> str | None:
+    """For a run on the CPU without a recipe and with a large network: a one-line estimate of its time and the
+    CPU recipe to use instead; None otherwise."""
+    per_image = CPU_SECONDS_PER_IMAGE_224.get(cfg.arch)
+    if cfg.recipe is not None or per_image is None or per_image < 0.1:
+        return None
+    seconds = per_image * (cfg.image_size / 224) ** 2 * 2 / max(1, cores) * train_images
+    if cfg.max_steps_per_epoch:
+        seconds = min(seconds, per_image * (cfg.image_size / 224) ** 2 * 2 / max(1, cores)
+                      * cfg.max_steps_per_epoch * cfg.batch_size)
+    if seconds * cfg.epochs < 1800:
+        return None
+    download = " (after downloading its ImageNet weights)" if cfg.weights == "imagenet" else ""
+    return (f"note: {cfg.arch} at {cfg.image_size} px on {cores} CPU core(s){download} takes roughly "
+            f"{seconds / 60:.0f} min per epoch here, {seconds * cfg.epochs / 3600:.1f} h for {cfg.epochs} epochs; "
+            "on a CPU, --recipe scratch-cpu trains a ResNet-18 in about an hour on 2 cores")
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 LAUNCH_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["launch"])
 RECIPE_FIELDS = tuple(name for name, f in FIELDS.items() if not f.metadata["launch"])
@@ -262,11 +298,21 @@ def _holds(kind: str, value: Any) -> bool:
             "int | None": value is None or type(value) is int}.get(kind, True)
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+
+
+def shown_value(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short (a YAML value may be a huge nested list)."""
+    return _short(_SHORT_REPR.repr(value), 120)
+
+
 def check_type(key: str, value: Any, where: str) -> None:
     """UserError naming ``where`` unless ``value`` holds the type of option ``key``."""
     kind = str(FIELDS[key].type)
     if not _holds(kind, value):
-        raise UserError(f"{where} must be {_KINDS.get(kind, kind)}, got {value!r}")
+        raise UserError(f"{where} must be {_KINDS.get(kind, kind)}, got {shown_value(value)}")
 
 
 def coerce_option(key: str, value: Any, source: str) -> Any:
@@ -280,11 +326,11 @@ def coerce_option(key: str, value: Any, source: str) -> Any:
         try:
             value = float(value.strip())
         except ValueError:
-            raise UserError(f"{key} in {source} must be {_KINDS[kind]}, got {value!r}") from None
+            raise UserError(f"{key} in {source} must be {_KINDS[kind]}, got {shown_value(value)}") from None
     if kind in ("int", "int | None") and isinstance(value, float) and value.is_integer() and math.isfinite(value):
         value = int(value)
     if kind in ("str", "str | None") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise UserError(f"{key} in {source} must be {_KINDS[kind]}, got {value!r}")
+        raise UserError(f"{key} in {source} must be {_KINDS[kind]}, got {shown_value(value)}")
     check_type(key, value, f"{key} in {source}")
     return float(value) if kind == "float" else value
 
@@ -308,17 +354,79 @@ def upgrade_legacy(values: dict[str, Any], source: str) -> dict[str, Any]:
 RECIPES_DIR = Path(__file__).parents[1] / "recipes"
 
 
-def _read_yaml_options(path: Path, allowed_extra: tuple[str, ...] = ()) -> dict[str, Any]:
+MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few hundred bytes
+MAX_YAML_VALUES = 10_000  # values in a config once its aliases are expanded (a recipe has about 30)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a document of more than MAX_YAML_VALUES values once its aliases are
+    expanded, before building it: a 439-byte alias bomb ("billion laughs") otherwise builds a structure whose
+    size, and the text of any message quoting it, is exponential in the file's size."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise yaml.YAMLError(f"it expands to more than {MAX_YAML_VALUES:,} values (aliases, *name, "
+                                 "repeating anchors): refused")
+        return node
+
+
+def _expanded_size(node, sizes: dict[int, int], limit: int) -> int:
+    """How many nodes ``node`` stands for with every alias expanded (shared nodes counted once each time they
+    are used); stops counting past ``limit``. A node met again while it is being counted (a recursive alias)
+    counts as over the limit."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key] if sizes[key] >= 0 else limit + 1
+    sizes[key] = -1
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, limit)
+        if total > limit:
+            break
+    sizes[key] = total
+    return total
+
+
+def load_yaml_text(path: Path) -> Any:
+    """The YAML document of a small text file, or a one-line UserError (too big, not UTF-8 text, not YAML, an
+    alias bomb, nesting too deep)."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UserError(f"config file {path} is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.start}); "
+                        "give a YAML file of option: value lines") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path} ({err.strerror or err})") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        raise UserError(f"config file {path} is not valid YAML: {_short(str(err).splitlines()[0])}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} nests too deeply to be a config") from None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _read_yaml_options(path: Path, allowed_extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    values = load_yaml_text(path) or {}
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")
     values = upgrade_legacy({str(key).replace("-", "_"): value for key, value in values.items()}, str(path))
     unknown = sorted(set(values) - field_names() - set(allowed_extra))
     if unknown:
-        raise UserError(f"unknown option(s) in {path}: {', '.join(unknown)} (see braintumor train --help)")
+        raise UserError(f"unknown option(s) in {path}: {_short(', '.join(unknown))} (see braintumor train --help)")
     return {key: value if key in allowed_extra else coerce_option(key, value, str(path))
             for key, value in values.items()}
 
