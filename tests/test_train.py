@@ -170,3 +170,138 @@ def test_epoch_line_names_the_start_lr_and_the_size_only_while_it_is_reduced():
     line = format_epoch(row, 20, improved=True, image_size=128)
     assert "train at 96 px loss" in line and "start lr 1.30e-05" in line and line.endswith("*best")
     assert " px" not in format_epoch({**row, "image_size": 128}, 20, improved=False, image_size=128)
+
+
+# ---------------------------------------------------------------- one owner per run folder, divergence, table
+
+TINY_TRAIN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+              "--lr", "1e-3", "--device", "cpu", "--workers", "0", "--no-progress", "--max-steps-per-epoch", "2"]
+
+
+def test_a_training_into_a_folder_another_process_holds_exits_2_naming_its_pid(phantom_dir, tmp_path, capsys):
+    import os
+
+    from braintumor.cli import main
+    from braintumor.utils.locking import exclusive_folder
+
+    run = tmp_path / "run"
+    with exclusive_folder(run, "test"):  # flock conflicts between open files, even within one process
+        code = main(["train", str(phantom_dir), *TINY_TRAIN, "--out", str(run)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{run} is in use by another braintumor train (PID {os.getpid()})" in err
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the holder's folder is untouched
+        with pytest.raises(UserError, match=f"PID {os.getpid()}"):  # --resume takes the same lock
+            (run / "last.pt").write_bytes(b"")
+            resume(run)
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_folder_at_once_one_wins_and_the_folder_is_its(phantom_dir, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    procs = {seed: subprocess.Popen([sys.executable, "-m", "braintumor", "train", str(phantom_dir), *TINY_TRAIN,
+                                     "--seed", str(seed), "--out", str(run)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (11, 12)}
+    done = {seed: (*proc.communicate(timeout=900), proc.returncode) for seed, proc in procs.items()}
+    assert sorted(code for _, _, code in done.values()) == [0, 2], done
+    (winner,) = [seed for seed, (_, _, code) in done.items() if code == 0]
+    (loser,) = [seed for seed in done if seed != winner]
+    err = done[loser][1].strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    # the loser either found the folder held (the usual case) or, had it started late, the finished run
+    assert (f"in use by another braintumor train (PID {procs[winner].pid})" in err
+            or "already holds a run" in err), err
+    # the folder is the winner's alone: its recipe, checkpoints and report
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == winner
+    assert load_checkpoint(run / "last.pt")["config"]["seed"] == winner
+    assert load_checkpoint(run / "best.pt")["config"]["seed"] == winner
+    assert (run / "report.json").is_file() and not list(run.glob(".*.tmp"))
+
+
+def nan_in_validation_from(evaluation: int):
+    """A model factory whose network's outputs turn NaN in eval mode from the ``evaluation``-th validation on."""
+    from braintumor.models.network import build_model
+
+    def factory(arch, num_classes, weights):
+        model = build_model(arch, num_classes=num_classes, weights=weights)
+        state = {"validations": 0, "trained": False}
+
+        def hook(module, inputs, output):
+            if module.training:
+                state["trained"] = True
+                return None
+            if state["trained"]:  # the first eval forward after training: a new validation pass
+                state["validations"] += 1
+                state["trained"] = False
+            return output * float("nan") if state["validations"] >= evaluation else None
+
+        model.register_forward_hook(hook)
+        return model
+
+    return factory
+
+
+def test_a_non_finite_validation_loss_stops_the_run_keeping_the_last_finite_checkpoints(phantom_dir, tmp_path):
+    cfg = tiny_config(phantom_dir, tmp_path / "run", epochs=3, max_steps_per_epoch=1)
+    with pytest.raises(UserError) as raised:
+        train(cfg, model_factory=nan_in_validation_from(2))
+    message = str(raised.value)
+    assert "\n" not in message and "the validation loss became non-finite after epoch 2" in message
+    assert "best.pt (epoch 1)" in message and "last.pt (epoch 1)" in message
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1 and load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (run / "report.json").exists()  # no trust fit, no report on NaN
+
+
+def test_a_run_diverging_in_its_first_epoch_leaves_no_folder_behind(phantom_dir, tmp_path, capsys):
+    from braintumor.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", str(phantom_dir), *TINY_TRAIN, "--optimizer", "sgd", "--lr", "1e4", "--out", str(run)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: training diverged"), lines
+    assert not run.exists()
+
+
+def test_weights_none_at_a_fine_tuning_lr_is_warned_about():
+    from braintumor.training.config import config_warnings
+
+    (warning,) = config_warnings(TrainConfig(data="x", weights="none"))  # the default lr, 1e-5
+    assert warning.startswith("warning: --weights none") and "1e-05" in warning and "scratch-cpu" in warning
+    assert config_warnings(TrainConfig(data="x", weights="none", lr=1e-3)) == []
+    assert config_warnings(TrainConfig(data="x")) == []  # ImageNet weights: 1e-5 is the fine-tuning rate
+
+
+def test_the_default_recipe_on_a_cpu_gets_a_time_estimate_and_the_cpu_recipe():
+    from braintumor.training.config import cpu_time_hint
+
+    hint = cpu_time_hint(TrainConfig(data="x"), train_images=4852, cores=2)  # resnet152, 224 px, 10 epochs
+    assert hint is not None and "\n" not in hint and "--recipe scratch-cpu" in hint
+    assert "resnet152 at 224 px" in hint and "ImageNet" in hint and " h for 10 epochs" in hint
+    assert cpu_time_hint(TrainConfig(data="x", recipe="seed"), 4852, 2) is None  # a recipe was chosen
+    assert cpu_time_hint(TrainConfig(data="x", arch="resnet18"), 4852, 2) is None  # small network
+    assert cpu_time_hint(TrainConfig(data="x"), train_images=24, cores=2) is None  # a few minutes
+
+
+def test_one_optimizer_table_gives_the_config_choices_and_the_trainer_optimizers():
+    import inspect
+
+    from braintumor.optim.table import OPTIMIZER_TABLE
+    from braintumor.training.config import FIELDS
+    from braintumor.training.trainer import Trainer
+
+    assert FIELDS["optimizer"].metadata["choices"] == tuple(OPTIMIZER_TABLE)
+    for name, entry in OPTIMIZER_TABLE.items():
+        optimizer = make_optimizer(TrainConfig(data="x", optimizer=name, lr=0.1), torch.nn.Linear(2, 2).parameters())
+        assert type(optimizer) is entry.cls
+        group = optimizer.param_groups[0]
+        assert group["lr"] == 0.1 and all(group[key] == value for key, value in entry.defaults.items()), name
+    ranger = make_optimizer(TrainConfig(data="x", lookahead_k=3, gc="conv"), torch.nn.Linear(2, 2).parameters())
+    assert ranger.param_groups[0]["k"] == 3 and ranger.param_groups[0]["gc"] == "conv"
+    # Trainer.__init__ is a list of named steps, not a dozen jobs inline
+    assert len(inspect.getsource(Trainer.__init__).splitlines()) <= 15

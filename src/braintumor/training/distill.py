@@ -8,6 +8,7 @@ resized to the teacher's own input size when the two differ.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 from braintumor.models.checkpoint import load_checkpoint, model_from_checkpoint
 from braintumor.training.config import split_of
 from braintumor.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -57,6 +60,64 @@ def split_conflict(teacher_config: dict[str, Any] | None, student_config: dict[s
     return f"it was trained on another split of {data} ({'; '.join(differ)})" if differ else None
 
 
+def teacher_training_paths(teacher_config: dict[str, Any]) -> list[Path] | None:
+    """The files the teacher's recorded run trained on, rebuilt from its data folder and split settings, or
+    None when that folder is not here (nothing to compare)."""
+    from braintumor.data.index import prepare_split
+    from braintumor.training.config import from_saved
+
+    if not teacher_config or not teacher_config.get("data") or not Path(teacher_config["data"]).is_dir():
+        return None
+    if teacher_config.get("val"):  # it validated on another folder: it trained on all of this one
+        from braintumor.data.index import discover
+
+        return list(discover(teacher_config["data"]).paths)
+    try:
+        taught = from_saved(teacher_config, "the teacher's config", skip_bad=True, progress=False)
+        return list(prepare_split(taught, False).train_paths)
+    except (UserError, TypeError, ValueError):  # a groups file gone, settings of another version: cannot rebuild
+        return None
+
+
+def content_conflict(teacher_config: dict[str, Any] | None, student_config: dict[str, Any],
+                     student_val_paths: list[Path]) -> str | None:
+    """Why the teacher saw this run's validation images, judged by content: how many of them have the pixels
+    (exact hash, braintumor.data.dedup) of an image the teacher's recorded run trained on. None when none do,
+    or when the teacher's data folder is not here. For a teacher trained on this very folder
+    :func:`split_conflict` decides from the split settings, without hashing."""
+    from braintumor.data.dedup import hash_files
+
+    if not teacher_config or not teacher_config.get("data") or not student_val_paths:
+        return None
+    same_folder = Path(teacher_config["data"]).resolve() == Path(student_config["data"]).resolve()
+    if same_folder and not student_config.get("val"):
+        return None
+    log.info(f"checking this run's validation images against the teacher's training images in "
+             f"{teacher_config['data']} (by content; hashes are cached)")
+    taught_on = teacher_training_paths(teacher_config)
+    if not taught_on:
+        return None
+    seen = {record.get("exact") for record in hash_files(taught_on)[0]} - {None}
+    ours = hash_files(student_val_paths)[0]
+    shared = [str(path) for path, record in zip(student_val_paths, ours) if record.get("exact") in seen]
+    if not shared:
+        return None
+    return (f"{len(shared)} of this run's {len(student_val_paths)} validation images (e.g. {shared[0]}) have the "
+            f"pixels of images it trained on in {teacher_config['data']}")
+
+
+def check_teacher(path: str, student_config: dict[str, Any], student_val_paths: list[Path]) -> None:
+    """UserError when the teacher checkpoint at ``path`` trained on any of this run's validation images,
+    by its recorded split settings (:func:`split_conflict`) or by content (:func:`content_conflict`)."""
+    teacher_config = load_checkpoint(path).get("config")
+    conflict = (split_conflict(teacher_config, student_config)
+                or content_conflict(teacher_config, student_config, student_val_paths))
+    if conflict:
+        raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
+                        "distil on the teacher's own split (same --split-seed, --val-split and grouping) "
+                        "so the validation figures stay honest")
+
+
 class Teacher:
     """A frozen trained model that gives logits for the student's batches."""
 
@@ -65,7 +126,7 @@ class Teacher:
         if list(ckpt["classes"]) != list(classes):
             raise UserError(f"the teacher {path} knows the classes {ckpt['classes']}, but the data has {classes}")
         conflict = split_conflict(ckpt.get("config"), student_config)
-        if conflict:
+        if conflict:  # check_teacher also compares content; this cheap check stays for direct users
             raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
                             "distil on the teacher's own split (same --split-seed, --val-split and grouping) "
                             "so the validation figures stay honest")

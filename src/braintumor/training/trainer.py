@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,20 +24,20 @@ from braintumor.training import distributed
 from braintumor.training import runstate
 from braintumor.utils.atomic import atomic_write
 from braintumor.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_inference_checkpoint
-from braintumor.training.config import TrainConfig, resume_config, write_config
+from braintumor.training.config import TrainConfig, config_warnings, cpu_time_hint, resume_config, write_config
 from braintumor.data.index import SplitData, prepare_split
 from braintumor.data.pipeline import build_batches
 from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from braintumor.training.distill import Teacher, distillation_loss
+from braintumor.training.distill import Teacher, check_teacher, distillation_loss
 from braintumor.training.ema import ModelEma
 from braintumor.errors import UserError
 from braintumor.visualize.figures import plot_training_curves
 from braintumor.evaluation.evaluate import evaluate_classifier, infer_batches, loss_and_correct, view_logits
 from braintumor.models.network import build_model
-from braintumor.optim import Ranger
+from braintumor.optim.table import build_optimizer
 from braintumor.inference.classifier import Classifier
-from braintumor.optim.ranger_compiled import CompiledRanger
-from braintumor.utils.devices import resolve_device
+from braintumor.utils.devices import available_cores, resolve_device
+from braintumor.utils.locking import exclusive_folder
 from braintumor.utils.seeding import seed_epoch
 from braintumor.training.step import autocast, choose_precision, choose_step_mode, pad_batch, wrap_network
 from braintumor.training.tensorboard import open_log
@@ -57,20 +60,10 @@ class RunResult:
 
 
 def make_optimizer(cfg: TrainConfig, params, compiled: bool = False) -> torch.optim.Optimizer:
-    """The project's Ranger by default (``compiled``: its update fused by torch.compile); other optimizers for
-    comparisons at the same lr."""
-    if cfg.optimizer == "ranger":
-        ranger = CompiledRanger if compiled else Ranger
-        return ranger(params, lr=cfg.lr, weight_decay=cfg.weight_decay, k=cfg.lookahead_k,
-                      alpha=cfg.lookahead_alpha, gc=cfg.gc)
-    if cfg.optimizer == "radam":
-        return torch.optim.RAdam(params, lr=cfg.lr, betas=(0.95, 0.999), eps=1e-5, weight_decay=cfg.weight_decay,
-                                 decoupled_weight_decay=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    """``--optimizer`` from the one optimizer table (braintumor.optim.table) at ``--lr`` and ``--weight-decay``;
+    ``compiled``: its update fused by torch.compile where it has one (Ranger)."""
+    return build_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay, compiled=compiled,
+                           options=cfg.to_dict())
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -98,13 +91,30 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: dict[str, Any] | None = None,
                  model_factory: ModelFactory = build_model):
         self.created_at = time.perf_counter()
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.device = resolve_device(cfg.device)
+        self.cfg, self.run_dir, self.model_factory = cfg, run_dir, model_factory
+        self._join_processes()
+        self._load_data(resume_from)
+        hint = cpu_time_hint(cfg, len(self.split.train_paths), available_cores()) if self.device.type == "cpu" else None
+        if hint and self.dist.is_main and resume_from is None:
+            log.warning(hint)
+        self._plan_steps()
+        self._build_model(resumed=resume_from is not None)
+        self._build_optimization()
+        self._restore(resume_from)
+        self._wrap_networks()
+        self._choose_precision()
+
+    def _join_processes(self) -> None:
+        """The device, the process group (DDP under torchrun) and whether this process shows progress."""
+        self.device = resolve_device(self.cfg.device)
         self.dist = distributed.init_from_env(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.show_progress = cfg.progress and self.dist.is_main and sys.stderr.isatty()
+        self.show_progress = self.cfg.progress and self.dist.is_main and sys.stderr.isatty()
+
+    def _load_data(self, resume_from: dict[str, Any] | None) -> None:
+        """Check and split the files, then the batch iterators (and their cache) over each side."""
+        cfg = self.cfg
         # Rank 0 checks the files and splits (hashing for duplicate groups once, not once per rank).
         # It also picks the data cache for every rank and, in a single process, keeps what it decoded.
         self.split: SplitData = distributed.run_on_main(
@@ -121,44 +131,65 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         # Validation pads its last batch to this size, so compiled steps and cuDNN autotuning see one shape.
         self.val_batch_size = cfg.batch_size // self.dist.world_size
-        self.step_plan = choose_step_mode(cfg.train_step, self.device, distributed=self.dist.enabled,
-                                          optimizer=cfg.optimizer, total_steps=cfg.epochs * self.steps_per_epoch)
+
+    def _plan_steps(self) -> None:
+        """Eager, compiled or CUDA-graph steps (--train-step), with a notice when the one asked for cannot run."""
+        self.step_plan = choose_step_mode(self.cfg.train_step, self.device, distributed=self.dist.enabled,
+                                          optimizer=self.cfg.optimizer,
+                                          total_steps=self.cfg.epochs * self.steps_per_epoch)
         if self.step_plan.notice and self.dist.is_main:
             print(self.step_plan.notice, file=sys.stderr, flush=True)
 
+    def _build_model(self, resumed: bool) -> None:
+        """The network (seeded; a resumed run's weights come from its checkpoint), its EMA and the teacher."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        weights = "none" if resume_from is not None else cfg.weights
-        self.model_factory = model_factory
-        self.model = model_factory(cfg.arch, len(self.classes), weights).to(self.device)
+        self.model = self.model_factory(cfg.arch, len(self.classes), "none" if resumed else cfg.weights)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # channels_last on every device: faster convolutions on CUDA, and 9-15 % faster training steps on a CPU
         # too (ResNet-18 and -50, 128 px, 2 cores; benchmarks/train_throughput.py --variants eager,eager-contiguous).
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = make_optimizer(cfg, self.model.parameters(), compiled=self.step_plan.compiles_optimizer)
+        self.model = self.model.to(self.device).to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, cfg.ema) if cfg.ema > 0 else None
-        self.teacher = (Teacher(cfg.teacher, self.classes, self.device, student_config=cfg.to_dict())
-                        if cfg.teacher else None)
-        self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.teacher = None
+        if cfg.teacher:
+            # Rank 0 compares the teacher's training images with this run's validation images (hashing both).
+            distributed.run_on_main(lambda: check_teacher(cfg.teacher, cfg.to_dict(), self.split.val_paths),
+                                    self.dist)
+            self.teacher = Teacher(cfg.teacher, self.classes, self.device, student_config=cfg.to_dict())
+
+    def _build_optimization(self) -> None:
+        """The optimizer of the one table, the lr schedule and the loss."""
+        self.optimizer = make_optimizer(self.cfg, self.model.parameters(),
+                                        compiled=self.step_plan.compiles_optimizer)
+        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+
+    def _restore(self, resume_from: dict[str, Any] | None) -> None:
+        """Where the run stands: from scratch, or the weights, optimizer, schedule, EMA and history of last.pt."""
         self.start_epoch, self.best_val_accuracy, self.best_epoch = 0, -1.0, 0
         self.saved_history: list[dict[str, Any]] | None = None
-        if resume_from is not None:
-            try:
-                self.model.load_state_dict(resume_from["model"])
-                self.optimizer.load_state_dict(resume_from["optimizer"])
-                self.scheduler.load_state_dict(resume_from["scheduler"])
-            except (RuntimeError, KeyError, ValueError) as err:
-                raise UserError(f"{run_dir / 'last.pt'} does not fit a {cfg.arch} run with the {cfg.optimizer} "
-                                f"optimizer ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})"
-                                ) from None
-            if self.ema is not None:
-                if "ema" not in resume_from:
-                    raise UserError("--ema cannot be switched on when resuming a run that trained without it")
-                self.ema.load_state_dict(resume_from["ema"])
-            self.start_epoch = int(resume_from["epoch"])
-            self.best_val_accuracy = float(resume_from["best_val_accuracy"])
-            self.best_epoch = int(resume_from.get("best_epoch", 0))
-            self.saved_history = resume_from.get("history")
+        if resume_from is None:
+            return
+        try:
+            self.model.load_state_dict(resume_from["model"])
+            self.optimizer.load_state_dict(resume_from["optimizer"])
+            self.scheduler.load_state_dict(resume_from["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"{self.run_dir / 'last.pt'} does not fit a {self.cfg.arch} run with the "
+                            f"{self.cfg.optimizer} optimizer "
+                            f"({str(err).strip().splitlines()[0] if str(err).strip() else err!r})") from None
+        if self.ema is not None:
+            if "ema" not in resume_from:
+                raise UserError("--ema cannot be switched on when resuming a run that trained without it")
+            self.ema.load_state_dict(resume_from["ema"])
+        self.start_epoch = int(resume_from["epoch"])
+        self.best_val_accuracy = float(resume_from["best_val_accuracy"])
+        self.best_epoch = int(resume_from.get("best_epoch", 0))
+        self.saved_history = resume_from.get("history")
+
+    def _wrap_networks(self) -> None:
+        """The network training runs (DDP, compiled) and the one validation runs."""
         self.net: nn.Module = self.model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -168,10 +199,11 @@ class Trainer:
         # (compiled with --compile), without DDP: each rank validates its own shard.
         self.eval_net = (self.net if self.ema is None and not self.dist.enabled
                          else wrap_network(self.eval_model, self.step_plan))
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        # bf16 autocast (no loss scaling needed) on CUDA, and on a CPU with native bf16 when --precision bf16 asks;
-        # validation on a CPU stays float32, as braintumor evaluate computes.
-        dtype, notice = choose_precision(cfg.precision, self.device)
+
+    def _choose_precision(self) -> None:
+        """bf16 autocast (no loss scaling needed) on CUDA, and on a CPU with native bf16 when --precision bf16
+        asks; validation on a CPU stays float32, as braintumor evaluate computes."""
+        dtype, notice = choose_precision(self.cfg.precision, self.device)
         if notice and self.dist.is_main:
             print(notice, file=sys.stderr, flush=True)
         self.autocast = autocast(self.device, dtype)
@@ -236,14 +268,21 @@ class Trainer:
         """The weights that are validated and saved for inference: the EMA when --ema is on."""
         return self.ema.module if self.ema is not None else self.model
 
-    def diverged(self, epoch: int, step: int) -> UserError:
-        """The one-line error for a non-finite loss: where it happened and which checkpoint is still good."""
-        where = f"epoch {epoch + 1}, step {step + 1}" if step >= 0 else f"epoch {epoch + 1} (on another process)"
-        last = self.run_dir / "last.pt"
-        kept = (f"the last good checkpoint, {last} (epoch {epoch}), is unchanged" if epoch > 0 and last.is_file()
-                else "no checkpoint had been written yet")
-        return UserError(f"training diverged: the loss became non-finite at {where}; stopped, and {kept}. "
-                         "Try a lower --lr or a warm-up (--warmup-epochs)")
+    def diverged(self, epoch: int, step: int, phase: str = "training") -> UserError:
+        """The one-line error for a non-finite loss: where it happened and which checkpoints are still good."""
+        if phase == "validation":
+            where = f"the validation loss became non-finite after epoch {epoch + 1}"
+        else:
+            where = (f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}" if step >= 0
+                     else f"the loss became non-finite in epoch {epoch + 1} (on another process)")
+        last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        if epoch > 0 and last.is_file():
+            kept = (f"{best} (epoch {self.best_epoch}) and {last} (epoch {epoch}), the last finite ones, are "
+                    "unchanged" if best.is_file() else f"{last} (epoch {epoch}) is unchanged")
+        else:
+            kept = "no checkpoint had been written yet"
+        return UserError(f"training diverged: {where}; stopped, and {kept}. Try a lower --lr or a warm-up "
+                         "(--warmup-epochs)")
 
     def validation_views(self, images: torch.Tensor) -> tuple[list[np.ndarray], None]:
         """Logits of each test-time view of a validation batch, padded to one shape for compiled steps."""
@@ -297,41 +336,49 @@ class Trainer:
         epochs_bar = tqdm(total=self.cfg.epochs, initial=self.start_epoch, desc="epochs", unit="epoch",
                           disable=not self.show_progress)
         board = open_log(self.run_dir, self.start_epoch) if self.dist.is_main else None
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            seed_epoch(self.cfg.seed, epoch, self.dist.rank)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            train_size = self.cfg.train_image_size(epoch)
-            self.train_batches.set_image_size(train_size)
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                                   "image_size": train_size}
-            row.update(self.train_one_epoch(epoch))
-            train_seconds = time.perf_counter() - start
-            row.update(self.validate())
-            row["seconds"] = time.perf_counter() - start
-            row["images_per_second"] = row["train_images"] / max(train_seconds, 1e-9)
-            row["elapsed_seconds"] = elapsed_before + time.perf_counter() - fit_start
-            if epoch == 0:  # set-up (file check, split, decode, model) + first epoch: what a user waits for
-                row["seconds_to_first_epoch"] = time.perf_counter() - self.created_at
-            improved = row["val_accuracy"] > self.best_val_accuracy
-            if improved:
-                self.best_val_accuracy, self.best_epoch = row["val_accuracy"], epoch + 1
-            if self.dist.is_main:
-                # Metrics first, then last.pt (which holds them too), then best.pt: runstate repairs a kill
-                # between any two of these writes on resume.
-                history.append(row)
-                write_metrics(log_path, history)
-                payload = self.checkpoint_payload(epoch + 1, history)
-                save_checkpoint(payload, self.run_dir / "last.pt")
-                if improved:  # best.pt: the validated weights and the spec only, for inference
-                    save_inference_checkpoint(payload, self.run_dir / "best.pt")
-                plot_training_curves(history, self.run_dir / "training_curves.png")
-                if board is not None:
-                    board.log_epoch(row)
-                # the CLI's handler keeps bars intact
-                log.info(format_epoch(row, self.cfg.epochs, improved, self.cfg.image_size))
-            epochs_bar.update(1)
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                seed_epoch(self.cfg.seed, epoch, self.dist.rank)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                train_size = self.cfg.train_image_size(epoch)
+                self.train_batches.set_image_size(train_size)
+                row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                                       "image_size": train_size}
+                row.update(self.train_one_epoch(epoch))
+                train_seconds = time.perf_counter() - start
+                row.update(self.validate())
+                if not math.isfinite(row["val_loss"]):  # nothing of this epoch is saved; never a report on NaN
+                    raise self.diverged(epoch, -1, "validation")
+                row["seconds"] = time.perf_counter() - start
+                row["images_per_second"] = row["train_images"] / max(train_seconds, 1e-9)
+                row["elapsed_seconds"] = elapsed_before + time.perf_counter() - fit_start
+                if epoch == 0:  # set-up (file check, split, decode, model) + first epoch: what a user waits for
+                    row["seconds_to_first_epoch"] = time.perf_counter() - self.created_at
+                improved = row["val_accuracy"] > self.best_val_accuracy
+                if improved:
+                    self.best_val_accuracy, self.best_epoch = row["val_accuracy"], epoch + 1
+                if self.dist.is_main:
+                    # Metrics first, then last.pt (which holds them too), then best.pt: runstate repairs a kill
+                    # between any two of these writes on resume.
+                    history.append(row)
+                    write_metrics(log_path, history)
+                    payload = self.checkpoint_payload(epoch + 1, history)
+                    save_checkpoint(payload, self.run_dir / "last.pt")
+                    if improved:  # best.pt: the validated weights and the spec only, for inference
+                        save_inference_checkpoint(payload, self.run_dir / "best.pt")
+                    plot_training_curves(history, self.run_dir / "training_curves.png")
+                    if board is not None:
+                        board.log_epoch(row)
+                    # the CLI's handler keeps bars intact
+                    log.info(format_epoch(row, self.cfg.epochs, improved, self.cfg.image_size))
+                epochs_bar.update(1)
+        except BaseException:
+            epochs_bar.close()
+            if board is not None:  # what the stopped run logged stays readable
+                board.close()
+            raise
         epochs_bar.close()
         if self.dist.is_main and history and not (self.run_dir / "training_curves.png").is_file():
             plot_training_curves(history, self.run_dir / "training_curves.png")
@@ -409,10 +456,27 @@ def train(cfg: TrainConfig, *, model_factory: ModelFactory = build_model) -> Run
     """
     cfg = cfg.validate().with_absolute_paths()  # the run resumes from any folder
     run_dir = new_run_dir(cfg)
-    if (run_dir / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
-    runstate.remove_stale_temp_files(run_dir)
-    return _fit(Trainer(cfg, run_dir, model_factory=model_factory))
+    created = not run_dir.exists() and int(os.environ.get("RANK", "0")) == 0  # rank 0 owns the folder
+    with own_run_folder(run_dir):
+        try:
+            if (run_dir / "last.pt").exists():
+                raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
+            for warning in config_warnings(cfg):
+                log.warning(warning)
+            runstate.remove_stale_temp_files(run_dir)
+            return _fit(Trainer(cfg, run_dir, model_factory=model_factory))
+        except BaseException:
+            if created and not (run_dir / "last.pt").exists():  # a run that wrote no epoch leaves nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def own_run_folder(run_dir: Path):
+    """The run folder's exclusive lock (utils.locking), taken by the process that writes it (rank 0 under
+    torchrun) before anything is written; a second run into the folder stops with the holder's PID."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(run_dir)
+    return exclusive_folder(run_dir, "braintumor train")
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -422,6 +486,11 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file():
         raise UserError(f"nothing to resume: {run_dir / 'last.pt'} not found")
+    with own_run_folder(run_dir):
+        return _resume(run_dir, overrides, model_factory)
+
+
+def _resume(run_dir: Path, overrides: dict[str, Any] | None, model_factory: ModelFactory) -> RunResult:
     runstate.remove_stale_temp_files(run_dir)
     ckpt = load_checkpoint(run_dir / "last.pt")
     cfg = resume_config(ckpt["config"], overrides or {}, run_dir)
@@ -440,7 +509,6 @@ def _fit(trainer: Trainer) -> RunResult:
     """Save the resolved config (rank 0), train, and leave the process group however training ends."""
     try:
         if trainer.dist.is_main:
-            trainer.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(trainer.cfg, trainer.run_dir / "config.yaml")
         return trainer.fit()
     finally:

@@ -1,10 +1,57 @@
-"""A readers-writer lock: many plain forward passes at once, or one Grad-CAM (which hooks the shared model)."""
+"""Locks: a folder's one owner across processes (an OS file lock), and a readers-writer lock between threads
+(many plain forward passes at once, or one Grad-CAM, which hooks the shared model)."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from braintumor.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders go unlocked there
+    fcntl = None
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+    """Own ``folder`` (created if needed) while the block runs: an exclusive ``flock`` on ``folder/.lock``, which
+    holds the owner's PID. A second owner gets a one-line UserError naming that PID instead of waiting. The OS
+    drops the lock when the owner exits, however it ends (even by SIGKILL), so a stale lock file is harmless."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield folder
+        return
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder} is in use by another {what} ({_holder(fd)}); wait for it to end, or "
+                            "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """'PID n' of the lock's holder (which writes it just after locking: retried briefly), else 'PID unknown'."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"PID {text}"
+        time.sleep(0.05)
+    return "PID unknown"
 
 
 class ReadWriteLock:
