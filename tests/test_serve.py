@@ -404,6 +404,7 @@ def flagging_classifier(checkpoint) -> Classifier:
 
     classifier.infer = infer
     classifier.trust_tiers = ("not_mri", "atypical")
+    classifier.has_ood = True
     return classifier
 
 

@@ -21,15 +21,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.synthetic.phantom import make_phantom
-from braintumor.inference.classifier import Classifier
 from braintumor.serve import create_app
+from braintumor.synthetic.phantom import make_phantom
+from test_serve import flagging_classifier, marked_phantom_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT_COPY = Path("/tmp/braintumor_page.png")
 SCREENSHOT_PHONE_COPY = Path("/tmp/braintumor_page_375.png")
+NOT_MRI_CARD_SCREENSHOT = Path("/tmp/braintumor_not_mri_card.png")
+CLASS_NAMES = ("glioma", "meningioma", "notumor", "pituitary")
 
 
 def _require_browser():
@@ -49,16 +51,19 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def server(trusted_checkpoint):
-    """uvicorn serving the app (a model with an OOD detector) in a background thread on a free 127.0.0.1 port;
-    yields the base URL."""
+def server(tiny_checkpoint):
+    """uvicorn serving the app in a background thread on a free 127.0.0.1 port, with this package's uvicorn
+    settings; the model is tiny and its trust scores flag colour images as not MRI and grayscale slices with a
+    bright corner as atypical (tests/test_serve.py flagging_classifier). Yields the base URL."""
     import uvicorn
 
-    classifier = Classifier.from_checkpoint(trusted_checkpoint)
+    from braintumor.serve.app import uvicorn_options
+
+    classifier = flagging_classifier(tiny_checkpoint)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    uv_server = uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="warning"))
+    uv_server = uvicorn.Server(uvicorn.Config(create_app(classifier), log_level="warning", **uvicorn_options()))
     thread = threading.Thread(target=uv_server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -88,6 +93,7 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
         response = httpx.post(f"{server}/api/predict",
                               files=[("files", (path.name, path.read_bytes(), "image/png"))], timeout=60)
         answers[path.name] = response.json()["results"][0]
+        assert answers[path.name]["status"] == "ok"
     model = httpx.get(f"{server}/api/model").json()
 
     with sync_playwright() as playwright:
@@ -129,7 +135,7 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(dropped).to_have_attribute("data-state", "done", timeout=30_000)
             check_card(dropped, answers[dropped_path.name])
 
-            # Grad-CAM beside the slice (not instead of it), with an opacity slider; off, then on again.
+            # An explanation beside the slice (not instead of it), with an opacity slider; off, then on again.
             toggle = card.get_by_test_id("gradcam-toggle")
             toggle.click()
             overlay = card.get_by_test_id("gradcam-image")
@@ -142,7 +148,7 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             overlay_box = overlay.bounding_box()
             assert overlay_box["x"] >= slice_box["x"] + slice_box["width"] - 1  # side by side
             expect(card.locator(".colour-bar")).to_be_visible()
-            label = answers[slice_path.name]["label"]
+            label = answers[slice_path.name]["predicted_class"]
             expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"Grad-CAM for {label}")
             card.get_by_test_id("gradcam-opacity").fill("80")
             assert overlay.evaluate("img => getComputedStyle(img).opacity") == "0.8"
@@ -152,8 +158,13 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             toggle.click()  # cached: shown again without another request
             expect(overlay).to_be_visible()
             assert sum("explain=1" in url for url in requested) == 1
+            # Another method: fetched once, named in the caption.
+            card.get_by_test_id("explain-method").select_option("gradcampp")
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"Grad-CAM++ for {label}", timeout=30_000)
+            assert sum("method=gradcampp" in url for url in requested) == 1
 
-            # A natural photo is rejected: no class, a banner, the probabilities kept for reference.
+            # A photo is not a brain MRI slice: a plain card with no class and no class bars; the probabilities
+            # only behind "show anyway", and even then no class is named as the answer.
             photo = tmp_path / "temple.jpg"
             from sklearn.datasets import load_sample_image
 
@@ -161,13 +172,55 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             page.get_by_test_id("file-input").set_input_files(str(photo))
             photo_card = page.locator('[data-testid="result"][data-filename="temple.jpg"]')
             expect(photo_card).to_have_attribute("data-state", "done", timeout=30_000)
-            expect(photo_card).to_have_attribute("data-status", "out_of_distribution")
-            expect(photo_card.get_by_test_id("predicted-label")).to_have_text("Not recognised")
-            expect(photo_card.get_by_test_id("trust-banner")).to_contain_text(
-                "Not recognised as a brain MRI slice like the training data")
-            assert photo_card.get_by_test_id("probability").count() == len(model["classes"])
+            expect(photo_card).to_have_attribute("data-status", "not_mri")
+            expect(photo_card.get_by_test_id("predicted-label")).to_have_text("Not recognised as a brain MRI slice")
+            expect(photo_card.get_by_test_id("trust-banner")).to_contain_text("gives no class")
+            expect(photo_card.get_by_test_id("probabilities")).to_be_hidden()
+            expect(photo_card.locator(".bar-fill").first).to_be_hidden()
+            visible_text = photo_card.inner_text()
+            assert not any(name in visible_text for name in CLASS_NAMES), visible_text
+            expect(photo_card.get_by_test_id("gradcam-toggle")).to_be_hidden()  # no explanation of a class it does not give
+            photo_card.screenshot(path=str(NOT_MRI_CARD_SCREENSHOT))  # the plain card, as a user first sees it
+            show = photo_card.get_by_test_id("show-probabilities")
+            show.click()
+            expect(photo_card.get_by_test_id("probabilities")).to_be_visible()
             expect(photo_card.get_by_test_id("probabilities-note")).to_be_visible()
+            assert photo_card.get_by_test_id("probability").count() == len(model["classes"])
+            assert photo_card.locator(".probability.top").count() == 0  # no class singled out
+            expect(photo_card.get_by_test_id("predicted-label")).to_have_text("Not recognised as a brain MRI slice")
             expect(card).to_have_attribute("data-status", "ok")
+
+            # An atypical slice keeps its class, with a calm warning.
+            odd_path = tmp_path / "odd.png"
+            odd_path.write_bytes(marked_phantom_png())
+            page.get_by_test_id("file-input").set_input_files(str(odd_path))
+            odd_card = page.locator('[data-testid="result"][data-filename="odd.png"]')
+            expect(odd_card).to_have_attribute("data-status", "atypical", timeout=30_000)
+            odd_answer = httpx.post(f"{server}/api/predict", files=[("files", ("odd.png", odd_path.read_bytes(),
+                                                                               "image/png"))]).json()["results"][0]
+            check_card(odd_card, odd_answer)
+            expect(odd_card.get_by_test_id("trust-banner")).to_be_visible()
+            expect(odd_card.get_by_test_id("trust-banner")).to_contain_text("unlike most of the training data")
+
+            # A volume: the key slice's probability is labelled as that slice's; the volume's status is shown.
+            from braintumor.synthetic.volumes import make_phantom_volume, write_nifti
+
+            stack, _ = make_phantom_volume("glioma", 48, 6, seed=4)
+            nifti = write_nifti(tmp_path / "case.nii.gz", stack)
+            page.get_by_test_id("file-input").set_input_files(str(nifti))
+            volume_card = page.locator('[data-testid="result"][data-filename="case.nii.gz"]')
+            expect(volume_card).to_have_attribute("data-state", "done", timeout=60_000)
+            volume_answer = httpx.post(f"{server}/api/predict", files=[("files", (nifti.name, nifti.read_bytes(),
+                                                                                  "application/gzip"))],
+                                       timeout=60).json()["results"][0]
+            key = volume_answer["volume_prediction"]["key_slice"]
+            expect(volume_card.locator(".prediction-label")).to_contain_text(f"Slice {key}")
+            expect(volume_card.get_by_test_id("volume-status")).to_contain_text("Volume:")
+            expect(volume_card.get_by_test_id("volume-status")).to_have_attribute(
+                "data-status", volume_answer["volume_prediction"]["status"])
+            expect(volume_card.get_by_test_id("volume-summary")).to_contain_text("that slice's own probabilities")
+            if volume_answer["status"] in ("ok", "atypical"):
+                expect(volume_card.get_by_test_id("predicted-confidence")).to_contain_text("for this slice")
 
             # An unreadable file gets its own card with the server's reason.
             bad = tmp_path / "notes.png"
@@ -176,20 +229,22 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             bad_card = page.locator('[data-testid="result"][data-filename="notes.png"]')
             expect(bad_card).to_have_attribute("data-state", "error", timeout=30_000)
             expect(bad_card.get_by_test_id("result-error")).to_contain_text("notes.png: not a readable image")
-            expect(page.get_by_test_id("status")).to_have_text(
-                "4 file(s): 3 analysed (1 not recognised), 1 unreadable.")
+            expect(page.get_by_test_id("status")).to_contain_text("6 file(s): 5 analysed (1 not recognised, ")
+            expect(page.get_by_test_id("status")).to_contain_text("1 unreadable.")
 
-            # Results download as JSON and CSV.
+            # Results download as JSON and CSV (the results schema's fields and columns).
             with page.expect_download() as download:
                 page.get_by_test_id("download-json").click()
             saved = json.loads(Path(download.value.path()).read_text())
-            assert [r["status"] for r in saved["results"]] == ["ok", "ok", "out_of_distribution"]
-            assert saved["results"][2]["ood_score"] > 1 and "preview_png_base64" not in saved["results"][0]
+            statuses = [r["status"] for r in saved["results"]]
+            assert statuses[:4] == ["ok", "ok", "not_mri", "atypical"]
+            assert saved["results"][2]["not_mri_score"] > 1 and "preview_png_base64" not in saved["results"][0]
+            assert saved["results"][4]["volume_prediction"]["slices_total"] == 6
             with page.expect_download() as download:
                 page.get_by_test_id("download-csv").click()
             rows = Path(download.value.path()).read_text().splitlines()
-            assert rows[0].startswith("filename,status,label,confidence") and len(rows) == 4
-            assert rows[3].startswith("temple.jpg,out_of_distribution,")
+            assert rows[0].startswith("source,predicted_class,confidence,p_glioma") and len(rows) == 1 + 4 + 6
+            assert rows[3].startswith("temple.jpg,") and ",not_mri," in rows[3]
 
             shot = tmp_path / "page.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -218,13 +273,13 @@ def check_card(card, answer: dict) -> None:
     """The card shows the API's class and each class's probability as a percentage with one decimal."""
     from playwright.sync_api import expect
 
-    expect(card.get_by_test_id("predicted-label")).to_have_text(answer["label"])
+    expect(card.get_by_test_id("predicted-label")).to_have_text(answer["predicted_class"])
     rows = card.get_by_test_id("probability")
     assert rows.count() == len(answer["probabilities"])
     for name, probability in answer["probabilities"].items():
         row = card.locator(f'[data-testid="probability"][data-class="{name}"]')
         expect(row.get_by_test_id("probability-value")).to_have_text(f"{100 * probability:.1f}%")
         assert float(row.get_attribute("data-probability")) == pytest.approx(probability, abs=1e-6)
-    width = card.locator(f'[data-class="{answer["label"]}"] .bar-fill').evaluate("el => el.style.width")
+    width = card.locator(f'[data-class="{answer["predicted_class"]}"] .bar-fill').evaluate("el => el.style.width")
     assert float(width.rstrip("%")) == pytest.approx(100 * answer["confidence"], abs=1e-3)
     assert np.isclose(sum(answer["probabilities"].values()), 1.0, atol=1e-5)

@@ -1,15 +1,21 @@
-// braintumor page: uploads each chosen slice to /api/predict?preview=1 and shows the server's answer.
-// Grad-CAM is fetched lazily (?explain=1 for that one file) the first time its toggle is pressed, because it
-// costs a backward pass; the overlay is then cached on the card. The preview shown for every file is the
-// server's decoded slice, so JPEG, PNG and DICOM (which browsers cannot display) look the same.
-// A slice the model's out-of-distribution check rejects shows no class ("not recognised"), one below the
-// server's --min-confidence shows "uncertain"; both keep their probabilities, marked as for reference only.
+// braintumor page: uploads each chosen file to /api/predict?preview=1 and shows the server's answer.
+// An explanation is fetched lazily (?explain=1&method=M for that one file) the first time its toggle is pressed,
+// because it costs a backward pass; each method's overlay is then cached on the card. The preview shown for every
+// file is the server's decoded slice, so JPEG, PNG and DICOM (which browsers cannot display) look the same.
+// Each result has a status: "not_mri" shows no class and no class bars (a plain "not recognised" card, the
+// probabilities only behind "show anyway"); "atypical" shows the class with a calm warning; "uncertain" (below
+// the server's --min-confidence) says so and shows no class. A volume's card shows its key slice's prediction,
+// labelled as that slice's, and the volume's own status and verdict.
 "use strict";
 
 (function () {
-  const state = { model: null, maxFileBytes: 20 * 1024 * 1024, gradcam: true, active: 0, queue: [] };
+  const state = { model: null, maxFileBytes: 20 * 1024 * 1024, gradcam: true, active: 0, queue: [],
+    methods: ["gradcam"], defaultMethod: "gradcam" };
   const PARALLEL_UPLOADS = 2;
-  const NOT_RECOGNISED = "Not recognised as a brain MRI slice like the training data";
+  const NOT_RECOGNISED = "Not recognised as a brain MRI slice";
+  const METHOD_LABELS = { gradcam: "Grad-CAM", gradcampp: "Grad-CAM++", hirescam: "HiResCAM", layercam: "LayerCAM",
+    occlusion: "Occlusion", "integrated-gradients": "Integrated gradients" };
+  const methodLabel = (name) => METHOD_LABELS[name] || name;
 
   const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -45,6 +51,8 @@
       state.model = model;
       state.maxFileBytes = model.limits.max_file_bytes;
       state.gradcam = model.gradcam;
+      state.methods = model.explain_methods || ["gradcam"];
+      state.defaultMethod = model.default_explain_method || state.methods[0];
       $('[data-testid="model-arch"]').textContent = model.arch;
       $('[data-testid="model-image-size"]').textContent = `${model.image_size} × ${model.image_size} px`;
       $('[data-testid="model-classes"]').textContent = model.classes.join(", ");
@@ -116,93 +124,171 @@
     }
   }
 
+  function score(value) {
+    return value === null || value === undefined ? "n/a" : value.toFixed(2);
+  }
+
   function renderResult(card, result) {
     card.dataset.state = "done";
-    card.dataset.label = result.label;
     card.dataset.status = result.status;
+    card.dataset.label = result.status === "ok" || result.status === "atypical" ? result.predicted_class : "";
     card.result = result;
     const image = $('[data-testid="slice-image"]', card);
     image.src = `data:image/png;base64,${result.preview_png_base64}`;
-    image.alt = `Slice ${result.filename} (${result.width} × ${result.height} px) as decoded by the server`;
+    image.alt = `Slice ${result.source} (${result.width} × ${result.height} px) as decoded by the server`;
     image.hidden = false;
     $(".placeholder", card).hidden = true;
     const banner = $('[data-testid="trust-banner"]', card);
     const label = $('[data-testid="predicted-label"]', card);
     const confidence = $('[data-testid="predicted-confidence"]', card);
-    if (result.status === "out_of_distribution") {
-      label.textContent = "Not recognised";
+    const note = $('[data-testid="probabilities-note"]', card);
+    const list = $('[data-testid="probabilities"]', card);
+    const showAnyway = $('[data-testid="show-probabilities"]', card);
+    const inVolume = result.slice_index !== null && result.slice_index !== undefined;
+    const slice = inVolume ? `Slice ${result.slice_index}` : "This slice";
+    const withheld = result.status === "not_mri" || result.status === "uncertain";
+    $(".prediction-label", card).textContent = (inVolume ? `Slice ${result.slice_index} (the volume's most ` +
+      "suspicious): " : "") + (withheld ? "result" : "predicted class");
+    const shown = result.status === "ok" || result.status === "atypical";
+    renderProbabilities(card, result.probabilities, shown ? result.predicted_class : null);
+    showAnyway.hidden = true;
+    list.hidden = false;
+    note.hidden = result.status === "ok" || result.status === "atypical";
+    if (result.status === "not_mri") {
+      // No class and no class bars: only a plain card, the probabilities behind a toggle.
+      label.textContent = NOT_RECOGNISED;
       confidence.textContent = "";
-      banner.textContent = `${NOT_RECOGNISED} (out-of-distribution score ${result.ood_score.toFixed(2)}, ` +
-        "above 1). No class is given; the model was not made for images like this.";
-    } else if (result.status === "low_confidence") {
+      banner.textContent = `${inVolume ? slice : "This image"} does not look like the brain MRI slices this ` +
+        "model was made for, so it " +
+        `gives no class (not-MRI score ${score(result.not_mri_score)}; above 1 is not recognised).`;
+      list.hidden = true;
+      note.hidden = true;
+      showAnyway.hidden = false;
+      showAnyway.setAttribute("aria-expanded", "false");
+      showAnyway.textContent = "Show the probabilities anyway";
+    } else if (result.status === "uncertain") {
       label.textContent = "Uncertain";
-      confidence.textContent = `most probable: ${result.label}, ${percent(result.confidence)}`;
-      banner.textContent = `Below the confidence this server requires (${percent(state.model.min_confidence)}): ` +
-        "no class is given.";
+      confidence.textContent = "";
+      banner.textContent = `No class is given: no class reaches the confidence this server requires ` +
+        `(${percent(state.model.min_confidence)}).`;
     } else {
-      label.textContent = result.label;
-      confidence.textContent = `${percent(result.confidence)} probability`;
+      label.textContent = result.predicted_class;
+      confidence.textContent = `${percent(result.confidence)} probability` + (inVolume ? " for this slice" : "");
+      banner.textContent = result.status === "atypical"
+        ? `Note: ${slice.toLowerCase()} is unlike most of the training data (atypical score ` +
+          `${score(result.atypical_score)}; above 1 is flagged). The class is given, but check it with more care.`
+        : "";
     }
+    banner.dataset.kind = result.status;
     banner.hidden = result.status === "ok";
-    $('[data-testid="probabilities-note"]', card).hidden = result.status === "ok";
-    renderProbabilities(card, result.probabilities, result.label);
-    if (result.volume) renderVolume(card, result.volume);
+    if (result.volume_prediction) renderVolume(card, result.volume_prediction);
     const toggle = $('[data-testid="gradcam-toggle"]', card);
-    toggle.disabled = !state.gradcam;
-    if (!state.gradcam) toggle.title = "Grad-CAM needs the PyTorch checkpoint (this server runs an ONNX export)";
+    const select = $('[data-testid="explain-method"]', card);
+    select.replaceChildren(...state.methods.map((name) => {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = methodLabel(name);
+      option.selected = name === state.defaultMethod;
+      return option;
+    }));
+    // An explanation of a class is not offered for a slice that gets no class.
+    const explainable = state.gradcam && result.status !== "not_mri";
+    toggle.disabled = !explainable;
+    select.disabled = !explainable;
+    $(".explain-controls", card).hidden = state.gradcam && !explainable;
+    if (!state.gradcam) toggle.title = "Explanations need the PyTorch checkpoint (this server runs an export)";
   }
 
-  // A volume (NIfTI, multi-frame DICOM) is classified slice by slice; the card shows its most suspicious slice,
-  // the verdict as the label, and how the verdict was reached.
+  // A volume (NIfTI, multi-frame DICOM) is classified slice by slice. Its card shows the key (most suspicious)
+  // slice's prediction, labelled as that slice's, and here the volume's own status, verdict and rule.
   function renderVolume(card, volume) {
-    $(".prediction-label", card).textContent = "Volume verdict";
     const summary = $('[data-testid="volume-summary"]', card);
-    summary.textContent = `${volume.slices_total} axial slices: ${volume.evidence}. Shown: slice ` +
-      `${volume.key_slice}, the most suspicious, with its probabilities. Rule: ${volume.rule}.`;
+    summary.replaceChildren();
+    const status = document.createElement("span");
+    status.className = "volume-status";
+    status.dataset.testid = "volume-status";
+    status.dataset.status = volume.status;
+    const verdict = volume.verdict === null ? NOT_RECOGNISED.toLowerCase() : volume.verdict;
+    status.textContent = `Volume: ${verdict}` + (volume.status === "ok" ? "" : ` (status ${volume.status})`);
+    const details = document.createElement("span");
+    details.textContent = `. ${volume.slices_total} axial slices: ${volume.evidence}. Shown: slice ` +
+      `${volume.key_slice}, the most suspicious, with that slice's own probabilities. Rule: ${volume.rule}.`;
+    summary.append(status, details);
     summary.hidden = false;
+  }
+
+  function toggleProbabilities(card) {
+    const button = $('[data-testid="show-probabilities"]', card);
+    const open = button.getAttribute("aria-expanded") !== "true";
+    button.setAttribute("aria-expanded", String(open));
+    button.textContent = open ? "Hide the probabilities" : "Show the probabilities anyway";
+    $('[data-testid="probabilities"]', card).hidden = !open;
+    $('[data-testid="probabilities-note"]', card).hidden = !open;
+  }
+
+  function showExplanation(card, explanation, montage) {
+    $(".gradcam-base", card).src = $('[data-testid="slice-image"]', card).src;
+    const overlay = $('[data-testid="gradcam-image"]', card);
+    overlay.src = `data:image/png;base64,${explanation.heatmap_png_base64}`;
+    overlay.alt = `${methodLabel(explanation.method)} heat map for ${card.dataset.filename}: regions that raised ` +
+      `the score of ${explanation.target}`;
+    overlay.dataset.method = explanation.method;
+    if (montage) {
+      const picture = $('[data-testid="volume-montage"]', card);
+      picture.src = `data:image/png;base64,${montage}`;
+      picture.alt = `Explanations of the most suspicious slices of ${card.dataset.filename}`;
+      picture.hidden = false;
+    }
+    $('[data-testid="gradcam-caption"]', card).textContent = `${methodLabel(explanation.method)} for ` +
+      `${explanation.target}: red marks the strongest evidence, blue none.`;
+  }
+
+  async function fetchExplanation(card, file) {
+    const method = $('[data-testid="explain-method"]', card).value || state.defaultMethod;
+    card.explanations = card.explanations || {};
+    if (!card.explanations[method]) {
+      const result = await postFile(file, { explain: "1", method });
+      card.explanations[method] = { explanation: result.explanation,
+        montage: result.volume_prediction ? result.volume_prediction.montage_png_base64 : null };
+    }
+    const { explanation, montage } = card.explanations[method];
+    showExplanation(card, explanation, montage);
   }
 
   async function toggleGradcam(card, file) {
     const button = $('[data-testid="gradcam-toggle"]', card);
     const panel = $('[data-testid="gradcam-panel"]', card);
-    const overlay = $('[data-testid="gradcam-image"]', card);
-    const caption = $('[data-testid="gradcam-caption"]', card);
     if (button.getAttribute("aria-pressed") === "true") {
       panel.hidden = true;
       card.classList.remove("with-gradcam");
       button.setAttribute("aria-pressed", "false");
-      button.textContent = "Show Grad-CAM";
+      button.textContent = "Show explanation";
       return;
     }
-    if (!overlay.getAttribute("src")) {
-      button.disabled = true;
-      button.textContent = "Computing Grad-CAM…";
-      try {
-        const result = await postFile(file, { explain: "1" });
-        $(".gradcam-base", card).src = $('[data-testid="slice-image"]', card).src;
-        overlay.src = `data:image/png;base64,${result.gradcam_heatmap_png_base64}`;
-        overlay.alt = `Grad-CAM heat map for ${result.filename}: regions that raised the score of ` +
-          `${result.gradcam_target}`;
-        if (result.volume_montage_png_base64) {
-          const montage = $('[data-testid="volume-montage"]', card);
-          montage.src = `data:image/png;base64,${result.volume_montage_png_base64}`;
-          montage.alt = `Grad-CAM of the most suspicious slices of ${result.filename}`;
-          montage.hidden = false;
-        }
-        caption.textContent = `Grad-CAM for ${result.gradcam_target}: red marks the strongest evidence, ` +
-          "blue none.";
-      } catch (err) {
-        button.disabled = false;
-        button.textContent = "Show Grad-CAM";
-        setStatus(`Grad-CAM failed for ${file.name}: ${err.message}`);
-        return;
-      }
+    button.disabled = true;
+    button.textContent = "Computing the explanation…";
+    try {
+      await fetchExplanation(card, file);
+    } catch (err) {
       button.disabled = false;
+      button.textContent = "Show explanation";
+      setStatus(`The explanation failed for ${file.name}: ${err.message}`);
+      return;
     }
+    button.disabled = false;
     panel.hidden = false;
     card.classList.add("with-gradcam");
     button.setAttribute("aria-pressed", "true");
-    button.textContent = "Hide Grad-CAM";
+    button.textContent = "Hide explanation";
+  }
+
+  async function changeMethod(card, file) {
+    if ($('[data-testid="gradcam-toggle"]', card).getAttribute("aria-pressed") !== "true") return;
+    try {
+      await fetchExplanation(card, file);
+    } catch (err) {
+      setStatus(`The explanation failed for ${file.name}: ${err.message}`);
+    }
   }
 
   function makeCard(file) {
@@ -211,6 +297,8 @@
     card.dataset.state = "pending";
     $('[data-testid="filename"]', card).textContent = file.name;
     $('[data-testid="gradcam-toggle"]', card).addEventListener("click", () => toggleGradcam(card, file));
+    $('[data-testid="explain-method"]', card).addEventListener("change", () => changeMethod(card, file));
+    $('[data-testid="show-probabilities"]', card).addEventListener("click", () => toggleProbabilities(card));
     const opacity = $('[data-testid="gradcam-opacity"]', card);
     opacity.addEventListener("input", () => {
       $('[data-testid="gradcam-image"]', card).style.opacity = String(opacity.value / 100);
@@ -225,13 +313,11 @@
     const pending = count((card) => card.dataset.state === "pending");
     const done = count((card) => card.dataset.state === "done");
     const failed = count((card) => card.dataset.state === "error");
-    const rejected = count((card) => card.dataset.status === "out_of_distribution");
-    const uncertain = count((card) => card.dataset.status === "low_confidence");
+    const flagged = [["not_mri", "not recognised"], ["atypical", "atypical"], ["uncertain", "uncertain"]]
+      .map(([status, words]) => [count((card) => card.dataset.status === status), words])
+      .filter(([n]) => n).map(([n, words]) => `${n} ${words}`);
     const parts = [`${done} analysed`];
-    if (rejected || uncertain) {
-      parts[0] += ` (${[rejected && `${rejected} not recognised`, uncertain && `${uncertain} uncertain`]
-        .filter(Boolean).join(", ")})`;
-    }
+    if (flagged.length) parts[0] += ` (${flagged.join(", ")})`;
     parts.push(`${failed} unreadable`);
     if (pending) parts.push(`${pending} in progress`);
     setStatus(`${cards.length} file(s): ${parts.join(", ")}.`);
@@ -244,22 +330,29 @@
     return [...document.querySelectorAll('[data-testid="result"]')]
       .filter((card) => card.result)
       .map((card) => {
-        const { preview_png_base64: _preview, ...rest } = card.result;
+        const { preview_png_base64: _preview, explanation: _explanation, ...rest } = card.result;
+        if (rest.volume_prediction) {
+          const { montage_png_base64: _montage, ...volume } = rest.volume_prediction;
+          rest.volume_prediction = volume;
+        }
         return rest;
       });
   }
 
   function csvCell(value) {
     const text = value === null || value === undefined ? "" : String(value);
-    return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+    return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
   }
 
+  // The results schema's columns (as `braintumor predict --csv`): a volume gives one row per slice.
   function resultsCsv(results) {
     const classes = state.model ? state.model.classes : [];
-    const header = ["filename", "status", "label", "confidence", ...classes, "ood_score", "out_of_distribution"];
-    const rows = results.map((r) => [r.filename, r.status, r.label, r.confidence,
-      ...classes.map((c) => r.probabilities[c]), r.ood_score, r.out_of_distribution]);
-    return [header, ...rows].map((row) => row.map(csvCell).join(",")).join("\n") + "\n";
+    const header = ["source", "predicted_class", "confidence", ...classes.map((c) => `p_${c}`), "status",
+      "not_mri_score", "atypical_score", "volume", "slice_index"];
+    const rows = results.flatMap((r) => (r.volume_prediction ? r.volume_prediction.slices : [r]))
+      .map((r) => [r.source, r.predicted_class, r.confidence, ...classes.map((c) => r.probabilities[c]), r.status,
+        r.not_mri_score, r.atypical_score, r.volume, r.slice_index]);
+    return [header, ...rows].map((row) => row.map(csvCell).join(",")).join("\r\n") + "\r\n";
   }
 
   function download(name, type, text) {
