@@ -87,3 +87,38 @@ def test_training_refuses_a_teacher_that_trained_on_the_validation_images(phanto
                     teacher)
     with pytest.raises(UserError, match=r"may have seen this run's validation images.*--split-seed 1 there, 7 here"):
         train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, teacher=str(teacher)))
+
+
+def teacher_trained_on(folder, path, **config):
+    """A tiny checkpoint whose recorded run trained on ``folder`` with the split settings ``config``."""
+    teacher = make_checkpoint(path, image_size=32)
+    ckpt = load_checkpoint(teacher)
+    ckpt.pop("format_version")
+    save_checkpoint({**ckpt, "config": {"data": str(folder), "val": None, "val_split": 0.15, **config}}, teacher)
+    return teacher
+
+
+def test_a_teacher_is_judged_by_content_on_a_copy_of_its_training_folder(phantom_dir, tmp_path):
+    import shutil
+
+    from braintumor.data.index import prepare_split
+    from braintumor.training.distill import check_teacher
+
+    copy = shutil.copytree(phantom_dir, tmp_path / "copy")  # another path: the settings check cannot tell
+    teacher = teacher_trained_on(phantom_dir, tmp_path / "teacher.pt", seed=0)
+
+    def check(seed):
+        student = tiny_config(copy, tmp_path / "run", seed=seed)
+        check_teacher(str(teacher), student.to_dict(), prepare_split(student, False).val_paths)
+
+    check(0)  # the copy split as the teacher split its folder: its validation images are the teacher's too
+    with pytest.raises(UserError, match=r"may have seen this run's validation images: \d+ of this run's \d+ "
+                                        r"validation images .* have the pixels of images it trained on in"):
+        check(5)  # another split of the same images: some validated here were trained on there
+    # through training too (before any epoch, nothing left behind)
+    with pytest.raises(UserError, match="have the pixels of images it trained on"):
+        train(tiny_config(copy, tmp_path / "run", epochs=1, seed=5, teacher=str(teacher)))
+    assert not (tmp_path / "run").exists()
+    # a teacher whose folder is not here records nothing to compare
+    gone = teacher_trained_on(tmp_path / "gone", tmp_path / "gone.pt", seed=0)
+    check_teacher(str(gone), tiny_config(copy, tmp_path / "run", seed=5).to_dict(), sorted(copy.rglob("*.png")))
