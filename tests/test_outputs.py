@@ -49,3 +49,84 @@ def test_commands_refuse_to_overwrite_without_the_flag(phantom_dir, tiny_checkpo
     before = (default / "audit.md").stat().st_mtime_ns
     assert main(["audit", str(phantom_dir), "--out", str(default), "--overwrite", "-q"]) == 0
     assert (default / "audit.md").stat().st_mtime_ns != before
+
+
+# ---------------------------------------------------------------- all or nothing: staged_output_dir
+
+class Failed(Exception):
+    pass
+
+
+def test_a_failed_command_leaves_no_folder_and_no_parents_it_made(tmp_path):
+    from braintumor.utils.outputs import staged_output_dir
+
+    with pytest.raises(Failed):
+        with staged_output_dir(None, tmp_path / "evaluation", now=datetime(2026, 12, 4)) as staged:
+            (staged.path / "predictions.csv").write_text("path,predicted_class\na.png,gli")  # partial
+            raise Failed
+    assert list(tmp_path.iterdir()) == []  # no evaluation/, no stamped folder, no staging folder
+    with pytest.raises(Failed):
+        with staged_output_dir(tmp_path / "a" / "b" / "out", "unused"):
+            raise Failed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_command_renames_its_staged_folder_into_place(tmp_path):
+    import os
+    import stat
+
+    from braintumor.utils.outputs import staged_output_dir
+
+    target = tmp_path / "out"
+    with staged_output_dir(target, "unused") as staged:
+        assert staged.path.parent == tmp_path and staged.path.name.startswith(".out.") and not target.exists()
+        written = staged.path / "sub" / "report.md"
+        written.parent.mkdir()
+        written.write_text("new")
+    assert staged.target == target and staged.final(written) == target / "sub" / "report.md"
+    assert (target / "sub" / "report.md").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private 0700
+
+
+def test_overwrite_replaces_files_only_when_the_command_finishes(tmp_path):
+    from braintumor.utils.outputs import staged_output_dir
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "report.md").write_text("old report")
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(Failed):
+        with staged_output_dir(target, "unused", overwrite=True) as staged:
+            (staged.path / "report.md").write_text("half a rep")
+            raise Failed
+    assert (target / "report.md").read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with staged_output_dir(target, "unused", overwrite=True) as staged:
+        (staged.path / "report.md").write_text("new report")
+    assert (target / "report.md").read_text() == "new report" and (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(UserError, match="already holds files"):  # the rules are prepare_output_dir's
+        with staged_output_dir(target, "unused"):
+            pass
+
+
+def test_failed_evaluate_and_audit_leave_nothing_behind(tiny_checkpoint, phantom_dir, tmp_path, capsys, monkeypatch):
+    from braintumor.data import audit as audit_module
+
+    work = tmp_path / "work"  # (tmp_path also holds this test's hash cache)
+    (work / "empty").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert main(["evaluate", str(tiny_checkpoint), str(work / "empty"), "--device", "cpu",
+                 "--out", str(work / "ev")]) == 2
+    assert main(["evaluate", str(tiny_checkpoint), str(work / "empty"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.count("\n") == 2
+
+    def full_disk(report, out_dir):
+        (out_dir / "audit.json").write_text('{"half": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit_module, "write_audit", full_disk)
+    assert main(["audit", str(phantom_dir), "--out", str(work / "au"), "-q"]) == 2
+    assert sorted(p.name for p in work.iterdir()) == ["empty"]  # no ev/, evaluation/, au/ or staging

@@ -193,16 +193,17 @@ def _progress(total: int, quiet: bool, unit: str):
 
 def cmd_evaluate(args) -> int:
     from braintumor.evaluation.evaluate import evaluate_checkpoint
-    from braintumor.utils.outputs import prepare_output_dir
+    from braintumor.utils.outputs import staged_output_dir
     from braintumor.evaluation.report import format_table
 
     note_cpu_only(_model_backend(args.checkpoint, args.backend), args.device)
-    out = prepare_output_dir(args.out, "evaluation", overwrite=args.overwrite)
-    report = evaluate_checkpoint(args.checkpoint, args.data, out, device=args.device,
-                                 batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
-                                 skip_bad=args.skip_bad, workers=args.workers, tta=args.tta, groups=args.groups,
-                                 backend=args.backend, min_confidence=args.min_confidence,
-                                 progress=not getattr(args, "quiet", False))
+    with staged_output_dir(args.out, "evaluation", overwrite=args.overwrite) as staged:  # all or nothing
+        report = evaluate_checkpoint(args.checkpoint, args.data, staged.path, device=args.device,
+                                     batch_size=args.batch_size, exclude_duplicates_of=args.exclude_duplicates_of,
+                                     skip_bad=args.skip_bad, workers=args.workers, tta=args.tta, groups=args.groups,
+                                     backend=args.backend, min_confidence=args.min_confidence,
+                                     progress=not getattr(args, "quiet", False))
+    out = staged.target
     print(format_table(report["metrics"]))
     for name, subset in report.get("subsets", {}).items():
         print(f"{name}: accuracy {subset['accuracy']:.2%} on {subset['n']} images")
@@ -307,12 +308,13 @@ def cmd_demo(args) -> int:
 
 def cmd_audit(args) -> int:
     from braintumor.data.audit import audit, write_audit
-    from braintumor.utils.outputs import prepare_output_dir
+    from braintumor.utils.outputs import staged_output_dir
 
-    out = prepare_output_dir(args.out, "audit", overwrite=args.overwrite)
-    report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty(),
-                   groups=args.groups)
-    json_path, md_path = write_audit(report, out)
+    with staged_output_dir(args.out, "audit", overwrite=args.overwrite) as staged:  # all or nothing
+        report = audit(args.data, against=args.against, threshold=args.threshold, progress=sys.stderr.isatty(),
+                       groups=args.groups)
+        json_path, md_path = write_audit(report, staged.path)
+    json_path, md_path = staged.final(json_path), staged.final(md_path)
     summary = report["summary"]
     if report.get("leak_headline"):
         print(report["leak_headline"])
