@@ -340,7 +340,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_explain(args) -> int:
     from braintumor.visualize.explain import write_explanations
-    from braintumor.utils.outputs import prepare_output_dir
+    from braintumor.utils.outputs import staged_output_dir
     from braintumor.inference.classifier import Classifier
     from braintumor.inference.service import discover_inputs, predict_volume
     from braintumor.inference.volume_verdict import write_volume_outputs
@@ -353,18 +353,19 @@ def cmd_explain(args) -> int:
         raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
     note_cpu_only(classifier.backend, args.device)
-    out = prepare_output_dir(args.out, "gradcam", overwrite=args.overwrite)
     options = {"method": args.method} if args.method else {}
-    written = write_explanations(classifier, found.images, out, target=args.target, **options) \
-        if found.images else []
-    for path in found.volumes:
-        volume = read_volume(path)
-        result = predict_volume(classifier, volume, rule)
-        print(one_line(f"{result.source}: volume verdict {result.verdict or 'NOT RECOGNISED'} (status "
-                       f"{result.status}; {result.evidence})"), file=sys.stderr)
-        written.extend(write_volume_outputs(classifier, volume, result, out))
+    with staged_output_dir(args.out, "gradcam", overwrite=args.overwrite) as staged:  # all or nothing
+        out = staged.path
+        written = write_explanations(classifier, found.images, out, target=args.target, **options) \
+            if found.images else []
+        for path in found.volumes:
+            volume = read_volume(path)
+            result = predict_volume(classifier, volume, rule)
+            print(one_line(f"{result.source}: volume verdict {result.verdict or 'NOT RECOGNISED'} (status "
+                           f"{result.status}; {result.evidence})"), file=sys.stderr)
+            written.extend(write_volume_outputs(classifier, volume, result, out))
     for path in written:
-        print(path)
+        print(staged.final(path))
     return 0
 
 

@@ -43,15 +43,20 @@ def read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Ima
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    _check_deflated_size(file, label)
+    inflated = inflate_to_temporary(file, label)
     try:
-        dataset = pydicom.dcmread(file, force=force)
+        dataset = pydicom.dcmread(inflated if inflated is not None else file, force=force)
+    except ImageReadError:
+        raise
     except InvalidDicomError:
         raise ImageReadError(label, "not a valid DICOM file") from None
     except EOFError:
         raise ImageReadError(label, "truncated DICOM file") from None
     except Exception as error:  # noqa: BLE001 - malformed elements raise many exception types
         raise ImageReadError(label, f"corrupt DICOM file ({one_line(error)})") from None
+    finally:
+        if inflated is not None:
+            inflated.close()
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
         # force=True parses almost any bytes into an empty dataset; without the DICM header that means "not DICOM".
         raise ImageReadError(label, "not a valid DICOM file" if force else "DICOM file has no pixel data")
@@ -140,19 +145,87 @@ def deflated_size(file: Path | io.BytesIO, limit: int) -> int | None:
             file.seek(0)
 
 
+def inflate_to_temporary(file: Path | io.BytesIO, label: str, limit: int | None = None):
+    """A deflated DICOM's inflated copy (Explicit VR Little Endian) in an anonymous temporary file, open for
+    reading at its start; None when ``file`` is not a deflated DICOM.
+
+    pydicom inflates a deflated data set whole in memory, and does so even to read only its header; this copies
+    it to disk through a 1 MiB window instead, and refuses (ImageReadError) a file that inflates past ``limit``
+    (default: the per-image inflate limit) before writing more than that.
+    """
+    import tempfile
+
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    limit = _inflate_limit() if limit is None else limit
+    handle = file.open("rb") if isinstance(file, Path) else file
+    copy = None
+    try:
+        if _DEFLATED_UID not in handle.read(4096):
+            return None
+        handle.seek(0)
+        try:
+            preamble = read_preamble(handle, True) or b"\0" * 128
+            meta = _read_file_meta_info(handle)
+        except Exception:  # noqa: BLE001 - a broken meta group: pydicom's own reading gives the reason
+            return None
+        if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED_UID.decode():
+            return None
+        copy = tempfile.TemporaryFile(prefix="braintumor-inflated-")
+        copy.write(preamble + MAGIC)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        writer = DicomFileLike(copy)
+        writer.is_little_endian, writer.is_implicit_VR = True, False
+        write_file_meta_info(writer, meta, enforce_standard=False)
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while not inflater.eof:
+            piece = inflater.unconsumed_tail or handle.read(1 << 16)
+            if not piece:
+                break
+            try:
+                out = inflater.decompress(piece, 1 << 20)
+            except zlib.error as error:
+                raise ImageReadError(label, f"corrupt deflated DICOM data ({one_line(error)})") from None
+            total += len(out)
+            if total > limit:
+                raise ImageReadError(label, _inflate_reason(limit))
+            copy.write(out)
+        copy.seek(0)
+        result, copy = copy, None
+        return result
+    finally:
+        if copy is not None:
+            copy.close()
+        if isinstance(file, Path):
+            handle.close()
+        else:
+            file.seek(0)
+
+
+def _inflate_reason(limit: int) -> str:
+    return (f"too large: the deflated DICOM data inflate to more than {limit // 2**20} MiB (limit: "
+            f"{pixels.MAX_DECODED_BYTES // 2**20} MiB per image)")
+
+
+def read_header(file: Path | io.BytesIO, label: str, *, force: bool = False):
+    """The data set without its pixel data (a deflated file is inflated to disk first, within the limit; the
+    volume probe reads headers with this so that it never inflates a bomb in memory)."""
+    import pydicom
+
+    inflated = inflate_to_temporary(file, label)
+    try:
+        return pydicom.dcmread(inflated if inflated is not None else file, stop_before_pixels=True, force=force)
+    finally:
+        if inflated is not None:
+            inflated.close()
+
+
 def _inflate_limit() -> int:
     """Bytes a deflated DICOM may inflate to: the pixels' budget plus the other elements, with room to spare."""
     return pixels.MAX_DECODED_BYTES * 2 + (1 << 20)
-
-
-def _check_deflated_size(file: Path | io.BytesIO, label: str) -> None:
-    """Refuse a deflated DICOM whose data would inflate past the budget, before pydicom inflates all of it."""
-    limit = _inflate_limit()
-    total = deflated_size(file, limit)
-    if total is not None and total > limit:
-        raise ImageReadError(label, f"too large: the deflated DICOM data inflate to more than "
-                                    f"{limit // 2**20} MiB (limit: {pixels.MAX_DECODED_BYTES // 2**20} MiB "
-                                    "per image)")
 
 
 def estimate_decode_bytes(data: bytes) -> int:
@@ -177,17 +250,29 @@ def dicom_gray_to_uint8(values: np.ndarray, dataset) -> np.ndarray:
     first preset of each). The VOI output is scaled linearly to 0..255 over its full output range, which pydicom
     itself gives when it is applied to the extreme inputs (the window's y_min/y_max, or the LUT's lowest and
     highest entry). A file without a VOI, or with an invalid one, is scaled min–max instead.
+
+    Both LUTs are elementwise, so they run on row chunks (:func:`braintumor.data.pixels.minmax_to_uint8`'s):
+    memory beyond the stored pixels and the 8-bit result is a chunk's float64, never the image's.
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    values = np.asarray(apply_modality_lut(values, dataset))
+    def modality(chunk: np.ndarray) -> np.ndarray:
+        return np.asarray(apply_modality_lut(chunk, dataset))
+
     has_lut = bool(dataset.get("VOILUTSequence"))
     if not has_lut and not ("WindowCenter" in dataset and "WindowWidth" in dataset):
-        return minmax_to_uint8(values)
-    if has_lut and not np.issubdtype(values.dtype, np.integer):
-        values = np.rint(values).astype(np.int64)  # a LUT is indexed by whole numbers (a rescale gives floats)
-    with np.errstate(over="ignore"):
-        try:
+        return minmax_to_uint8(values, modality)
+
+    def voi(chunk: np.ndarray) -> np.ndarray:
+        chunk = modality(chunk)
+        if has_lut and not np.issubdtype(chunk.dtype, np.integer):
+            chunk = np.rint(chunk).astype(np.int64)  # a LUT is indexed by whole numbers (a rescale gives floats)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(apply_voi_lut(chunk, dataset), dtype=np.float64)
+
+    voi_errors = (ValueError, NotImplementedError, AttributeError, TypeError, IndexError, KeyError)
+    try:
+        with np.errstate(over="ignore"):
             if has_lut:
                 descriptor = dataset.VOILUTSequence[0].LUTDescriptor
                 entries = int(descriptor[0]) or 2**16
@@ -196,13 +281,16 @@ def dicom_gray_to_uint8(values: np.ndarray, dataset) -> np.ndarray:
             else:
                 probe = np.array([-1e300, 1e300])
             low_high = np.asarray(apply_voi_lut(probe, dataset), dtype=np.float64)
-            out = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
-        except (ValueError, NotImplementedError, AttributeError, TypeError, IndexError, KeyError):
-            return minmax_to_uint8(values)  # an invalid VOI in the file: min–max rather than refuse the slice
-    low, high = float(low_high.min()), float(low_high.max())
-    if not high > low:
-        return minmax_to_uint8(values)
-    return np.clip(np.rint((out - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+        low, high = float(low_high.min()), float(low_high.max())
+        if not high > low:
+            return minmax_to_uint8(values, modality)
+        out = np.empty(values.shape, dtype=np.uint8)
+        for rows in pixels._row_chunks(values):
+            scaled = (voi(values[rows]) - low) * (255.0 / (high - low))
+            out[rows] = np.clip(np.rint(np.nan_to_num(scaled, nan=0.0)), 0, 255).astype(np.uint8)
+        return out
+    except voi_errors:
+        return minmax_to_uint8(values, modality)  # an invalid VOI in the file: min–max rather than refuse the slice
 
 
 def missing_decoder_reason(dataset) -> str | None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braintumor.training.config import TrainConfig, split_of
 from braintumor.data.cache import choose_cache
 from braintumor.data.scan import scan_files
 from braintumor.data.dedup import DEFAULT_THRESHOLD, group_ids
@@ -206,6 +205,33 @@ def stratified_split(
 
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """What :func:`prepare_split` needs to know of a run: the folders, the split (fraction, seed, grouping) and
+    how files are checked and cached. Built by ``TrainConfig.split_settings()`` (the data layer never reads the
+    training configuration; ``split_seed`` is already resolved, --split-seed else --seed)."""
+
+    data: str
+    val: str | None = None
+    val_split: float = 0.15
+    split_seed: int = 0
+    group_split: bool = True
+    groups: str | None = None
+    skip_bad: bool = False
+    data_cache: str = "none"
+    image_size: int = 224
+    inference_image_size: int = 224
+
+
+def split_settings_of(settings) -> SplitSettings:
+    """``settings`` itself, or what an object offering ``split_settings()`` (a ``TrainConfig``) builds."""
+    if isinstance(settings, SplitSettings):
+        return settings
+    if hasattr(settings, "split_settings"):
+        return settings.split_settings()
+    raise TypeError(f"prepare_split needs SplitSettings, not {type(settings).__name__}")
+
+
 @dataclass
 class SplitData:
     """Which files train and which validate, with the class list and any skipped bad files.
@@ -248,7 +274,7 @@ def drop_bad_files(paths: list[Path], labels: list[int], root: str, skip_bad: bo
     return [paths[i] for i in kept], [labels[i] for i in kept], bad
 
 
-def _grouped_split(cfg: TrainConfig, paths: list[Path], labels: list[int], records: list[dict] | None,
+def _grouped_split(cfg: SplitSettings, paths: list[Path], labels: list[int], records: list[dict] | None,
                    ) -> tuple[list[int], list[int], str, bool]:
     """(train indices, val indices, a phrase naming the split, whether groups were kept together)."""
     patients, patient_source = find_groups(paths, cfg.data, cfg.groups)
@@ -264,7 +290,7 @@ def _grouped_split(cfg: TrainConfig, paths: list[Path], labels: list[int], recor
                   file=sys.stderr)
     elif patient_source:
         groups = merge_groups(patients)
-    split_seed = split_of(cfg.to_dict())["split_seed"]
+    split_seed = cfg.split_seed
     train_idx, val_idx = stratified_split(labels, cfg.val_split, split_seed, groups=groups)
     kept = [what for what, on in ((f"groups from {patient_source}", patient_source),
                                   ("duplicates", cfg.group_split)) if on]
@@ -273,13 +299,15 @@ def _grouped_split(cfg: TrainConfig, paths: list[Path], labels: list[int], recor
     return train_idx, val_idx, source, groups is not None
 
 
-def prepare_split(cfg: TrainConfig, progress: bool, *, device: torch.device | None = None,
+def prepare_split(settings: SplitSettings, progress: bool, *, device: torch.device | None = None,
                   keep_images: bool = False) -> SplitData:
     """Discover the data, check every file, and split (grouping duplicates) unless --val is given.
 
     With a ``device`` the data cache is chosen for it (``cache_mode``); with ``keep_images`` too, a cached run
     keeps the images the check decoded, so each file is decoded once (see :mod:`braintumor.data.scan`).
+    ``settings`` may also be an object with a ``split_settings()`` method (a ``TrainConfig``).
     """
+    cfg = split_settings_of(settings)
     index = discover(cfg.data)
     val_index = discover(cfg.val, classes=index.classes) if cfg.val else None
     n_images = len(index.paths) + (len(val_index.paths) if val_index else 0)

@@ -7,22 +7,55 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from braintumor.data.augment import Augmentation
-from braintumor.training.config import TrainConfig
 from braintumor.data.cache import decode_to_tensor
 from braintumor.data.index import SplitData
 from braintumor.data.io import read_image
 from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_transform,
                                         normalize_batch, train_transform)
-from braintumor.training.distributed import DistInfo
 from braintumor.errors import UserError
 from braintumor.utils.seeding import derive_seed
+
+
+class Ranks(Protocol):
+    """Which process this is among how many (``braintumor.training.distributed.DistInfo`` is one; the data
+    layer only reads these three)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What :func:`build_batches` needs to know of a run, built by ``TrainConfig.batch_settings()`` (the data
+    layer never reads the training configuration). ``batch_size`` is the global batch over all processes."""
+
+    batch_size: int
+    seed: int
+    workers: int
+    image_size: int
+    inference_image_size: int
+    augmentation: Augmentation = Augmentation()
+
+
+def batch_settings_of(settings) -> BatchSettings:
+    """``settings`` itself, or what an object offering ``batch_settings()`` (a ``TrainConfig``) builds."""
+    if isinstance(settings, BatchSettings):
+        return settings
+    if hasattr(settings, "batch_settings"):
+        return settings.batch_settings()
+    raise TypeError(f"build_batches needs BatchSettings, not {type(settings).__name__}")
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -79,7 +112,7 @@ class LoaderBatches:
     """
 
     def __init__(self, paths, labels, *, transform, batch_size: int, shuffle: bool, seed: int, workers: int,
-                 dist: DistInfo, pin_memory: bool, training: bool, transform_for_size=None):
+                 dist: Ranks, pin_memory: bool, training: bool, transform_for_size=None):
         dataset = ImageFolderDataset(paths, labels, transform)
         self.dataset = dataset
         self.transform_for_size = transform_for_size
@@ -109,28 +142,30 @@ class LoaderBatches:
         return iter(self.loader)
 
 
-def drop_partial_batch(n_images: int, batch_size: int, dist: DistInfo) -> bool:
+def drop_partial_batch(n_images: int, batch_size: int, dist: Ranks) -> bool:
     """Training drops a last partial batch when a full one exists: BatchNorm's statistics over a handful of
     images (a single one fails outright) would give that step wild gradients, worse the more ranks share."""
     return math.ceil(n_images / dist.world_size) >= batch_size
 
 
-def build_batches(split: SplitData, cfg: TrainConfig, device: torch.device, dist: DistInfo, progress: bool):
+def build_batches(split: SplitData, settings: BatchSettings, device: torch.device, dist: Ranks, progress: bool):
     """Train and val batch iterables on the split's data path (``split.cache_mode``, chosen by rank 0 for all
-    ranks); returns (train, val, cache_mode). Images the split's scan kept decoded are used as they are."""
+    ranks); returns (train, val, cache_mode). Images the split's scan kept decoded are used as they are.
+    ``settings`` may also be an object with a ``batch_settings()`` method (a ``TrainConfig``)."""
+    cfg = batch_settings_of(settings)
     per_rank_batch = cfg.batch_size // dist.world_size
     if per_rank_batch < 1 or cfg.batch_size % dist.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {dist.world_size} processes")
     mode = split.cache_mode
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    augmentation = Augmentation.from_config(cfg)
+    augmentation = cfg.augmentation
     val_size = cfg.inference_image_size
     if mode == "none":
         common = dict(batch_size=per_rank_batch, seed=cfg.seed, workers=cfg.workers, dist=dist,
                       pin_memory=device.type == "cuda")
 
         def transform_for_size(size: int):
-            return train_transform(size, cfg.rotation, mean, std, augmentation=augmentation)
+            return train_transform(size, augmentation.rotation, mean, std, augmentation=augmentation)
 
         train = LoaderBatches(split.train_paths, split.train_labels, shuffle=True, training=True,
                               transform=transform_for_size(cfg.image_size), transform_for_size=transform_for_size,

@@ -177,6 +177,23 @@ class TrainConfig:
         """The size validation and the saved model use: --eval-image-size, else --image-size."""
         return self.eval_image_size or self.image_size
 
+    def split_settings(self):
+        """What the data layer's split needs of this run (data.index.prepare_split never reads a TrainConfig)."""
+        from braintumor.data.index import SplitSettings
+
+        return SplitSettings(**split_of(self.to_dict()), data=self.data, val=self.val, skip_bad=self.skip_bad,
+                             data_cache=self.data_cache, image_size=self.image_size,
+                             inference_image_size=self.inference_image_size)
+
+    def batch_settings(self):
+        """What the data layer's batches need of this run (data.pipeline.build_batches)."""
+        from braintumor.data.augment import Augmentation
+        from braintumor.data.pipeline import BatchSettings
+
+        return BatchSettings(batch_size=self.batch_size, seed=self.seed, workers=self.workers,
+                             image_size=self.image_size, inference_image_size=self.inference_image_size,
+                             augmentation=Augmentation.from_config(self))
+
     def train_image_size(self, epoch: int) -> int:
         """Training size of a 0-based epoch: with --progressive-resize S, linear from S at the first epoch to
         --image-size at the --progressive-until fraction of the epochs, in steps of 16 pixels; then full size."""

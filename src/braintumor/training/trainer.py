@@ -118,13 +118,14 @@ class Trainer:
         # Rank 0 checks the files and splits (hashing for duplicate groups once, not once per rank).
         # It also picks the data cache for every rank and, in a single process, keeps what it decoded.
         self.split: SplitData = distributed.run_on_main(
-            lambda: prepare_split(cfg, self.show_progress, device=self.device, keep_images=not self.dist.enabled),
+            lambda: prepare_split(cfg.split_settings(), self.show_progress, device=self.device,
+                                  keep_images=not self.dist.enabled),
             self.dist)
         self.classes = self.split.classes
         if resume_from is not None and resume_from["classes"] != self.classes:
             raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")
         self.train_batches, self.val_batches, self.cache_mode = build_batches(
-            self.split, cfg, self.device, self.dist, self.show_progress)
+            self.split, cfg.batch_settings(), self.device, self.dist, self.show_progress)
         self.split.train_images = self.split.val_images = None  # the batches hold them (on the device with gpu)
         self.steps_per_epoch = len(self.train_batches)
         if cfg.max_steps_per_epoch:
