@@ -115,27 +115,26 @@ def train_and_test_folders(tmp_path) -> tuple[Path, Path, list[Path]]:
 
 def two_tier_trust(model, images, temperature: float = 1.7, seed: int = 0) -> dict:
     """A synthetic two-tier ``trust`` entry for ``model`` (no fitting: random whitened coordinates), with each
-    threshold at the median score of ``images`` so that about half of them flag each tier."""
-    from braintumor.trust.ood import backbone_features
+    threshold at the median score of ``images`` so that about half of them flag each tier. Built from the trust
+    modules' own ``state()``, so it follows their format."""
+    from braintumor.trust.ood import (AtypicalTier, GaussianBlock, MahalanobisDetector, NotMriTier, TrustHead,
+                                      backbone_features)
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         pooled, statistics = backbone_features(model.eval(), images)
         logits = model.fc(pooled)
-    classes, rank = logits.shape[1], 8
-    not_mri = {"method": "gaussian-statistics", "center": statistics.mean(dim=0),
-               "whitening": torch.randn(statistics.shape[1], rank, generator=generator), "threshold": 1.0}
-    atypical = {"method": "mahalanobis-mondrian", "whitening": torch.randn(pooled.shape[1], rank, generator=generator),
-                "centers": torch.randn(classes, rank, generator=generator), "thresholds": torch.ones(classes)}
-    from braintumor.trust.ood import trust_head_from_state
-
-    head = trust_head_from_state({"not_mri": not_mri, "atypical": atypical})
+    classes, rank, width = logits.shape[1], 8, statistics.shape[1]
+    block = GaussianBlock(0, width, statistics.mean(dim=0), torch.randn(width, rank, generator=generator), 1.0)
+    not_mri = NotMriTier([block])
+    atypical = AtypicalTier(MahalanobisDetector(torch.randn(pooled.shape[1], rank, generator=generator),
+                                                torch.randn(classes, rank, generator=generator)), torch.ones(classes))
     with torch.no_grad():
-        scores = head(pooled, statistics, logits)
-    not_mri["threshold"] = float(scores[:, 0].median())
-    atypical["thresholds"] = torch.full((classes,), float(scores[:, 1].median()))
-    return {"not_mri": not_mri, "atypical": atypical, "temperature": temperature, "n_train": len(images),
-            "n_val": len(images)}
+        scores = TrustHead(not_mri, atypical)(pooled, statistics, logits)
+    block.threshold.fill_(float(scores[:, 0].median()))
+    atypical.thresholds.fill_(float(scores[:, 1].median()))
+    return {"not_mri": not_mri.state(), "atypical": atypical.state(), "temperature": temperature,
+            "n_train": len(images), "n_val": len(images)}
 
 
 def make_trusted_checkpoint(path, image_size=64, seed=0, legacy: bool = False):
@@ -149,10 +148,12 @@ def make_trusted_checkpoint(path, image_size=64, seed=0, legacy: bool = False):
     images = torch.randn(16, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     trust = two_tier_trust(model, images, seed=seed)
     if legacy:
+        from braintumor.trust.ood import MahalanobisDetector
+
         atypical = trust.pop("atypical")
         trust.pop("not_mri")
-        trust["ood"] = {"method": "mahalanobis", "whitening": atypical["whitening"], "centers": atypical["centers"],
-                        "threshold": float(atypical["thresholds"][0])}
+        trust["ood"] = MahalanobisDetector(atypical["whitening"], atypical["centers"],
+                                           float(atypical["thresholds"][0])).state()
     ckpt["trust"] = trust
     ckpt.pop("format_version", None)
     save_checkpoint(ckpt, path)

@@ -185,3 +185,86 @@ def _foreign_torchscript(tmp_path):
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
     return path
+
+
+# ------------------------------------------------------------------------------ both trust tiers in every export
+
+
+@pytest.fixture(scope="module")
+def trusted_files(tmp_path_factory):
+    """A 32 px checkpoint with both trust tiers (synthetic, thresholds at the median score) and its two exports."""
+    from helpers import make_trusted_checkpoint
+
+    folder = tmp_path_factory.mktemp("trusted-exports")
+    checkpoint = make_trusted_checkpoint(folder / "trusted.pt", image_size=32)
+    return {"checkpoint": checkpoint, "onnx": export(checkpoint, "onnx", folder / "trusted.onnx"),
+            "torchscript": export(checkpoint, "torchscript", folder / "trusted.ts")}
+
+
+def statuses(logits: np.ndarray, scores: np.ndarray, temperature: float) -> list[str]:
+    from braintumor.trust.status import status_of
+    from braintumor.trust.temperature import softmax
+
+    confidence = softmax(logits, temperature).max(axis=1)
+    return [status_of(float(c), float(s[0]), float(s[1])) for c, s in zip(confidence, scores)]
+
+
+def test_exports_keep_the_temperature_and_both_tiers_with_equal_scores_and_statuses(trusted_files):
+    from braintumor.inference.runtimes import open_model
+
+    opened = {name: open_model(path) for name, path in trusted_files.items()}
+    assert {name: o.runtime.name for name, o in opened.items()} == {
+        "checkpoint": "torch", "onnx": "onnx", "torchscript": "torchscript"}
+    batch = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    batch[3] = float("nan")  # non-finite input: +inf scores, status not_mri, in every runtime
+    results = {}
+    for name, o in opened.items():
+        assert o.runtime.tiers == ("not_mri", "atypical") and o.runtime.missing is None, name
+        assert o.spec.temperature == pytest.approx(1.7), name
+        logits, scores = o.runtime.run(batch)
+        assert logits.shape == (12, 4) and scores.shape == (12, 2) and scores.dtype == np.float32, name
+        results[name] = logits, scores, statuses(logits, scores, o.spec.temperature)
+    reference_logits, reference_scores, reference_statuses = results["checkpoint"]
+    assert len(set(reference_statuses)) >= 2 and reference_statuses[3] == "not_mri"
+    assert np.isinf(reference_scores[3]).all()
+    finite = np.isfinite(reference_scores)
+    for name in ("onnx", "torchscript"):
+        logits, scores, found = results[name]
+        assert found == reference_statuses, name
+        assert (np.isfinite(scores) == finite).all(), name
+        np.testing.assert_allclose(scores[finite], reference_scores[finite], atol=1e-3, rtol=0, err_msg=name)
+        ok = np.isfinite(reference_logits).all(axis=1)
+        np.testing.assert_allclose(logits[ok], reference_logits[ok], atol=1e-3, rtol=0, err_msg=name)
+
+
+def test_torchscript_export_is_a_trace_with_both_outputs_and_its_metadata(trusted_files):
+    module, meta = load_torchscript(trusted_files["torchscript"])
+    assert meta["trust"]["tiers"] == ["not_mri", "atypical"] and meta["trust"]["temperature"] == pytest.approx(1.7)
+    assert meta["trust"]["n_train"] == 16 and meta["classes"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert "not_mri" in meta["trust"] and "center" not in meta["trust"]["not_mri"]  # a summary: no tensors
+    with torch.no_grad():
+        for n, size in ((1, 32), (5, 48)):  # the trace keeps the batch and image size free
+            logits, scores = module(torch.randn(n, 3, size, size))
+            assert logits.shape == (n, 4) and scores.shape == (n, 2)
+
+
+def test_onnx_export_has_logits_and_trust_scores(trusted_files):
+    model = onnx.load(str(trusted_files["onnx"]))
+    assert [o.name for o in model.graph.output] == ["logits", "trust_scores"]
+    trust = json.loads({p.key: p.value for p in model.metadata_props}["trust"])
+    assert trust["tiers"] == ["not_mri", "atypical"] and trust["temperature"] == pytest.approx(1.7)
+
+
+def test_legacy_one_tier_checkpoint_exports_its_atypical_tier(tmp_path):
+    from braintumor.inference.runtimes import open_model
+
+    from helpers import make_trusted_checkpoint
+
+    legacy = make_trusted_checkpoint(tmp_path / "legacy.pt", image_size=32, legacy=True)
+    batch = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = open_model(legacy).runtime.run(batch)[1]
+    assert (expected[:, 0] == 0).all()
+    for fmt, name in (("onnx", "legacy.onnx"), ("torchscript", "legacy.ts")):
+        opened = open_model(export(legacy, fmt, tmp_path / name))
+        assert opened.runtime.tiers == ("atypical",) and "no not-MRI tier" in opened.runtime.missing
+        np.testing.assert_allclose(opened.runtime.run(batch)[1], expected, atol=1e-4)

@@ -100,13 +100,15 @@ def test_bad_checkpoint_fields_are_one_line(checkpoint, image, tmp_path, capsys,
 
 def test_bad_trust_tensors_are_one_line(trusted, image, tmp_path, capsys):
     ckpt = load_checkpoint(trusted)
+    atypical = ckpt["trust"]["atypical"]
     cases = {
-        "wrong-shape": {**ckpt["trust"], "atypical": {**ckpt["trust"]["atypical"], "centers": torch.zeros(4, 3)}},
-        "nan-threshold": {**ckpt["trust"], "not_mri": {**ckpt["trust"]["not_mri"], "threshold": float("nan")}},
-        "nan-tensor": {**ckpt["trust"], "not_mri": {**ckpt["trust"]["not_mri"],
-                                                    "center": torch.full_like(ckpt["trust"]["not_mri"]["center"],
-                                                                              float("nan"))}},
-        "text-tensor": {**ckpt["trust"], "atypical": {**ckpt["trust"]["atypical"], "whitening": "x"}},
+        "wrong-shape": {**ckpt["trust"], "atypical": {**atypical, "centers": torch.zeros(4, 3)}},
+        "nan-threshold": {**ckpt["trust"], "atypical": {**atypical,
+                                                        "thresholds": torch.full_like(atypical["thresholds"], math.nan)}},
+        "nan-tensor": {**ckpt["trust"], "atypical": {**atypical,
+                                                     "centers": torch.full_like(atypical["centers"], math.nan)}},
+        "text-tensor": {**ckpt["trust"], "atypical": {**atypical, "whitening": "x"}},
+        "not-mri-empty": {**ckpt["trust"], "not_mri": {"method": "gaussian-statistics"}},
     }
     for name, trust in cases.items():
         bad = edited(trusted, tmp_path / f"{name}.pt", trust=trust)
