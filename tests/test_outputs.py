@@ -130,3 +130,25 @@ def test_failed_evaluate_and_audit_leave_nothing_behind(tiny_checkpoint, phantom
     monkeypatch.setattr(audit_module, "write_audit", full_disk)
     assert main(["audit", str(phantom_dir), "--out", str(work / "au"), "-q"]) == 2
     assert sorted(p.name for p in work.iterdir()) == ["empty"]  # no ev/, evaluation/, au/ or staging
+
+
+def test_explain_prints_the_final_paths_and_a_failed_explain_leaves_nothing(tiny_checkpoint, phantom_dir, tmp_path,
+                                                                           capsys, monkeypatch):
+    from pathlib import Path
+
+    from braintumor.visualize import explain as explain_module
+
+    image = phantom_dir / "glioma" / "glioma_0000.png"
+    out = tmp_path / "work" / "cams"
+    assert main(["explain", str(tiny_checkpoint), str(image), "--out", str(out), "-q"]) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert printed and all(path.parent == out and path.is_file() for path in printed)
+    original = explain_module.write_explanations
+
+    def fails_after_writing(classifier, paths, out_dir, **options):
+        original(classifier, paths, out_dir, **options)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(explain_module, "write_explanations", fails_after_writing)
+    assert main(["explain", str(tiny_checkpoint), str(image), "--out", str(tmp_path / "work" / "new"), "-q"]) == 2
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["cams"]
