@@ -74,7 +74,7 @@ def teacher_training_paths(teacher_config: dict[str, Any]) -> list[Path] | None:
         return list(discover(teacher_config["data"]).paths)
     try:
         taught = from_saved(teacher_config, "the teacher's config", skip_bad=True, progress=False)
-        return list(prepare_split(taught, False).train_paths)
+        return list(prepare_split(taught.split_settings(), False).train_paths)
     except (UserError, TypeError, ValueError):  # a groups file gone, settings of another version: cannot rebuild
         return None
 
