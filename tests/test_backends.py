@@ -118,3 +118,27 @@ def test_onnx_runtime_asked_for_a_checkpoint_is_one_line(tiny_checkpoint, phanto
 def test_a_checkpoint_command_names_an_export_it_was_given(exports, capsys):
     code, _, err = run(["calibrate", exports["torchscript"], "--data", "nowhere"], capsys)
     assert code == 2 and err.count("\n") == 1 and "is a TorchScript export, not a .pt checkpoint" in err
+
+
+def test_a_model_file_is_sniffed_once_per_load(tiny_checkpoint, exports, monkeypatch):
+    from braintumor.models import formats
+
+    calls = []
+    original = formats.content_format
+    monkeypatch.setattr(formats, "content_format", lambda path: calls.append(path) or original(path))
+    for path in (tiny_checkpoint, exports["onnx"], exports["torchscript"]):
+        calls.clear()
+        for backend in ("torch", "auto"):
+            Classifier.from_checkpoint(path, backend=backend)
+        assert len(calls) == 2, (path, calls)  # once per load
+
+
+def test_runtime_for_reads_the_content_not_the_suffix(tiny_checkpoint, exports, tmp_path):
+    from braintumor.models.formats import runtime_for
+
+    disguised = shutil.copy(exports["onnx"], tmp_path / "model.pt")
+    assert runtime_for(disguised, "torch") == "onnx" and runtime_for(disguised, "auto") == "onnx"
+    named = shutil.copy(tiny_checkpoint, tmp_path / "model.onnx")
+    assert runtime_for(named, "torch") == "torch"
+    assert runtime_for(exports["torchscript"], "auto") == "auto" and runtime_for("reference", "torch") == "torch"
+    assert runtime_for(tiny_checkpoint, "openvino") == "openvino"

@@ -111,3 +111,42 @@ def test_accelerated_backends_agree_with_float32_on_a_trained_model(trained_run,
     fastest = min(passed, key=lambda name: rows[name]["total_ms"], default="torch")
     expected = {"torch": "torch", "onnxruntime-int8": "onnx"}.get(fastest, "openvino")
     assert Classifier.from_checkpoint(trained_run, backend="auto").backend == expected
+
+
+def test_judge_asks_the_statuses_to_agree_too():
+    base = {"n": 100, "reference_accuracy": 1.0, "accuracy": 1.0, "agreement": 1.0}
+    assert judge({**base, "status_agreement": 0.99})["default_ok"]
+    assert not judge({**base, "status_agreement": 0.98})["default_ok"]
+
+
+def test_auto_skips_an_export_measured_slower_than_pytorch(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
+    export_file = tmp_path / "best.onnx"
+    export_file.write_bytes(b"stands for an export")
+    passing = {**verdict_for(900, 900, 1000), "source_fingerprint": file_fingerprint(checkpoint)}
+    write_verdict(export_file, "onnxruntime-fp32", {**passing, "latency_ms": 50.0, "reference_latency_ms": 20.0})
+    assert resolve_auto_backend(checkpoint) is None
+    write_verdict(export_file, "onnxruntime-fp32", {**passing, "latency_ms": 10.0, "reference_latency_ms": 20.0})
+    assert resolve_auto_backend(checkpoint) == (export_file, "onnx")
+
+
+def test_export_writes_the_verdict_that_auto_reads(tmp_path, capsys):
+    from braintumor.cli import main
+
+    from helpers import make_trusted_checkpoint
+
+    checkpoint = make_trusted_checkpoint(tmp_path / "best.pt", image_size=32)
+    assert main(["export", str(checkpoint)]) == 0
+    captured = capsys.readouterr()
+    exported = tmp_path / "best.onnx"
+    assert captured.out == f"wrote {exported}\n"
+    assert captured.err.count("\n") == 1 and captured.err.startswith("onnxruntime-fp32: same class on 100.0 %")
+    verdict = json.loads((tmp_path / "best.onnx.onnxruntime-fp32.verdict.json").read_text())
+    assert verdict["export"] == "best.onnx" and verdict["source_fingerprint"] == file_fingerprint(checkpoint)
+    assert verdict["agreement"] == 1.0 and verdict["status_agreement"] == 1.0 and verdict["default_ok"]
+    assert verdict["max_trust_score_delta"] <= 1e-3 and verdict["n"] == 32
+    assert verdict["latency_ms"] > 0 and verdict["reference_latency_ms"] > 0
+    faster = verdict["latency_ms"] < verdict["reference_latency_ms"]
+    assert Classifier.from_checkpoint(checkpoint, backend="auto").backend == ("onnx" if faster else "torch")
+    assert Classifier.from_checkpoint(checkpoint, backend="torch").backend == "torch"
