@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braintumor.inference.runtimes import OnnxBackend, load_onnx_session
+from braintumor.inference.runtimes import OnnxBackend, export_tiers, load_onnx_session
 from braintumor.models.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
 from braintumor.inference.accelerated import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
 from braintumor.data.index import discover
@@ -139,7 +139,8 @@ def build_backends(args, checkpoint: Path, out: Path, calibration: list[Path]) -
 
 
 def onnx_classifier(session, meta) -> Classifier:
-    return Classifier(OnnxBackend(session), ModelSpec.from_dict(meta))
+    spec = ModelSpec.from_dict(meta)
+    return Classifier(OnnxBackend(session, tiers=export_tiers(meta), num_classes=len(spec.classes)), spec)
 
 
 def main(argv=None) -> int:
@@ -170,9 +171,10 @@ def main(argv=None) -> int:
                 reference_predictions = predictions
             row.update(judge(compare_predictions(reference_predictions, predictions, labels_array)))
             if name != "onnxruntime-fp32":
+                # reference_latency_ms: --backend auto takes an export only when it was measured faster than PyTorch.
                 row["verdict_file"] = str(write_verdict(export_path, name, {
-                    **row, "latency_ms": row["total_ms"], "source_fingerprint": fingerprint,
-                    "threads": threads, "data": source}))
+                    **row, "latency_ms": row["total_ms"], "reference_latency_ms": rows["pytorch-fp32"]["total_ms"],
+                    "source_fingerprint": fingerprint, "threads": threads, "data": source}))
         rows[name] = row
         print(f"# {name}: {row['total_ms']:.1f} ms per slice", file=sys.stderr, flush=True)
 

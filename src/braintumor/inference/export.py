@@ -181,8 +181,16 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         # Shape inference and graph clean-up first, as onnxruntime's quantization guide prescribes.
         quant_pre_process(str(onnx_path), str(prepared))
+        # With trust tiers only the network's convolutions and linear layers are quantized: the trust arithmetic
+        # (feature statistics, whitening products under "/head/", thresholds, the finiteness guard) stays float32,
+        # or int8 rounding moves every slice's trust scores to a few values.
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        only = None
+        if TRUST_OUTPUT_NAME in [output.name for output in graph.output]:
+            only = [node.name for node in graph.node
+                    if node.op_type in ("Conv", "Gemm", "MatMul") and not node.name.startswith("/head/")]
         quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=only)
         proto = onnx.load(str(quantized))
     entry = proto.metadata_props.add()
     entry.key, entry.value = "quantization", json.dumps(
