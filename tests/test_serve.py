@@ -535,6 +535,15 @@ def test_a_full_budget_is_503_with_retry_after_and_a_too_large_decode_is_413(cla
             response = small_client.post("/api/predict", files=upload(("big.png", big_png.getvalue())))
         assert response.status_code == 413 and response.json()["detail"].startswith("big.png: needs about")
         assert small.state.budget.in_use == 0
+
+        # A volume is sized from its header (nothing inflated): refused before it is read.
+        sys.path.insert(0, str(REPO / "tests"))
+        from bombs import nifti_bomb
+
+        with TestClient(create_app(classifier, budget_bytes=64 * 2**20)) as small_client:
+            response = small_client.post("/api/predict", files=upload(("deep.nii.gz", nifti_bomb((512, 512, 8),
+                                                                                                 "int16"))))
+        assert response.status_code == 413 and response.json()["detail"].startswith("deep.nii.gz: needs about")
     assert budget.in_use == 0
 
 

@@ -389,7 +389,7 @@ def cmd_serve(args) -> int:
     note_cpu_only(_model_backend(args.checkpoint, args.backend), args.device)
     run_server(args.checkpoint, host=args.host, port=args.port, max_file_bytes=args.max_file_mb * 2**20,
                max_files=args.max_files, device=args.device, backend=args.backend, tta=args.tta,
-               min_confidence=args.min_confidence)
+               min_confidence=args.min_confidence, budget_mb=args.memory_budget_mb)
     return 0
 
 
@@ -559,6 +559,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="TCP port")
     p.add_argument("--max-file-mb", type=bounded(int, 1, 1024), default=20, help="largest upload, in MiB")
     p.add_argument("--max-files", type=bounded(int, 1, 1024), default=16, help="most files in one request")
+    p.add_argument("--memory-budget-mb", type=bounded(int, 64, 1 << 20), default=None, metavar="MB",
+                   help="memory for uploads and decoding in flight, all requests together (default 1024); "
+                        "requests beyond it get 503 with Retry-After")
     _compute_flags(p)
     p.add_argument("--backend", default="torch", help="torch (needed for Grad-CAM) or onnx")
     p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 import os
 import socket
 import struct
@@ -213,8 +214,9 @@ def preview_image(image: Image.Image, size: int = PREVIEW_SIZE) -> Image.Image:
     return image.copy() if target == image.size else image.resize(target, Image.Resampling.LANCZOS)
 
 
-def _nifti_voxels(data: bytes) -> int | None:
-    """Voxel count from a (gzipped) NIfTI-1/2 header, without inflating more than the header; None if not NIfTI."""
+def _nifti_shape(data: bytes) -> tuple[tuple[int, ...], int] | None:
+    """(shape, bits per voxel) from a (gzipped) NIfTI-1/2 header, inflating no more than the header; None if the
+    bytes are not NIfTI."""
     head = data[:600]
     if data[:2] == b"\x1f\x8b":
         try:
@@ -224,18 +226,38 @@ def _nifti_voxels(data: bytes) -> int | None:
     for order in "<>":
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:348] in (b"n+1\0",
                                                                                                      b"ni1\0"):
-            dims = struct.unpack(order + "8h", head[40:56])
+            dims, bits = struct.unpack(order + "8h", head[40:56]), struct.unpack(order + "h", head[72:74])[0]
             break
         if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540 and head[4:8] == b"n+2\0":
-            dims = struct.unpack(order + "8q", head[16:80])
+            dims, bits = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "h", head[14:16])[0]
             break
     else:
         return None
     count = max(0, min(int(dims[0]), 7))
-    voxels = 1
-    for size in dims[1:1 + count]:
-        voxels *= max(1, int(size))
-    return voxels
+    return tuple(max(1, int(size)) for size in dims[1:1 + count]), max(8, int(bits))
+
+
+def _nifti_decode_bytes(data: bytes) -> int | None:
+    """Estimated peak bytes of reading a NIfTI upload and classifying its slices; None if it is not NIfTI.
+
+    What ``data.volumes`` holds while it reads (the inflated stream of a gzipped upload, blocks of float32 voxels,
+    the stored 8-bit slices, reduced in-plane to at most MAX_SIDE and MAX_STORED_VOXELS) and what the service
+    adds (every slice as an RGB image, a batch of tensors).
+    """
+    from braintumor.data import volumes
+
+    found = _nifti_shape(data)
+    if found is None:
+        return None
+    shape, bits = found
+    voxels = math.prod(shape)
+    x, y = (shape + (1, 1))[:2]
+    planes = voxels // max(1, x * y)
+    side_limit = getattr(volumes, "MAX_SIDE", None) or max(x, y)
+    factor = max(1, -(-max(x, y) // side_limit))
+    stored = min(voxels, getattr(volumes, "MAX_STORED_VOXELS", voxels), -(-x // factor) * -(-y // factor) * planes)
+    inflated = voxels * bits // 8 if data[:2] == b"\x1f\x8b" else 0
+    return len(data) + inflated + 64 * 2**20 + 5 * stored
 
 
 class Analyzer:
@@ -257,10 +279,9 @@ class Analyzer:
     def decode_cost(upload: Upload) -> int:
         """Estimated peak bytes of decoding an upload (read from its header; nothing is decoded)."""
         data = upload.data
-        voxels = _nifti_voxels(data)
-        if voxels is not None:
-            # A volume: its voxels as read, as float32 while windowed and as 8-bit slices, plus the upload.
-            return voxels * 16 + len(data)
+        volume = _nifti_decode_bytes(data)
+        if volume is not None:
+            return volume
         estimate = estimate_decode_bytes(data, upload.filename) + len(data)
         if has_dicom_magic(data[:132]):
             estimate = max(estimate, 12 * len(data))  # multi-frame: every frame, through the volume pipeline
@@ -560,7 +581,8 @@ def _check_port(host: str, port: int) -> None:
 
 def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_file_bytes: int = 20 * 2**20,
                max_files: int = 16, workers_threads: int | None = None, device: str = "cpu",
-               backend: str = "torch", tta: bool | None = None, min_confidence: float = 0.0) -> None:
+               backend: str = "torch", tta: bool | None = None, min_confidence: float = 0.0,
+               budget_mb: int | None = None) -> None:
     """Load ``checkpoint`` and serve the page and API with uvicorn until interrupted (127.0.0.1 by default)."""
     import uvicorn  # the [serve] extra, checked in serve/__init__.py
 
@@ -571,7 +593,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
     classifier = Classifier.from_checkpoint(checkpoint, device=device, backend=backend, tta=tta)
     classifier.min_confidence = min_confidence
     app = create_app(classifier, max_file_bytes=max_file_bytes, max_files=max_files,
-                     inference_threads=workers_threads)
+                     inference_threads=workers_threads, budget_bytes=None if budget_mb is None else budget_mb * 2**20)
     _check_port(host, int(port))
     shown_host = f"[{host}]" if ":" in host else host
     print(f"braintumor: serving {classifier.arch} (checkpoint {classifier.fingerprint}) at "
