@@ -452,7 +452,7 @@ def _reduced_affine(affine: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _to_volume(source: _Source, label: str, kind: str) -> Volume:
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     _check_size((source.columns, source.rows, source.count), label)
     spool = _Spool(source)
@@ -534,7 +534,7 @@ def _check_size(shape, label: str) -> None:
 
 def _nifti_source(file: Path | io.BytesIO, label: str) -> _Source:
     """A NIfTI-1/2 file (gzip or not) or its bytes, streamed plane by plane from the data offset."""
-    import nibabel as nib
+    nib = require("nibabel", "volumes", "reading volumes (NIfTI, DICOM series)")
 
     try:
         if isinstance(file, Path):
