@@ -364,11 +364,11 @@ def read_onnx(path: str | os.PathLike) -> tuple[bytes, Any, dict[str, Any]]:
     outputs = [output.name for output in proto.graph.output]
     if LEGACY_OOD_OUTPUT_NAME in outputs:
         meta["_legacy_ood"] = True
-    _check_onnx_graph(proto, path, len(meta["classes"]))
+    _check_onnx_graph(proto, path, len(meta["classes"]), data)
     return data, proto, meta
 
 
-def _check_onnx_graph(proto: Any, path: Path, num_classes: int) -> None:
+def _check_onnx_graph(proto: Any, path: Path, num_classes: int, data: bytes | None = None) -> None:
     """Refuse external data, non-finite weights, graphs that would allocate beyond the budget, and a logits
     output whose static width is not the class count."""
     import onnx
@@ -388,7 +388,8 @@ def _check_onnx_graph(proto: Any, path: Path, num_classes: int) -> None:
             if not np.isfinite(values.astype(np.float32, copy=False)).all():
                 raise UserError(f"{path} is damaged: its weights hold NaN or infinite values ({tensor.name})")
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        # From the file's bytes when at hand: serializing the proto again costs as much as the inference.
+        inferred = onnx.shape_inference.infer_shapes(proto if data is None else data, data_prop=True)
     except Exception as err:  # noqa: BLE001 - shape inference rejects inconsistent graphs
         raise UserError(f"{path} is not a valid ONNX graph: {first_line(err)}") from None
     graph = inferred.graph
