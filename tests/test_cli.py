@@ -57,15 +57,16 @@ def test_predict_table_json_csv(trained_run, phantom_dir, capsys):
     code, out, _ = run(["predict", trained_run / "best.pt", folder / "glioma_0000.png", "--json"], capsys)
     (record,) = json.loads(out)
     assert record["source"].endswith("glioma_0000.png") and sum(record["probabilities"].values()) == \
-        pytest.approx(1.0, abs=1e-5) and record["label"] in record["probabilities"]
+        pytest.approx(1.0, abs=1e-5) and record["predicted_class"] in record["probabilities"]
     code, out, _ = run(["predict", trained_run / "best.pt", folder, "--csv"], capsys)
     table = list(csv.DictReader(io.StringIO(out)))
-    assert len(table) == 6 and set(table[0]) == {"source", "label", "confidence", "glioma", "meningioma",
-                                                  "notumor", "pituitary", "status", "ood_score",
-                                                  "out_of_distribution"}
-    # Training fitted the OOD detector into best.pt: every output carries the flag and the score.
-    assert all(row["out_of_distribution"] in ("true", "false") and float(row["ood_score"]) >= 0 for row in table)
-    assert {"status", "out_of_distribution", "ood_score", "abstained"} <= set(record)
+    assert len(table) == 6 and list(table[0]) == [
+        "source", "predicted_class", "confidence", "p_glioma", "p_meningioma", "p_notumor", "p_pituitary",
+        "status", "not_mri_score", "atypical_score", "volume", "slice_index"]
+    # Training fitted the trust tiers into best.pt: every output carries the status and the scores.
+    assert all(row["status"] in ("ok", "atypical", "not_mri", "uncertain") and float(row["atypical_score"]) >= 0
+               for row in table)
+    assert {"status", "not_mri_score", "atypical_score"} <= set(record)
 
 
 def test_predict_rejects_a_blank_image_and_abstains_below_min_confidence(trained_run, phantom_dir, tmp_path,
@@ -74,15 +75,16 @@ def test_predict_rejects_a_blank_image_and_abstains_below_min_confidence(trained
 
     blank = tmp_path / "blank.png"
     Image.new("RGB", (64, 64), "black").save(blank)
-    code, out, _ = run(["predict", trained_run / "best.pt", blank], capsys)
+    code, out, err = run(["predict", trained_run / "best.pt", blank], capsys)
     row = out.splitlines()[1]
-    assert code == 0 and "NOT RECOGNISED" in row and "not recognised as a brain MRI slice" in out
-    assert not any(name in row.split()[1] for name in ("glioma", "meningioma", "notumor", "pituitary"))
+    assert code == 0 and row.split()[-3] in ("not_mri", "atypical")  # never ok; which tier: the run's trust fit
+    if "not_mri" in row:
+        assert "NOT RECOGNISED" in row and "not recognised as a brain MRI slice" in err
+        assert not any(name in row.split()[1] for name in ("glioma", "meningioma", "notumor", "pituitary"))
     code, out, _ = run(["predict", trained_run / "best.pt", phantom_dir / "glioma", "--json",
                         "--min-confidence", "1"], capsys)
     records = json.loads(out)
-    assert code == 0 and all(r["abstained"] for r in records)
-    assert {r["status"] for r in records} <= {"low_confidence", "out_of_distribution"}
+    assert code == 0 and {r["status"] for r in records} <= {"uncertain", "not_mri"}
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", str(trained_run / "best.pt"), str(blank), "--min-confidence", "1.5"])
     err = capsys.readouterr().err
@@ -110,10 +112,14 @@ def test_export_then_predict_with_onnx_runtime(trained_run, phantom_dir, tmp_pat
     _, torch_out, _ = run(["predict", trained_run / "best.pt", image, "--json"], capsys)
     code, onnx_out, err = run(["predict", onnx_file, image, "--json", "--backend", "onnx"], capsys)
     expected, got = json.loads(torch_out)[0], json.loads(onnx_out)[0]
-    assert code == 0 and got["label"] == expected["label"]
+    assert code == 0 and got["predicted_class"] == expected["predicted_class"] and got["status"] == expected["status"]
     # --device auto (the default) with an ONNX model: one line says it runs on the CPU; --device cpu: silence.
-    assert err == "note: the onnx model runs on the CPU (--device auto applies to .pt checkpoints)\n"
-    assert run(["predict", onnx_file, image, "--device", "cpu"], capsys)[2] == ""
+    # (and a model without both trust tiers says so, once)
+    lines = err.splitlines()
+    assert lines[0] == "note: the onnx model runs on the CPU (--device auto applies to .pt checkpoints)"
+    assert all(line.startswith("note: this model has") for line in lines[1:]) and len(lines) <= 2
+    assert run(["predict", onnx_file, image, "--device", "cpu"], capsys)[2] == "".join(
+        line + "\n" for line in lines[1:])
     for name, p in expected["probabilities"].items():
         assert got["probabilities"][name] == pytest.approx(p, abs=1e-4)
 

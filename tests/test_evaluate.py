@@ -69,7 +69,10 @@ def test_predictions_csv_rows_match_the_reports_counts(tiny_checkpoint, phantom_
     assert counts == report["confusion_matrix"]
     assert sum(row["correct"] == "true" for row in rows) == round(report["accuracy"] * report["n"])
     # The 4 planted copies are the rows marked as duplicates of a training image.
-    assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows if row["duplicate_in_train"] == "true") == \
+    assert list(rows[0]) == ["source", "predicted_class", "confidence", *(f"p_{c}" for c in classes), "status",
+                             "not_mri_score", "atypical_score", "true_class", "correct", "loss",
+                             "duplicate_of_train", "group"]
+    assert sorted(row["source"].rsplit("/", 1)[-1] for row in rows if row["duplicate_of_train"] == "true") == \
         ["leaked_0.png", "leaked_0.png", "leaked_1.png", "leaked_1.png"]
     # Per-class sensitivity/specificity, an exact accuracy interval, snake_case keys, and the figures.
     glioma = report["per_class"]["glioma"]
@@ -92,7 +95,8 @@ def test_training_validation_and_evaluate_run_one_routine_on_identical_tensors(p
 
     from braintumor.models.checkpoint import save_checkpoint
     from braintumor.data.io import read_image
-    from braintumor.evaluation.evaluate import evaluate_paths, infer_batches, infer_paths
+    from braintumor.evaluation.evaluate import evaluate_classifier, file_batches, infer_batches
+    from braintumor.inference.service import run_batches
     from braintumor.inference.classifier import Classifier
     from braintumor.training.trainer import Trainer
     from helpers import tiny_config
@@ -112,11 +116,49 @@ def test_training_validation_and_evaluate_run_one_routine_on_identical_tensors(p
 
     # The same predictions, through the same loop, and the same accuracy in the metrics log and the report.
     views, _, seen_labels = infer_batches(trainer.validation_views, trainer.val_batches, len(trainer.classes))
-    evaluated, _ = infer_paths(classifier, paths, batch_size=8)
+    evaluated = run_batches(classifier, file_batches(classifier, paths, batch_size=8))[0].views
     assert seen_labels.tolist() == labels and len(views) == len(evaluated) == (2 if tta else 1)
     for ours, theirs in zip(views, evaluated):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     probabilities = np.mean([torch.softmax(torch.from_numpy(v), 1).numpy() for v in views], axis=0)
     assert (probabilities.argmax(1) == classifier.probabilities(evaluated).argmax(1)).all()
-    report = evaluate_paths(tmp_path / "model.pt", paths, labels, tmp_path / "report", device="cpu", batch_size=8)
+    report = evaluate_classifier(classifier, paths, labels, tmp_path / "report", batch_size=8)
     assert report["metrics"]["accuracy"] == trainer.validate()["val_accuracy"]
+
+
+def test_predictions_csv_carries_the_status_and_metrics_count_it_per_status_and_class(tmp_path):
+    """A trusted model on phantoms and a photo-like image: predictions.csv in the results schema, status per row,
+    metrics.trust counts them (accuracy per status, flag rate per class and tier); a file name with a line
+    break and one that is not valid UTF-8 stay one row each."""
+    import csv
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from helpers import make_trusted_checkpoint
+
+    checkpoint = make_trusted_checkpoint(tmp_path / "trusted.pt", image_size=32)
+    data = write_phantom_set(tmp_path / "data", per_class=2, size=32, seed=3)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        data / "glioma" / "line\nbreak.png")
+    odd = os.fsencode(str(data / "notumor")) + b"/caf\xe9.png"
+    with open(odd, "wb") as handle:
+        Image.new("RGB", (32, 32), "white").save(handle, format="PNG")
+    result = evaluate_checkpoint(checkpoint, data, tmp_path / "out", device="cpu", batch_size=4)
+    with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == result["metrics"]["n"] == 10
+    assert sum(row["source"].endswith("line\nbreak.png") for row in rows) == 1
+    assert any(os.fsencode(row["source"]) == odd for row in rows)
+    trust = result["metrics"]["trust"]
+    assert trust["tiers"] == ["not_mri", "atypical"]
+    assert sum(trust["statuses"].values()) == 10
+    assert trust["statuses"] == {status: sum(row["status"] == status for row in rows)
+                                 for status in ("ok", "atypical", "not_mri", "uncertain")}
+    for status, accuracy in trust["accuracy_by_status"].items():
+        members = [row for row in rows if row["status"] == status]
+        assert accuracy == (None if not members else pytest.approx(np.mean([r["correct"] == "true" for r in members])))
+    assert set(trust["flag_rate_by_class"]["glioma"]) == {"atypical", "not_mri", "uncertain"}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "slices_per_status" in report["extra"] and report["trust"]["statuses"] == trust["statuses"]

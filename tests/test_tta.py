@@ -7,23 +7,49 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.models.network import forward_probabilities
 from braintumor.inference.classifier import Classifier
+from braintumor.inference.service import calibrate, tta_views
 
 
-def test_forward_probabilities_with_tta_is_the_mean_over_the_mirror():
+def probabilities(model, images, tta=False, temperature=1.0):
+    views, _ = tta_views(model, images, tta)
+    return torch.from_numpy(calibrate([view.numpy() for view in views], temperature))
+
+
+def test_tta_views_is_the_batch_and_its_mirror_and_calibrate_averages_them():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3)).eval()
     images = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        plain = forward_probabilities(model, images)
-        tta = forward_probabilities(model, images, tta=True)
+        plain = probabilities(model, images)
+        tta = probabilities(model, images, tta=True)
         mirror = torch.softmax(model(images.flip(-1)), dim=1)
         torch.testing.assert_close(tta, (plain + mirror) / 2)
         assert not torch.allclose(tta, plain)  # the mirror changes the answer for an asymmetric model and input
         symmetric = images + images.flip(-1)
-        torch.testing.assert_close(forward_probabilities(model, symmetric, tta=True),
-                                   forward_probabilities(model, symmetric), rtol=0, atol=1e-6)
+        torch.testing.assert_close(probabilities(model, symmetric, tta=True), probabilities(model, symmetric),
+                                   rtol=0, atol=1e-6)
+        # the temperature divides the logits of every view
+        cooled = probabilities(model, images, tta=True, temperature=2.0)
+        expected = (torch.softmax(model(images) / 2, 1) + torch.softmax(model(images.flip(-1)) / 2, 1)) / 2
+        torch.testing.assert_close(cooled, expected)
+
+
+@pytest.mark.parametrize("temperature", [0.0, float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_positive_and_finite_gives_nan_never_a_confident_answer(temperature):
+    logits = np.array([[5.0, 0.0, 0.0]], dtype=np.float32)
+    assert np.isnan(calibrate([logits], temperature)).all()
+
+
+def test_tta_views_keeps_the_scores_of_the_unmirrored_batch():
+    images = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+
+    def forward(batch):
+        return batch.flatten(1)[:, :3], batch.flatten(1)[:, 0] * 10
+
+    views, scores = tta_views(forward, images, tta=True)
+    assert len(views) == 2 and torch.equal(scores, images.flatten(1)[:, 0] * 10)
+    assert torch.equal(views[1], images.flip(-1).flatten(1)[:, :3])
 
 
 @pytest.fixture(scope="module")

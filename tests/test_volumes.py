@@ -16,7 +16,8 @@ from braintumor.cli import main
 from braintumor.errors import UserError
 from braintumor.synthetic.volumes import (make_phantom_volume, write_dicom_series, write_multiframe_dicom,
                                         write_nifti)
-from braintumor.inference.volume_verdict import NO_FINDING, VerdictRule, classify_volume, decide, no_tumour_class
+from braintumor.inference.service import predict_volume
+from braintumor.inference.volume_verdict import NO_FINDING, VerdictRule, decide, no_tumour_class, volume_status
 from braintumor.data.volumes import is_volume, partition_inputs, read_volume, window_volume
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -25,9 +26,10 @@ SLICES, SIZE = 12, 48
 
 class OracleClassifier:
     """Knows each expected slice by its pixels: checks the slices arrive complete and in order, and answers
-    the phantom's lesion class on lesion slices (p 0.9) and notumor elsewhere."""
+    the phantom's lesion class on lesion slices (p 0.9) and notumor elsewhere (as logits, for the service)."""
 
     classes = CLASSES
+    tta, temperature, min_confidence, trust_tiers = False, 1.0, 0.0, ()
 
     def __init__(self, expected: np.ndarray, lesion: np.ndarray, label: str):
         self.index = {expected[z].tobytes(): z for z in range(len(expected))}
@@ -36,14 +38,14 @@ class OracleClassifier:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return torch.tensor([self.index[np.asarray(image)[..., 0].tobytes()]])
 
-    def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
+    def infer(self, batch: torch.Tensor) -> tuple[np.ndarray, None]:
         rows = []
         for z in batch[:, 0].tolist():
             self.seen.append(z)
             row = np.full(len(CLASSES), 0.1 / 3)
             row[CLASSES.index(self.label if self.lesion[z] else "notumor")] = 0.9
             rows.append(row)
-        return np.array(rows)
+        return np.log(np.array(rows, dtype=np.float32)), None
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,10 @@ def _check_volume(path, phantom, kind):
     assert read.kind == kind and read.slices.shape == (SLICES, SIZE, SIZE)
     np.testing.assert_array_equal(read.slices, expected)  # every slice, in order inferior → superior
     oracle = OracleClassifier(expected, lesion, "meningioma")
-    result = classify_volume(oracle, read, batch_size=5)
+    result = predict_volume(oracle, read, batch_size=5)
     assert oracle.seen == list(range(SLICES))
     assert result.verdict == "meningioma" and result.votes == {"meningioma": int(lesion.sum())}
+    assert result.status == "ok" and all(p.status == "ok" for p in result.predictions)
     assert set(np.flatnonzero(lesion)) <= set(result.suspicious)  # the montage shows every lesion slice
     return result
 
@@ -71,8 +74,9 @@ def test_nifti_volume_comes_back_in_order_with_the_lesion_class_winning(tmp_path
     assert nib.aff2axcodes(nib.load(path).affine) == ("L", "P", "S")  # stored non-canonically on purpose
     result = _check_volume(path, phantom, "nifti")
     assert result.spacing == (1.0, 1.0, 3.0)
-    rows = result.slice_rows()
-    assert len(rows) == SLICES and [r["slice"] for r in rows] == list(range(SLICES))
+    rows = result.to_dict()["slices"]
+    assert len(rows) == SLICES and [r["slice_index"] for r in rows] == list(range(SLICES))
+    assert all(r["volume"] == str(path) and r["source"] == f"{path}#slice{k:03d}" for k, r in enumerate(rows))
     assert "meningioma" in result.rule or "tumour class" in result.rule
 
 
@@ -131,6 +135,20 @@ def test_verdict_rule():
         == NO_FINDING
     with pytest.raises(UserError):
         VerdictRule(threshold=0.0)
+    # Only accepted slices (status ok or atypical) vote; NaN rows never do.
+    assert decide(p, CLASSES, content, VerdictRule(), accepted=np.array([False, False, True, True, True]))[0] == \
+        "notumor"
+    nan = p.copy()
+    nan[0] = np.nan
+    assert decide(nan, CLASSES, content, VerdictRule()) == ("notumor", {"meningioma": 1, "glioma": 1})
+
+
+def test_volume_status():
+    content = np.array([True, True, True, True, False])
+    assert volume_status(["not_mri", "not_mri", "ok", "ok", "ok"], content) == "not_mri"  # half of the content
+    assert volume_status(["not_mri", "ok", "ok", "ok", "not_mri"], content) == "ok"
+    assert volume_status(["atypical", "atypical", "ok", "uncertain", "ok"], content) == "atypical"
+    assert volume_status(["not_mri"] * 5, np.zeros(5, bool)) == "not_mri"  # no content: every slice counts
 
 
 def test_partition_inputs_and_bad_volumes(tmp_path, phantom):
@@ -166,7 +184,10 @@ def test_predict_and_explain_volumes_through_the_cli(tiny_checkpoint, tmp_path, 
     records = json.loads(capsys.readouterr().out)
     assert [r["kind"] for r in records] == ["nifti", "dicom-series"]
     assert all(len(r["slices"]) == 6 and r["verdict"] in CLASSES and r["rule"] for r in records)
-    assert records[0]["slices"] == records[1]["slices"]  # the same phantom in two formats
+    for a, b in zip(records[0]["slices"], records[1]["slices"]):  # the same phantom in two formats
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6) and a["status"] == b["status"]
+        assert a["slice_index"] == b["slice_index"] and a["volume"] != b["volume"]
+    assert all(r["status"] in ("ok", "atypical", "not_mri") for r in records)
 
     assert main(["predict", str(tiny_checkpoint), str(nifti), "--csv", "-q"]) == 0
     captured = capsys.readouterr()

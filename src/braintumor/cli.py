@@ -237,9 +237,9 @@ def cmd_predict(args) -> int:
     from braintumor.inference.writers import PredictionWriter
 
     rule = _volume_rule(args)
-    found = discover_inputs(args.paths)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend,
                                             tta=args.tta)
+    found = discover_inputs(args.paths)
     classifier.min_confidence = args.min_confidence
     note_cpu_only(classifier.backend, args.device)
     fmt = "json" if args.json else "csv" if args.csv else "table"
@@ -274,6 +274,8 @@ def cmd_predict(args) -> int:
     note = _model_note(classifier)
     if note:
         lines.append(f"note: this model has {note}" if note.startswith("no ") else f"note: {note}")
+    if getattr(args, "quiet", False):  # -q: only warnings
+        lines = []
     if skipped:
         lines.append(f"skipped {len(skipped)} unreadable file(s): "
                      + "; ".join(f"{path} ({reason})" for path, reason in skipped))
@@ -347,12 +349,12 @@ def cmd_explain(args) -> int:
     from braintumor.data.volumes import read_volume
 
     rule = _volume_rule(args)
-    found = discover_inputs(args.images)
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
     if classifier.model is None:  # checked before anything else is said or written: one line
         raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
     note_cpu_only(classifier.backend, args.device)
+    found = discover_inputs(args.images)
     options = {"method": args.method} if args.method else {}
     with staged_output_dir(args.out, "gradcam", overwrite=args.overwrite) as staged:  # all or nothing
         out = staged.path

@@ -19,6 +19,12 @@ def image_losses(probabilities: np.ndarray, y_true: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-12, 1.0))
 
 
+def _shown_name(path) -> str:
+    """A file's name for a figure: bytes that are not valid UTF-8 shown as U+FFFD, control characters escaped."""
+    name = Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
+
+
 def worst_mistakes(y_true, probabilities, limit: int = GALLERY_SIZE) -> list[int]:
     """Indices of misclassified images, highest loss first, at most ``limit``."""
     y_true, probabilities = np.asarray(y_true), np.asarray(probabilities)
@@ -49,7 +55,7 @@ def plot_worst_mistakes(classifier, paths: Sequence, y_true, probabilities, path
         slice_ax = axes[row, column * per_item]
         predicted = int(probabilities[i].argmax())
         slice_ax.imshow(image)
-        slice_ax.set_title(f"{Path(paths[i]).name}\ntrue {classifier.classes[y_true[i]]} · predicted "
+        slice_ax.set_title(f"{_shown_name(paths[i])}\ntrue {classifier.classes[y_true[i]]} · predicted "
                            f"{classifier.classes[predicted]} ({probabilities[i, predicted]:.0%})", fontsize=8)
         if explanations:
             cam_ax = axes[row, column * per_item + 1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,10 +114,11 @@ def trust_scores(scores: np.ndarray | None, tiers: Sequence[str]) -> tuple[np.nd
     return (scores[:, 0] if "not_mri" in tiers else None), (scores[:, 1] if "atypical" in tiers else None)
 
 
-def run_batch(classifier: "Classifier", batch: torch.Tensor) -> BatchOutputs:
+def run_batch(classifier: "Classifier", batch: torch.Tensor, forward: Callable | None = None) -> BatchOutputs:
     """The model on a preprocessed batch (B, 3, S, S): TTA as the classifier is set, the runtime's logits and trust
-    scores, the temperature."""
-    views, scores = tta_views(classifier.infer, batch, classifier.tta)
+    scores, the temperature. ``forward`` replaces ``classifier.infer`` (e.g. the runtime itself, by a caller
+    that already holds the classifier's lock)."""
+    views, scores = tta_views(forward or classifier.infer, batch, classifier.tta)
     views = [np.asarray(view, dtype=np.float32) for view in views]
     not_mri, atypical = trust_scores(scores, classifier.trust_tiers)
     return BatchOutputs(views, calibrate(views, classifier.temperature), not_mri, atypical)
@@ -329,6 +331,18 @@ def _explain_maps(model: torch.nn.Module, batch: torch.Tensor, method: str, laye
         raise UserError(str(err)) from None
 
 
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, every module's own mode restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def explain_methods() -> tuple[str, ...]:
     """The explanation methods ``explain_items`` accepts (``visualize.explain.METHODS``)."""
     from braintumor.visualize.explain import METHODS
@@ -357,10 +371,13 @@ def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, targ
     results: list[Explanation] = []
     for chunk in _chunks(list(range(len(items))), batch_size):
         batch, kept, images, finite = load_items(classifier, [items[i] for i in chunk], [sources[i] for i in chunk])
-        predictions = predict_batch(classifier, batch, [sources[chunk[k]] for k in kept], finite_inputs=finite)
-        targets = [classes.index(target if target is not None else (p.predicted_class or classes[0]))
-                   for p in predictions]
-        with classifier.lock.write():
+        # Explaining hooks the shared network: alone (the write lock), in eval mode like any prediction.
+        with classifier.lock.write(), _eval_mode(classifier.model):
+            outputs = run_batch(classifier, batch, forward=classifier.runtime.run)
+            predictions = predictions_from(classifier, outputs, [sources[chunk[k]] for k in kept],
+                                           finite_inputs=finite)
+            targets = [classes.index(target if target is not None else (p.predicted_class or classes[0]))
+                       for p in predictions]
             maps = _explain_maps(classifier.model, batch.to(classifier.device), method, layer, targets)
         for prediction, image, heatmap, explained in zip(predictions, images, maps, targets):
             explanation = Explanation.of(prediction.source, classes, np.array(list(prediction.probabilities.values())),

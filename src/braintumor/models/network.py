@@ -63,16 +63,6 @@ def build_model(arch: str = "resnet152", num_classes: int = 4, weights: str | os
     return model
 
 
-def forward_probabilities(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities (float32) of a batch; with ``tta`` the mean of the batch's and its horizontal mirror's
-    (test-time augmentation: slices are roughly left-right symmetric, tumours are not tied to one side)."""
-    if not tta:
-        return torch.softmax(model(images).float(), dim=1)
-    # One forward pass over the batch and its mirror: on a CPU, one batch of 2 costs far less than 2 of 1.
-    both = torch.softmax(model(torch.cat([images, images.flip(-1)])).float(), dim=1)
-    return 0.5 * (both[: len(images)] + both[len(images):])
-
-
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The last convolutional block, where Grad-CAM reads activations."""
     return model.layer4
