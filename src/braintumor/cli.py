@@ -332,11 +332,44 @@ def cmd_audit(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    """Refit the temperature and both trust tiers; never writes a shipped model (issue 25): the reference model
+    and any file inside the installed package need --out, and --out never replaces a file without --overwrite."""
+    from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, resolve_checkpoint
+    from braintumor.training.config import from_saved
     from braintumor.trust.fitting import describe_trust, fit_trust_for_checkpoint
 
-    trust = fit_trust_for_checkpoint(args.checkpoint, data=args.data, val=args.val, accept_rate=args.accept_rate,
+    source = resolve_checkpoint(args.checkpoint)
+    package = REFERENCE_MODEL.parents[1].resolve()
+
+    def shipped(path: Path) -> bool:
+        return path.resolve().is_relative_to(package)
+
+    if args.out is None and (str(args.checkpoint) == "reference" or shipped(source)):
+        raise UserError(f"{args.checkpoint} is a model shipped inside the installed package, which calibrate never "
+                        "rewrites; pass --out NEW.pt to write the refitted model to a new file")
+    out = Path(args.out) if args.out is not None else source
+    if args.out is not None:
+        if shipped(out):
+            raise UserError(f"--out {out} lies inside the installed package, which calibrate never writes; "
+                            "choose a path outside it")
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give a file name such as {out / 'calibrated.pt'}")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    values = dict(load_checkpoint(source).get("config") or {})
+    for key in ("data", "val"):
+        if getattr(args, key):
+            values[key] = str(getattr(args, key))
+    if not values.get("data"):
+        raise UserError(f"{source} does not name its training data; pass --data TRAIN_DIR")
+    settings = from_saved(values, str(source), progress=False, skip_bad=True).validate()
+    trust = fit_trust_for_checkpoint(source, settings, out=out, atypical_rate=args.atypical_rate,
                                      device=args.device, batch_size=args.batch_size, workers=args.workers)
-    print(f"fitted into {args.checkpoint}: {describe_trust(trust)}")
+    for line in describe_trust(trust).splitlines():
+        log.info("%s", line)
+    print(out)
     return 0
 
 
@@ -520,11 +553,15 @@ def _audit_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a .pt checkpoint or run folder (its best.pt is rewritten in place)")
+    p.add_argument("checkpoint", help="a .pt checkpoint or run folder (its best.pt); rewritten in place unless "
+                   "--out is given; `reference` and any model inside the installed package need --out")
+    p.add_argument("--out", metavar="NEW.pt", help="write the refitted checkpoint here instead (a new file; an "
+                   "existing one needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     p.add_argument("--data", help="training folder (default: the one stored in the checkpoint's config)")
     p.add_argument("--val", help="separate validation folder (default: the run's own split of --data)")
-    p.add_argument("--accept-rate", type=probability, default=0.95,
-                   help="fraction of validation slices the OOD threshold accepts")
+    p.add_argument("--atypical-rate", type=probability, default=0.02,
+                   help="share of each class's validation slices the atypical tier flags (default: 0.02)")
     _compute_flags(p, batch_size=64, workers=True)
     p.set_defaults(func=cmd_calibrate)
 

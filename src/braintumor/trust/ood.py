@@ -152,35 +152,67 @@ class AtypicalTier(nn.Module):
         own = torch.gather(distances, 1, predicted).squeeze(1)
         return own / self.thresholds[predicted.squeeze(1)]
 
+    def state(self) -> dict[str, Any]:
+        if self.nearest:
+            return self.detector.state() | {"threshold": float(self.thresholds[0])}
+        return {"method": "mahalanobis-mondrian", "whitening": self.detector.whitening.cpu(),
+                "centers": self.detector.centers.cpu(), "thresholds": self.thresholds.cpu()}
 
-class NotMriTier(nn.Module):
-    """Class-agnostic Mahalanobis distance of the feature statistics over its threshold; with a logistic
-    direction, the larger of that and sigmoid(logit) / sigmoid(logit threshold)."""
 
-    def __init__(self, center: torch.Tensor, whitening: torch.Tensor, threshold: float,
-                 weight: torch.Tensor | None = None, bias: float = 0.0, logit_threshold: float = 0.0):
+class GaussianBlock(nn.Module):
+    """Mahalanobis distance of ``statistics[:, start:stop]`` to one Gaussian, divided by its threshold."""
+
+    def __init__(self, start: int, stop: int, center: torch.Tensor, whitening: torch.Tensor, threshold: float):
         super().__init__()
+        self.start, self.stop = int(start), int(stop)
         self.register_buffer("center", center.float().reshape(-1))
         self.register_buffer("whitening", whitening.float())
         self.register_buffer("threshold", torch.tensor(float(threshold)))
-        self.logistic = weight is not None
-        self.register_buffer("weight", (weight if weight is not None else torch.zeros(len(self.center))).float().reshape(-1))
-        self.register_buffer("bias", torch.tensor(float(bias)))
-        self.register_buffer("logit_threshold", torch.tensor(float(logit_threshold)))
 
     def distance(self, statistics: torch.Tensor) -> torch.Tensor:
-        z = (statistics.float() - self.center) @ self.whitening
+        z = (statistics[:, self.start:self.stop].float() - self.center) @ self.whitening
         return (z * z).sum(dim=1).clamp_min(0).sqrt()
+
+    def forward(self, statistics: torch.Tensor) -> torch.Tensor:
+        return self.distance(statistics) / self.threshold
+
+    def state(self) -> dict[str, Any]:
+        return {"start": self.start, "stop": self.stop, "center": self.center.cpu(),
+                "whitening": self.whitening.cpu(), "threshold": float(self.threshold)}
+
+
+class NotMriTier(nn.Module):
+    """Class-agnostic: the largest, over blocks of the feature statistics (one per ResNet stage, or one for all),
+    of the block's Mahalanobis distance to the training Gaussian over the block's threshold; with a logistic
+    direction also sigmoid(logit) / sigmoid(logit threshold)."""
+
+    def __init__(self, blocks: list[GaussianBlock], weight: torch.Tensor | None = None, bias: float = 0.0,
+                 logit_threshold: float = 0.0):
+        super().__init__()
+        if not blocks:
+            raise ValueError("the not-MRI tier needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+        self.logistic = weight is not None
+        size = max(block.stop for block in blocks)
+        self.register_buffer("weight", (weight if weight is not None else torch.zeros(size)).float().reshape(-1))
+        self.register_buffer("bias", torch.tensor(float(bias)))
+        self.register_buffer("logit_threshold", torch.tensor(float(logit_threshold)))
 
     def logit(self, statistics: torch.Tensor) -> torch.Tensor:
         return statistics.float() @ self.weight + self.bias
 
     def forward(self, statistics: torch.Tensor) -> torch.Tensor:
-        score = self.distance(statistics) / self.threshold
+        score = torch.stack([block(statistics) for block in self.blocks], dim=1).amax(dim=1)
         if self.logistic:
             supervised = torch.sigmoid(self.logit(statistics)) / torch.sigmoid(self.logit_threshold)
             score = torch.maximum(score, supervised)
         return score
+
+    def state(self) -> dict[str, Any]:
+        state = {"method": "gaussian-statistics", "blocks": [block.state() for block in self.blocks]}
+        if self.logistic:
+            state.update(weight=self.weight.cpu(), bias=float(self.bias), logit_threshold=float(self.logit_threshold))
+        return state
 
 
 class TrustHead(nn.Module):
@@ -238,16 +270,27 @@ class ScoringNet(nn.Module):
 def _not_mri_from_state(state: dict[str, Any]) -> NotMriTier:
     if not isinstance(state, dict) or state.get("method") != "gaussian-statistics":
         raise ValueError(f"unknown not_mri method {state.get('method') if isinstance(state, dict) else state!r}")
-    center, whitening = _tensor(state.get("center"), "not_mri.center"), _tensor(state.get("whitening"), "not_mri.whitening")
-    if center.ndim != 1 or whitening.ndim != 2 or whitening.shape[0] != center.shape[0]:
-        raise ValueError("trust entry not_mri has mismatched centre and whitening shapes")
+    blocks = state.get("blocks")
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        raise ValueError("trust entry not_mri.blocks must be a non-empty list")
+    built = []
+    for k, block in enumerate(blocks):
+        name = f"not_mri.blocks[{k}]"
+        if not isinstance(block, dict):
+            raise ValueError(f"trust entry {name} must be a dict")
+        start, stop = block.get("start"), block.get("stop")
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
+            raise ValueError(f"trust entry {name} has a bad range {start!r}..{stop!r}")
+        center, whitening = _tensor(block.get("center"), name + ".center"), _tensor(block.get("whitening"), name + ".whitening")
+        if center.ndim != 1 or center.shape[0] != stop - start or whitening.ndim != 2 or whitening.shape[0] != stop - start:
+            raise ValueError(f"trust entry {name} has mismatched shapes")
+        built.append(GaussianBlock(start, stop, center, whitening, _number(block.get("threshold"), name + ".threshold")))
     weight = state.get("weight")
     if weight is not None:
-        weight = _tensor(weight, "not_mri.weight")
-        if weight.reshape(-1).shape[0] != center.shape[0]:
+        weight = _tensor(weight, "not_mri.weight").reshape(-1)
+        if weight.shape[0] < max(block.stop for block in built):
             raise ValueError("trust entry not_mri.weight does not match the statistics' size")
-    return NotMriTier(center, whitening, _number(state.get("threshold"), "not_mri.threshold"), weight,
-                      _number(state.get("bias", 0.0), "not_mri.bias", positive=False),
+    return NotMriTier(built, weight, _number(state.get("bias", 0.0), "not_mri.bias", positive=False),
                       _number(state.get("logit_threshold", 0.0), "not_mri.logit_threshold", positive=False))
 
 
@@ -325,32 +368,33 @@ def trust_summary(state: dict[str, Any] | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------- fitting helpers
 
 
+def _shrunk_whitening(centered: np.ndarray) -> np.ndarray:
+    """W with W W^T = inverse of the Ledoit–Wolf shrunk covariance of already centred rows (float64)."""
+    from sklearn.covariance import ledoit_wolf
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: on a busy 2-core machine a threaded eigh of a 1000-d matrix is ten times slower.
+    with threadpool_limits(1):
+        covariance, _ = ledoit_wolf(centered, assume_centered=True)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-10)
+    return eigenvectors / np.sqrt(eigenvalues)  # x W: coordinates in which the covariance is the identity
+
+
 def whiten(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean (D,), whitening (D, D)) of a Ledoit–Wolf shrunk covariance: (x - mean) W has identity covariance."""
-    from sklearn.covariance import LedoitWolf
-
     features = np.asarray(features, dtype=np.float64)
     mean = features.mean(axis=0)
-    covariance = LedoitWolf(assume_centered=True).fit(features - mean).covariance_
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-10)
-    return mean, eigenvectors / np.sqrt(eigenvalues)
+    return mean, _shrunk_whitening(features - mean)
 
 
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray) -> MahalanobisDetector:
     """Class means and a Ledoit–Wolf shared covariance of training features; threshold 1 until calibrated."""
-    from sklearn.covariance import LedoitWolf
-
     features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
-    classes = np.unique(labels)
     means = np.zeros((int(labels.max()) + 1, features.shape[1]))
-    for label in classes:
+    for label in np.unique(labels):
         means[label] = features[labels == label].mean(axis=0)
-    centered = features - means[labels]
-    covariance = LedoitWolf(assume_centered=True).fit(centered).covariance_
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-10)
-    whitening = eigenvectors / np.sqrt(eigenvalues)  # x W: coordinates in which the covariance is the identity
+    whitening = _shrunk_whitening(features - means[labels])
     centers = means @ whitening  # a class absent from the data keeps a centre at the origin (never nearest in practice)
     return MahalanobisDetector(torch.from_numpy(whitening), torch.from_numpy(centers), 1.0)
 
