@@ -268,3 +268,16 @@ def test_legacy_one_tier_checkpoint_exports_its_atypical_tier(tmp_path):
         opened = open_model(export(legacy, fmt, tmp_path / name))
         assert opened.runtime.tiers == ("atypical",) and "no not-MRI tier" in opened.runtime.missing
         np.testing.assert_allclose(opened.runtime.run(batch)[1], expected, atol=1e-4)
+
+
+def test_openvino_runs_the_onnx_export_with_both_tiers(trusted_files):
+    pytest.importorskip("openvino")
+    from braintumor.inference.runtimes import open_model
+
+    batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    expected_logits, expected_scores = open_model(trusted_files["checkpoint"]).runtime.run(batch)
+    opened = open_model(trusted_files["onnx"], backend="openvino")
+    assert opened.runtime.name == "openvino" and opened.runtime.tiers == ("not_mri", "atypical")
+    logits, scores = opened.runtime.run(batch)
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-3)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-3)

@@ -221,7 +221,10 @@ class OpenVinoSession:
         openvino = require("openvino", "openvino", "the OpenVINO backend")
         core = openvino.Core()
         model = core.read_model(str(onnx_path))
-        config = {"INFERENCE_NUM_THREADS": int(threads or available_cores()), "PERFORMANCE_HINT": "LATENCY"}
+        # f32: on CPUs with bfloat16 units (AMX, AVX512-BF16) OpenVINO otherwise runs float32 models in bfloat16,
+        # moving logits by ~1e-3 (int8 layers of a quantized model stay int8).
+        config = {"INFERENCE_NUM_THREADS": int(threads or available_cores()), "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32"}
         self._compiled = core.compile_model(model, "CPU", config)
         self._name = model.inputs[0].get_any_name()
 
