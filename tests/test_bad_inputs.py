@@ -26,8 +26,8 @@ from braintumor.data import pixels
 from braintumor.cli import main
 from helpers import make_checkpoint
 
-TINY_TRAIN = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-              "--device", "cpu", "--workers", "0", "--no-progress"]
+TINY_TRAIN = ["--arch", "resnet18", "--weights", "none", "--lr", "1e-3", "--image-size", "32", "--epochs", "1",
+              "--batch-size", "8", "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
 def files_under(folder: Path) -> set[str]:
@@ -482,3 +482,268 @@ def test_make_phantoms_leaves_nothing_behind_when_a_write_fails(tmp_path, capsys
     code, _, err = run_cli(["make-phantoms", existing, "--per-class", "2", "--size", "32"], capsys)
     assert code == 2 and files_under(existing) == {"glioma/mine.txt"}, err
     assert sorted(p.name for p in existing.iterdir()) == ["glioma"]
+
+
+# --- volumes: hostile geometry and values, streamed reading --------------------------------------------------
+
+
+def nifti_file(path: Path, values: np.ndarray, zooms=(1.0, 1.0, 1.0)) -> Path:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(values, np.diag([*zooms, 1.0]))
+    image.header.set_zooms(zooms)
+    nib.save(image, path)
+    return path
+
+
+def test_nifti_zooms_1e30_apart_are_one_line(tmp_path, capsys):
+    from braintumor.data.volumes import read_volume
+    from braintumor.errors import UserError
+
+    path = nifti_file(tmp_path / "zooms.nii.gz", np.ones((8, 8, 2), np.int16), zooms=(1e-30, 1e30, 1.0))
+    with pytest.raises(UserError, match=r"in-plane voxel sizes .* more than 16-fold apart") as error:
+        read_volume(path)
+    assert "\n" not in str(error.value)
+
+
+def test_one_inf_voxel_is_counted_and_saturated_without_a_warning(tmp_path):
+    import warnings
+
+    from braintumor.data.volumes import read_volume
+
+    values = np.arange(6 * 5 * 3, dtype=np.float32).reshape(6, 5, 3)
+    values[2, 1, 1] = np.inf
+    values[0, 0, 2] = np.nan
+    path = nifti_file(tmp_path / "inf.nii", values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would fail here
+        volume = read_volume(path)
+    assert volume.nonfinite.tolist() == [0, 1, 1]  # per axial slice: the inf in slice 1, the NaN in slice 2
+    assert volume.slices.shape == (3, 5, 6) and volume.window[1] < np.inf
+    assert (volume.slices[1] == 255).sum() >= 1
+
+
+def test_an_all_nan_volume_is_refused_not_classified(tmp_path, capsys):
+    from braintumor.data.volumes import read_volume
+    from braintumor.errors import UserError
+
+    path = nifti_file(tmp_path / "nan.nii.gz", np.full((8, 8, 4), np.nan, np.float32))
+    with pytest.raises(UserError, match="no finite voxel values"):
+        read_volume(path)
+    code, out, err = run_cli(["predict", make_checkpoint(tmp_path / "m.pt"), path], capsys)
+    one_error_line(code, err, "no finite voxel values")
+    assert "nan.nii.gz" not in out  # no row for it (a header line may have been printed)
+
+
+def test_streamed_windowing_equals_the_in_memory_one(tmp_path, monkeypatch):
+    """Tiny blocks and a tiny gather limit force the multi-pass exact percentiles; the slices must not change."""
+    from braintumor.data import volumes
+
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((40, 30, 7)) * 300).astype(np.float32)
+    values[values > 400] = 0.0  # many ties
+    values[5, 5, 5] = 1e30  # an outlier that would flatten a naive histogram
+    path = nifti_file(tmp_path / "v.nii.gz", values, zooms=(1.0, 1.0, 2.0))
+    whole = volumes.read_volume(path)
+    monkeypatch.setattr(volumes, "_BLOCK_VOXELS", 37)
+    monkeypatch.setattr(volumes, "_GATHER_VOXELS", 50)
+    monkeypatch.setattr(volumes, "_HISTOGRAM_BINS", 16)
+    streamed = volumes.read_volume(path)
+    finite = values[np.isfinite(values)]
+    assert streamed.window == pytest.approx(tuple(np.percentile(finite, [0.5, 99.5])), rel=0, abs=0)
+    assert streamed.window == whole.window
+    np.testing.assert_array_equal(streamed.slices, whole.slices)
+
+
+def test_wide_planes_are_box_reduced_while_read(tmp_path, monkeypatch):
+    from braintumor.data import volumes
+
+    monkeypatch.setattr(volumes, "MAX_SIDE", 64)
+    values = np.zeros((300, 200, 2), np.uint8)  # columns x rows x slices
+    values[150:, :, :] = 200
+    volume = volumes.read_volume(nifti_file(tmp_path / "wide.nii", values))
+    assert volume.reduced_by == 5 and volume.slices.shape == (2, 40, 60)
+    assert volume.spacing == (5.0, 5.0, 1.0)
+    assert set(np.unique(volume.slices)) == {0, 200}
+
+
+def test_the_volume_probe_never_inflates_a_deflated_bomb(tmp_path, monkeypatch):
+    """is_volume reads a header: a deflated DICOM over the inflate limit is left to the 2-D reader's one line."""
+    from bombs import dicom_deflate_bomb
+
+    from braintumor.data import dicom
+    from braintumor.data.io import ImageReadError, read_image
+    from braintumor.data.volumes import is_volume, partition_inputs
+
+    monkeypatch.setattr(pixels, "MAX_DECODED_BYTES", 10_000)
+    monkeypatch.setattr(dicom, "check_byte_budget", lambda *args: None)
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(dicom_deflate_bomb(side=1100))
+    import pydicom
+
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: pytest.fail("pydicom read the bomb"))
+    assert not is_volume(bomb)
+    assert partition_inputs([bomb]) == ([bomb], [])
+    with pytest.raises(ImageReadError, match="inflate to more than"):
+        read_image(bomb)
+
+
+# --- one memory budget: peak RSS of `braintumor predict reference FILE` in a subprocess ------------------------
+#
+# Each file is small on disk and huge once decoded. It is built here by repeating one compressed block (deflate
+# blocks flushed with Z_FULL_FLUSH concatenate), so building it never holds the decoded data either.
+
+RSS_LIMIT_BYTES = int(1.5 * 2**30)
+
+
+def _deflate_repeat(prefix: bytes, piece: bytes, count: int) -> bytes:
+    """A raw deflate stream of prefix + piece * count, compressing ``piece`` once."""
+    import zlib
+
+    def flushed(data: bytes, mode: int) -> bytes:
+        stream = zlib.compressobj(6, zlib.DEFLATED, -15)
+        return stream.compress(data) + stream.flush(mode)
+
+    return (flushed(prefix, zlib.Z_FULL_FLUSH) + flushed(piece, zlib.Z_FULL_FLUSH) * count
+            + flushed(b"", zlib.Z_FINISH))
+
+
+def big_nifti_gz(path: Path, shape: tuple[int, int, int], dtype, piece: np.ndarray) -> Path:
+    """A .nii.gz of ``shape`` (columns, rows, slices) whose voxels repeat ``piece`` (rows of voxels) in file order."""
+    import struct
+    import zlib
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    header["vox_offset"] = 352
+    prefix, block = header.binaryblock + b"\0" * 4, np.ascontiguousarray(piece, dtype=dtype).tobytes()
+    count = int(np.prod(shape)) * np.dtype(dtype).itemsize // len(block)
+    crc = zlib.crc32(prefix)
+    for _ in range(count):
+        crc = zlib.crc32(block, crc)
+    size = len(prefix) + len(block) * count
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + _deflate_repeat(prefix, block, count)
+                     + struct.pack("<II", crc, size & 0xFFFFFFFF))
+    return path
+
+
+def big_deflated_dicom(path: Path, rows: int, columns: int, frames: int, piece: np.ndarray, **elements) -> Path:
+    """A deflated 16-bit MONOCHROME2 DICOM whose pixel data repeat ``piece``; ``elements`` are added as given
+    (e.g. RescaleSlope, WindowCenter)."""
+    import struct
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.Rows, dataset.Columns = "MR", rows, columns
+    if frames > 1:
+        dataset.NumberOfFrames = frames
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    for key, value in elements.items():
+        setattr(dataset, key, value)
+    encoded, meta_bytes = DicomBytesIO(), DicomBytesIO()
+    for stream in (encoded, meta_bytes):
+        stream.is_little_endian, stream.is_implicit_VR = True, False
+    write_dataset(encoded, dataset)
+    write_file_meta_info(meta_bytes, meta)
+    block = np.ascontiguousarray(piece, dtype="<u2").tobytes()
+    size = rows * columns * frames * 2
+    pixel_header = b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", size)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta_bytes.getvalue()
+                     + _deflate_repeat(encoded.getvalue() + pixel_header, block, size // len(block)))
+    return path
+
+
+def ramp(rows: int, columns: int, high: int = 3000) -> np.ndarray:
+    y, x = np.mgrid[0:rows, 0:columns]
+    return ((x * 7 + y * 3) % 200 + (x > columns // 2) * high).astype(np.int64)
+
+
+def memory_bombs(folder: Path) -> dict[str, Path]:
+    """The decode paths of issue 25, each a file of at most a few MB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "nifti-16384x16384x1-uint8": big_nifti_gz(folder / "wide.nii.gz", (16384, 16384, 1), np.uint8,
+                                                  ramp(64, 16384, 50) % 256),
+        "nifti-512x512x1024-int16": big_nifti_gz(folder / "tall.nii.gz", (512, 512, 1024), np.int16, ramp(512, 512)),
+        "dicom-deflate-multiframe-1024x512": big_deflated_dicom(folder / "frames.dcm", 512, 512, 1024,
+                                                                ramp(512, 512)),
+        "dicom-deflate-9450-rescale-window": big_deflated_dicom(
+            folder / "big16.dcm", 9450, 9450, 1, ramp(45, 9450, 30000), RescaleSlope=2, RescaleIntercept=-1024,
+            WindowCenter=20000, WindowWidth=40000),
+        "dicom-deflate-inflating-to-2gb": big_deflated_dicom(folder / "bomb2g.dcm", 32768, 32768, 1,
+                                                             np.zeros((16, 32768))),
+    }
+
+
+def peak_rss(args: list[str], cwd: Path) -> tuple[int, str, int]:
+    """(exit code, stderr, peak RSS in bytes) of ``braintumor ARGS`` run in a fresh process: a wrapper process
+    waits for it and reads its children's maximum resident set (getrusage RUSAGE_CHILDREN), a memory figure
+    independent of how long anything takes."""
+    wrapper = textwrap.dedent("""
+        import resource, subprocess, sys
+        done = subprocess.run([sys.executable, "-m", "braintumor", *sys.argv[1:]], capture_output=True, text=True)
+        sys.stderr.write(done.stderr)
+        print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, env=env,
+                            cwd=cwd, timeout=1800)
+    code, peak = result.stdout.split()
+    return int(code), result.stderr, int(peak)
+
+
+@pytest.fixture(scope="module")
+def bombs_folder(tmp_path_factory):
+    return memory_bombs(tmp_path_factory.mktemp("memory-bombs"))
+
+
+BOMB_OUTCOMES = {  # processed within the budget (exit 0), or refused with one line (exit 2)
+    "nifti-16384x16384x1-uint8": (0, "volume verdict"),
+    "nifti-512x512x1024-int16": (0, "volume verdict"),
+    "dicom-deflate-multiframe-1024x512": (0, "volume verdict"),
+    "dicom-deflate-9450-rescale-window": (0, ""),
+    "dicom-deflate-inflating-to-2gb": (2, "inflate to more than"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BOMB_OUTCOMES))
+def test_decompression_bombs_stay_within_the_memory_budget(case, bombs_folder, tmp_path):
+    code, err, peak = peak_rss(["predict", "reference", str(bombs_folder[case])], tmp_path)
+    expected_code, message = BOMB_OUTCOMES[case]
+    assert peak <= RSS_LIMIT_BYTES, f"{case}: peak RSS {peak / 2**20:.0f} MiB"
+    assert code == expected_code and message in err and "Traceback" not in err, err
+    if code == 2:
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+@pytest.mark.slow
+def test_auditing_a_folder_of_bombs_stays_within_the_memory_budget(bombs_folder, tmp_path):
+    folder = tmp_path / "scans" / "glioma"
+    folder.mkdir(parents=True)
+    for case in ("dicom-deflate-9450-rescale-window", "dicom-deflate-inflating-to-2gb"):
+        os.symlink(bombs_folder[case], folder / bombs_folder[case].name)
+    truncated_jpeg(folder / "claim.jpg")
+    Image.new("L", (64, 64), 80).save(folder / "plain.png")
+    code, err, peak = peak_rss(["audit", str(tmp_path / "scans"), "--out", str(tmp_path / "audit")], tmp_path)
+    assert peak <= RSS_LIMIT_BYTES, f"audit: peak RSS {peak / 2**20:.0f} MiB"
+    assert code == 0, err
+    import json
+
+    unreadable = {Path(u["path"]).name: u["reason"] for u in json.loads((tmp_path / "audit" / "audit.json")
+                                                                     .read_text())["unreadable"]}
+    assert "inflate to more than" in unreadable["bomb2g.dcm"] and "truncated" in unreadable["claim.jpg"]

@@ -61,7 +61,7 @@ MAX_VOXELS = 2**28  # 256 Mi voxels read (spooled to disk as float32: 1 GiB): fa
 MAX_STORED_VOXELS = 2**26  # voxels kept (uint8, 64 MiB); larger volumes are box-reduced in-plane while windowed
 MAX_SIDE = 1024  # longer planes are box-reduced in-plane (the model sees 224 px or so)
 MAX_ANISOTROPY = 16.0  # in-plane voxel sizes further apart than this are refused (not an MRI slice geometry)
-_BLOCK_VOXELS = 1 << 22  # voxels per block read, windowed or histogrammed at once (16 MiB as float32)
+_BLOCK_VOXELS = 1 << 20  # voxels per block read, windowed or histogrammed at once (4 MiB as float32)
 _GATHER_VOXELS = 1 << 22  # candidates for a percentile collected and sorted in memory at most
 _HISTOGRAM_BINS = 1 << 16
 
@@ -316,6 +316,8 @@ class _Spool:
 
 
 def _bin_index(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The histogram bin of each value over [low, high] (float32 arithmetic: monotonic in the value, and the
+    same formula decides membership at every later pass, so the bins are consistent)."""
     with np.errstate(invalid="ignore", over="ignore"):
         scaled = np.floor((values - low) * (_HISTOGRAM_BINS / (high - low)))
     return np.clip(np.nan_to_num(scaled, nan=0.0), 0, _HISTOGRAM_BINS - 1).astype(np.int64)
@@ -335,7 +337,7 @@ def _order_statistics(chunks, count: int, low: float, high: float, ranks: list[i
         gathered: dict[int, list[np.ndarray]] = {rank: [] for rank in pending}
         extremes = {rank: [math.inf, -math.inf] for rank in pending}
         for values in chunks():
-            values = np.asarray(values, dtype=np.float64)
+            values = np.asarray(values, dtype=np.float32)
             for rank, (levels, _, candidates, lo, hi) in pending.items():
                 inside = values
                 for level_low, level_high, index in levels:
@@ -712,7 +714,7 @@ def _multiframe_source(file: Path | io.BytesIO, label: str) -> _Source:
 
     force = isinstance(file, Path) and file.suffix.lower() == ".dcm"
     try:
-        inflated = inflate_to_temporary(file, label, limit=MAX_VOXELS * 4 + (64 << 20))
+        inflated = inflate_to_temporary(file, label)  # the probe's limit too: one inflate limit for all
     except ImageReadError as error:
         raise UserError(f"cannot read volume {label}: {error.reason}") from None
     readable = inflated if inflated is not None else file
