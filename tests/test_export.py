@@ -43,7 +43,7 @@ def test_onnx_probabilities_match_pytorch_for_batches_of_three_and_one(classifie
     for inputs in (paths, paths[:1]):  # the batch axis is dynamic: 3 and 1 through the same graph
         expected = eager.predict(inputs)
         actual = onnx_backend.predict(inputs)
-        assert [p.label for p in actual] == [p.label for p in expected]
+        assert [p.predicted_class for p in actual] == [p.predicted_class for p in expected]
         for got, want in zip(actual, expected):
             assert got.probabilities.keys() == want.probabilities.keys()
             for name in want.probabilities:
