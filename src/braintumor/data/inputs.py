@@ -118,7 +118,7 @@ def to_image(item: ImageInput, name: str | None = None) -> tuple[Image.Image, bo
         values = values[..., 0]
     if values.ndim == 3 and values.shape[-1] == 4:
         values = values[..., :3]
-    if values.ndim not in (2, 3) or min(values.shape[:2]) < 1:
+    if values.ndim not in (2, 3) or (values.ndim == 3 and values.shape[-1] != 3) or min(values.shape[:2]) < 1:
         raise ImageReadError(label, f"an image array must be HxW, HxWxC or CxH... with C in 1, 3, 4; "
                                     f"got shape {tuple(item.shape)}")
     if values.dtype.kind not in "uifb":
