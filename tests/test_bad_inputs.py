@@ -747,3 +747,35 @@ def test_auditing_a_folder_of_bombs_stays_within_the_memory_budget(bombs_folder,
     unreadable = {Path(u["path"]).name: u["reason"] for u in json.loads((tmp_path / "audit" / "audit.json")
                                                                      .read_text())["unreadable"]}
     assert "inflate to more than" in unreadable["bomb2g.dcm"] and "truncated" in unreadable["claim.jpg"]
+
+
+def test_a_float_image_of_nan_is_refused_and_a_partly_nan_one_reads(tmp_path):
+    from braintumor.data.io import ImageReadError, read_image
+
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageReadError, match="no finite pixel values"):
+        read_image(tmp_path / "nan.tif")
+    values = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    values[0, 0] = np.nan
+    Image.fromarray(values, mode="F").save(tmp_path / "some.tif")
+    pixels_read = np.asarray(read_image(tmp_path / "some.tif"))[..., 0]
+    assert pixels_read[0, 0] == 0 and pixels_read[-1, -1] == 255
+
+
+def test_uploaded_volumes_stream_like_files(tmp_path):
+    """An upload reads as the same file does; gzip is streamed from disk, and data past what the header declares
+    (a small upload inflating to a large one) is never read."""
+    from braintumor.data.volumes import read_volume, read_volume_bytes
+
+    values = np.arange(20 * 10 * 3, dtype=np.int16).reshape(20, 10, 3)
+    for name in ("v.nii", "v.nii.gz"):
+        path = nifti_file(tmp_path / name, values)
+        from_file, from_upload = read_volume(path), read_volume_bytes(path.read_bytes(), name)
+        np.testing.assert_array_equal(from_file.slices, from_upload.slices)
+        assert from_upload.source == name and from_upload.window == from_file.window
+    padded = big_nifti_gz(tmp_path / "pad.nii.gz", (64, 32, 4), np.int16, ramp(32, 64))
+    import gzip
+
+    raw = gzip.decompress(padded.read_bytes()) + bytes(256 * 2**20)  # 256 MiB of zeros the header never declares
+    volume = read_volume_bytes(gzip.compress(raw, compresslevel=1), "pad.nii.gz")
+    assert volume.slices.shape == (4, 32, 64)

@@ -48,8 +48,8 @@ def _load_set(root, cache_dir, progress) -> dict:
     # Files of other types are listed as unreadable rather than silently left out.
     others = [{"path": os.path.abspath(p), "reason": unsupported_type_reason(full_suffix(p))}
               for p in unsupported_files(root, recursive=bool(folders))]
-    return {"unsupported": others, "root": os.path.abspath(root), "paths": [os.path.abspath(p) for p in paths], "labels": labels,
-            "records": records, "cache": cache}
+    return {"unsupported": others, "root": os.path.abspath(root), "paths": [os.path.abspath(p) for p in paths],
+            "labels": labels, "records": records, "cache": cache}
 
 
 def _summary(data: dict) -> dict:

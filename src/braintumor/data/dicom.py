@@ -90,6 +90,10 @@ def read_dicom(file: Path | io.BytesIO, label: str, *, force: bool) -> Image.Ima
         if "truncated" in message.lower() or "less than expected" in message.lower():
             raise ImageReadError(label, "truncated DICOM pixel data") from None
         raise ImageReadError(label, f"cannot decode DICOM pixel data ({message})") from None
+    # pixel_array is a decoded copy: the encoded bytes can go before the conversion allocates its result.
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in dataset:
+            delattr(dataset, keyword)
 
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(dataset.get("SamplesPerPixel", 1))

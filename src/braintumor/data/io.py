@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from braintumor.data.dicom import HEADER_BYTES, has_dicom_magic, read_dicom
 from braintumor.data.dicom import estimate_decode_bytes as _estimate_dicom_bytes
 from braintumor.data.pixels import (ImageReadError, check_byte_budget, check_pixel_limit, decoded_bytes,
-                                    gray_to_rgb, minmax_to_uint8, one_line, shrink, shrink_factor,
+                                    finite_range, gray_to_rgb, minmax_to_uint8, one_line, shrink, shrink_factor,
                                     too_large_reason)
 
 __all__ = ["IMAGE_EXTENSIONS", "PIL_FORMATS", "ImageReadError", "check_image", "estimate_decode_bytes",
@@ -253,6 +253,9 @@ def _pil_to_rgb(image: Image.Image, label: str) -> Image.Image:
     if mode in _HIGH_BIT_DEPTH_GRAY_MODES:
         values = np.asarray(image)
         image.close()  # frees the decoder's copy: only the array and the 8-bit result live at once
+        if values.dtype.kind == "f" and finite_range(values) is None:
+            # NaN/inf pixels become 0 in the 8-bit image; an image of nothing else must not become a class
+            raise ImageReadError(label, "no finite pixel values (every pixel is NaN or infinite)")
         return _gray_array_to_rgb(values)
     image = shrink(image)
     mode = image.mode

@@ -88,7 +88,7 @@ def _row_chunks(values: np.ndarray):
         yield slice(start, start + step)
 
 
-def _finite_range(values: np.ndarray, transform=None) -> tuple[float, float] | None:
+def finite_range(values: np.ndarray, transform=None) -> tuple[float, float] | None:
     """(min, max) of the finite values of ``transform(values)``, computed chunk by chunk; None if none."""
     low, high = np.inf, -np.inf
     for rows in _row_chunks(values):
@@ -111,7 +111,7 @@ def minmax_to_uint8(values: np.ndarray, transform=None) -> np.ndarray:
     """
     values = np.asarray(values)
     out = np.zeros(values.shape, dtype=np.uint8)
-    span = _finite_range(values, transform)
+    span = finite_range(values, transform)
     if span is None or span[1] <= span[0]:
         return out
     low, high = span

@@ -201,24 +201,23 @@ def read_volume(path: str | os.PathLike) -> Volume:
 def read_volume_bytes(data: bytes, name: str) -> Volume | None:
     """An uploaded NIfTI (``.nii``/``.nii.gz`` name or NIfTI header) or multi-frame DICOM as a Volume, else None.
 
-    None means "not a volume": the caller reads the bytes as a 2-D image. Gzip streams are inflated only up to
-    the voxel limit, so a small upload cannot expand without bound.
+    None means "not a volume": the caller reads the bytes as a 2-D image. A NIfTI upload is written to a
+    temporary file and streamed from there like a file (gzip included), so a small upload that inflates to a
+    large one is never inflated in memory; only the voxels its header declares are read.
     """
-    import gzip
     import zlib
 
-    raw = data
+    head = data[:352]
     if data[:2] == b"\x1f\x8b":
-        inflater = zlib.decompressobj(wbits=31)
-        limit = MAX_VOXELS * 8 + 2**20
         try:
-            raw = inflater.decompress(data, limit)
-        except (zlib.error, gzip.BadGzipFile) as error:
+            head = zlib.decompressobj(wbits=31).decompress(data[:1 << 16], 352)
+        except zlib.error as error:
             raise UserError(f"cannot read volume {name}: corrupt gzip data ({error})") from None
-        if inflater.unconsumed_tail:
-            raise UserError(f"cannot read volume {name}: more than {MAX_VOXELS} voxels once decompressed")
-    if is_nifti(name) or raw[344:348] in (b"n+1\0", b"ni1\0") or raw[4:8] == b"n+2\0":
-        return _to_volume(_nifti_source(io.BytesIO(raw), name), name, "nifti")
+    if is_nifti(name) or head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] == b"n+2\0":
+        with tempfile.TemporaryDirectory(prefix="braintumor-upload-") as folder:
+            path = Path(folder) / ("upload.nii.gz" if data[:2] == b"\x1f\x8b" else "upload.nii")
+            path.write_bytes(data)
+            return _to_volume(_nifti_source(path, name), name, "nifti")
     if has_dicom_magic(data[:132]):
         try:
             header = read_header(io.BytesIO(data), name)
