@@ -148,6 +148,7 @@ class OnnxBackend(Runtime):
 
     def __init__(self, session: Any, name: str = "onnx", tiers: tuple[str, ...] | None = None,
                  num_classes: int | None = None):
+        """``tiers`` None: read from the session's output names and metadata."""
         self.session, self.name = session, name
         self.device = torch.device("cpu")
         # Other runtimes' sessions may not list their outputs.
@@ -212,11 +213,11 @@ def open_model(path: str | os.PathLike, device: str | torch.device = "cpu", back
 
             session, meta = load_openvino(path, threads)
             spec = spec_from_metadata(meta)
-            return OpenedModel(OnnxBackend(session, "openvino", export_tiers(meta), len(spec.classes)), spec, path,
+            return OpenedModel(OnnxBackend(session, "openvino", export_tiers(meta) or None, len(spec.classes)), spec, path,
                                kind)
         session, meta = load_onnx_session(path, threads)
         spec = spec_from_metadata(meta)
-        return OpenedModel(OnnxBackend(session, "onnx", export_tiers(meta), len(spec.classes)), spec, path, kind)
+        return OpenedModel(OnnxBackend(session, "onnx", export_tiers(meta) or None, len(spec.classes)), spec, path, kind)
     if kind == TORCHSCRIPT:
         module, meta = load_torchscript(path)
         spec = spec_from_metadata(meta)
