@@ -17,7 +17,8 @@ import numpy as np
 import yaml
 
 from braintumor.training.config import TrainConfig, field_names
-from braintumor.evaluation.evaluate import evaluate_classifier, predict_paths
+from braintumor.evaluation.evaluate import evaluate_classifier, file_batches
+from braintumor.inference.service import run_batches
 from braintumor.data.index import prepare_split
 from braintumor.inference.classifier import Classifier
 
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
         classifier.set_image_size(size)
         for tta in (False, True):
             classifier.tta = tta
-            probabilities = predict_paths(classifier, split.val_paths, workers=args.workers)
+            probabilities = run_batches(classifier, file_batches(classifier, split.val_paths,
+                                                                 workers=args.workers))[0].probabilities
             predicted = probabilities.argmax(1)
             nll = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean()
             print(f"| {size} | {'mirror' if tta else 'off'} | {100 * (predicted == labels).mean():.2f} | "
