@@ -205,14 +205,6 @@ def summarize_volume(volume: Volume, classes: list[str], predictions: list, rule
         predictions=list(predictions), status=status)
 
 
-def classify_volume(classifier, volume: Volume, rule: VerdictRule | None = None, *, batch_size: int = 32,
-                    montage_slices: int = 6) -> VolumeResult:
-    """Deprecated: :func:`braintumor.inference.service.predict_volume` (kept while callers move to it)."""
-    from braintumor.inference.service import predict_volume
-
-    return predict_volume(classifier, volume, rule, batch_size=batch_size)
-
-
 def explained_class(result: VolumeResult) -> str | None:
     """The class Grad-CAM explains for a volume: its tumour verdict, else each slice's predicted class (None)."""
     return result.verdict if result.verdict in result.classes and \
