@@ -7,6 +7,11 @@ WindowCenter/WindowWidth with LINEAR, LINEAR_EXACT or SIGMOID; first preset), sc
 output range, or min–max when the file has no VOI (:func:`dicom_gray_to_uint8`); MONOCHROME1 is inverted; colour
 (SamplesPerPixel 3, palette colour) stays RGB. Compressed pixel data whose decoder plug-in is missing gives one
 line naming the package to install; multi-frame files are volumes (:mod:`braintumor.data.volumes` reads those).
+
+Memory: a deflated file is inflated to an anonymous temporary file through a 1 MiB window and refused once it
+passes the inflate limit (:func:`inflate_to_temporary`; pydicom would inflate it whole in memory, even for a
+header); headers are read with :func:`read_header`, which does the same, so the volume probe never inflates a
+bomb either. The LUTs run on row chunks, and the encoded pixel bytes are dropped once decoded.
 """
 
 from __future__ import annotations
