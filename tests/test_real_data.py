@@ -48,6 +48,6 @@ def test_the_reference_model_classifies_real_slices(capsys):
             truth.append(folder.name)
     capsys.readouterr()
     assert main(["predict", "reference", *slices, "--json"]) == 0
-    predicted = [p["label"] for p in json.loads(capsys.readouterr().out)]
+    predicted = [p["predicted_class"] for p in json.loads(capsys.readouterr().out)]
     correct = sum(p == t for p, t in zip(predicted, truth))
     assert correct >= 0.9 * len(slices), list(zip(truth, predicted))

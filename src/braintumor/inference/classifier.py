@@ -106,6 +106,7 @@ class Classifier:
         return {"classes": self.classes, "arch": self.arch, "image_size": self.image_size,
                 "mean": self.mean, "std": self.std, "backend": self.backend, "fingerprint": self.fingerprint,
                 "tta": self.tta, "temperature": self.temperature, "ood_detector": self.has_ood,
+                "trust_tiers": list(self.trust_tiers),
                 "min_confidence": self.min_confidence}
 
     def set_image_size(self, size: int) -> None:
