@@ -3,12 +3,12 @@
 Methods (``METHODS``), each giving one map per image at the model input size, positive part, min–max normalized
 per image (1 marks the region that most supports the explained class, 0 none; a constant map becomes all zeros):
 
-- ``gradcam`` (Selvaraju et al., 2017; captum ``LayerGradCam``): a block's activations weighted per channel by the
-  spatial mean of the class score's gradient, summed over channels.
+- ``gradcam`` (Selvaraju et al., 2017): a block's activations weighted per channel by the spatial mean of the
+  class score's gradient, summed over channels.
 - ``gradcampp`` (Grad-CAM++, Chattopadhay et al., 2018): channel weights from positive gradients with the
   closed-form second/third-order coefficients (the exponential-score form, as in pytorch-grad-cam).
-- ``hirescam`` (Draelos & Carin, 2020; captum ``LayerGradientXActivation`` summed over channels): gradient times
-  activation element-wise, no spatial averaging of the gradient, so the map is faithful to the score.
+- ``hirescam`` (Draelos & Carin, 2020): gradient times activation element-wise, summed over channels (no spatial
+  averaging of the gradient, so the map is faithful to the score).
 - ``layercam`` (Jiang et al., 2021): positive gradient times activation element-wise.
 - ``occlusion`` (Zeiler & Fergus, 2014; captum ``Occlusion``): the drop of the class score (logit) when a square
   patch of side 3/16 of the input (24 px at 128 px; half-side stride) is replaced by black.
@@ -16,7 +16,9 @@ per image (1 marks the region that most supports the explained class, 0 none; a 
   gradient from a black image, 16 steps (Gauss–Legendre), summed over colour channels, positive part, smoothed by
   a Gaussian of sigma 1/64 of the side so that the maximum marks a region, not one noisy pixel.
 
-CAM methods read the block named by ``layer`` (dotted, e.g. ``"layer3"``; default ``DEFAULT_LAYER``) and upsample
+The CAM methods share one computation (:func:`cam_maps`: captum's ``LayerGradientXActivation`` hooks the
+layers and returns the class score's gradient there; the four methods differ only in how they combine gradient
+and activation), so several methods and layers cost one backward pass. They read the block named by ``layer`` (dotted, e.g. ``"layer3"``; default ``DEFAULT_LAYER``) and upsample
 bilinearly. "Black" is each image's per-channel minimum, the background of an MRI slice. The class score is the
 logit (a softmax near 1 barely moves when evidence is removed).
 
@@ -41,7 +43,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, LayerGradientXActivation, Occlusion
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradientXActivation, Occlusion
 from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
@@ -144,20 +146,50 @@ def explain_batch(model: nn.Module, batch: torch.Tensor, method: str = DEFAULT_M
     as before when this returns.
     """
     check_method(method, layer)
-    target_layer = find_layer(model, DEFAULT_LAYER if layer is None else layer) if method in CAM_METHODS else None
+    if method in CAM_METHODS:
+        probabilities, maps = explain_cam_batch(model, batch, [method], [DEFAULT_LAYER if layer is None else layer],
+                                                targets)
+        return probabilities, maps[method, 0]
+    with _explaining(model), torch.inference_mode(False), torch.enable_grad():
+        probabilities, inputs, indices = _prepare(model, batch, targets, requires_grad=False)
+        maps = _ATTRIBUTORS[method](model, inputs, indices)
+    return probabilities, _finish(maps)
+
+
+def explain_cam_batch(model: nn.Module, batch: torch.Tensor, methods: Sequence[str] = CAM_METHODS,
+                      layers: Sequence[str | nn.Module] = (DEFAULT_LAYER,),
+                      targets: Sequence[int] | torch.Tensor | None = None
+                      ) -> tuple[np.ndarray, dict[tuple[str, int], np.ndarray]]:
+    """Several CAM methods at several layers from one backward pass (what ``explain_batch`` gives for each):
+    probabilities (B, C) and {(method, position of the layer in ``layers``): maps (B, S, S) in [0, 1]}."""
+    for method in methods:
+        if method not in CAM_METHODS:
+            raise ValueError(f"{method!r} is not a CAM method; choose from: {', '.join(CAM_METHODS)}")
+    modules = [find_layer(model, layer) for layer in layers]
     with _explaining(model), torch.inference_mode(False), torch.enable_grad():
         # An input that requires grad keeps the graph to a layer alive even when every weight is frozen.
-        inputs = batch.clone().requires_grad_(method in CAM_METHODS)
-        with torch.no_grad():
-            probabilities = torch.softmax(model(inputs).float(), dim=1)
-        # A tensor of per-sample indices makes captum select output[i, indices[i]] for row i; an int would
-        # explain the same class for every image.
-        indices = (probabilities.argmax(dim=1) if targets is None
-                   else torch.as_tensor(targets, dtype=torch.long, device=inputs.device))
-        if len(indices) != len(inputs):
-            raise ValueError(f"got {len(indices)} targets for {len(inputs)} images")
-        maps = _ATTRIBUTORS[method](model, target_layer, inputs, indices)
-    return probabilities.cpu().numpy(), normalize_maps(F.relu(maps.detach().float())).cpu().numpy().astype(np.float32)
+        probabilities, inputs, indices = _prepare(model, batch, targets, requires_grad=True)
+        maps = cam_maps(model, inputs, indices, modules, methods)
+    return probabilities, {key: _finish(value) for key, value in maps.items()}
+
+
+def _prepare(model, batch, targets, requires_grad):
+    """Probabilities, a fresh input tensor and the per-image class indices to explain."""
+    inputs = batch.clone().requires_grad_(requires_grad)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(inputs).float(), dim=1)
+    # A tensor of per-sample indices makes captum select output[i, indices[i]] for row i; an int would
+    # explain the same class for every image.
+    indices = (probabilities.argmax(dim=1) if targets is None
+               else torch.as_tensor(targets, dtype=torch.long, device=inputs.device))
+    if indices.shape != (len(inputs),):
+        raise ValueError(f"got {len(indices)} targets for {len(inputs)} images")
+    return probabilities.cpu().numpy(), inputs, indices
+
+
+def _finish(maps: torch.Tensor) -> np.ndarray:
+    """Positive part, per-map min–max normalization, float32 numpy."""
+    return normalize_maps(F.relu(maps.detach().float())).cpu().numpy().astype(np.float32)
 
 
 def grad_cam(model: nn.Module, layer: str | nn.Module, batch: torch.Tensor,
@@ -197,44 +229,57 @@ def _black(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.amin(dim=(2, 3), keepdim=True).expand_as(inputs).contiguous()
 
 
-def _layer_gradients_and_activations(model, layer, inputs, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class score's gradient at ``layer``'s output and that output, both (B, K, h, w)."""
-    attributor = LayerGradientXActivation(model, layer, multiply_by_inputs=False)
-    holder: dict[str, torch.Tensor] = {}
-    handle = layer.register_forward_hook(lambda _m, _i, output: holder.__setitem__("activations", output))
+def cam_maps(model: nn.Module, inputs: torch.Tensor, indices: torch.Tensor, layers: Sequence[str | nn.Module],
+             methods: Sequence[str] = CAM_METHODS) -> dict[tuple[str, int], torch.Tensor]:
+    """Raw (un-normalized) maps (B, S, S) of CAM methods at several layers from one backward pass:
+    {(method, layer position): maps}. Inputs must require grad; the caller restores the model's state."""
+    modules = [find_layer(model, layer) for layer in layers]
+    # captum hooks every layer for one forward pass and takes the class score's gradient at each output;
+    # multiply_by_inputs=False returns the gradient alone, and a hook of ours keeps the activations.
+    attributor = LayerGradientXActivation(model, modules if len(modules) > 1 else modules[0],
+                                          multiply_by_inputs=False)
+    activations: dict[int, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda _m, _i, output, k=k: activations.__setitem__(k, output.detach()))
+               for k, module in enumerate(modules)]
     try:
         gradients = attributor.attribute(inputs, target=indices)
     finally:
-        handle.remove()
-    return gradients.detach(), holder["activations"].detach()
+        for handle in handles:
+            handle.remove()
+    gradients = list(gradients) if len(modules) > 1 else [gradients]
+    maps = {}
+    for k, gradient in enumerate(gradients):
+        gradient, activation = gradient.detach().float(), activations[k].float()
+        for method in methods:
+            maps[method, k] = _upsampled(_CAM_COMBINERS[method](gradient, activation), inputs)
+    return maps
 
 
-def _gradcam(model, layer, inputs, indices):
-    attributions = LayerGradCam(model, layer).attribute(inputs, target=indices, relu_attributions=False)
-    return _upsampled(attributions.detach(), inputs)
+def _gradcam(gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    return (gradients.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1)
 
 
-def _gradcampp(model, layer, inputs, indices):
-    gradients, activations = _layer_gradients_and_activations(model, layer, inputs, indices)
+def _gradcampp(gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     squared, cubed = gradients ** 2, gradients ** 3
     denominator = 2 * squared + activations.sum(dim=(2, 3), keepdim=True) * cubed
     alpha = torch.where(gradients != 0, squared / torch.where(denominator != 0, denominator,
                                                               torch.ones_like(denominator)), 0.0)
     weights = (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)
-    return _upsampled((weights * activations).sum(dim=1), inputs)
+    return (weights * activations).sum(dim=1)
 
 
-def _hirescam(model, layer, inputs, indices):
-    product = LayerGradientXActivation(model, layer).attribute(inputs, target=indices)
-    return _upsampled(product.detach().sum(dim=1), inputs)
+def _hirescam(gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    return (gradients * activations).sum(dim=1)
 
 
-def _layercam(model, layer, inputs, indices):
-    gradients, activations = _layer_gradients_and_activations(model, layer, inputs, indices)
-    return _upsampled((F.relu(gradients) * activations).sum(dim=1), inputs)
+def _layercam(gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    return (F.relu(gradients) * activations).sum(dim=1)
 
 
-def _occlusion(model, _layer, inputs, indices):
+_CAM_COMBINERS = {"gradcam": _gradcam, "gradcampp": _gradcampp, "hirescam": _hirescam, "layercam": _layercam}
+
+
+def _occlusion(model, inputs, indices):
     side = inputs.shape[-1]
     window = max(1, round(side * OCCLUSION_WINDOW))
     stride = max(1, window // 2)
@@ -245,7 +290,7 @@ def _occlusion(model, _layer, inputs, indices):
     return attributions.sum(dim=1)
 
 
-def _integrated_gradients(model, _layer, inputs, indices):
+def _integrated_gradients(model, inputs, indices):
     attributions = IntegratedGradients(model).attribute(inputs, baselines=_black(inputs), target=indices,
                                                         n_steps=IG_STEPS, internal_batch_size=4 * IG_STEPS)
     positive = F.relu(attributions.detach().sum(dim=1, keepdim=True))
@@ -254,8 +299,7 @@ def _integrated_gradients(model, _layer, inputs, indices):
     return gaussian_blur(positive, [kernel, kernel], [sigma, sigma])[:, 0]
 
 
-_ATTRIBUTORS = {"gradcam": _gradcam, "gradcampp": _gradcampp, "hirescam": _hirescam, "layercam": _layercam,
-                "occlusion": _occlusion, "integrated-gradients": _integrated_gradients}
+_ATTRIBUTORS = {"occlusion": _occlusion, "integrated-gradients": _integrated_gradients}
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:

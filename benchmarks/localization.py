@@ -1,0 +1,384 @@
+"""Localisation benchmark: does a model's explanation point at the tumour? Measured against expert tumour boxes.
+
+For every slice of BOXES_CSV (``file,class,x_center,y_center,width,height``, fractions of the side, origin top-left;
+see ../shared/data/figshare-boxes/README.md) and every explanation method (``explain_batch``), the map of the
+slice's true class is compared with its box:
+
+  pointing game   hit when the map's maximum lies inside the box grown by 15/512 of the side on every edge (15 px
+                  at 512 px, Zhang et al. 2016); a plateau of equal maxima (e.g. a CAM's clamped border) points at
+                  its centroid; a map that is zero everywhere points nowhere (a miss)
+  mass in box     the share of the map's total mass inside the (ungrown) box (the "energy" pointing game of
+                  Score-CAM); a zero map has none
+
+with the same for two baselines: ``centre`` (a Gaussian centred on the image, sigma 1/4 of the side: points at the
+centre) and ``random`` (i.i.d. uniform noise, seeded: the chance level). 95 % intervals: Wilson for hit rates,
+percentile bootstrap (2,000 resamples, seeded) for mean mass. ``--faithfulness`` adds deletion and insertion AUC
+(Petsiuk et al. 2018): the explained class's probability as the map's pixels, most important first, are
+replaced by black (deletion, lower is better) or put onto a black image (insertion, higher is better), in 16 steps.
+
+    python benchmarks/localization.py ../shared/data/figshare-boxes/boxes.csv --checkpoint reference \\
+        [--methods gradcam occlusion ...] [--layers layer3 layer4] [--limit 60] [--json out.json] \\
+        [--save-maps maps.npz] [--image-size 256] [--faithfulness]
+
+Results (a Markdown table, or JSON with --json -) go to stdout, progress to stderr. Boxes are for measuring only:
+never train on them or choose weights with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from braintumor.errors import UserError
+from braintumor.visualize.explain import CAM_METHODS, DEFAULT_LAYER, METHODS, explain_batch, explain_cam_batch
+
+GROW = 15 / 512  # pointing-game tolerance, as a share of the side
+BASELINES = ("centre", "random")
+CENTRE_SIGMA = 0.25  # the centre baseline's Gaussian sigma, as a share of the side
+BOOTSTRAP_RESAMPLES = 2000
+FAITHFULNESS_STEPS = 16
+
+
+@dataclass(frozen=True)
+class Box:
+    """One slice's tumour box in fractions of the side (origin top-left, x to the right)."""
+
+    file: str
+    label: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def area(self) -> float:
+        return (self.x1 - self.x0) * (self.y1 - self.y0)
+
+
+def read_boxes(path: str | Path) -> list[Box]:
+    """The boxes of a ``file,class,x_center,y_center,width,height`` CSV; a ValueError names a bad row."""
+    path = Path(path)
+    boxes = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"file", "class", "x_center", "y_center", "width", "height"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                x, y, w, h = (float(row[key]) for key in ("x_center", "y_center", "width", "height"))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{line}: box values must be numbers") from None
+            # Published boxes are rounded to 2 decimals: an edge may stick out of the image by that much.
+            if not (all(np.isfinite((x, y, w, h))) and w > 0 and h > 0 and x - w / 2 >= -0.01
+                    and x + w / 2 <= 1.01 and y - h / 2 >= -0.01 and y + h / 2 <= 1.01):
+                raise ValueError(f"{path}:{line}: the box must lie inside the image (fractions 0-1)")
+            boxes.append(Box(row["file"], row["class"], max(0.0, x - w / 2), max(0.0, y - h / 2),
+                             min(1.0, x + w / 2), min(1.0, y + h / 2)))
+    return boxes
+
+
+def box_mask(box: Box, size: int, grow: float = 0.0) -> np.ndarray:
+    """(size, size) bool: the pixels whose centres lie in the box grown by ``grow`` (share of the side)."""
+    centres = (np.arange(size) + 0.5) / size
+    cols = (centres >= box.x0 - grow) & (centres <= box.x1 + grow)
+    rows = (centres >= box.y0 - grow) & (centres <= box.y1 + grow)
+    return rows[:, None] & cols[None, :]
+
+
+def peak(heatmap: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) of the map's maximum in fractions of the side: the centroid of a plateau of equal maxima; None for a
+    map that is zero everywhere."""
+    top = float(heatmap.max())
+    if not top > 0:
+        return None
+    rows, cols = np.nonzero(heatmap >= top - 1e-6 * top)
+    height, width = heatmap.shape
+    return (cols.mean() + 0.5) / width, (rows.mean() + 0.5) / height
+
+
+def pointing_hit(heatmap: np.ndarray, box: Box, grow: float = GROW) -> bool:
+    """Whether the map's maximum lies in the box grown by ``grow`` on every edge."""
+    point = peak(heatmap)
+    return point is not None and (box.x0 - grow <= point[0] <= box.x1 + grow
+                                  and box.y0 - grow <= point[1] <= box.y1 + grow)
+
+
+def mass_in_box(heatmap: np.ndarray, box: Box) -> float:
+    """The share of the map's (non-negative) mass inside the box; 0 for a zero map."""
+    total = float(heatmap.sum())
+    return float(heatmap[box_mask(box, heatmap.shape[0])].sum()) / total if total > 0 else 0.0
+
+
+def centre_map(size: int) -> np.ndarray:
+    """The centre baseline: a Gaussian on the image centre, sigma CENTRE_SIGMA of the side, max 1."""
+    centres = (np.arange(size) + 0.5) / size - 0.5
+    return np.exp(-(centres[:, None] ** 2 + centres[None, :] ** 2) / (2 * CENTRE_SIGMA ** 2)).astype(np.float32)
+
+
+def random_maps(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """The random baseline: i.i.d. uniform noise maps (count, size, size), seeded."""
+    return np.random.default_rng(seed).random((count, size, size), dtype=np.float32)
+
+
+def wilson_interval(hits: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a rate (scipy's binomtest); (nan, nan) for no trials."""
+    if total == 0:
+        return float("nan"), float("nan")
+    interval = stats.binomtest(int(hits), int(total)).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (BOOTSTRAP_RESAMPLES resamples, seeded)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1 or np.ptp(values) == 0:
+        return float(values[0]), float(values[0])
+    result = stats.bootstrap((values,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def summarize(hits: Sequence[bool], masses: Sequence[float]) -> dict:
+    """Hit rate and mean mass with their 95 % intervals."""
+    hits, masses = np.asarray(hits, dtype=bool), np.asarray(masses, dtype=float)
+    return {"n": int(len(hits)), "pointing": float(hits.mean()) if len(hits) else float("nan"),
+            "pointing_ci": wilson_interval(int(hits.sum()), len(hits)),
+            "mass": float(masses.mean()) if len(masses) else float("nan"),
+            "mass_ci": bootstrap_interval(masses)}
+
+
+def score_maps(maps: np.ndarray, boxes: Sequence[Box], grow: float = GROW) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice pointing hits (bool) and mass in box (float) of maps (N, S, S) against their boxes."""
+    hits = np.array([pointing_hit(m, b, grow) for m, b in zip(maps, boxes)], dtype=bool)
+    masses = np.array([mass_in_box(m, b) for m, b in zip(maps, boxes)], dtype=float)
+    return hits, masses
+
+
+def baseline_maps(name: str, count: int, size: int, seed: int = 0) -> np.ndarray:
+    """``count`` maps of a baseline ("centre" or "random")."""
+    if name == "centre":
+        return np.broadcast_to(centre_map(size), (count, size, size))
+    if name == "random":
+        return random_maps(count, size, seed)
+    raise ValueError(f"unknown baseline {name!r}; choose one of: {', '.join(BASELINES)}")
+
+
+def report(per_slice: dict[str, tuple[np.ndarray, np.ndarray]], labels: Sequence[str]) -> dict:
+    """{row name: {"all": summary, class: summary, ...}} from per-slice hits and masses of each row."""
+    labels = np.asarray(labels)
+    table = {}
+    for name, (hits, masses) in per_slice.items():
+        row = {"all": summarize(hits, masses)}
+        for label in sorted(set(labels.tolist())):
+            chosen = labels == label
+            row[label] = summarize(hits[chosen], masses[chosen])
+        table[name] = row
+    return table
+
+
+def faithfulness(model: torch.nn.Module, batch: torch.Tensor, maps: np.ndarray, targets: Sequence[int],
+                 steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion AUC per image: the area under the explained class's probability over the shares
+    0, 1/steps, ..., 1 of the pixels removed (inserted), most important first (steps None: FAITHFULNESS_STEPS)."""
+    steps = FAITHFULNESS_STEPS if steps is None else steps
+    size = batch.shape[-1]
+    black = batch.amin(dim=(2, 3), keepdim=True).expand_as(batch)
+    order = torch.from_numpy(np.argsort(-maps.reshape(len(maps), -1), axis=1, kind="stable").copy())
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(size * size).expand_as(order))
+    ranks = ranks.view(len(maps), 1, size, size).to(batch.device)
+    index = torch.as_tensor(targets, device=batch.device)
+    deletion, insertion = [], []
+    with torch.no_grad():
+        for step in range(steps + 1):
+            shown = ranks < round(step / steps * size * size)  # the most important pixels so far
+            for curve, images in ((deletion, torch.where(shown, black, batch)),
+                                  (insertion, torch.where(shown, batch, black))):
+                probabilities = torch.softmax(model(images).float(), dim=1)
+                curve.append(probabilities[torch.arange(len(batch)), index].cpu().numpy())
+    deletion, insertion = np.stack(deletion, axis=1), np.stack(insertion, axis=1)
+    # Trapezoid rule over the fractions 0..1.
+    area = lambda curve: (curve[:, 1:] + curve[:, :-1]).sum(axis=1) / (2 * steps)  # noqa: E731
+    return area(deletion), area(insertion)
+
+
+def method_runs(methods: Sequence[str], layers: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """(row name, method, layer) for every method; CAM methods once per layer."""
+    runs = []
+    for method in methods:
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
+        if method in CAM_METHODS:
+            runs.extend((f"{method}@{layer}", method, layer) for layer in layers)
+        else:
+            runs.append((method, method, None))
+    return runs
+
+
+def balanced(boxes: Sequence[Box], limit: int | None) -> list[Box]:
+    """The first ``limit`` boxes taken class by class in turn (all when limit is None)."""
+    if limit is None:
+        return list(boxes)
+    by_class: dict[str, list[Box]] = {}
+    for box in boxes:
+        by_class.setdefault(box.label, []).append(box)
+    queues = [list(v) for _, v in sorted(by_class.items())]
+    chosen = []
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def load_batches(classifier, root: Path, boxes: Sequence[Box], batch_size: int):
+    """(boxes, preprocessed batch, true-class indices) per chunk of ``batch_size`` slices."""
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start:start + batch_size]
+        batch = torch.stack([classifier.preprocess(classifier.load(str(root / b.file))) for b in chunk])
+        yield chunk, batch.to(classifier.device), [classifier.classes.index(b.label) for b in chunk]
+
+
+def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequence[str], limit: int | None,
+        batch_size: int, image_size: int | None, with_faithfulness: bool, save_maps: Path | None,
+        log: Callable[[str], None]) -> dict:
+    """Explain every box slice with every method; the report as a dict (see ``report``)."""
+    from braintumor.inference.classifier import Classifier
+
+    classifier = Classifier.from_checkpoint(checkpoint)
+    if classifier.model is None:
+        raise UserError("the localisation benchmark needs a PyTorch checkpoint (.pt)")
+    if image_size:
+        classifier.set_image_size(image_size)
+    boxes = balanced(read_boxes(boxes_csv), limit)
+    unknown = sorted({b.label for b in boxes} - set(classifier.classes))
+    if unknown:
+        raise UserError(f"box classes {', '.join(unknown)} are not among the model's: {', '.join(classifier.classes)}")
+    size, labels = classifier.image_size, [b.label for b in boxes]
+    runs = method_runs(methods, layers)
+    # The CAM methods at every layer come from one backward pass per batch (explain_cam_batch); the others one by one.
+    cam_runs = [r for r in runs if r[1] in CAM_METHODS]
+    groups = ([cam_runs] if cam_runs else []) + [[r] for r in runs if r[1] not in CAM_METHODS]
+    per_slice, extra, saved, correct = {}, {}, {}, []
+    for group in groups:
+        maps = {row: [] for row, _, _ in group}
+        deletion = {row: [] for row, _, _ in group}
+        insertion = {row: [] for row, _, _ in group}
+        cam_methods = sorted({m for _, m, _ in group}, key=METHODS.index)
+        cam_layers = sorted({layer for _, _, layer in group if layer is not None})
+        started = time.perf_counter()
+        for chunk, batch, targets in load_batches(classifier, boxes_csv.parent, boxes, batch_size):
+            if group[0][1] in CAM_METHODS:
+                probabilities, cams = explain_cam_batch(classifier.model, batch, cam_methods, cam_layers, targets)
+                chunk_maps = {row: cams[method, cam_layers.index(layer)] for row, method, layer in group}
+            else:
+                (row, method, _), = group
+                probabilities, single = explain_batch(classifier.model, batch, method, targets=targets)
+                chunk_maps = {row: single}
+            if not correct or len(correct) < len(boxes):
+                correct.extend((probabilities.argmax(axis=1) == np.asarray(targets)).tolist())
+            for row in maps:
+                maps[row].append(chunk_maps[row])
+                if with_faithfulness:
+                    d, i = faithfulness(classifier.model, batch, chunk_maps[row], targets)
+                    deletion[row].extend(d.tolist())
+                    insertion[row].extend(i.tolist())
+            done = sum(len(m) for m in next(iter(maps.values())))
+            log(f"{', '.join(maps)}: {done}/{len(boxes)} slices ({time.perf_counter() - started:.0f} s)")
+        seconds = round(time.perf_counter() - started, 1)  # shared by the rows of one group
+        for row, method, layer in group:
+            row_maps = np.concatenate(maps[row])
+            per_slice[row] = score_maps(row_maps, boxes)
+            extra[row] = {"seconds": seconds, "method": method, "layer": layer}
+            if with_faithfulness:
+                extra[row].update(deletion=float(np.mean(deletion[row])),
+                                  deletion_ci=bootstrap_interval(deletion[row]),
+                                  insertion=float(np.mean(insertion[row])),
+                                  insertion_ci=bootstrap_interval(insertion[row]))
+            if save_maps:
+                saved[row] = row_maps.astype(np.float16)
+    for name in BASELINES:
+        per_slice[name] = score_maps(baseline_maps(name, len(boxes), size), boxes)
+    result = {"checkpoint": str(checkpoint), "boxes": str(boxes_csv), "slices": len(boxes), "image_size": size,
+              "grow": GROW, "accuracy": float(np.mean(correct)) if correct else None,
+              "rows": report(per_slice, labels), "runs": {row: extra[row] for row, _, _ in runs},
+              "uniform_mass": float(np.mean([b.area for b in boxes]))}
+    if save_maps:
+        np.savez_compressed(save_maps, files=np.array([b.file for b in boxes]), **saved)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The report as a Markdown table: pointing game and mass in box per class, with 95 % intervals."""
+    classes = [key for key in next(iter(result["rows"].values())) if key != "all"]
+    faithful = any("deletion" in run for run in result["runs"].values())
+    header = ["explanation", "pointing (all)", "mass in box (all)"] + [f"pointing {c}" for c in classes] + \
+             [f"mass {c}" for c in classes] + (["deletion AUC ↓", "insertion AUC ↑"] if faithful else []) + ["s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def pct(value, interval=None):
+        text = f"{100 * value:.1f}"
+        return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+
+    for name, row in result["rows"].items():
+        run = result["runs"].get(name, {})
+        cells = [name, pct(row["all"]["pointing"], row["all"]["pointing_ci"]),
+                 pct(row["all"]["mass"], row["all"]["mass_ci"])]
+        cells += [pct(row[c]["pointing"]) for c in classes] + [pct(row[c]["mass"]) for c in classes]
+        if faithful:
+            cells += [f"{run['deletion']:.3f}" if "deletion" in run else "",
+                      f"{run['insertion']:.3f}" if "insertion" in run else ""]
+        cells.append(f"{run['seconds']:.0f}" if run else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    accuracy = result["accuracy"]
+    lines.append("")
+    lines.append(f"{result['slices']} slices at {result['image_size']} px; pointing tolerance {result['grow']:.4f} of "
+                 f"the side; uniform-map mass in box {100 * result['uniform_mass']:.1f} %"
+                 + (f"; accuracy on these slices {100 * accuracy:.1f} %" if accuracy is not None else "")
+                 + ". Percent, 95 % intervals in brackets (Wilson; bootstrap for mass).")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("boxes", type=Path, help="boxes.csv (file,class,x_center,y_center,width,height)")
+    parser.add_argument("--checkpoint", default="reference", help="model (.pt, run folder or 'reference')")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)}")
+    parser.add_argument("--layers", nargs="+", default=[DEFAULT_LAYER], help="CAM layers (e.g. layer2 layer3 layer4)")
+    parser.add_argument("--limit", type=int, help="at most this many slices, classes in turn")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, help="run the network at this input size instead of its own")
+    parser.add_argument("--faithfulness", action="store_true", help="add deletion/insertion AUC (17 x 2 passes)")
+    parser.add_argument("--save-maps", type=Path, help="write every map (float16) to this .npz")
+    parser.add_argument("--json", help="write the report as JSON to this file ('-': stdout instead of Markdown)")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args.boxes, args.checkpoint, args.methods, args.layers, args.limit, args.batch_size,
+                     args.image_size, args.faithfulness, args.save_maps, lambda line: print(line, file=sys.stderr))
+    except (UserError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The localisation benchmark's measures: boxes parse, the pointing game and mass in box on hand-made maps, the
+baselines and intervals, and the script end to end on phantoms with their lesion boxes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("localization", BENCHMARKS / "localization.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("localization", module)  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return sys.modules["localization"]
+
+
+loc = load_benchmark()
+
+
+def write_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("file,class,x_center,y_center,width,height\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_boxes_parse_to_corners(tmp_path):
+    boxes = loc.read_boxes(write_csv(tmp_path / "b.csv", ["glioma/a.jpg,glioma,0.30,0.47,0.20,0.10",
+                                                          "pituitary/b.jpg,pituitary,0.5,0.5,1.0,1.0"]))
+    assert [b.file for b in boxes] == ["glioma/a.jpg", "pituitary/b.jpg"]
+    assert (boxes[0].label, boxes[0].x0, boxes[0].y0) == ("glioma", pytest.approx(0.2), pytest.approx(0.42))
+    assert (boxes[0].x1, boxes[0].y1) == (pytest.approx(0.4), pytest.approx(0.52))
+    assert boxes[0].area == pytest.approx(0.02) and boxes[1].area == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("row, message", [("a.jpg,glioma,x,0.5,0.1,0.1", "numbers"),
+                                          ("a.jpg,glioma,0.95,0.5,0.2,0.1", "inside the image"),
+                                          ("a.jpg,glioma,0.5,0.5,0,0.1", "inside the image")])
+def test_bad_boxes_name_their_line(tmp_path, row, message):
+    with pytest.raises(ValueError, match=rf"b.csv:2: .*{message}"):
+        loc.read_boxes(write_csv(tmp_path / "b.csv", [row]))
+    (tmp_path / "c.csv").write_text("file,class,x,y\n")
+    with pytest.raises(ValueError, match="missing column"):
+        loc.read_boxes(tmp_path / "c.csv")
+
+
+def box(x0, y0, x1, y1):
+    return loc.Box("f", "glioma", x0, y0, x1, y1)
+
+
+def test_box_mask_takes_pixel_centres_and_grows():
+    mask = loc.box_mask(box(0.25, 0.5, 0.5, 0.75), 8)
+    expected = np.zeros((8, 8), bool)
+    expected[4:6, 2:4] = True  # centres 4.5/8 and 5.5/8 in y, 2.5/8 and 3.5/8 in x
+    np.testing.assert_array_equal(mask, expected)
+    grown = loc.box_mask(box(0.25, 0.5, 0.5, 0.75), 8, grow=1 / 8)
+    expected[3:7, 1:5] = True
+    np.testing.assert_array_equal(grown, expected)
+
+
+def test_pointing_game_on_hand_made_maps():
+    size = 100
+    target = box(0.2, 0.2, 0.4, 0.4)
+    heat = np.zeros((size, size), np.float32)
+    heat[30, 30] = 1.0  # (0.305, 0.305): inside
+    assert loc.pointing_hit(heat, target)
+    heat[30, 30], heat[60, 60] = 0.5, 1.0  # the maximum moves out, a lower value stays inside
+    assert not loc.pointing_hit(heat, target)
+    edge = np.zeros((size, size), np.float32)
+    edge[30, 42] = 1.0  # x = 0.425: outside the box, within 15/512 = 0.0293 of its right edge
+    assert loc.pointing_hit(edge, target) and not loc.pointing_hit(edge, target, grow=0.0)
+    edge[30, 42], edge[30, 44] = 0.0, 1.0  # x = 0.445: beyond the tolerance
+    assert not loc.pointing_hit(edge, target)
+    assert not loc.pointing_hit(np.zeros((size, size), np.float32), target)  # no evidence points nowhere
+    plateau = np.zeros((size, size), np.float32)
+    plateau[20:41, 0:61] = 1.0  # a plateau of maxima: its centroid (0.305, 0.305) counts, not its first pixel
+    assert loc.peak(plateau) == pytest.approx((0.305, 0.305))
+    assert loc.pointing_hit(plateau, target)
+
+
+def test_mass_in_box_on_hand_made_maps():
+    size = 10
+    target = box(0.0, 0.0, 0.5, 0.5)  # the top-left quarter: 25 pixels
+    assert loc.mass_in_box(np.ones((size, size)), target) == pytest.approx(0.25)
+    heat = np.zeros((size, size))
+    heat[1, 1], heat[8, 8] = 3.0, 1.0
+    assert loc.mass_in_box(heat, target) == pytest.approx(0.75)
+    assert loc.mass_in_box(np.zeros((size, size)), target) == 0.0
+
+
+def test_centre_and_random_baselines():
+    size = 64
+    centre = loc.centre_map(size)
+    assert centre.shape == (size, size) and centre.max() == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(centre, centre.T)
+    np.testing.assert_allclose(centre, centre[::-1, ::-1])
+    assert loc.peak(centre) == pytest.approx((0.5, 0.5))  # four equal central pixels: their centroid
+    central, corner = box(0.45, 0.45, 0.55, 0.55), box(0.0, 0.0, 0.2, 0.2)
+    hits, masses = loc.score_maps(loc.baseline_maps("centre", 2, size), [central, corner])
+    assert hits.tolist() == [True, False] and masses[0] > masses[1] > 0
+    # Random maps point anywhere: over many boxes the hit rate is about the grown box's share of the image.
+    maps = loc.baseline_maps("random", 400, 32)
+    assert maps.shape == (400, 32, 32)
+    np.testing.assert_array_equal(maps, loc.baseline_maps("random", 400, 32))  # seeded
+    hits, masses = loc.score_maps(maps, [box(0.0, 0.0, 0.5, 0.5)] * 400, grow=0.0)
+    assert 0.18 < hits.mean() < 0.32 and masses.mean() == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        loc.baseline_maps("corner", 1, 8)
+
+
+def test_intervals():
+    # Wilson's interval for 8 of 10 (Newcombe 1998, method 3): 0.4902 to 0.9433.
+    assert loc.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert loc.wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-9)
+    low, high = loc.bootstrap_interval(np.r_[np.zeros(50), np.ones(50)])
+    assert 0.38 < low < 0.5 < high < 0.62
+    assert loc.bootstrap_interval([0.3, 0.3, 0.3]) == (0.3, 0.3)
+
+
+def test_report_splits_by_class():
+    hits = np.array([True, False, True, True])
+    masses = np.array([0.5, 0.1, 0.3, 0.7])
+    table = loc.report({"m": (hits, masses)}, ["a", "a", "b", "b"])
+    assert table["m"]["all"]["pointing"] == 0.75 and table["m"]["all"]["n"] == 4
+    assert table["m"]["a"]["pointing"] == 0.5 and table["m"]["b"]["mass"] == pytest.approx(0.5)
+
+
+def test_balanced_limit_takes_classes_in_turn():
+    boxes = [loc.Box(f"{c}{i}", c, 0, 0, 1, 1) for c in ("a", "b") for i in range(3)]
+    assert [b.file for b in loc.balanced(boxes, 3)] == ["a0", "b0", "a1"]
+    assert loc.balanced(boxes, None) == boxes
+
+
+def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from braintumor.synthetic.phantom import make_phantom
+
+    monkeypatch.setattr(loc, "FAITHFULNESS_STEPS", 2)  # 3 passes instead of 17: the plumbing, not the figure
+    rows = []
+    for k, label in enumerate(("glioma", "meningioma", "pituitary")):
+        image, mask = make_phantom(label, 64, 40 + k, return_mask=True)
+        (tmp_path / label).mkdir()
+        Image.fromarray(image).save(tmp_path / label / f"s{k}.png")
+        ys, xs = np.nonzero(mask)
+        x0, x1, y0, y1 = xs.min() / 64, (xs.max() + 1) / 64, ys.min() / 64, (ys.max() + 1) / 64
+        rows.append(f"{label}/s{k}.png,{label},{(x0 + x1) / 2},{(y0 + y1) / 2},{x1 - x0},{y1 - y0}")
+    csv_path = write_csv(tmp_path / "boxes.csv", rows)
+    argv = [str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "hirescam", "occlusion",
+            "--layers", "layer3", "layer4", "--faithfulness", "--save-maps", str(tmp_path / "maps.npz"),
+            "--image-size", "32"]
+    assert loc.main(argv + ["--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["rows"]) == ["gradcam@layer3", "gradcam@layer4", "hirescam@layer3", "hirescam@layer4",
+                                    "occlusion", "centre", "random"]
+    assert result["slices"] == 3 and result["image_size"] == 32
+    row = result["rows"]["occlusion"]
+    assert set(row) == {"all", "glioma", "meningioma", "pituitary"} and row["all"]["n"] == 3
+    assert 0 <= row["all"]["pointing"] <= 1 and 0 <= result["runs"]["gradcam@layer4"]["deletion"] <= 1
+    saved = np.load(tmp_path / "maps.npz")
+    assert saved["gradcam@layer4"].shape == (3, 32, 32) and list(saved["files"]) == [r.split(",")[0] for r in rows]
+    assert loc.main([str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "--limit", "1",
+                     "--image-size", "32"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| explanation | pointing (all)") and "| centre |" in table
+    assert loc.main([str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "saliency"]) == 2
+    assert "unknown method 'saliency'" in capsys.readouterr().err
+
+
+def test_deletion_and_insertion_reward_the_map_that_names_the_evidence():
+    import torch
+
+    class CornerModel(torch.nn.Module):
+        """Class 1's logit is the brightness of the top-left quarter: the only evidence."""
+
+        def forward(self, x):
+            evidence = x[:, :, :8, :8].mean(dim=(1, 2, 3))
+            return torch.stack([torch.zeros_like(evidence), 4 * evidence], dim=1)
+
+    batch = torch.ones(1, 3, 16, 16)
+    batch[:, :, 0, 0] = 0.0  # the per-channel minimum: what "black" becomes
+    right, wrong = np.zeros((1, 16, 16), np.float32), np.zeros((1, 16, 16), np.float32)
+    right[0, :8, :8] = 1.0
+    wrong[0, 8:, 8:] = 1.0
+    deletion_right, insertion_right = loc.faithfulness(CornerModel(), batch, right, [1], steps=4)
+    deletion_wrong, insertion_wrong = loc.faithfulness(CornerModel(), batch, wrong, [1], steps=4)
+    assert deletion_right[0] < deletion_wrong[0] and insertion_right[0] > insertion_wrong[0]
+    assert 0 < deletion_right[0] < 1 and 0 < insertion_right[0] < 1
