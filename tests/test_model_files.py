@@ -137,6 +137,7 @@ def test_a_typo_of_reference_or_of_a_file_is_suggested(checkpoint, image, tmp_pa
     code, out, err = run(["predict", tmp_path / "nothing-like-it.pt", image], capsys)
     assert_one_line(code, out, err, "checkpoint not found")
     assert "did you mean" not in err
+    assert_one_line(*run(["predict", tmp_path, image], capsys), "is a folder without best.pt or last.pt")
 
 
 class Foreign:  # any class: torch's weights_only loader refuses it

@@ -194,6 +194,8 @@ def missing_model_error(path: str | os.PathLike, what: str = "checkpoint") -> Us
     """"checkpoint not found: PATH", with "did you mean ...?" when a name close to it exists ("reference", or a
     file beside PATH)."""
     path = Path(path)
+    if path.is_dir():
+        return UserError(f"{path} is a folder without best.pt or last.pt: give a run folder or a model file")
     parent = path.parent
     # "reference" is a bare name: offered only for a bare name; files beside the path for any path.
     candidates = {REFERENCE_NAME: REFERENCE_NAME} if str(parent) == "." else {}
