@@ -185,6 +185,22 @@ def test_predict_items_mixes_slices_and_volumes_in_order(trusted):
     json.loads(json.dumps(summary.to_dict(), allow_nan=False))
 
 
+def test_volume_slices_with_nan_voxels_are_not_mri_and_an_all_nan_volume_gets_no_verdict(trusted):
+    from braintumor.data.volumes import Volume
+    from braintumor.inference.service import predict_volume
+
+    slices = np.stack([slice_uint8(32)] * 4)
+    some = Volume(source="v.nii", kind="nifti", slices=slices, spacing=(1.0, 1.0, 1.0), window=(0.0, 255.0),
+                  nonfinite=np.array([0, 7, 0, 0]))
+    statuses = [p.status for p in predict_volume(trusted, some).predictions]
+    assert statuses[1] == "not_mri" and len(set(statuses[::2])) == 1
+    every = Volume(source="nan.nii", kind="nifti", slices=np.zeros((4, 32, 32), np.uint8), spacing=(1.0, 1.0, 1.0),
+                   window=(0.0, 0.0), nonfinite=np.full(4, 32 * 32))
+    result = predict_volume(trusted, every)
+    assert result.status == "not_mri" and result.verdict is None
+    assert all(p.status == "not_mri" for p in result.predictions)
+
+
 def test_one_discovery_sorted_hidden_skipped_each_file_once(tmp_path):
     root = tmp_path / "scans"
     for relative in ("b/2.png", "a/1.jpg", "a/.hidden.png", ".cache/x.png", "notes.txt", "c.png"):

@@ -234,8 +234,9 @@ def iter_predictions(classifier: "Classifier", items: Sequence[ImageInput], *,
     Without ``skip_bad`` the first unreadable item raises its ImageReadError (a UserError); with it, unreadable
     items are skipped and reported to ``on_skip(source, reason)``. ``progress(n)`` is told each batch's size.
     """
-    items = list(items)
-    sources = [describe_source(item) for item in items] if sources is None else list(sources)
+    if not isinstance(items, Sequence):
+        items = list(items)  # a lazy Sequence (a volume's SliceImages) stays lazy: one batch decoded at a time
+    sources = [describe_source(items[i]) for i in range(len(items))] if sources is None else list(sources)
     positions = list(range(len(items)))
     for chunk in _chunks(positions, batch_size):
         batch, kept, _, finite = load_items(classifier, [items[i] for i in chunk], [sources[i] for i in chunk],
@@ -252,12 +253,18 @@ def iter_predictions(classifier: "Classifier", items: Sequence[ImageInput], *,
 
 def predict_volume(classifier: "Classifier", volume: Volume, rule: VerdictRule | None = None, *,
                    batch_size: int = 32) -> VolumeResult:
-    """Every axial slice of ``volume`` through :func:`iter_predictions` (sources ``<volume>#slice<index>``),
-    then the volume's verdict and status (:mod:`braintumor.inference.volume_verdict`)."""
+    """Every axial slice of ``volume`` through :func:`iter_predictions` (sources ``<volume>#slice<index>``; a
+    slice with NaN/inf voxels is ``not_mri``), then the volume's verdict and status
+    (:mod:`braintumor.inference.volume_verdict`)."""
     images = volume.images()
     predictions = list(iter_predictions(
         classifier, images, sources=[f"{volume.source}#slice{z:03d}" for z in range(len(images))],
         batch_size=batch_size, volume=volume.source, slice_indices=list(range(len(images)))))
+    nonfinite = getattr(volume, "nonfinite", None)  # NaN/inf voxels per slice: such a slice is never ok
+    if nonfinite is not None:
+        for prediction, bad in zip(predictions, nonfinite):
+            if bad:
+                prediction.status = NOT_MRI
     return summarize_volume(volume, list(classifier.classes), predictions, rule or VerdictRule())
 
 
