@@ -427,3 +427,29 @@ def test_the_cache_holds_the_evaluation_preprocessing_bit_for_bit(phantom_dir, t
     scanned = scan_files(paths, sizes=[40]).images[40]
     assert torch.equal(normalize_batch(scanned), expected)
     assert torch.equal(normalize_batch(decode_to_tensor(paths, 40)), expected)
+
+
+def test_the_split_and_the_batches_take_explicit_settings(phantom_dir):
+    """data/ never reads the training config: prepare_split and build_batches take small frozen settings, which
+    TrainConfig builds (the split seed resolved: --split-seed, else --seed)."""
+    from braintumor.data.augment import Augmentation
+    from braintumor.data.index import SplitSettings, prepare_split
+    from braintumor.data.pipeline import BatchSettings, build_batches
+    from braintumor.training.config import TrainConfig
+    from braintumor.training.distributed import DistInfo
+
+    settings = SplitSettings(data=str(phantom_dir), val_split=0.25, split_seed=5, group_split=False)
+    split = prepare_split(settings, progress=False)
+    cfg = TrainConfig(data=str(phantom_dir), val_split=0.25, seed=5, group_split=False, rotation=7.0)
+    assert cfg.split_settings().split_seed == 5 and TrainConfig(data="x", seed=5, split_seed=9).split_settings() \
+        .split_seed == 9
+    assert prepare_split(cfg.split_settings(), progress=False).val_paths == split.val_paths
+    assert prepare_split(cfg, progress=False).val_paths == split.val_paths  # a config still works (builds them)
+    batches = BatchSettings(batch_size=4, seed=0, workers=0, image_size=32, inference_image_size=32,
+                            augmentation=Augmentation(rotation=7.0))
+    assert cfg.batch_settings().augmentation == Augmentation(rotation=7.0)
+    train, val, mode = build_batches(split, batches, torch.device("cpu"), DistInfo(), False)
+    images, labels = next(iter(train))
+    assert mode == "none" and images.shape == (4, 3, 32, 32) and len(val) == 2
+    with pytest.raises(TypeError, match="SplitSettings"):
+        prepare_split({"data": str(phantom_dir)}, progress=False)
