@@ -339,3 +339,46 @@ def test_export_refuses_to_overwrite_without_the_flag(checkpoint, tmp_path, caps
     code, stdout, err = run(["export", checkpoint, "--out", onnx_out, "--int8-calibration", tmp_path], capsys)
     assert_one_line(code, stdout, err, "model.fp32.onnx already exists")
     assert not onnx_out.exists()
+
+
+def test_a_graph_that_allocates_by_batch_size_fails_in_one_line_within_the_arena(tmp_path):
+    """Shape inference cannot size a tensor that grows with the batch: the capped ONNX Runtime arena stops it.
+    In a subprocess, because the arena's cap is set once per process."""
+    import subprocess
+    import sys
+
+    path = tiny_onnx(tmp_path / "grows.onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.node[-1].output[0] = "plain"  # Identity(raw) -> plain; logits = plain + sum(ones(batch * 2^14, 2^10))
+    for name, value in (("zero", 0), ("one", 1), ("rows_per_image", 2 ** 14), ("columns", 2 ** 10)):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    graph.node.extend([
+        helper.make_node("Shape", ["input"], ["input_shape"]),
+        helper.make_node("Slice", ["input_shape", "zero", "one"], ["batch"]),
+        helper.make_node("Mul", ["batch", "rows_per_image"], ["rows"]),
+        helper.make_node("Concat", ["rows", "columns"], ["shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                         value=helper.make_tensor("one_value", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Add", ["plain", "total"], ["logits"])])
+    onnx.save(model, str(path))
+    script = f"""
+import torch
+from braintumor.errors import UserError
+from braintumor.inference import runtimes
+runtimes.MAX_ONNX_ARENA_BYTES = 200 * 2 ** 20
+runtime = runtimes.open_model({str(path)!r}).runtime  # passes the static check: the size depends on the batch
+print(runtime.run(torch.zeros(1, 3, {SIZE}, {SIZE}))[0].shape)  # 64 MiB: within the arena
+try:
+    runtime.run(torch.zeros(8, 3, {SIZE}, {SIZE}))  # 512 MiB: beyond it
+except UserError as err:
+    print("refused:", err)
+print(runtime.run(torch.zeros(2, 3, {SIZE}, {SIZE}))[0].shape)  # and the session still works
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "(1, 4)" and lines[2] == "(2, 4)", result.stdout
+    assert lines[1].startswith("refused: onnx failed to run the model:") and "\n" not in lines[1]
+    assert result.stderr == ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,13 @@ BACKENDS = ("torch", "onnx", "openvino", "auto")
 # 2^17 x 2^17 asks for 64 GiB). A ResNet-152 at 1024 px stays far below both.
 MAX_ONNX_TENSOR_BYTES = 1 << 30
 MAX_ONNX_TOTAL_BYTES = 16 << 30
+# What shape inference cannot see (sizes that depend on the batch) is bounded at run time: every braintumor ONNX
+# Runtime session allocates from one arena of at most this many bytes (half the machine's memory, at least 2 GiB;
+# set before the first session opens), so a graph asking for more fails with one line instead of exhausting
+# the machine.
+MAX_ONNX_ARENA_BYTES = max(2 << 30, (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+                           if hasattr(os, "sysconf") else 8 << 30)
+_ARENA = {"registered": False, "lock": threading.Lock()}
 _ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError)
 
 
@@ -447,12 +455,27 @@ def load_onnx_session(path: str | os.PathLike, threads: int | None = None):
     # A single-image CNN is one chain of operators: parallelism inside operators is all there is to use.
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = int(threads) if threads else available_cores()
-    options.log_severity_level = 3  # errors only: its warnings would be lines on top of ours
+    options.log_severity_level = 4  # fatal only: its errors become our one line (OnnxBackend.run)
+    _memory_limited(ort, options)
     try:
         session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise UserError(f"{path} is not a readable ONNX model: {first_line(err)}") from None
     return session, meta
+
+
+def _memory_limited(ort: Any, options: Any) -> None:
+    """Make a session allocate from the process's one ONNX Runtime arena capped at MAX_ONNX_ARENA_BYTES
+    (registered on first use; without it, e.g. in an onnxruntime lacking the API, sessions run unbounded)."""
+    with _ARENA["lock"]:
+        if not _ARENA["registered"]:
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(int(MAX_ONNX_ARENA_BYTES), -1, -1, -1))
+            except Exception:  # noqa: BLE001 - an onnxruntime without environment allocators
+                return
+            _ARENA["registered"] = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
 
 
 # ------------------------------------------------------------------------------------------- TorchScript
