@@ -170,6 +170,11 @@ def inflate_to_temporary(file: Path | io.BytesIO, label: str, limit: int | None 
     from pydicom.uid import ExplicitVRLittleEndian
 
     limit = _inflate_limit() if limit is None else limit
+    size = deflated_size(file, limit)  # counted first (CPU only), so a bomb never writes its limit to disk
+    if size is None:
+        return None
+    if size > limit:
+        raise ImageReadError(label, _inflate_reason(limit))
     handle = file.open("rb") if isinstance(file, Path) else file
     copy = None
     try:
