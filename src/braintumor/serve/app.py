@@ -42,7 +42,7 @@ from braintumor.data.io import ImageReadError, estimate_decode_bytes, read_image
 from braintumor.errors import UserError
 from braintumor.inference import service
 from braintumor.serve.budget import (DEFAULT_BUDGET_BYTES, RETRY_AFTER_SECONDS, BudgetFull, MemoryBudget,
-                                     Reservation, malloc_trim)
+                                     Reservation, malloc_trim, tune_allocator)
 from braintumor.serve.schema import PREVIEW_SIZE, PredictResponse
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -287,6 +287,16 @@ class Analyzer:
             estimate = max(estimate, 12 * len(data))  # multi-frame: every frame, through the volume pipeline
         return estimate
 
+    def too_large(self, upload: Upload, cost: int, allowed: int) -> HTTPException:
+        return HTTPException(413, f"{upload.filename}: needs about {_human(cost)} of memory to decode, more than "
+                                  f"this server allows for one file ({_human(allowed)})")
+
+    def check_cost(self, upload: Upload, cost: int) -> None:
+        """413 at once for a file that alone needs more than the budget ever gives one file."""
+        allowed = self.budget.limit_for(cost)
+        if cost > allowed:
+            raise self.too_large(upload, cost, allowed)
+
     @contextmanager
     def budgeted(self, upload: Upload, cost: int) -> Iterator[None]:
         """Hold ``cost`` bytes of the server's budget: 413 when one file alone needs more than the server allows,
@@ -296,8 +306,7 @@ class Analyzer:
                 yield
         except BudgetFull as full:
             if full.too_large:
-                raise HTTPException(413, f"{upload.filename}: needs about {_human(cost)} of memory to decode, more "
-                                         f"than this server allows for one file ({_human(full.available)})") from None
+                raise self.too_large(upload, cost, full.available) from None
             raise _busy("decoding other uploads") from None
 
     def read(self, upload: Upload, cost: int, options: "Options"):
@@ -485,6 +494,7 @@ async def _analyze(app: FastAPI, analyzer: Analyzer, uploads: list[Upload], opti
     slices: list[tuple[int, str, Image.Image]] = []
     for upload in uploads:
         cost = await anyio.to_thread.run_sync(analyzer.decode_cost, upload, limiter=app.state.limiter)
+        analyzer.check_cost(upload, cost)  # a file the budget can never hold is refused before it queues
         if cost > LARGE_DECODE_BYTES:
             read = await asyncio.get_running_loop().run_in_executor(app.state.large_lane, analyzer.read, upload,
                                                                     cost, options)
@@ -493,6 +503,10 @@ async def _analyze(app: FastAPI, analyzer: Analyzer, uploads: list[Upload], opti
         upload.data = b""
         reservation.give_back(upload.size)
         if isinstance(read, Image.Image):
+            try:  # the decoded slice waits for the request's batch: it stays in the budget until then
+                reservation.add(len(read.getbands()) * read.width * read.height)
+            except BudgetFull:
+                raise _busy("decoding other uploads") from None
             slices.append((len(results), upload.filename, read))
             results.append(None)
         else:
@@ -592,6 +606,7 @@ def run_server(checkpoint, host: str = "127.0.0.1", port: int = 8000, *, max_fil
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     classifier = Classifier.from_checkpoint(checkpoint, device=device, backend=backend, tta=tta)
     classifier.min_confidence = min_confidence
+    tune_allocator()  # memory freed after large uploads and decodes goes back to the system
     app = create_app(classifier, max_file_bytes=max_file_bytes, max_files=max_files,
                      inference_threads=workers_threads, budget_bytes=None if budget_mb is None else budget_mb * 2**20)
     _check_port(host, int(port))

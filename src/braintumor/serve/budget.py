@@ -33,6 +33,21 @@ def malloc_trim() -> None:
         pass
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve allocations above ``mmap_threshold`` with mmap, so that freeing them returns the memory (glibc; a
+    no-op elsewhere). A fixed threshold also stops glibc from raising it after a large block is freed, after
+    which uploads of the same size would come from the heap, where freed memory stays resident."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 class BudgetFull(Exception):
     """The memory budget cannot take this item now (``too_large``: nor ever, it exceeds the whole share)."""
 
@@ -165,7 +180,10 @@ class Reservation:
             self.held -= size
 
     def close(self) -> None:
+        large = self.large
         self.give_back(self.held)
+        if large:
+            malloc_trim()  # a large request's buffers are free now: hand them back
 
     def __enter__(self) -> "Reservation":
         return self
