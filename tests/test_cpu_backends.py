@@ -150,3 +150,15 @@ def test_export_writes_the_verdict_that_auto_reads(tmp_path, capsys):
     faster = verdict["latency_ms"] < verdict["reference_latency_ms"]
     assert Classifier.from_checkpoint(checkpoint, backend="auto").backend == ("onnx" if faster else "torch")
     assert Classifier.from_checkpoint(checkpoint, backend="torch").backend == "torch"
+
+
+def test_auto_finds_the_reference_models_exports_in_the_current_folder(tmp_path, monkeypatch):
+    from braintumor.models.checkpoint import REFERENCE_MODEL
+
+    monkeypatch.chdir(tmp_path)
+    exported = tmp_path / "braintumor-reference.onnx"  # where `braintumor export reference` writes
+    exported.write_bytes(b"stands for an export")
+    write_verdict(exported, "onnxruntime-fp32", {**verdict_for(900, 900, 1000), "latency_ms": 5.0,
+                                                 "reference_latency_ms": 9.0,
+                                                 "source_fingerprint": file_fingerprint(REFERENCE_MODEL)})
+    assert resolve_auto_backend(REFERENCE_MODEL) == (Path.cwd() / exported.name, "onnx")

@@ -33,6 +33,7 @@ from braintumor.inference.runtimes import read_onnx
 from braintumor.utils.devices import available_cores
 from braintumor.errors import UserError
 from braintumor.utils.fingerprint import file_fingerprint
+from braintumor.models.checkpoint import REFERENCE_MODEL
 from braintumor.utils.optional import require
 
 MAX_ACCURACY_GAP_POINTS = 0.3
@@ -97,9 +98,13 @@ def resolve_auto_backend(checkpoint: Path) -> tuple[Path, str] | None:
     """(export, backend) of the fastest verified export made from this checkpoint file, or None (stay on PyTorch).
 
     Verdicts of other checkpoints (another fingerprint) are ignored; failed ones print their gap in one line; an
-    export measured slower than PyTorch on the same machine (``reference_latency_ms``) is not used.
+    export measured slower than PyTorch on the same machine (``reference_latency_ms``) is not used. The shipped
+    reference model's exports live in the current folder (``braintumor export reference`` never writes into the
+    installation), so they are looked for there too.
     """
     verdicts = read_verdicts(checkpoint.parent)
+    if Path(checkpoint).resolve() == REFERENCE_MODEL.resolve() and Path.cwd().resolve() != checkpoint.parent.resolve():
+        verdicts += read_verdicts(Path.cwd())
     if not verdicts:  # the usual case: no hashing of a large checkpoint just to find nothing
         return None
     fingerprint = file_fingerprint(checkpoint)
