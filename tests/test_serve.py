@@ -105,6 +105,19 @@ def test_health_model_docs_and_page(client, classifier):
     assert schema.status_code == 200
     body = schema.json()["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert body["schema"]["properties"]["files"]["items"]["format"] == "binary"
+    # The response is typed with the results schema's own fields (built from its dataclasses).
+    from dataclasses import fields
+
+    from braintumor.inference.results import Prediction, VolumePrediction
+
+    components = schema.json()["components"]["schemas"]
+    answer = schema.json()["paths"]["/api/predict"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert answer["schema"]["$ref"].endswith("/PredictResponse")
+    assert set(components["FileResult"]["properties"]) == {f.name for f in fields(Prediction)} | {
+        "width", "height", "preview_png_base64", "explanation", "volume_prediction"}
+    assert set(components["VolumeSummary"]["properties"]) == ({f.name for f in fields(VolumePrediction)}
+                                                               - {"montage"}) | {"montage_png_base64"}
+    assert "503" in schema.json()["paths"]["/api/predict"]["post"]["responses"]
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/static/docs.js" in docs.text
     assert client.get("/static/docs.js").status_code == 200
@@ -182,6 +195,12 @@ def test_explain_returns_decodable_overlay(client):
     assert chosen.json()["results"][0]["explanation"]["target"] == "notumor"
     unknown = client.post("/api/predict?explain=1&target=edema", files=upload(("a.png", png_bytes())))
     assert unknown.status_code == 422 and "edema" in unknown.json()["detail"]
+    other = client.post("/api/predict?explain=1&method=gradcampp&layer=layer3", files=upload(("a.png", png_bytes())))
+    assert other.status_code == 200, other.text
+    assert other.json()["results"][0]["explanation"]["method"] == "gradcampp"
+    assert other.json()["results"][0]["explanation"]["layer"] == "layer3"
+    bad_layer = client.post("/api/predict?explain=1&layer=nowhere", files=upload(("a.png", png_bytes())))
+    assert bad_layer.status_code == 422 and "nowhere" in bad_layer.json()["detail"]
     bad_method = client.post("/api/predict?explain=1&method=astrology", files=upload(("a.png", png_bytes())))
     assert bad_method.status_code == 422 and "astrology" in bad_method.json()["detail"]
 
