@@ -321,6 +321,135 @@ def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequen
     return result
 
 
+# ------------------------------------------------------------------------------------------ diagnosis (--diagnose)
+
+RIM = 24 / 512  # scalp + skull band inside the head outline, as a share of the side
+MARGIN = 1 / 8  # the image margin band (one cell of a 128 px model's 4 x 4 last block is 1/4 of the side)
+MASKINGS = ("original", "no-background", "no-margin", "no-tumour", "tumour-only")
+
+
+def head_mask(gray: np.ndarray) -> np.ndarray:
+    """(S, S) bool: inside the head's outline (smoothed intensity above 10 % of its 99th percentile, holes filled,
+    largest component)."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(gray.astype(np.float32), 1.0)
+    mask = ndimage.binary_fill_holes(smooth > 0.1 * np.percentile(smooth, 99))
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    return mask
+
+
+def peak_region(heatmap: np.ndarray, head: np.ndarray, box: Box) -> str:
+    """What a map's maximum sits on: "box" (grown), "background" (outside the head), "rim" (scalp/skull band),
+    "brain" (elsewhere inside), or "none" (a zero map)."""
+    from scipy import ndimage
+
+    point = peak(heatmap)
+    if point is None:
+        return "none"
+    size = heatmap.shape[0]
+    if pointing_hit(heatmap, box):
+        return "box"
+    row, col = min(int(point[1] * size), size - 1), min(int(point[0] * size), size - 1)
+    if not head[row, col]:
+        return "background"
+    inner = ndimage.binary_erosion(head, iterations=max(1, round(RIM * size)))
+    return "brain" if inner[row, col] else "rim"
+
+
+def in_margin(heatmap: np.ndarray) -> bool:
+    """Whether the map's maximum lies within MARGIN of an image edge."""
+    point = peak(heatmap)
+    return point is not None and min(point[0], point[1], 1 - point[0], 1 - point[1]) < MARGIN
+
+
+def masked(batch: torch.Tensor, heads: np.ndarray, chunk: Sequence[Box], kind: str) -> torch.Tensor:
+    """The batch with one part replaced: background / margin / grown box by black (each image's minimum),
+    the box by the mean of the head outside it (no-tumour), or everything but the box by black (tumour-only)."""
+    if kind == "original":
+        return batch
+    size = batch.shape[-1]
+    black = batch.amin(dim=(2, 3), keepdim=True).expand_as(batch)
+    out = batch.clone()
+    centres = (torch.arange(size) + 0.5) / size
+    margin = ((centres[:, None] < MARGIN) | (centres[:, None] > 1 - MARGIN)
+              | (centres[None, :] < MARGIN) | (centres[None, :] > 1 - MARGIN))
+    for k, box in enumerate(chunk):
+        inside = torch.from_numpy(box_mask(box, size, GROW))
+        head = torch.from_numpy(heads[k])
+        if kind == "no-background":
+            region, fill = ~head, black[k]
+        elif kind == "no-margin":
+            region, fill = margin, black[k]
+        elif kind == "no-tumour":
+            fill = batch[k][:, head & ~inside].mean(dim=1)[:, None, None].expand_as(batch[k])
+            region = inside
+        elif kind == "tumour-only":
+            region, fill = ~inside, black[k]
+        else:
+            raise ValueError(f"unknown masking {kind!r}")
+        out[k] = torch.where(region.to(batch.device), fill, batch[k])
+    return out
+
+
+def diagnose(classifier, boxes_csv: Path, boxes: Sequence[Box], maps: dict[str, np.ndarray], batch_size: int,
+             log: Callable[[str], None]) -> dict:
+    """Masking tests (accuracy and mean probability of the true class with parts of the slice removed) and, per
+    map row, what the maximum sits on and how often it lies in the image margin."""
+    size = classifier.image_size
+    heads, probabilities = [], {kind: [] for kind in MASKINGS}
+    targets_all = []
+    for chunk, batch, targets in load_batches(classifier, boxes_csv.parent, boxes, batch_size):
+        gray = batch.mean(dim=1).cpu().numpy()
+        chunk_heads = np.stack([head_mask(g - g.min()) for g in gray])
+        heads.append(chunk_heads)
+        targets_all.extend(targets)
+        with torch.no_grad():
+            for kind in MASKINGS:
+                images = masked(batch, chunk_heads, chunk, kind)
+                probabilities[kind].append(torch.softmax(classifier.model(images).float(), dim=1).cpu().numpy())
+        log(f"diagnosis: {len(targets_all)}/{len(boxes)} slices")
+    heads = np.concatenate(heads)
+    targets_all = np.asarray(targets_all)
+    labels = np.asarray([b.label for b in boxes])
+    masking = {}
+    for kind in MASKINGS:
+        p = np.concatenate(probabilities[kind])
+        right = p.argmax(axis=1) == targets_all
+        true_p = p[np.arange(len(p)), targets_all]
+        masking[kind] = {"accuracy": float(right.mean()), "accuracy_ci": wilson_interval(int(right.sum()), len(right)),
+                         "p_true": float(true_p.mean()),
+                         "per_class": {c: float(right[labels == c].mean()) for c in sorted(set(labels))}}
+    peaks = {}
+    for row, row_maps in maps.items():
+        row_maps = np.asarray(row_maps, dtype=np.float32)
+        regions = [peak_region(m, h, b) for m, h, b in zip(row_maps, heads, boxes)]
+        counts = {name: regions.count(name) / len(regions) for name in ("box", "brain", "rim", "background", "none")}
+        left = [p is not None and p[0] < 0.5 for p in (peak(m) for m in row_maps)]
+        peaks[row] = {**counts, "margin": float(np.mean([in_margin(m) for m in row_maps])),
+                      "left_half": float(np.mean(left))}
+    return {"masking": masking, "peaks": peaks, "head_share": float(heads.mean())}
+
+
+def diagnosis_markdown(result: dict) -> str:
+    lines = ["| slice shown to the model | accuracy [95 % CI] | mean p(true class) | " +
+             " | ".join(f"acc. {c}" for c in next(iter(result["masking"].values()))["per_class"]) + " |"]
+    lines.append("|" + "---|" * (3 + len(next(iter(result["masking"].values()))["per_class"])))
+    for kind, row in result["masking"].items():
+        low, high = row["accuracy_ci"]
+        lines.append(f"| {kind} | {100 * row['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | "
+                     f"{row['p_true']:.3f} | " + " | ".join(f"{100 * v:.1f}" for v in row["per_class"].values()) + " |")
+    lines += ["", "| map | max in box | on brain | on scalp/skull rim | on background | zero map | in image margin "
+              "(1/8) | in left half |", "|---|---|---|---|---|---|---|---|"]
+    for row, counts in result["peaks"].items():
+        lines.append(f"| {row} | " + " | ".join(f"{100 * counts[k]:.1f}" for k in
+                                                ("box", "brain", "rim", "background", "none", "margin", "left_half"))
+                     + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     """The report as a Markdown table: pointing game and mass in box per class, with 95 % intervals."""
     classes = [key for key in next(iter(result["rows"].values())) if key != "all"]
@@ -364,7 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--faithfulness", action="store_true", help="add deletion/insertion AUC (17 x 2 passes)")
     parser.add_argument("--save-maps", type=Path, help="write every map (float16) to this .npz")
     parser.add_argument("--json", help="write the report as JSON to this file ('-': stdout instead of Markdown)")
+    parser.add_argument("--diagnose", type=Path, metavar="MAPS_NPZ",
+                        help="instead of explaining: masking tests on the slices, and where the maxima of the maps "
+                             "saved by --save-maps sit (the rows named by --methods/--layers, if in the file)")
     args = parser.parse_args(argv)
+    if args.diagnose:
+        return run_diagnosis(args)
     try:
         result = run(args.boxes, args.checkpoint, args.methods, args.layers, args.limit, args.batch_size,
                      args.image_size, args.faithfulness, args.save_maps, lambda line: print(line, file=sys.stderr))
@@ -377,6 +511,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
         print(markdown(result))
+    return 0
+
+
+def run_diagnosis(args) -> int:
+    """--diagnose: masking tests and peak regions of saved maps, Markdown (or JSON) on stdout."""
+    from braintumor.inference.classifier import Classifier
+
+    classifier = Classifier.from_checkpoint(args.checkpoint)
+    if args.image_size:
+        classifier.set_image_size(args.image_size)
+    saved = np.load(args.diagnose)
+    files = list(saved["files"])
+    by_file = {b.file: b for b in read_boxes(args.boxes)}
+    boxes = balanced([by_file[f] for f in files], args.limit)
+    keep = [files.index(b.file) for b in boxes]
+    wanted = {row for row, _, _ in method_runs(args.methods, args.layers)}
+    maps = {row: saved[row][keep] for row in saved.files if row != "files" and row in wanted}
+    result = diagnose(classifier, args.boxes, boxes, maps, args.batch_size, lambda line: print(line, file=sys.stderr))
+    result.update(checkpoint=str(args.checkpoint), slices=len(boxes), image_size=classifier.image_size)
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+            return 0
+        Path(args.json).write_text(text)
+    print(diagnosis_markdown(result))
     return 0
 
 
