@@ -172,15 +172,23 @@ def note_cpu_only(backend: str, device: str) -> None:
               file=sys.stderr)
 
 
-def _model_backend(checkpoint: str, backend: str) -> str:
-    """The runtime a model file runs on, from its content (models/formats), for the CPU-only note."""
-    from braintumor.models.formats import ONNX, model_format
+def _model_kind(checkpoint: str) -> str | None:
+    """The model file's format by its content (models/formats), or None when it cannot be told yet (loading the
+    model reports the problem)."""
+    from braintumor.models.formats import model_format
     from braintumor.models.checkpoint import resolve_checkpoint
 
     try:
-        return "onnx" if model_format(resolve_checkpoint(checkpoint)) == ONNX else backend
+        return model_format(resolve_checkpoint(checkpoint))
     except (UserError, OSError):
-        return backend  # loading the model reports the problem
+        return None
+
+
+def _model_backend(checkpoint: str, backend: str) -> str:
+    """The runtime a model file runs on, for the CPU-only note."""
+    from braintumor.models.formats import ONNX
+
+    return "onnx" if _model_kind(checkpoint) == ONNX else backend
 
 
 def _progress(total: int, quiet: bool, unit: str):
@@ -381,9 +389,14 @@ def cmd_explain(args) -> int:
     from braintumor.inference.volume_verdict import write_volume_outputs
     from braintumor.data.volumes import read_volume
 
+    from braintumor.models.formats import CHECKPOINT
+
     rule = _volume_rule(args)
+    kind = _model_kind(args.checkpoint)
+    if kind not in (None, CHECKPOINT):  # before loading it (which may say more): one line
+        raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not the {kind} export")
     classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
-    if classifier.model is None:  # checked before anything else is said or written: one line
+    if classifier.model is None:
         raise UserError(f"explanations need gradients: give the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
     note_cpu_only(classifier.backend, args.device)
