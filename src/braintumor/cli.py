@@ -256,7 +256,9 @@ def cmd_predict(args) -> int:
     skipped: list[tuple[str, str]] = []
     volumes = []
     total = len(found.images) + len(found.volumes)
-    with _progress(total, getattr(args, "quiet", False) or total < 2, "file") as bar:
+    # The bar shares the terminal with the rows only when they go elsewhere (a file, a pipe) or come at the end.
+    rows_on_terminal = sys.stdout.isatty() and fmt != "json"
+    with _progress(total, getattr(args, "quiet", False) or total < 2 or rows_on_terminal, "file") as bar:
         try:
             for result in predict_paths(classifier, found, rule=rule, batch_size=args.batch_size,
                                         skip_bad=args.skip_bad, on_skip=lambda s, r: skipped.append((s, r)),
