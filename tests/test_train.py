@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -55,7 +56,10 @@ def test_run_folder_holds_everything_predict_and_users_need(phantom_dir, tmp_pat
     # best.pt is for inference: the weights and the spec, about the weights' size; last.pt holds the rest.
     assert not {"optimizer", "scheduler", "rng", "history"} & set(ckpt)
     weight_bytes = sum(t.numel() * t.element_size() for t in ckpt["model"].values())
-    assert result.best_checkpoint.stat().st_size < 1.05 * weight_bytes < (result.run_dir / "last.pt").stat().st_size
+    trust = io.BytesIO()
+    torch.save(ckpt.get("trust"), trust)  # the trust tiers fitted into it (their own size is theirs to bound)
+    best_bytes = result.best_checkpoint.stat().st_size - trust.tell()
+    assert best_bytes < 1.05 * weight_bytes < (result.run_dir / "last.pt").stat().st_size
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["data"] == str(phantom_dir) and saved["epochs"] == 1
     row = json.loads((result.run_dir / "metrics.jsonl").read_text())
@@ -305,3 +309,12 @@ def test_one_optimizer_table_gives_the_config_choices_and_the_trainer_optimizers
     assert ranger.param_groups[0]["k"] == 3 and ranger.param_groups[0]["gc"] == "conv"
     # Trainer.__init__ is a list of named steps, not a dozen jobs inline
     assert len(inspect.getsource(Trainer.__init__).splitlines()) <= 15
+
+
+def test_a_tiny_run_from_random_weights_at_the_default_lr_says_so_on_stderr(phantom_dir, tmp_path, capsys):
+    from braintumor.cli import main
+
+    args = [arg for arg in TINY_TRAIN if arg not in ("--lr", "1e-3")]  # the default lr, 1e-5
+    assert main(["train", str(phantom_dir), *args, "--max-steps-per-epoch", "1", "--out", str(tmp_path / "r")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --weights none")]
+    assert len(warnings) == 1 and "learns next to nothing" in warnings[0]
