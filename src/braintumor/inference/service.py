@@ -227,12 +227,13 @@ def iter_predictions(classifier: "Classifier", items: Sequence[ImageInput], *,
                      sources: Sequence[str] | None = None, batch_size: int = 32, skip_bad: bool = False,
                      on_skip: Skip | None = None, progress: Callable[[int], None] | None = None,
                      volume: str | None = None, slice_indices: Sequence[int] | None = None,
-                     ) -> Iterator[Prediction]:
+                     finite_inputs: Sequence[bool] | None = None) -> Iterator[Prediction]:
     """Predictions of image inputs (paths, bytes, PIL images, numpy arrays, torch tensors), in order, a batch at
     a time (so callers can stream them). ``sources`` names each item (default: its path or a description).
 
     Without ``skip_bad`` the first unreadable item raises its ImageReadError (a UserError); with it, unreadable
     items are skipped and reported to ``on_skip(source, reason)``. ``progress(n)`` is told each batch's size.
+    ``finite_inputs``: False for an item known to have held NaN/inf before it became pixels (a volume's slice).
     """
     if not isinstance(items, Sequence):
         items = list(items)  # a lazy Sequence (a volume's SliceImages) stays lazy: one batch decoded at a time
@@ -241,6 +242,8 @@ def iter_predictions(classifier: "Classifier", items: Sequence[ImageInput], *,
     for chunk in _chunks(positions, batch_size):
         batch, kept, _, finite = load_items(classifier, [items[i] for i in chunk], [sources[i] for i in chunk],
                                             skip_bad=skip_bad, on_skip=on_skip)
+        if finite_inputs is not None:
+            finite = [flag and bool(finite_inputs[chunk[k]]) for k, flag in zip(kept, finite)]
         if batch is not None:
             yield from predict_batch(classifier, batch, [sources[chunk[k]] for k in kept], finite_inputs=finite,
                                      volume=volume, slice_indices=None if slice_indices is None
@@ -257,14 +260,11 @@ def predict_volume(classifier: "Classifier", volume: Volume, rule: VerdictRule |
     slice with NaN/inf voxels is ``not_mri``), then the volume's verdict and status
     (:mod:`braintumor.inference.volume_verdict`)."""
     images = volume.images()
+    nonfinite = getattr(volume, "nonfinite", None)  # NaN/inf voxels per slice: such a slice is never ok
     predictions = list(iter_predictions(
         classifier, images, sources=[f"{volume.source}#slice{z:03d}" for z in range(len(images))],
-        batch_size=batch_size, volume=volume.source, slice_indices=list(range(len(images)))))
-    nonfinite = getattr(volume, "nonfinite", None)  # NaN/inf voxels per slice: such a slice is never ok
-    if nonfinite is not None:
-        for prediction, bad in zip(predictions, nonfinite):
-            if bad:
-                prediction.status = NOT_MRI
+        batch_size=batch_size, volume=volume.source, slice_indices=list(range(len(images))),
+        finite_inputs=None if nonfinite is None else [not bad for bad in nonfinite]))
     return summarize_volume(volume, list(classifier.classes), predictions, rule or VerdictRule())
 
 
