@@ -154,13 +154,15 @@ def deflated_size(file: Path | io.BytesIO, limit: int) -> int | None:
             file.seek(0)
 
 
-def inflate_to_temporary(file: Path | io.BytesIO, label: str, limit: int | None = None):
+def inflate_to_temporary(file: Path | io.BytesIO, label: str, limit: int | None = None, *,
+                         head_only: int | None = None):
     """A deflated DICOM's inflated copy (Explicit VR Little Endian) in an anonymous temporary file, open for
     reading at its start; None when ``file`` is not a deflated DICOM.
 
     pydicom inflates a deflated data set whole in memory, and does so even to read only its header; this copies
     it to disk through a 1 MiB window instead, and refuses (ImageReadError) a file that inflates past ``limit``
-    (default: the per-image inflate limit) before writing more than that.
+    (default: the per-image inflate limit) before writing more than that. With ``head_only`` (bytes), only that
+    much of the start is copied (enough for a header read with ``stop_before_pixels``), and nothing is refused.
     """
     import tempfile
 
@@ -170,11 +172,12 @@ def inflate_to_temporary(file: Path | io.BytesIO, label: str, limit: int | None 
     from pydicom.uid import ExplicitVRLittleEndian
 
     limit = _inflate_limit() if limit is None else limit
-    size = deflated_size(file, limit)  # counted first (CPU only), so a bomb never writes its limit to disk
-    if size is None:
-        return None
-    if size > limit:
-        raise ImageReadError(label, _inflate_reason(limit))
+    if head_only is None:
+        size = deflated_size(file, limit)  # counted first (CPU only), so a bomb never writes its limit to disk
+        if size is None:
+            return None
+        if size > limit:
+            raise ImageReadError(label, _inflate_reason(limit))
     handle = file.open("rb") if isinstance(file, Path) else file
     copy = None
     try:
@@ -204,7 +207,10 @@ def inflate_to_temporary(file: Path | io.BytesIO, label: str, limit: int | None 
             except zlib.error as error:
                 raise ImageReadError(label, f"corrupt deflated DICOM data ({one_line(error)})") from None
             total += len(out)
-            if total > limit:
+            if head_only is not None and total >= head_only:
+                copy.write(out)
+                break
+            if head_only is None and total > limit:
                 raise ImageReadError(label, _inflate_reason(limit))
             copy.write(out)
         copy.seek(0)
@@ -229,12 +235,20 @@ def read_header(file: Path | io.BytesIO, label: str, *, force: bool = False):
     volume probe reads headers with this so that it never inflates a bomb in memory)."""
     import pydicom
 
-    inflated = inflate_to_temporary(file, label)
+    inflated = inflate_to_temporary(file, label, head_only=_HEADER_INFLATE_BYTES)
+    if inflated is None:
+        return pydicom.dcmread(file, stop_before_pixels=True, force=force)
     try:
-        return pydicom.dcmread(inflated if inflated is not None else file, stop_before_pixels=True, force=force)
+        return pydicom.dcmread(inflated, stop_before_pixels=True, force=force)
+    except Exception:  # noqa: BLE001 - a header longer than the head read: inflate it all (within the limit)
+        inflated.close()
+        inflated = inflate_to_temporary(file, label)
+        return pydicom.dcmread(inflated, stop_before_pixels=True, force=force)
     finally:
-        if inflated is not None:
-            inflated.close()
+        inflated.close()
+
+
+_HEADER_INFLATE_BYTES = 8 << 20  # a header read inflates this much of a deflated file's start (and more if needed)
 
 
 def _inflate_limit() -> int:
