@@ -548,7 +548,7 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
                    "from DIR; faster on CPUs, not exact (default: no int8 model)")
     p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
                    help="ONNX: compare each export with the checkpoint (classes, statuses, speed) and write the "
-                        "verdict beside it, which predict/evaluate/serve --backend auto read")
+                        "verdict beside it, which predict/evaluate/serve --backend auto read (default: on)")
     p.set_defaults(func=cmd_export)
 
 
