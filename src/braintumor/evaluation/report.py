@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from braintumor import RESEARCH_NOTE
 from braintumor.utils.atomic import atomic_write
@@ -176,25 +175,17 @@ def format_table(metrics: dict) -> str:
 
 
 def plot_roc_curves(y_true, probabilities, class_names: Sequence[str], path) -> Path | None:
-    """One-vs-rest ROC curve per class (scikit-learn's roc_curve) with its AUC; None if no class has both
-    positives and negatives."""
+    """One-vs-rest ROC curve per class (scikit-learn's roc_curve) with its AUC, drawn by figures.plot_roc_curves;
+    None if no class has both positives and negatives."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    from braintumor.visualize.figures import plot_roc_curves as draw_roc_curves
+
     y_true, probabilities = np.asarray(y_true), np.asarray(probabilities, dtype=float)
-    fig = Figure(figsize=(6, 6))
-    ax = fig.add_subplot()
-    drawn = 0
+    curves = {}
     for k, name in enumerate(class_names):
         positives = y_true == k
         if 0 < positives.sum() < len(y_true):
             fpr, tpr, _ = roc_curve(positives, probabilities[:, k])
-            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positives, probabilities[:, k]):.3f})")
-            drawn += 1
-    if not drawn:
-        return None
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title="ROC curves, one class vs the rest")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    return save_figure(fig, path)
+            curves[name] = (fpr, tpr, float(roc_auc_score(positives, probabilities[:, k])))
+    return draw_roc_curves(curves, path) if curves else None

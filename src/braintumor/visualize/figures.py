@@ -94,7 +94,41 @@ def plot_reliability(bins: dict, ece: float, path) -> Path:
             title=f"Reliability diagram: ECE = {ece:.4f} ({len(count)} bins, n={total})")
     fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     bottom.bar(left, count[used], width=width, align="edge", edgecolor="black", color="gray")
-    bottom.set(xlim=(0, 1), xlabel="Confidence (top-label probability)", ylabel="Images per bin")
+    # A log count axis: with an accurate model one bar near confidence 1 holds almost every image and would
+    # flatten the others to nothing on a linear axis.
+    bottom.set_yscale("log")
+    bottom.set(xlim=(0, 1), xlabel="Confidence (top-label probability)", ylabel="Images per bin (log)")
+    return save_figure(fig, path)
+
+
+def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path) -> Path:
+    """One-vs-rest ROC curves, {class: (false positive rates, true positive rates, AUC)}, AUC with 4 decimals.
+
+    When every AUC is at least 0.98 the curves hug the axes, so an inset zooms into the top-left corner
+    (false positive rate 0-0.05, true positive rate from just below the lowest curve's value there to 1).
+    """
+    fig = Figure(figsize=(6.4, 6.4), layout="constrained")
+    ax = fig.add_subplot()
+    lines = []
+    for name, (fpr, tpr, auc) in curves.items():
+        lines.append(ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.4f})")[0])
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
+           ylabel="True positive rate (sensitivity)", title="ROC curves, one class vs the rest")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if curves and min(auc for _, _, auc in curves.values()) >= 0.98:
+        zoom_x = 0.05
+        lowest = min(float(np.interp(zoom_x, fpr, tpr)) for fpr, tpr, _ in curves.values())
+        low = max(0.0, min(0.99, lowest - 0.2 * (1 - lowest) - 0.002))
+        inset = ax.inset_axes([0.3, 0.3, 0.45, 0.45])
+        for line, (fpr, tpr, _) in zip(lines, curves.values()):
+            inset.plot(fpr, tpr, color=line.get_color(), drawstyle="steps-post")
+        inset.set(xlim=(-0.001, zoom_x), ylim=(low, 1.001), title=f"zoom: FPR ≤ {zoom_x}, TPR ≥ {low:.3f}")
+        inset.title.set_fontsize(8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
+        ax.indicate_inset_zoom(inset, edgecolor="gray")
     return save_figure(fig, path)
 
 
@@ -168,7 +202,8 @@ def gradcam_panel(explanation, *, alpha: float = 0.45, colormap: str = "jet") ->
 
 def gradcam_montage(explanations: Sequence, titles: Sequence[str], title: str, *, alpha: float = 0.45,
                     colormap: str = "jet") -> Image.Image:
-    """Slices (top row) above their Grad-CAM overlays (bottom row), one column each, a colour bar and a title."""
+    """Slices (top row) above their explanation overlays (bottom row, each labelled with the method and the class
+    it explains), one column each, a colour bar and a title."""
     columns = max(1, len(explanations))
     fig = Figure(figsize=(2.3 * columns + 1.2, 5.6))
     axes = np.asarray(fig.subplots(2, columns, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.12}))
@@ -176,9 +211,11 @@ def gradcam_montage(explanations: Sequence, titles: Sequence[str], title: str, *
     for column, (explanation, caption) in enumerate(zip(explanations, titles)):
         _show(axes[0, column], explanation.image.convert("L").convert("RGB"), caption)
         _show(axes[1, column], explanation.overlay(alpha=alpha, colormap=colormap))
+        axes[1, column].set_title(_fit(f"{_method_label(explanation)} for: {explanation.target}", 30), fontsize=9)
     for column in range(len(explanations), columns):
         axes[0, column].set_axis_off()
         axes[1, column].set_axis_off()
-    _heat_colorbar(fig, axes.ravel().tolist(), colormap)
+    label = _method_label(explanations[0]) if explanations else "Grad-CAM"
+    _heat_colorbar(fig, axes.ravel().tolist(), colormap, label)
     fig.suptitle(title, fontsize=11)
     return figure_to_image(fig)
