@@ -1,9 +1,10 @@
 """The Classifier API: one model file, one preprocessing, used by the CLI, evaluate, explain and serve.
 
-A Classifier runs a :class:`~braintumor.models.checkpoint.ModelSpec`'s preprocessing and a backend
-(:mod:`braintumor.inference.runtimes`: PyTorch, TorchScript or ONNX Runtime, chosen from the file's content). It owns reading
-the inputs and the lock that lets Grad-CAM (which hooks the shared network) run alone while plain forward passes
-run side by side.
+A Classifier is a :class:`~braintumor.models.checkpoint.ModelSpec`'s preprocessing, a runtime
+(:mod:`braintumor.inference.runtimes`: PyTorch, TorchScript or ONNX Runtime, chosen from the file's content), its
+temperature, trust tiers and TTA setting, and the lock that lets an explanation (which hooks the shared network)
+run alone while plain forward passes run side by side. ``predict`` and ``explain`` are the Python API of
+:mod:`braintumor.inference.service`, the one path from inputs to results.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import torch
 from PIL import Image
 
 from braintumor.inference.runtimes import BACKENDS, TorchBackend, open_model
-from braintumor.models.checkpoint import ModelSpec, resolve_checkpoint
-from braintumor.data.io import read_image
+from braintumor.models.checkpoint import ModelSpec
 from braintumor.data.transforms import eval_transform
-from braintumor.utils.devices import resolve_device
 from braintumor.errors import UserError
 from braintumor.visualize.explain import Explanation
 from braintumor.utils.fingerprint import file_fingerprint
