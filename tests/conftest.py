@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -23,9 +24,51 @@ for _variable, _folder in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "con
     os.environ[_variable] = str(_SESSION_HOME / _folder)
 os.environ.pop("BRAINTUMOR_CACHE_DIR", None)
 
-# Tests share 2 cores with other processes in CI; one intra-op thread keeps timings stable and avoids
-# oversubscription when several torch processes (DDP test, servers) run at once.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests share 2 cores with other processes in CI: at most 2 intra-op threads, divided among pytest-xdist's workers
+# (PYTEST_XDIST_WORKER_COUNT), so that workers, the DDP test and servers do not oversubscribe the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shipped_models_unchanged():
+    """Nothing a test runs may rewrite a model shipped inside the package (issue 25: `calibrate reference` once did):
+    the sha256 of src/braintumor/reference/*.pt at the start of the session must hold at its end."""
+    import hashlib
+
+    from braintumor.models.checkpoint import REFERENCE_MODEL
+
+    def digests():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                for path in sorted(REFERENCE_MODEL.parent.glob("*.pt"))}
+
+    before = digests()
+    yield
+    assert digests() == before, "a test rewrote a shipped model file under src/braintumor/reference/"
+
+
+# The SIGSEGV that killed the whole suite in one process (2026-11-30; reproduced twice on 2026-12-04, at
+# tests/test_distributed.py's first test, after ~230 earlier tests): a test that iterates a torch DataLoader with
+# worker processes (here tests/test_benchmarks.py's time_to_accuracy run) makes torch install a Python SIGCHLD
+# handler in this process (torch.utils.data._utils.signal_handling._set_SIGCHLD_handler) that is never removed.
+# From then on every child that exits sends SIGCHLD to the pytest process, and CPython runs handlers on the main
+# thread's alternate signal stack (SA_ONSTACK; faulthandler's 16,880-byte sigaltstack). Evidence: `strace -f -e
+# trace=sigaltstack,rt_sigaction` shows rt_sigaction(SIGCHLD, <handler>, SA_ONSTACK) from the main thread in
+# test_benchmarks, then at test_distributed "--- SIGCHLD {si_pid=<torchrun>, CLD_EXITED} ---" immediately followed
+# by "--- SIGSEGV {si_code=SI_KERNEL, si_addr=NULL} ---" on the main thread: the kernel could not build the
+# signal frame (no faulthandler dump: its handler needs the same stack). In the core (gdb), the main thread sits
+# in poll() (subprocess.run of torchrun), no thread faults, and the sigaltstack's memory holds glibc free-chunk
+# links (fd/bk into main_arena): the stack had been freed and reused while still installed. The fix: no test
+# leaves a SIGCHLD handler behind, so child exits are never signals with a handler in this process.
+_SIGCHLD_AT_START = signal.getsignal(signal.SIGCHLD)
+
+
+@pytest.fixture(autouse=True)
+def no_sigchld_handler_left_behind():
+    """Restore SIGCHLD's disposition after each test (torch's DataLoader installs a handler; see above)."""
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not _SIGCHLD_AT_START:
+        signal.signal(signal.SIGCHLD, _SIGCHLD_AT_START)
 
 
 @pytest.fixture(autouse=True)
