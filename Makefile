@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Set to https://download.pytorch.org/whl/cpu for CPU-only torch wheels (about 200 MB instead of several GB of
+# CUDA libraries) on a machine without an NVIDIA GPU; empty: PyPI's default wheels.
+TORCH_INDEX ?=
+# pytest-xdist workers for `make test` (each test file runs whole on one worker: its module fixtures are built
+# once); PYTEST_WORKERS=0 runs the suite in this one process.
+PYTEST_WORKERS ?= auto
 
-.PHONY: demo test test-fast install browser clean reference-model
+.PHONY: demo test test-fast install browser docs clean reference-model
 
 install: $(STAMP)
 
@@ -12,6 +18,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "braintumor needs Python >= 3.11"' \
 		|| { echo "error: braintumor needs Python >= 3.11 (set PYTHON=python3.11)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -21,12 +28,26 @@ demo: $(STAMP)
 browser:
 	bash scripts/install_chromium.sh
 
+# The whole suite in one pytest run (with its xdist workers); ends with pytest's own summary line and exit code.
 test: $(STAMP) browser
-	$(PY) scripts/run_tests.py
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-# The unit tier: every test not marked slow (slow = trains a model, starts processes or a browser; >= 1 s).
+# The unit tier: every test not marked slow (slow = trains a model, starts a process, server or browser, or
+# takes a second or more on 2 cores).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The documentation site (mkdocs.yml, docs/) into site/, offline; any warning (a broken link, a page missing from
+# the navigation) fails the build. Also checks the links of README.md and MODEL_CARD.md.
+DOCS_STAMP := $(VENV)/.docs-stamp
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) scripts/check_links.py README.md MODEL_CARD.md
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # The shipped reference model (MODEL_CARD.md), in two trainings on the real Training folder (about 50 + 45
 # minutes on 2 idle cores): a teacher from the scratch-cpu recipe as it was then (128 px, 22 epochs, float32: the
@@ -50,4 +71,4 @@ reference-model: $(STAMP) $(REFERENCE_TEACHER)
 	$(PY) scripts/make_reference_model.py $(REFERENCE_RUN) --tta off
 
 clean:
-	rm -rf $(VENV) demo-run runs .pytest_cache
+	rm -rf $(VENV) demo-run runs .pytest_cache site
