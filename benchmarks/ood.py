@@ -1,249 +1,362 @@
-"""Out-of-distribution benchmark: how well a checkpoint's detector tells real slices from things that are not.
+"""Trust-tier benchmark: which scores tell real brain MRI from what is not, and how evenly they flag each class.
 
-In distribution (ID): the labelled slices of ``--data`` (use a folder the detector was not fitted on, e.g. the
-test set, so the ID rejection rate is an honest estimate). Out of distribution, all built offline here:
+Data, all from the checkpoint's own run (its stored configuration rebuilds the grouped split with
+``data.index.prepare_split``, as ``braintumor calibrate`` does):
 
-  photos      natural photos that installed packages ship (matplotlib's grace_hopper, scikit-learn's china and
-              flower, scikit-image's astronaut, camera, coffee, chelsea, rocket, ... when scikit-image is
-              installed), each as is, in grayscale, as two crops and resized to 64 px
-  noise       uniform RGB noise, Gaussian gray noise, salt and pepper
-  blanks      single-colour images (black, white, grays, colours)
-  gradients   linear and radial gray-level ramps
-  text        rendered lines of text, black on white and white on black
-  mri-wrong   ID slices that are MRI-like but wrong: inverted intensities, rotated 90°, a 30 % centre crop, and
-              matplotlib's sagittal head MRI (s1045.ima) -- "near" OOD: flagging them is welcome, not required
+- real MRI: the validation split (per class), and MRI-like variants of it generated here with other seeds than the
+  fit's (:func:`braintumor.trust.negatives.mri_variants`: windowings, a 16-bit PNG and a DICOM round trip through
+  braintumor's reader, flips, rotations, crops, JPEG, resizing) — the 16-bit and DICOM kinds are never used by the
+  fit;
+- not MRI: :func:`braintumor.trust.negatives.eval_negatives` — photos inside dependencies (matplotlib's
+  ``get_sample_data``, scikit-learn's ``load_sample_images``), documents, screenshots, charts, fractals, colour
+  images (kinds the fit never sees) and the fit's procedural kinds drawn from other seeds;
+- near MRI ("mri-wrong", for the atypical tier): validation slices inverted, 30 % centre crops, and matplotlib's
+  sagittal head MRI ``s1045.ima`` — flagging them is welcome, not required.
 
-For every set and three scores (the checkpoint's Mahalanobis ``ood_score``, the energy score, 1 - max softmax):
-AUROC of ID vs the set, and the false-accept rate (FAR) at the score's own 95 %-ID-acceptance threshold; for the
-stored detector also the FAR at its stored threshold (ood_score <= 1) and the rejected share of the ID slices.
+Candidates for ``not_mri`` (class-agnostic): the checkpoint's stored tier, each stage's Gaussian alone, one joint
+Gaussian over all stages, a logistic regression on the statistics (the fit's negatives vs training MRI), energy,
+1 - max softmax. Candidates for ``atypical``: Mahalanobis to the predicted class (stored), to the nearest class
+(the 0.1 detector), energy, 1 - max softmax, feature norm, each with Mondrian thresholds at 2 % per class.
+Reported: AUROC (validation vs all non-MRI), false alarms on real MRI per class and per variant kind, detection
+per non-MRI kind; not_mri candidates other than the stored tier are cut at the largest score of the validation
+slices and variants (no false alarm in-sample), atypical candidates at their own per-class 98 % thresholds, so
+the comparison is at equal cost. Features are cached in ``--cache`` (the slow part on a CPU).
 
-    python benchmarks/ood.py --checkpoint runs/…/best.pt --data Testing [--max-id 400] [--json ood.json]
-    python benchmarks/ood.py --smoke        # tiny phantom model and sets, checks that the script runs
+    python benchmarks/ood.py --checkpoint reference [--cache /tmp/ood-cache] [--markdown table.md] [--json r.json]
+    python benchmarks/ood.py --smoke        # a tiny phantom model and sets: checks that the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+import torch
+from PIL import Image
 
-from braintumor.data.index import discover
-from braintumor.trust.ood import energy_score, max_softmax_score
-from braintumor.inference.classifier import Classifier
+from braintumor.data.index import prepare_split
+from braintumor.data.io import read_image
+from braintumor.models.checkpoint import load_checkpoint, resolve_checkpoint
+from braintumor.trust import fitting, negatives
+from braintumor.trust.ood import (ATYPICAL_RATE, energy_score, max_softmax_score, mondrian_thresholds,
+                                  trust_head_from_state, whiten)
 
-ACCEPT = 0.95
+VARIANT_SEED = 5  # the fit's variants use seed 0 (trust.fitting.mri_variant_images)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="a .pt checkpoint with a fitted detector (braintumor calibrate)")
-    parser.add_argument("--data", help="in-distribution folder, one sub-folder per class (not used for fitting)")
-    parser.add_argument("--max-id", type=int, default=0, help="use at most this many ID slices (0: all)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default="reference", help="a two-tier .pt checkpoint (default: reference)")
+    parser.add_argument("--data", help="the run's training folder when it has moved")
+    parser.add_argument("--variant-slices", type=int, default=0,
+                        help="validation slices turned into variants (0: all)")
+    parser.add_argument("--per-kind", type=int, default=30, help="generated images per non-MRI kind")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cache", help="folder for cached features (reused when present)")
+    parser.add_argument("--markdown", help="also write the tables here")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny phantom model and sets (for the test suite)")
     return parser.parse_args(argv)
 
 
-def sample_photos(with_skimage: bool = True) -> dict[str, Image.Image]:
-    """Natural photos shipped by installed packages (no download)."""
-    import matplotlib
-    from sklearn.datasets import load_sample_image
-
-    photos = {"grace_hopper": Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")}
-    for name in ("china.jpg", "flower.jpg"):
-        photos[name.split(".")[0]] = Image.fromarray(load_sample_image(name))
-    try:
-        if not with_skimage:
-            raise ImportError
-        import skimage.data
-
-        for name in ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text",
-                     "horse", "hubble_deep_field", "immunohistochemistry", "retina", "cell"):
-            try:
-                array = getattr(skimage.data, name)()
-            except Exception:  # some need a download (pooch): skipped offline
-                continue
-            if array.dtype == bool:
-                array = array.astype(np.uint8) * 255
-            photos[name] = Image.fromarray(np.asarray(array).astype(np.uint8))
-    except ImportError:
-        pass
-    return {name: image.convert("RGB") for name, image in photos.items()}
+# ------------------------------------------------------------------------------------------ data and features
 
 
-def photo_variants(photos: dict[str, Image.Image], rng) -> list[Image.Image]:
-    out = []
-    for image in photos.values():
-        width, height = image.size
-        side = min(width, height)
-        x, y = int(rng.integers(0, width - side // 2 + 1)), int(rng.integers(0, height - side // 2 + 1))
-        out += [image, image.convert("L").convert("RGB"),
-                image.crop(((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)),
-                image.crop((x, y, x + side // 2, y + side // 2)), image.resize((64, 64))]
-    return out
-
-
-def synthetic_sets(rng, n: int, size: int = 224) -> dict[str, list[Image.Image]]:
-    """Noise, blanks, gradients and text renderings."""
-    noise = []
-    for k in range(n):
-        kind = k % 3
-        if kind == 0:
-            array = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        elif kind == 1:
-            array = np.clip(rng.normal(128, 50, (size, size)), 0, 255).astype(np.uint8)
-        else:
-            array = np.where(rng.random((size, size)) < 0.5, 0, 255).astype(np.uint8)
-        noise.append(Image.fromarray(array).convert("RGB"))
-    colours = ["black", "white", (128, 128, 128), (40, 40, 40), (200, 200, 200), (255, 0, 0), (0, 0, 255),
-               (0, 128, 0), (90, 90, 90), (10, 10, 10)]
-    blanks = [Image.new("RGB", (size, size), colours[k % len(colours)]) for k in range(n)]
-    ramp = np.linspace(0, 255, size)
-    yy, xx = np.mgrid[0:size, 0:size]
-    radial = np.hypot(yy - size / 2, xx - size / 2)
-    gradient_arrays = [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), 255 * radial / radial.max(),
-                       255 - 255 * radial / radial.max(), (np.tile(ramp, (size, 1)) + np.tile(ramp[:, None], (1, size))) / 2]
-    gradients = [Image.fromarray(gradient_arrays[k % len(gradient_arrays)].astype(np.uint8)).convert("RGB")
-                 .rotate(90 * (k // len(gradient_arrays))) for k in range(n)]
-    try:
-        from matplotlib import font_manager
-
-        font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 18)
-    except Exception:
-        font = ImageFont.load_default()
-    lines = ["Patient report: no findings", "The quick brown fox jumps over", "braintumor 0.1.0 research use",
-             "Lorem ipsum dolor sit amet", "MRI T1 axial slice 12 of 24", "0123456789 ABCDEFGHIJ"]
-    text = []
-    for k in range(n):
-        dark = k % 2 == 1
-        image = Image.new("RGB", (size, size), "black" if dark else "white")
-        draw = ImageDraw.Draw(image)
-        for row in range(6):
-            draw.text((8, 10 + row * 34), lines[(k + row) % len(lines)], fill="white" if dark else "black", font=font)
-        text.append(image)
-    return {"noise": noise, "blanks": blanks, "gradients": gradients, "text": text}
-
-
-def mri_wrong(id_images: list[Image.Image]) -> list[Image.Image]:
-    """Real slices made wrong (inverted, rotated 90°, 30 % centre crop), plus matplotlib's sagittal head MRI."""
-    import gzip
-
-    import matplotlib
+def mri_wrong(images: list[Image.Image]) -> list[Image.Image]:
+    """Real slices made wrong (inverted, 30 % centre crop) plus matplotlib's sagittal head MRI."""
+    from matplotlib import cbook
 
     out = []
-    for image in id_images:
-        array = np.asarray(image)
+    for image in images:
         width, height = image.size
-        out += [Image.fromarray(255 - array), image.rotate(90, expand=True),
+        out += [Image.fromarray(255 - np.asarray(image)),
                 image.crop((int(width * 0.35), int(height * 0.35), int(width * 0.65), int(height * 0.65)))]
-    raw = gzip.open(Path(matplotlib.get_data_path()) / "sample_data" / "s1045.ima.gz").read()
+    with cbook.get_sample_data("s1045.ima.gz") as handle:
+        raw = handle.read()
+    raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     sagittal = np.frombuffer(raw, np.uint16).reshape(256, 256).astype(np.float64)
     out.append(Image.fromarray((255 * sagittal / sagittal.max()).astype(np.uint8)).convert("RGB"))
     return out
 
 
-def scores_of(classifier: Classifier, images: list[Image.Image], batch_size: int) -> dict[str, np.ndarray]:
-    import torch
-
-    logits, ood = [], []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([classifier.preprocess(image) for image in images[start:start + batch_size]])
-        chunk_logits, chunk_ood = classifier.infer(batch)
-        logits.append(chunk_logits)
-        ood.append(chunk_ood)
-    logits = np.concatenate(logits)
-    return {"mahalanobis": np.concatenate(ood), "energy": energy_score(logits),
-            "max_softmax": max_softmax_score(logits / classifier.temperature)}
+def cached(cache: Path | None, name: str, compute) -> dict[str, np.ndarray]:
+    path = cache / f"{name}.npz" if cache else None
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return dict(data)
+    result = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **result)
+    return result
 
 
-def evaluate_sets(id_scores: dict, sets: dict[str, dict]) -> dict:
+def as_arrays(features: fitting.Features, **extra) -> dict[str, np.ndarray]:
+    return {"pooled": features.pooled, "statistics": features.statistics, "logits": features.logits,
+            "colour": features.colour, **extra}
+
+
+def collect(args, checkpoint: Path, split, cache: Path | None) -> dict[str, dict[str, np.ndarray]]:
+    model, preprocess, mean, std = fitting.network_and_preprocess(checkpoint)
+    options = dict(batch_size=args.batch_size, mean=mean, std=std)
+
+    def extract(images):
+        return fitting.extract_features(model, preprocess, images, **options)
+
+    def variants():
+        rng = np.random.default_rng(VARIANT_SEED)
+        chosen = range(len(split.val_paths))
+        if 0 < args.variant_slices < len(split.val_paths):
+            chosen = sorted(rng.choice(len(split.val_paths), args.variant_slices, replace=False))
+        images, kinds, labels = [], [], []
+        with tempfile.TemporaryDirectory() as folder:
+            for index in chosen:
+                for kind, image in negatives.mri_variants(read_image(split.val_paths[index]), rng,
+                                                          dicom_folder=Path(folder)):
+                    images.append(image), kinds.append(kind), labels.append(split.val_labels[index])
+        return as_arrays(extract(images), kinds=np.array(kinds), labels=np.array(labels))
+
+    def eval_negatives():
+        sets = negatives.eval_negatives(args.per_kind)
+        kinds = [kind for kind, images in sets.items() for _ in images]
+        return as_arrays(extract([image for images in sets.values() for image in images]), kinds=np.array(kinds))
+
+    def fit_negatives():
+        kinds, images = zip(*negatives.fit_negatives(2 * fitting.FIT_NEGATIVES_PER_KIND))
+        return as_arrays(extract(list(images)), kinds=np.array(kinds))
+
+    def wrong():
+        rng = np.random.default_rng(VARIANT_SEED + 100)
+        chosen = sorted(rng.choice(len(split.val_paths), min(30, len(split.val_paths)), replace=False))
+        return as_arrays(extract(mri_wrong([read_image(split.val_paths[i]) for i in chosen])))
+
+    return {
+        "train": cached(cache, "train", lambda: as_arrays(extract(split.train_paths), labels=np.array(split.train_labels))),
+        "val": cached(cache, "val", lambda: as_arrays(extract(split.val_paths), labels=np.array(split.val_labels))),
+        "variants": cached(cache, "variants", variants),
+        "negatives": cached(cache, "eval_negatives", eval_negatives),
+        "fit_negatives": cached(cache, "fit_negatives", fit_negatives),
+        "mri_wrong": cached(cache, "mri_wrong", wrong),
+    }
+
+
+# ------------------------------------------------------------------------------------------ candidate scores
+
+
+def gaussian_distance(train: np.ndarray, start: int, stop: int):
+    mean, whitening = whiten(train[:, start:stop])
+    return lambda d: np.sqrt((((d["statistics"][:, start:stop] - mean) @ whitening) ** 2).sum(axis=1))
+
+
+def stored_not_mri(state):
+    tier = trust_head_from_state(state).not_mri
+    return lambda d: fitting.score_not_mri(tier, d["statistics"], d["colour"])
+
+
+def stored_atypical(state):
+    tier = trust_head_from_state(state).atypical
+    return lambda d: tier(torch.from_numpy(d["pooled"]), torch.from_numpy(d["logits"])).detach().numpy()
+
+
+def not_mri_candidates(sets, state, widths) -> dict:
+    train = sets["train"]["statistics"]
+    candidates = {}
+    if state is not None and "not_mri" in state:
+        candidates["stored: per-stage Gaussians (max) + colour"] = stored_not_mri(state)
+    for k, (start, stop) in enumerate(fitting.statistic_blocks(widths)):
+        candidates[f"Gaussian layer{k + 1} statistics"] = gaussian_distance(train, start, stop)
+    candidates["Gaussian all stages (joint)"] = gaussian_distance(train, 0, train.shape[1])
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    scaler = StandardScaler().fit(train)
+    x = np.concatenate([train, sets["fit_negatives"]["statistics"]])
+    y = np.r_[np.zeros(len(train)), np.ones(len(sets["fit_negatives"]["statistics"]))]
+    with threadpool_limits(1):
+        logistic = LogisticRegression(C=0.01, max_iter=3000, class_weight="balanced").fit(scaler.transform(x), y)
+    candidates["logistic on statistics (fit negatives)"] = lambda d: logistic.decision_function(scaler.transform(d["statistics"]))
+    candidates["energy"] = lambda d: energy_score(d["logits"])
+    candidates["1 - max softmax"] = lambda d: max_softmax_score(d["logits"])
+    return candidates
+
+
+def atypical_candidates(sets, state) -> dict:
+    train = sets["train"]
+    detector = fitting.fit_mahalanobis(train["pooled"], train["labels"])
+    candidates = {}
+    if state is not None and "atypical" in state:
+        candidates["stored: Mahalanobis to predicted class"] = stored_atypical(state)
+
+    def distances(d):
+        with torch.no_grad():
+            return detector.class_distances(torch.from_numpy(d["pooled"])).numpy()
+
+    candidates["Mahalanobis to nearest class (0.1)"] = lambda d: distances(d).min(axis=1)
+    candidates["energy"] = lambda d: energy_score(d["logits"])
+    candidates["1 - max softmax"] = lambda d: max_softmax_score(d["logits"])
+    candidates["feature norm (low = unusual)"] = lambda d: -np.linalg.norm(d["pooled"], axis=1)
+    return candidates
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
-    results = {"id": {"n": len(id_scores["mahalanobis"]),
-                      "rejected_at_stored_threshold": float(np.mean(id_scores["mahalanobis"] > 1.0))}, "sets": {}}
-    for name, scores in sets.items():
-        row = {"n": len(scores["mahalanobis"])}
-        for method, ood in scores.items():
-            inside = id_scores[method]
-            labels = np.r_[np.zeros(len(inside)), np.ones(len(ood))]
-            threshold = np.quantile(inside, ACCEPT)
-            row[method] = {"auroc": float(roc_auc_score(labels, np.r_[inside, ood])),
-                           "far_at_95_tpr": float(np.mean(ood <= threshold))}
-        row["mahalanobis"]["far_at_stored_threshold"] = float(np.mean(scores["mahalanobis"] <= 1.0))
-        results["sets"][name] = row
+    return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside]))
+
+
+def measure_not_mri(sets, candidates, classes) -> dict:
+    val, variants, negative = sets["val"], sets["variants"], sets["negatives"]
+    results = {}
+    for name, score in candidates.items():
+        v, w, n = score(val), score(variants), score(negative)
+        cut = 1.0 if name.startswith("stored") else float(max(v.max(), w.max()))
+        results[name] = {
+            "auroc": auroc(v, n),
+            "val_false_alarms": float(np.mean(v > cut)),
+            "val_false_alarms_by_class": {c: float(np.mean(v[val["labels"] == k] > cut)) for k, c in enumerate(classes)},
+            "variant_false_alarms": float(np.mean(w > cut)),
+            "variant_false_alarms_by_kind": {kind: float(np.mean(w[variants["kinds"] == kind] > cut))
+                                             for kind in np.unique(variants["kinds"])},
+            "detected": float(np.mean(n > cut)),
+            "detected_by_kind": {kind: float(np.mean(n[negative["kinds"] == kind] > cut))
+                                 for kind in np.unique(negative["kinds"])},
+        }
     return results
 
 
-def print_table(results: dict, checkpoint: str) -> None:
-    print(f"OOD benchmark of {checkpoint}: {results['id']['n']} in-distribution slices, "
-          f"{results['id']['rejected_at_stored_threshold']:.1%} of them rejected at the stored threshold\n")
-    print("| OOD set | n | Mahalanobis AUROC | FAR@95 | FAR (stored threshold) | energy AUROC | FAR@95 | "
-          "max-softmax AUROC | FAR@95 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, row in results["sets"].items():
-        m, e, s = row["mahalanobis"], row["energy"], row["max_softmax"]
-        print(f"| {name} | {row['n']} | {m['auroc']:.4f} | {m['far_at_95_tpr']:.1%} | "
-              f"{m['far_at_stored_threshold']:.1%} | {e['auroc']:.4f} | {e['far_at_95_tpr']:.1%} | "
-              f"{s['auroc']:.4f} | {s['far_at_95_tpr']:.1%} |")
-    print("\nFAR@95: share of the set accepted at the threshold that accepts 95 % of these ID slices.")
+def measure_atypical(sets, candidates, classes) -> dict:
+    val, wrong, negative = sets["val"], sets["mri_wrong"], sets["negatives"]
+    predicted = val["logits"].argmax(axis=1)
+    results = {}
+    for name, score in candidates.items():
+        v = score(val)
+        if name.startswith("stored"):
+            thresholds, flagged_of = np.ones(len(classes)), lambda d, s: s > 1.0
+        else:
+            thresholds, _ = mondrian_thresholds(v, predicted, len(classes), ATYPICAL_RATE)
+            flagged_of = lambda d, s, t=thresholds: s > t[d["logits"].argmax(axis=1)]  # noqa: E731
+        flagged = flagged_of(val, v)
+        results[name] = {
+            "auroc_mri_wrong": auroc(v, score(wrong)),
+            "val_rate_by_class": {c: float(np.mean(flagged[val["labels"] == k])) for k, c in enumerate(classes)},
+            "val_rate_by_predicted": {c: float(np.mean(flagged[predicted == k])) for k, c in enumerate(classes)},
+            "mri_wrong_flagged": float(np.mean(flagged_of(wrong, score(wrong)))),
+            "negatives_flagged": float(np.mean(flagged_of(negative, score(negative)))),
+        }
+    return results
 
 
-def smoke_checkpoint(folder: Path) -> tuple[Path, Path]:
-    """An untrained resnet18 (32 px) with a detector fitted on phantoms, and an ID phantom folder."""
-    from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.models.network import build_model
+def cross_fitted_atypical(sets, classes, seed: int = 0) -> dict[str, float]:
+    """Out-of-sample per-class rates of the stored rule: thresholds from one random half of the validation split,
+    rates measured on the other half (and the other way round); mean of the two."""
+    val = sets["val"]
+    detector = fitting.fit_mahalanobis(sets["train"]["pooled"], sets["train"]["labels"])
+    with torch.no_grad():
+        distances = detector.class_distances(torch.from_numpy(val["pooled"])).numpy()
+    predicted = val["logits"].argmax(axis=1)
+    own = distances[np.arange(len(predicted)), predicted]
+    half = np.random.default_rng(seed).random(len(own)) < 0.5
+    rates = np.zeros(len(classes))
+    for fit_on in (half, ~half):
+        thresholds, _ = mondrian_thresholds(own[fit_on], predicted[fit_on], len(classes), ATYPICAL_RATE)
+        flagged = own[~fit_on] > thresholds[predicted[~fit_on]]
+        labels = val["labels"][~fit_on]
+        rates += [np.mean(flagged[labels == k]) for k in range(len(classes))]
+    return {c: float(rate / 2) for c, rate in zip(classes, rates)}
+
+
+def markdown(results: dict, classes) -> str:
+    lines = [f"Checkpoint {results['checkpoint']}: {results['n_val']} validation slices, {results['n_variants']} "
+             f"MRI-like variants, {results['n_negatives']} generated non-MRI images.", "",
+             "**not_mri** (false alarms on real MRI; detection of non-MRI)", "",
+             "| score | AUROC | val false alarms | " + " | ".join(classes) + " | variants | non-MRI detected |",
+             "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|"]
+    for name, row in results["not_mri"].items():
+        per_class = " | ".join(f"{row['val_false_alarms_by_class'][c]:.2%}" for c in classes)
+        lines.append(f"| {name} | {row['auroc']:.4f} | {row['val_false_alarms']:.2%} | {per_class} | "
+                     f"{row['variant_false_alarms']:.2%} | {row['detected']:.2%} |")
+    stored = next((row for name, row in results["not_mri"].items() if name.startswith("stored")), None)
+    if stored is not None:
+        lines += ["", "Stored not_mri tier, per kind: non-MRI detected — " +
+                  ", ".join(f"{kind} {rate:.1%}" for kind, rate in stored["detected_by_kind"].items()),
+                  "", "MRI-like variants flagged — " +
+                  ", ".join(f"{kind} {rate:.2%}" for kind, rate in stored["variant_false_alarms_by_kind"].items())]
+    lines += ["", "**atypical** (Mondrian thresholds, 2 % per predicted class; rates on the validation split by true "
+              "class)", "",
+              "| score | " + " | ".join(classes) + " | AUROC vs mri-wrong | mri-wrong flagged | non-MRI flagged |",
+              "|---|" + "---:|" * len(classes) + "---:|---:|---:|"]
+    for name, row in results["atypical"].items():
+        per_class = " | ".join(f"{row['val_rate_by_class'][c]:.2%}" for c in classes)
+        lines.append(f"| {name} | {per_class} | {row['auroc_mri_wrong']:.4f} | {row['mri_wrong_flagged']:.1%} | "
+                     f"{row['negatives_flagged']:.1%} |")
+    lines += ["", "Stored atypical rule, out of sample (thresholds from one half of the validation split, rates on "
+              "the other, averaged): " + ", ".join(f"{c} {r:.2%}" for c, r in results["atypical_cross_fitted"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def smoke_setup(folder: Path) -> tuple[Path, object]:
+    """An untrained resnet18 (32 px) with both tiers fitted on phantoms, and its split settings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import make_checkpoint
+
     from braintumor.synthetic.phantom import write_phantom_set
-    from braintumor.trust.fitting import fit_trust, store_trust
-    import torch
+    from braintumor.training.config import from_saved
 
-    torch.manual_seed(0)
-    classes = ["glioma", "meningioma", "notumor", "pituitary"]
-    checkpoint = folder / "smoke.pt"
-    spec = ModelSpec(arch="resnet18", classes=classes, image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    save_checkpoint(inference_payload(build_model("resnet18", 4).state_dict(), spec, config={}), checkpoint)
-    train = discover(write_phantom_set(folder / "train", per_class=4, size=48, seed=1))
-    val = discover(write_phantom_set(folder / "val", per_class=3, size=48, seed=2))
-    store_trust(checkpoint, fit_trust(checkpoint, train.paths, train.labels, val.paths, val.labels))
-    return checkpoint, write_phantom_set(folder / "id", per_class=3, size=48, seed=3)
+    checkpoint = make_checkpoint(folder / "smoke.pt", image_size=32)
+    data = write_phantom_set(folder / "data", per_class=8, size=48, seed=1)
+    settings = from_saved({"data": str(data), "val_split": 0.5, "group_split": False, "image_size": 32}, "smoke",
+                          progress=False).validate()
+    split = prepare_split(settings, progress=False)
+    trust = fitting.fit_trust(checkpoint, split.train_paths, split.train_labels, split.val_paths, split.val_labels,
+                              variant_slices=4, negatives_per_kind=2)
+    fitting.store_trust(checkpoint, trust)
+    return checkpoint, settings
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            args.checkpoint, args.data = smoke_checkpoint(Path(tmp))
-            args.max_id, args.device = args.max_id or 12, "cpu"
-        if not args.checkpoint or not args.data:
-            print("error: give --checkpoint and --data (or --smoke)", file=sys.stderr)
-            return 2
-        classifier = Classifier.from_checkpoint(args.checkpoint, device=args.device)
-        if classifier.detector is None:
-            print(f"error: {args.checkpoint} has no fitted OOD detector: run `braintumor calibrate` on it first",
-                  file=sys.stderr)
-            return 2
-        paths = discover(args.data, classes=classifier.classes).paths
-        if args.max_id and len(paths) > args.max_id:
-            paths = [paths[i] for i in sorted(rng.choice(len(paths), args.max_id, replace=False))]
-        id_images = [classifier.load(path) for path in paths]
-        n = 4 if args.smoke else 30
-        photos = photo_variants(sample_photos(with_skimage=not args.smoke), rng)
-        sets = {"photos": photos[:n * 2] if args.smoke else photos, **synthetic_sets(rng, n),
-                "mri-wrong": mri_wrong(id_images[:n])}
-        id_scores = scores_of(classifier, id_images, args.batch_size)
-        results = evaluate_sets(id_scores, {name: scores_of(classifier, images, args.batch_size)
-                                            for name, images in sets.items()})
-        results.update(checkpoint=str(args.checkpoint), data=str(args.data), temperature=classifier.temperature)
-        print_table(results, str(args.checkpoint))
+            checkpoint, settings = smoke_setup(Path(tmp))
+            args.variant_slices, args.per_kind, cache = 4, 2, None
+        else:
+            from braintumor.training.config import from_saved
+
+            checkpoint = resolve_checkpoint(args.checkpoint)
+            values = dict(load_checkpoint(checkpoint).get("config") or {})
+            if args.data:
+                values["data"] = args.data
+            if not values.get("data"):
+                print(f"error: {checkpoint} does not name its training data; pass --data", file=sys.stderr)
+                return 2
+            settings = from_saved(values, str(checkpoint), progress=False, skip_bad=True).validate()
+            cache = Path(args.cache) if args.cache else None
+        ckpt = load_checkpoint(checkpoint)
+        state, classes = ckpt.get("trust"), list(ckpt["classes"])
+        split = prepare_split(settings, progress=False)
+        sets = collect(args, checkpoint, split, cache)
+        model, *_ = fitting.network_and_preprocess(checkpoint)
+        results = {"checkpoint": str(args.checkpoint), "n_val": len(sets["val"]["labels"]),
+                   "n_variants": len(sets["variants"]["kinds"]), "n_negatives": len(sets["negatives"]["kinds"]),
+                   "not_mri": measure_not_mri(sets, not_mri_candidates(sets, state, fitting.stage_widths(model)), classes),
+                   "atypical": measure_atypical(sets, atypical_candidates(sets, state), classes),
+                   "atypical_cross_fitted": cross_fitted_atypical(sets, classes)}
+    table = markdown(results, classes)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -39,18 +39,20 @@ from braintumor.evaluation.metrics import expected_calibration_error
 from braintumor.models.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from braintumor.trust import negatives
 from braintumor.trust.ood import (ATYPICAL, ATYPICAL_RATE, LAYERS, NOT_MRI, NOT_MRI_RATE, AtypicalTier,
-                                  GaussianBlock, NotMriTier, backbone_features, fit_mahalanobis,
+                                  ColourCheck, GaussianBlock, NotMriTier, backbone_features, colourfulness,
+                                  fit_mahalanobis,
                                   acceptance_threshold, mondrian_thresholds, trust_tiers, whiten)
-from braintumor.trust.temperature import LOG_T_BOUNDS, fit_temperature, softmax
+from braintumor.trust.temperature import fit_temperature, softmax, temperature_at_bound
 
 log = logging.getLogger("braintumor.trust")
 
 TRUST_VERSION = 2
 MIN_PER_CLASS = 20  # fewer validation slices of a class than this calibrate nothing: warn
-NOT_MRI_MARGIN = 1.25  # the not-MRI threshold: this many times the conformal tail of real MRI
+NOT_MRI_MARGIN = 1.0  # the not-MRI threshold: this many times the conformal tail of real MRI (measured: docs/ood.md)
 VARIANT_SLICES = 300  # validation slices turned into MRI-like variants for the not-MRI threshold
 FIT_VARIANTS = ("window", "flip", "rotate 90/180/270", "rotate small", "crop", "jpeg", "resize")
-FIT_NEGATIVES_PER_KIND = 40
+FIT_NEGATIVES_PER_KIND = 20
+COLOUR_FLOOR, COLOUR_MARGIN = 8.0, 3.0  # colourfulness threshold (8-bit levels): at least 8, 3x real MRI's tail
 
 
 @dataclass
@@ -60,37 +62,48 @@ class Features:
     pooled: np.ndarray
     statistics: np.ndarray
     logits: np.ndarray
+    colour: np.ndarray | None = None  # colourfulness of the input (8-bit levels)
 
     def __len__(self) -> int:
         return len(self.logits)
 
 
-def network_and_preprocess(source: Any, preprocess: Callable | None = None,
-                           device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
-    """(network in eval mode, evaluation preprocessing) of a checkpoint path, a network plus ``preprocess``, or an
-    object with ``.model`` and ``.preprocess`` (an inference Classifier)."""
+def network_and_preprocess(source: Any, preprocess: Callable | None = None, device: str | torch.device = "cpu",
+                           ) -> tuple[nn.Module, Callable, tuple[float, ...], tuple[float, ...]]:
+    """(network in eval mode, evaluation preprocessing, its mean, its std) of a checkpoint path, a network plus
+    ``preprocess`` (an EvalTransform), or an object with ``.model``, ``.preprocess``, ``.mean``, ``.std`` (an
+    inference Classifier)."""
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+
     if isinstance(source, nn.Module):
         if preprocess is None:
             raise ValueError("fitting trust on a bare network needs its preprocess")
-        return source.eval(), preprocess
-    if hasattr(source, "preprocess") and hasattr(source, "model"):
+        model = source
+    elif hasattr(source, "preprocess") and hasattr(source, "model"):
         if source.model is None:
             raise UserError("fitting the trust tiers needs the PyTorch checkpoint (.pt), not an export")
-        return source.model.eval(), preprocess or source.preprocess
-    from braintumor.data.transforms import EvalTransform
-    from braintumor.models.checkpoint import model_from_checkpoint, spec_of
+        model, preprocess = source.model, preprocess or source.preprocess
+        return (model.eval(), preprocess, tuple(getattr(source, "mean", IMAGENET_MEAN)),
+                tuple(getattr(source, "std", IMAGENET_STD)))
+    else:
+        from braintumor.models.checkpoint import model_from_checkpoint, spec_of
 
-    path = resolve_checkpoint(source)
-    ckpt = load_checkpoint(path)
-    spec = spec_of(ckpt, path)
-    model = model_from_checkpoint(ckpt, path).float().to(device)
-    return model, preprocess or EvalTransform(spec.image_size, spec.mean, spec.std)
+        path = resolve_checkpoint(source)
+        ckpt = load_checkpoint(path)
+        spec = spec_of(ckpt, path)
+        from braintumor.utils.devices import resolve_device
+
+        model = model_from_checkpoint(ckpt, path).float().to(resolve_device(device))
+        preprocess = preprocess or EvalTransform(spec.image_size, spec.mean, spec.std)
+    return (model.eval(), preprocess, tuple(getattr(preprocess, "mean", IMAGENET_MEAN)),
+            tuple(getattr(preprocess, "std", IMAGENET_STD)))
 
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
-                     workers: int = 0) -> Features:
-    """Features of image files (read with the project's reader) or of PIL images, evaluation preprocessing."""
+                     workers: int = 0, mean=None, std=None) -> Features:
+    """Features of image files (read with the project's reader) or of PIL images, evaluation preprocessing;
+    with the preprocessing's ``mean`` and ``std`` also each input's colourfulness."""
     device = next(model.parameters()).device
     if images and not isinstance(images[0], Image.Image):
         batches = DataLoader(ImageFolderDataset(list(images), [0] * len(images), preprocess), batch_size=batch_size,
@@ -99,20 +112,24 @@ def extract_features(model: nn.Module, preprocess: Callable, images: Sequence, *
     else:
         batches = (torch.stack([preprocess(image) for image in images[start:start + batch_size]])
                    for start in range(0, len(images), batch_size))
-    pooled, statistics, logits = [], [], []
+    pooled, statistics, logits, colour = [], [], [], []
     for batch in batches:
-        batch_pooled, batch_statistics = backbone_features(model, batch.to(device))
+        batch = batch.to(device)
+        batch_pooled, batch_statistics = backbone_features(model, batch)
         pooled.append(batch_pooled.float().cpu().numpy())
         statistics.append(batch_statistics.float().cpu().numpy())
         logits.append(model.fc(batch_pooled).float().cpu().numpy())
+        if mean is not None and std is not None:
+            colour.append(colourfulness(batch, torch.tensor(mean, device=device), torch.tensor(std, device=device)).cpu().numpy())
     if not logits:
         raise ValueError("no images to extract features from")
-    return Features(np.concatenate(pooled), np.concatenate(statistics), np.concatenate(logits))
+    return Features(np.concatenate(pooled), np.concatenate(statistics), np.concatenate(logits),
+                    np.concatenate(colour) if colour else None)
 
 
 def logits_and_features(classifier, paths, batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Raw logits (N, C) and pooled features (N, D) of image files (kept for 0.1 callers)."""
-    model, preprocess = network_and_preprocess(classifier)
+    model, preprocess, _, _ = network_and_preprocess(classifier)
     features = extract_features(model, preprocess, paths, batch_size=batch_size, workers=workers)
     return features.logits, features.pooled
 
@@ -174,7 +191,8 @@ def fit_atypical(train_pooled: np.ndarray, train_labels: Sequence[int], val_pool
 
 def fit_not_mri(train_statistics: np.ndarray, mri_statistics: np.ndarray, widths: Sequence[int], *,
                 negative_statistics: np.ndarray | None = None, rate: float = NOT_MRI_RATE,
-                margin: float = NOT_MRI_MARGIN) -> tuple[NotMriTier, dict[str, Any]]:
+                margin: float = NOT_MRI_MARGIN, mri_colour: np.ndarray | None = None,
+                negative_colour: np.ndarray | None = None, mean=None, std=None) -> tuple[NotMriTier, dict[str, Any]]:
     """One Gaussian per stage's statistics (training slices); each stage's distance divided by its scale (the
     conformal (1 - rate) order statistic on ``mri_statistics``, real MRI not used for the Gaussians), the
     score the largest of them; the threshold ``margin`` times the conformal (1 - rate) order statistic of that
@@ -192,16 +210,24 @@ def fit_not_mri(train_statistics: np.ndarray, mri_statistics: np.ndarray, widths
     scale = max(acceptance_threshold(mri_scores, 1.0 - rate), 1e-12) * margin
     for block in tier.blocks:
         block.threshold.mul_(scale)
+    if mri_colour is not None and mean is not None and std is not None:
+        # Gray inputs only: the threshold sits well above the JPEG chroma noise of real slices, never below a floor.
+        colour_threshold = max(COLOUR_FLOOR, COLOUR_MARGIN * acceptance_threshold(mri_colour, 1.0 - rate))
+        tier.colour = ColourCheck(torch.tensor(mean), torch.tensor(std), colour_threshold)
     summary = {"rate": float(rate), "margin": float(margin), "mri_rate": float(np.mean(mri_scores / scale > 1.0)),
                "n_mri": int(len(mri_scores))}
     if negative_statistics is not None and len(negative_statistics):
-        summary["fit_negatives_flagged"] = float(np.mean(score_not_mri(tier, negative_statistics) > 1.0))
+        summary["fit_negatives_flagged"] = float(np.mean(score_not_mri(tier, negative_statistics, negative_colour) > 1.0))
     return tier, summary
 
 
-def score_not_mri(tier: NotMriTier, statistics: np.ndarray) -> np.ndarray:
+def score_not_mri(tier: NotMriTier, statistics: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray:
+    """The tier's score from extracted statistics (and colourfulness): what the graph computes from the images."""
     with torch.no_grad():
-        return tier(torch.from_numpy(np.asarray(statistics, dtype=np.float32))).numpy()
+        score = tier(torch.from_numpy(np.asarray(statistics, dtype=np.float32))).numpy()
+    if tier.colour is not None and colour is not None:
+        score = np.maximum(score, np.asarray(colour, dtype=np.float32) / float(tier.colour.threshold))
+    return score
 
 
 # ------------------------------------------------------------------------------------------ fit_trust
@@ -219,27 +245,32 @@ def _warn_small(val_labels: np.ndarray, classes: Sequence[str]) -> str | None:
 def fit_trust_from_features(train: Features, train_labels: Sequence[int], val: Features, val_labels: Sequence[int],
                             classes: Sequence[str], widths: Sequence[int], *, variants: Features | None = None,
                             fit_negatives: Features | None = None, atypical_rate: float = ATYPICAL_RATE,
-                            not_mri_rate: float = NOT_MRI_RATE, margin: float = NOT_MRI_MARGIN) -> dict[str, Any]:
-    """The trust entry from extracted features (see :func:`fit_trust`)."""
+                            not_mri_rate: float = NOT_MRI_RATE, margin: float = NOT_MRI_MARGIN,
+                            mean=None, std=None) -> dict[str, Any]:
+    """The trust entry from extracted features (see :func:`fit_trust`); ``mean``/``std`` (the preprocessing's)
+    add the colour check to the not-MRI tier."""
     val_labels, classes = np.asarray(val_labels), list(classes)
     notes = [note for note in (_warn_small(val_labels, classes),) if note]
     temperature = fit_temperature(val.logits, val_labels)
-    if min(abs(np.log(temperature) - bound) for bound in LOG_T_BOUNDS) < 1e-2:
+    if temperature_at_bound(temperature):
         notes.append(f"the temperature sits on its bound ({temperature:.3g}): the validation set cannot calibrate "
                      "this model")
     atypical, atypical_summary = fit_atypical(train.pooled, train_labels, val.pooled, val.logits, val_labels,
                                               classes, atypical_rate)
-    mri = val.statistics if variants is None else np.concatenate([val.statistics, variants.statistics])
+    parts = [val] + ([variants] if variants is not None else [])
+    mri = np.concatenate([part.statistics for part in parts])
+    mri_colour = None if any(part.colour is None for part in parts) else np.concatenate([part.colour for part in parts])
     not_mri, not_mri_summary = fit_not_mri(
         train.statistics, mri, widths, negative_statistics=None if fit_negatives is None else fit_negatives.statistics,
-        rate=not_mri_rate, margin=margin)
-    val_not_mri = score_not_mri(not_mri, val.statistics) > 1.0
+        negative_colour=None if fit_negatives is None else fit_negatives.colour, rate=not_mri_rate, margin=margin,
+        mri_colour=mri_colour, mean=mean, std=std)
+    val_not_mri = score_not_mri(not_mri, val.statistics, val.colour) > 1.0
     not_mri_summary["val_rate"] = float(val_not_mri.mean())
     not_mri_summary["val_rate_by_class"] = {name: float(val_not_mri[val_labels == k].mean())
                                             if (val_labels == k).any() else float("nan")
                                             for k, name in enumerate(classes)}
     if variants is not None:
-        not_mri_summary["variant_rate"] = float(np.mean(score_not_mri(not_mri, variants.statistics) > 1.0))
+        not_mri_summary["variant_rate"] = float(np.mean(score_not_mri(not_mri, variants.statistics, variants.colour) > 1.0))
     for note in notes:
         log.warning("warning: %s", note)
     return {
@@ -288,22 +319,22 @@ def fit_trust(source, train_paths, train_labels, val_paths, val_labels, *, class
         raise UserError("the trust rates must be between 0 and 1 (exclusive)")
     if len(train_paths) == 0 or len(val_paths) == 0:
         raise UserError("fitting the trust tiers and temperature needs training and validation images")
-    model, preprocess = network_and_preprocess(source, preprocess, device)
-    options = dict(batch_size=batch_size, workers=workers)
-    train = extract_features(model, preprocess, train_paths, **options)
-    val = extract_features(model, preprocess, val_paths, **options)
+    model, preprocess, mean, std = network_and_preprocess(source, preprocess, device)
+    options = dict(batch_size=batch_size, mean=mean, std=std)
+    train = extract_features(model, preprocess, train_paths, workers=workers, **options)
+    val = extract_features(model, preprocess, val_paths, workers=workers, **options)
     classes = list(classes) if classes is not None else _classes_of(source, val.logits.shape[1])
     variants = None
     if variant_slices:
         variants = extract_features(model, preprocess, mri_variant_images(val_paths, val_labels, variant_slices),
-                                    batch_size=batch_size)
+                                    **options)
     fit_negative = None
     if negatives_per_kind:
         images = [image for _, image in negatives.fit_negatives(negatives_per_kind)]
-        fit_negative = extract_features(model, preprocess, images, batch_size=batch_size)
+        fit_negative = extract_features(model, preprocess, images, **options)
     return fit_trust_from_features(train, train_labels, val, val_labels, classes, stage_widths(model),
                                    variants=variants, fit_negatives=fit_negative, atypical_rate=atypical_rate,
-                                   not_mri_rate=not_mri_rate, margin=margin)
+                                   not_mri_rate=not_mri_rate, margin=margin, mean=mean, std=std)
 
 
 def _classes_of(source, n_classes: int) -> list[str]:

@@ -4,7 +4,7 @@ variants of real slices that must still pass as MRI.
 Two families of non-MRI images, kept apart so that the benchmark is honest:
 
 - :data:`FIT_KINDS` (``fit_negatives``): what ``fit_trust`` may learn from — noise (uniform, Gaussian, salt and
-  pepper, smooth), blanks, gradients, random text, random shapes, stripes and checkerboards. Drawn from seeds
+  pepper, smooth), blanks, gradients, random text, random shapes, stripes and checkerboards, dead leaves. Drawn from seeds
   ``FIT_SEED + k``.
 - :data:`EVAL_KINDS` (``eval_negatives``, used by ``benchmarks/ood.py`` only): the same procedural families from
   other seeds (``EVAL_SEED + k``) *and* kinds the fit never sees — natural photos shipped inside dependencies
@@ -127,8 +127,22 @@ def pattern(rng, size: int = SIZE) -> Image.Image:
     return _rgb(a + (b - a) * t[..., None])
 
 
+def dead_leaves(rng, size: int = SIZE) -> Image.Image:
+    """The dead-leaves model of natural images (Lee, Mumford & Huang, 2001): occluding discs with power-law radii,
+    each with its own shade and a little texture; gray or colour. Photo-like statistics without any photo."""
+    gray = rng.random() < 0.5
+    image = Image.new("RGB", (size, size), _colour(rng, gray))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(400, 1200))):
+        radius = min(size * 0.02 * (1 - rng.random()) ** (-1 / 1.5), size / 2)  # Pareto: many small, a few large
+        x, y = rng.uniform(-radius, size + radius, 2)
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=_colour(rng, gray))
+    array = np.asarray(image, dtype=np.float64) + rng.normal(0, rng.uniform(0, 12), (size, size, 1))
+    return _rgb(array).filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
+
+
 FIT_KINDS: dict[str, Callable] = {"noise": noise, "blank": blank, "gradient": gradient, "text": text,
-                                  "shapes": shapes, "pattern": pattern}
+                                  "shapes": shapes, "pattern": pattern, "dead leaves": dead_leaves}
 
 
 def fit_negatives(n_per_kind: int = 40, size: int = SIZE, seed: int = FIT_SEED) -> Iterator[tuple[str, Image.Image]]:

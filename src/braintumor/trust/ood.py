@@ -72,6 +72,16 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.flatten(model.avgpool(x), 1)
 
 
+def colourfulness(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the colour channels of the un-normalized images, in 8-bit levels (B,).
+
+    0 for a gray image (every MR slice is one: on the training data at most 2.6 levels, JPEG chroma noise)."""
+    pixels = images.float() * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)
+    red, green, blue = pixels[:, 0], pixels[:, 1], pixels[:, 2]
+    difference = (red - green).abs() + (green - blue).abs() + (red - blue).abs()
+    return difference.flatten(1).mean(dim=1) * (255.0 / 3.0)
+
+
 def _tensor(value: Any, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"trust entry {name} must be a tensor, got {type(value).__name__}")
@@ -181,17 +191,34 @@ class GaussianBlock(nn.Module):
                 "whitening": self.whitening.cpu(), "threshold": float(self.threshold)}
 
 
+class ColourCheck(nn.Module):
+    """:func:`colourfulness` of the input over a threshold: brain MR slices are gray."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, threshold: float):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean).float().reshape(3))
+        self.register_buffer("std", torch.as_tensor(std).float().reshape(3))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return colourfulness(images, self.mean, self.std) / self.threshold
+
+    def state(self) -> dict[str, Any]:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu(), "threshold": float(self.threshold)}
+
+
 class NotMriTier(nn.Module):
     """Class-agnostic: the largest, over blocks of the feature statistics (one per ResNet stage, or one for all),
     of the block's Mahalanobis distance to the training Gaussian over the block's threshold; with a logistic
     direction also sigmoid(logit) / sigmoid(logit threshold)."""
 
     def __init__(self, blocks: list[GaussianBlock], weight: torch.Tensor | None = None, bias: float = 0.0,
-                 logit_threshold: float = 0.0):
+                 logit_threshold: float = 0.0, colour: ColourCheck | None = None):
         super().__init__()
         if not blocks:
             raise ValueError("the not-MRI tier needs at least one block")
         self.blocks = nn.ModuleList(blocks)
+        self.colour = colour
         self.logistic = weight is not None
         size = max(block.stop for block in blocks)
         self.register_buffer("weight", (weight if weight is not None else torch.zeros(size)).float().reshape(-1))
@@ -201,8 +228,10 @@ class NotMriTier(nn.Module):
     def logit(self, statistics: torch.Tensor) -> torch.Tensor:
         return statistics.float() @ self.weight + self.bias
 
-    def forward(self, statistics: torch.Tensor) -> torch.Tensor:
+    def forward(self, statistics: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         score = torch.stack([block(statistics) for block in self.blocks], dim=1).amax(dim=1)
+        if self.colour is not None and images is not None:
+            score = torch.maximum(score, self.colour(images))
         if self.logistic:
             supervised = torch.sigmoid(self.logit(statistics)) / torch.sigmoid(self.logit_threshold)
             score = torch.maximum(score, supervised)
@@ -210,6 +239,8 @@ class NotMriTier(nn.Module):
 
     def state(self) -> dict[str, Any]:
         state = {"method": "gaussian-statistics", "blocks": [block.state() for block in self.blocks]}
+        if self.colour is not None:
+            state["colour"] = self.colour.state()
         if self.logistic:
             state.update(weight=self.weight.cpu(), bias=float(self.bias), logit_threshold=float(self.logit_threshold))
         return state
@@ -226,9 +257,10 @@ class TrustHead(nn.Module):
     def tiers(self) -> tuple[str, ...]:
         return tuple(name for name in TIERS if getattr(self, name) is not None)
 
-    def forward(self, pooled: torch.Tensor, statistics: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, pooled: torch.Tensor, statistics: torch.Tensor, logits: torch.Tensor,
+                images: torch.Tensor | None = None) -> torch.Tensor:
         zeros = logits[:, 0].float() * 0
-        not_mri = self.not_mri(statistics) if self.not_mri is not None else zeros
+        not_mri = self.not_mri(statistics, images) if self.not_mri is not None else zeros
         atypical = self.atypical(pooled, logits) if self.atypical is not None else zeros
         return torch.stack([not_mri, atypical], dim=1).float()
 
@@ -258,7 +290,7 @@ class ScoringNet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, statistics = backbone_features(self.model, images)
         logits = self.model.fc(pooled)
-        scores = self.head(pooled, statistics, logits)
+        scores = self.head(pooled, statistics, logits, images)
         finite = _finite_rows(images) & _finite_rows(pooled) & _finite_rows(logits) & _finite_rows(scores)
         scores = torch.where(finite[:, None], scores, torch.full_like(scores, float("inf")))
         return logits, scores
@@ -290,8 +322,16 @@ def _not_mri_from_state(state: dict[str, Any]) -> NotMriTier:
         weight = _tensor(weight, "not_mri.weight").reshape(-1)
         if weight.shape[0] < max(block.stop for block in built):
             raise ValueError("trust entry not_mri.weight does not match the statistics' size")
+    colour = state.get("colour")
+    if colour is not None:
+        if not isinstance(colour, dict):
+            raise ValueError("trust entry not_mri.colour must be a dict")
+        mean, std = _tensor(colour.get("mean"), "not_mri.colour.mean"), _tensor(colour.get("std"), "not_mri.colour.std")
+        if mean.numel() != 3 or std.numel() != 3 or not (std > 0).all():
+            raise ValueError("trust entry not_mri.colour needs 3 means and 3 positive standard deviations")
+        colour = ColourCheck(mean, std, _number(colour.get("threshold"), "not_mri.colour.threshold"))
     return NotMriTier(built, weight, _number(state.get("bias", 0.0), "not_mri.bias", positive=False),
-                      _number(state.get("logit_threshold", 0.0), "not_mri.logit_threshold", positive=False))
+                      _number(state.get("logit_threshold", 0.0), "not_mri.logit_threshold", positive=False), colour)
 
 
 def _atypical_from_state(state: dict[str, Any]) -> AtypicalTier:
@@ -319,6 +359,11 @@ def trust_tiers(state: dict[str, Any] | None) -> tuple[str, ...]:
 def trust_head_from_state(state: dict[str, Any] | None) -> TrustHead | None:
     """The :class:`TrustHead` of a checkpoint's ``trust`` entry (None when it has no tier). Raises ValueError
     for a malformed entry (callers turn it into one line naming the file)."""
+    if state is not None and not isinstance(state, dict):
+        raise ValueError(f"trust must be a dict, got {type(state).__name__}")
+    for key in (NOT_MRI, ATYPICAL, "ood"):
+        if state is not None and key in state and not isinstance(state[key], dict):
+            raise ValueError(f"trust entry {key} must be a dict of fitted statistics, got {type(state[key]).__name__}")
     tiers = trust_tiers(state)
     if not tiers:
         return None

@@ -27,9 +27,19 @@ def fit_temperature(logits, labels) -> float:
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError("need logits (n, C) and n labels, n >= 1")
-    result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
-                             bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(result.x))
+    def objective(log_t: float) -> float:
+        return negative_log_likelihood(logits, labels, float(np.exp(log_t)))
+
+    result = minimize_scalar(objective, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
+    # Brent's bounded search never evaluates the bounds themselves: when the optimum lies beyond one (perfectly
+    # separated logits), it stops short of it. Return the bound then, so callers can tell (temperature_at_bound).
+    best = min((result.x, *LOG_T_BOUNDS), key=objective)
+    return float(np.exp(best))
+
+
+def temperature_at_bound(temperature: float) -> bool:
+    """Whether a fitted temperature sits on a bound of the search (the validation set cannot calibrate it)."""
+    return min(abs(float(np.log(temperature)) - bound) for bound in LOG_T_BOUNDS) < 1e-6
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
