@@ -568,22 +568,29 @@ def test_wide_planes_are_box_reduced_while_read(tmp_path, monkeypatch):
 
 
 def test_the_volume_probe_never_inflates_a_deflated_bomb(tmp_path, monkeypatch):
-    """is_volume reads a header: a deflated DICOM over the inflate limit is left to the 2-D reader's one line."""
+    """is_volume reads a header: of a deflated DICOM only the start is inflated (to disk), and one over the
+    inflate limit is left to the 2-D reader's one line, which refuses it before pydicom sees it."""
+    import tracemalloc
+
     from bombs import dicom_deflate_bomb
 
     from braintumor.data import dicom
     from braintumor.data.io import ImageReadError, read_image
     from braintumor.data.volumes import is_volume, partition_inputs
 
-    monkeypatch.setattr(pixels, "MAX_DECODED_BYTES", 10_000)
-    monkeypatch.setattr(dicom, "check_byte_budget", lambda *args: None)
     bomb = tmp_path / "bomb.dcm"
-    bomb.write_bytes(dicom_deflate_bomb(side=1100))
+    bomb.write_bytes(dicom_deflate_bomb(side=4000))  # 32 MB of pixels once inflated
+    tracemalloc.start()
+    assert not is_volume(bomb)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 12 * 2**20, f"the probe held {peak / 2**20:.0f} MiB"
+    assert partition_inputs([bomb]) == ([bomb], [])
+    monkeypatch.setattr(pixels, "MAX_DECODED_BYTES", 1_000_000)
+    monkeypatch.setattr(dicom, "check_byte_budget", lambda *args: None)
     import pydicom
 
     monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: pytest.fail("pydicom read the bomb"))
-    assert not is_volume(bomb)
-    assert partition_inputs([bomb]) == ([bomb], [])
     with pytest.raises(ImageReadError, match="inflate to more than"):
         read_image(bomb)
 
@@ -732,7 +739,7 @@ def test_decompression_bombs_stay_within_the_memory_budget(case, bombs_folder, t
 
 
 @pytest.mark.slow
-def test_auditing_a_folder_of_bombs_stays_within_the_memory_budget(bombs_folder, tmp_path):
+def test_auditing_and_evaluating_a_folder_of_bombs_stay_within_the_memory_budget(bombs_folder, tmp_path):
     folder = tmp_path / "scans" / "glioma"
     folder.mkdir(parents=True)
     for case in ("dicom-deflate-9450-rescale-window", "dicom-deflate-inflating-to-2gb"):
@@ -747,6 +754,12 @@ def test_auditing_a_folder_of_bombs_stays_within_the_memory_budget(bombs_folder,
     unreadable = {Path(u["path"]).name: u["reason"] for u in json.loads((tmp_path / "audit" / "audit.json")
                                                                      .read_text())["unreadable"]}
     assert "inflate to more than" in unreadable["bomb2g.dcm"] and "truncated" in unreadable["claim.jpg"]
+    (folder.parent / "notumor").mkdir()
+    Image.new("L", (64, 64), 30).save(folder.parent / "notumor" / "dark.png")
+    code, err, peak = peak_rss(["evaluate", "reference", str(tmp_path / "scans"), "--skip-bad",
+                                "--out", str(tmp_path / "evaluation")], tmp_path)
+    assert peak <= RSS_LIMIT_BYTES, f"evaluate: peak RSS {peak / 2**20:.0f} MiB"
+    assert code == 0 and "Traceback" not in err, err
 
 
 def test_a_float_image_of_nan_is_refused_and_a_partly_nan_one_reads(tmp_path):
