@@ -545,6 +545,7 @@ def test_a_full_budget_is_503_with_retry_after_and_a_too_large_decode_is_413(cla
         budget.acquire(budget.capacity - 1000)  # other requests hold nearly everything
         busy = test_client.post("/api/predict", files=upload(("a.png", png_bytes())))
         assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+        assert busy.headers["connection"] == "close"  # the rest of a refused upload is not read
         assert "busy" in busy.json()["detail"]
         budget.release(budget.capacity - 1000, large=False)
         assert test_client.post("/api/predict", files=upload(("a.png", png_bytes()))).status_code == 200

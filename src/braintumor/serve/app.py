@@ -165,10 +165,22 @@ async def read_uploads(request: Request, max_file_bytes: int, max_files: int,
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
         raise HTTPException(413, f"request body of {_human(int(declared))} exceeds the limit of "
-                                 f"{_human(max_request_bytes)} ({max_files} files of {_human(max_file_bytes)})")
+                                 f"{_human(max_request_bytes)} ({max_files} files of {_human(max_file_bytes)})",
+                            headers={"Connection": "close"})
+    try:
+        return await _collect(request, params[b"boundary"], max_file_bytes, max_files, max_request_bytes, reservation)
+    except HTTPException as err:
+        # Refused before the body was read to its end: close the connection after the answer, rather than read
+        # (and discard) the rest of an upload that may be hundreds of MB.
+        err.headers = {**(err.headers or {}), "Connection": "close"}
+        raise
+
+
+async def _collect(request: Request, boundary: bytes, max_file_bytes: int, max_files: int, max_request_bytes: int,
+                   reservation: Reservation | None) -> list[Upload]:
     collector = _UploadCollector(max_file_bytes, max_files)
     try:
-        parser = MultipartParser(params[b"boundary"], collector.callbacks())
+        parser = MultipartParser(boundary, collector.callbacks())
         received = 0
         async for chunk in request.stream():
             received += len(chunk)
