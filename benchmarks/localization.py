@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import time
@@ -493,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--faithfulness", action="store_true", help="add deletion/insertion AUC (17 x 2 passes)")
     parser.add_argument("--save-maps", type=Path, help="write every map (float16) to this .npz")
     parser.add_argument("--json", help="write the report as JSON to this file ('-': stdout instead of Markdown)")
+    parser.add_argument("--montage", type=Path, metavar="PNG",
+                        help="with --diagnose: draw 8 slices (classes in turn) with their box and the first row's map")
+    parser.add_argument("--mean-maps", type=Path, metavar="PNG",
+                        help="with --diagnose: per-class mean maps of the chosen rows beside the box frequency")
     parser.add_argument("--diagnose", type=Path, metavar="MAPS_NPZ",
                         help="instead of explaining: masking tests on the slices, and where the maxima of the maps "
                              "saved by --save-maps sit (the rows named by --methods/--layers, if in the file)")
@@ -514,6 +519,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def write_montage(classifier, root: Path, boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Path,
+                  columns: int = 8) -> int:
+    """A box-overlay montage of ``columns`` slices (spread over the set, classes in turn) for the first map row."""
+    from braintumor.utils.atomic import atomic_write
+    from braintumor.visualize.explain import METHOD_LABELS
+    from braintumor.visualize.figures import box_overlay_montage
+
+    row, row_maps = next(iter(maps.items()))
+    step = max(1, len(boxes) // columns)
+    chosen = list(range(0, len(boxes), step))[:columns]
+    hits = [pointing_hit(np.asarray(row_maps[k], dtype=np.float32), boxes[k]) for k in chosen]
+    method = row.split("@")[0]
+    picture = box_overlay_montage(
+        [classifier.load(str(root / boxes[k].file)) for k in chosen],
+        [np.asarray(row_maps[k], dtype=np.float32) for k in chosen],
+        [(boxes[k].x0, boxes[k].y0, boxes[k].x1, boxes[k].y1) for k in chosen],
+        [f"{boxes[k].label}: {'hit' if hit else 'miss'}" for k, hit in zip(chosen, hits)],
+        f"{row} of {Path(str(classifier.source_path or 'the model')).name} at {classifier.image_size} px on "
+        f"{len(chosen)} box slices: green = expert box (dashed: +15/512 tolerance), x = the map's maximum",
+        METHOD_LABELS.get(method, method), grow=GROW)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def write_mean_maps(boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Path, model_name: str) -> int:
+    """Per-class mean maps of every row beside the per-class frequency of box pixels."""
+    from braintumor.utils.atomic import atomic_write
+    from braintumor.visualize.figures import mean_maps_figure
+
+    labels = np.asarray([b.label for b in boxes])
+    classes = sorted(set(labels.tolist()))
+    size = next(iter(maps.values())).shape[-1]
+    rows = {row: {c: np.asarray(m, dtype=np.float32)[labels == c].mean(axis=0) for c in classes}
+            for row, m in maps.items()}
+    frequency = {c: np.mean([box_mask(b, size) for b in boxes if b.label == c], axis=0) for c in classes}
+    picture = mean_maps_figure(rows, frequency, f"Mean maps per class ({model_name}, {len(boxes)} box slices), "
+                                                f"each panel scaled to its maximum")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    for row, by_class in rows.items():
+        for c, mean in by_class.items():
+            cy, cx = np.array(np.nonzero(np.ones_like(mean))).reshape(2, -1) / size
+            weights = mean.ravel() / mean.sum()
+            print(f"{row} {c}: mean-map centroid x {100 * (weights * cx).sum() + 50 / size:.1f} % "
+                  f"y {100 * (weights * cy).sum() + 50 / size:.1f} % of the side; "
+                  f"left half {100 * mean[:, :size // 2].sum() / mean.sum():.1f} % of the mass")
+    return 0
+
+
 def run_diagnosis(args) -> int:
     """--diagnose: masking tests and peak regions of saved maps, Markdown (or JSON) on stdout."""
     from braintumor.inference.classifier import Classifier
@@ -528,6 +586,10 @@ def run_diagnosis(args) -> int:
     keep = [files.index(b.file) for b in boxes]
     wanted = {row for row, _, _ in method_runs(args.methods, args.layers)}
     maps = {row: saved[row][keep] for row in saved.files if row != "files" and row in wanted}
+    if args.montage:
+        return write_montage(classifier, args.boxes.parent, boxes, maps, args.montage)
+    if args.mean_maps:
+        return write_mean_maps(boxes, maps, args.mean_maps, Path(str(classifier.source_path)).name)
     result = diagnose(classifier, args.boxes, boxes, maps, args.batch_size, lambda line: print(line, file=sys.stderr))
     result.update(checkpoint=str(args.checkpoint), slices=len(boxes), image_size=classifier.image_size)
     if args.json:

@@ -205,7 +205,8 @@ def test_overlay_blends_colormap_over_the_slice():
 @pytest.mark.slow
 def test_planted_lesion_is_hotter_than_the_background(lesion_classifier):
     phantoms = [lesion_phantom(seed) for seed in range(1000, 1012)]
-    results = explain(lesion_classifier, [Image.fromarray(image) for image, _ in phantoms], target="tumor")
+    results = explain(lesion_classifier, [Image.fromarray(image) for image, _ in phantoms], target="tumor",
+                      method="gradcam")
     inside = np.array([r.heatmap[mask].mean() for r, (_, mask) in zip(results, phantoms)])
     outside = np.array([r.heatmap[~mask].mean() for r, (_, mask) in zip(results, phantoms)])
     assert inside.mean() > 3 * outside.mean(), (inside, outside)
@@ -217,10 +218,10 @@ def test_batch_matches_single_images_and_hand_computed_reference(lesion_classifi
     images = [lesion_phantom(2000)[0], make_phantom("notumor", SIZE, 2001), lesion_phantom(2002)[0],
               make_phantom("notumor", SIZE, 2003)]
     pictures = [Image.fromarray(image) for image in images]
-    batch = explain(lesion_classifier, pictures, batch_size=3)  # two chunks: 3 + 1
+    batch = explain(lesion_classifier, pictures, batch_size=3, method="gradcam")  # two chunks: 3 + 1
     assert {r.predicted for r in batch} == {"tumor", "notumor"}
     for picture, together in zip(pictures, batch):
-        alone = explain(lesion_classifier, picture)
+        alone = explain(lesion_classifier, picture, method="gradcam")
         assert alone.predicted == together.predicted
         np.testing.assert_allclose(together.heatmap, alone.heatmap, atol=1e-5)
     inputs = torch.stack([lesion_classifier.preprocess(p.convert("RGB")) for p in pictures])
@@ -240,8 +241,9 @@ def test_write_explanations_names_files_and_adds_a_caption(classifier, tmp_path)
                                  target=target)
     assert len(written) == 3 and len(set(written)) == 3 and all(p.is_file() for p in written)
     # No probability in the name: a rerun replaces its own files instead of leaving stale ones.
-    assert [p.name for p in written] == [f"other_gradcam_{target}.png", f"slice_gradcam_{target}.png",
-                                         f"slice_gradcam_{target}-2.png"]
+    method = DEFAULT_METHOD
+    assert [p.name for p in written] == [f"other_{method}_{target}.png", f"slice_{method}_{target}.png",
+                                         f"slice_{method}_{target}-2.png"]
     again = write_explanations(classifier, [tmp_path / "a"], tmp_path / "out", target=target)
     assert again == written[:2] and len(list((tmp_path / "out").iterdir())) == 3
     from braintumor.visualize.figures import GRADCAM_SIZE_PX
@@ -271,7 +273,7 @@ def test_grad_cam_is_a_pure_function_of_model_layer_and_batch(lesion_classifier)
     assert probabilities.shape == (2, 2) and maps.shape == (2, SIZE, SIZE)
     indices = list(probabilities.argmax(axis=1))
     np.testing.assert_allclose(maps, reference_gradcam(model, inputs, indices), atol=1e-5)
-    through_classifier = lesion_classifier.explain(pictures)
+    through_classifier = lesion_classifier.explain(pictures, method="gradcam")
     np.testing.assert_allclose(maps, np.stack([e.heatmap for e in through_classifier]), atol=1e-5)
     # Per-image targets: each row explains its own class.
     _, chosen = grad_cam(model, model.layer4, inputs, targets=[1, 0])
@@ -316,7 +318,8 @@ def test_every_method_points_at_the_only_evidence(lesion_classifier, method):
                           for image, _ in phantoms])
     hooks, flags = hook_count(model), [p.requires_grad for p in model.parameters()]
     model.train()
-    probabilities, maps = explain_batch(model, inputs, method, targets=[1] * len(phantoms))
+    layer = "layer4" if method in CAM_METHODS else None  # TinyCNN's one named block
+    probabilities, maps = explain_batch(model, inputs, method, layer=layer, targets=[1] * len(phantoms))
     assert model.training and hook_count(model) == hooks and [p.requires_grad for p in model.parameters()] == flags
     model.eval()
     assert probabilities.shape == (6, 2) and maps.shape == (6, SIZE, SIZE) and maps.dtype == np.float32
@@ -324,7 +327,8 @@ def test_every_method_points_at_the_only_evidence(lesion_classifier, method):
     hits = [lesion_box_hit(heat, mask) for heat, (_, mask) in zip(maps, phantoms)]
     assert all(hits), hits
     # Deterministic: the same batch gives the same maps (eval mode inside, no random state).
-    np.testing.assert_allclose(explain_batch(model, inputs, method, targets=[1] * 6)[1], maps, atol=1e-6)
+    np.testing.assert_allclose(explain_batch(model, inputs, method, layer=layer, targets=[1] * 6)[1], maps,
+                               atol=1e-6)
 
 
 def test_cam_methods_share_one_pass_and_match_captum(lesion_classifier):
@@ -362,6 +366,8 @@ def test_unknown_method_and_layer_are_clear_errors():
         explain_batch(TinyCNN(), batch, "layercam", layer="layer9")
     with pytest.raises(ValueError, match="--layer applies to the CAM methods"):
         explain_batch(TinyCNN(), batch, "occlusion", layer="layer4")
+    with pytest.raises(ValueError, match="no layer 'layer3'"):  # the default layer of Grad-CAM++
+        explain_batch(TinyCNN(), batch, "gradcampp")
     with pytest.raises(ValueError, match="2 targets for 1 images"):
         explain_batch(TinyCNN(), batch, "gradcam", targets=[0, 1])
     assert DEFAULT_METHOD in METHODS and len(set(METHODS)) == len(METHODS)

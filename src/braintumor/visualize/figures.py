@@ -219,3 +219,71 @@ def gradcam_montage(explanations: Sequence, titles: Sequence[str], title: str, *
     _heat_colorbar(fig, axes.ravel().tolist(), colormap, label)
     fig.suptitle(title, fontsize=11)
     return figure_to_image(fig)
+
+
+def box_overlay_montage(images: Sequence[Image.Image], heatmaps: Sequence[np.ndarray],
+                        boxes: Sequence[tuple[float, float, float, float]], captions: Sequence[str], title: str,
+                        method_label: str, *, grow: float = 0.0, alpha: float = 0.45,
+                        colormap: str = "jet") -> Image.Image:
+    """Slices with their expert box (top row) above the explanation overlay with the same box and a cross on the
+    map's maximum (bottom row). ``boxes`` are (x0, y0, x1, y1) in fractions of the side; ``grow`` draws the
+    pointing-game tolerance as a dashed box around each."""
+    from matplotlib.patches import Rectangle
+
+    columns = max(1, len(images))
+    fig = Figure(figsize=(2.3 * columns + 1.2, 5.9))
+    axes = np.asarray(fig.subplots(2, columns, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.16}))
+    fig.subplots_adjust(left=0.01, right=0.88, top=0.84, bottom=0.02)
+    for column, (image, heatmap, box, caption) in enumerate(zip(images, heatmaps, boxes, captions)):
+        size = heatmap.shape[0]
+        gray = image.convert("L").resize((size, size), Image.BILINEAR)
+        colours = colormaps[colormap](heatmap)[..., :3]
+        overlay = (1 - alpha) * (np.asarray(gray, dtype=np.float32)[..., None] / 255.0) + alpha * colours
+        _show(axes[0, column], gray.convert("RGB"), _fit(caption, 30))
+        _show(axes[1, column], np.clip(overlay, 0, 1))
+        top = float(heatmap.max())
+        for row in (0, 1):
+            x0, y0, x1, y1 = (value * size - 0.5 for value in box)
+            axes[row, column].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
+                                                  linewidth=1.5))
+            if grow and row == 1:
+                axes[row, column].add_patch(Rectangle((x0 - grow * size, y0 - grow * size),
+                                                      x1 - x0 + 2 * grow * size, y1 - y0 + 2 * grow * size,
+                                                      fill=False, edgecolor="lime", linewidth=0.8, linestyle="--"))
+        if top > 0:
+            rows, cols = np.nonzero(heatmap >= top - 1e-6 * top)
+            axes[1, column].plot(cols.mean(), rows.mean(), marker="x", color="white", markersize=9, mew=2.5)
+            axes[1, column].plot(cols.mean(), rows.mean(), marker="x", color="black", markersize=7, mew=1.2)
+    for column in range(len(images), columns):
+        axes[0, column].set_axis_off()
+        axes[1, column].set_axis_off()
+    _heat_colorbar(fig, axes.ravel().tolist(), colormap, method_label)
+    fig.suptitle(title, fontsize=11)
+    return figure_to_image(fig)
+
+
+def mean_maps_figure(rows: dict[str, dict[str, np.ndarray]], references: dict[str, np.ndarray], title: str,
+                     reference_label: str = "box frequency") -> Image.Image:
+    """A grid of per-class mean maps: one row per explanation ({row: {class: mean map}}) and a last row of
+    ``references`` ({class: map}, e.g. how often each pixel lies in a box), each panel scaled to its own maximum."""
+    classes = list(references)
+    names = list(rows) + [reference_label]
+    fig = Figure(figsize=(2.2 * len(classes) + 1.6, 2.25 * len(names) + 0.6))
+    axes = np.asarray(fig.subplots(len(names), len(classes), squeeze=False,
+                                   gridspec_kw={"wspace": 0.04, "hspace": 0.08}))
+    fig.subplots_adjust(left=0.2, right=0.98, top=1 - 0.5 / (2.25 * len(names) + 0.6), bottom=0.01)
+    for r, name in enumerate(names):
+        panels = rows[name] if name in rows else references
+        for c, label in enumerate(classes):
+            ax = axes[r, c]
+            panel = np.asarray(panels[label], dtype=np.float32)
+            ax.imshow(panel / panel.max() if panel.max() > 0 else panel, cmap="magma", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(_fit(name, 22), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return figure_to_image(fig)
