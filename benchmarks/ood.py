@@ -326,11 +326,15 @@ def smoke_setup(folder: Path) -> tuple[Path, object]:
 
 
 def main(argv=None) -> int:
+    import warnings
+
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", "Mean of empty slice")  # a class without slices: its rate is nan
+    warnings.filterwarnings("ignore", "invalid value encountered")
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             checkpoint, settings = smoke_setup(Path(tmp))
-            args.variant_slices, args.per_kind, cache = 4, 2, None
+            args.checkpoint, args.variant_slices, args.per_kind, cache = "smoke", 4, 2, None
         else:
             from braintumor.training.config import from_saved
 

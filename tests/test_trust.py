@@ -1,4 +1,5 @@
-"""The OOD detector, temperature scaling and their fit into checkpoints (ood.py, calibration.py, trust.py)."""
+"""The trust tiers through the Classifier, temperature scaling and the fit into checkpoints (trust/ood.py,
+trust/temperature.py, trust/fitting.py); tests/test_trust_tiers.py has the tiers' own unit tests."""
 
 from __future__ import annotations
 
@@ -53,38 +54,42 @@ def out_of_distribution_inputs() -> dict[str, Image.Image]:
 
 
 @pytest.mark.slow
-def test_training_fits_the_detector_and_temperature_into_best_pt(phantom_model):
+def test_training_fits_both_tiers_and_temperature_into_best_pt(phantom_model):
     trust = phantom_model["trained_trust"]
-    assert trust["ood"]["method"] == "mahalanobis" and trust["temperature"] > 0
-    assert trust["n_val"] == 4 and trust["val_accepted"] >= 0.75
+    assert trust["not_mri"]["method"] == "gaussian-statistics" and trust["atypical"]["method"] == "mahalanobis-mondrian"
+    assert trust["temperature"] > 0 and trust["n_val"] == 4
+    assert trust["warnings"]  # 4 validation slices calibrate nothing: said so
     assert "trust" not in load_checkpoint(phantom_model["run_dir"] / "last.pt")  # last.pt stays as trained
 
 
-def test_detector_flags_noise_blanks_photo_and_text_and_accepts_held_aside_phantoms(phantom_model):
+@pytest.mark.slow
+def test_not_mri_flags_noise_blanks_photo_and_text_and_accepts_held_aside_phantoms(phantom_model):
     classifier = Classifier.from_checkpoint(phantom_model["checkpoint"])
     names, images = zip(*out_of_distribution_inputs().items())
     for name, prediction in zip(names, classifier.predict(list(images))):
-        assert prediction.out_of_distribution and prediction.ood_score > 1, (name, prediction.ood_score)
-        assert prediction.status == "out_of_distribution"
+        assert prediction.status == "not_mri" and prediction.not_mri_score > 1, (name, prediction.not_mri_score)
+        assert prediction.shown_class is None
         assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)  # still available
     held_aside = [Image.fromarray(make_phantom(label, 64, 5000 + i)) for i in range(6)
                   for label in ("glioma", "meningioma", "notumor", "pituitary")]
-    accepted = [not p.out_of_distribution for p in classifier.predict(held_aside)]
-    assert np.mean(accepted) >= 0.8  # the threshold accepts ~95 % of validation phantoms
+    statuses = [p.status for p in classifier.predict(held_aside)]
+    assert statuses.count("not_mri") <= 1  # real-looking slices are (almost) never refused
 
 
 @pytest.mark.slow
-def test_onnx_backend_gives_the_same_ood_score_and_flag(phantom_model, tmp_path):
+def test_onnx_backend_gives_the_same_trust_scores_and_status(phantom_model, tmp_path):
     from braintumor.inference.export import export_onnx
 
     onnx_path = export_onnx(phantom_model["checkpoint"], tmp_path / "model.onnx")
     torch_clf = Classifier.from_checkpoint(phantom_model["checkpoint"])
     onnx_clf = Classifier.from_checkpoint(onnx_path, backend="onnx")
-    assert onnx_clf.has_ood and onnx_clf.temperature == pytest.approx(torch_clf.temperature)
+    assert onnx_clf.trust_tiers == torch_clf.trust_tiers == ("not_mri", "atypical")
+    assert onnx_clf.temperature == pytest.approx(torch_clf.temperature)
     images = list(out_of_distribution_inputs().values()) + [Image.fromarray(make_phantom("glioma", 64, 9))]
     for a, b in zip(torch_clf.predict(images), onnx_clf.predict(images)):
-        assert a.ood_score == pytest.approx(b.ood_score, rel=1e-4, abs=1e-4)
-        assert a.out_of_distribution == b.out_of_distribution
+        assert a.status == b.status
+        for score in ("not_mri_score", "atypical_score"):
+            assert getattr(a, score) == pytest.approx(getattr(b, score), rel=1e-4, abs=1e-4)
         for name in a.probabilities:
             assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=1e-5)
 
@@ -137,14 +142,14 @@ def test_temperature_scaling_lowers_ece_and_never_changes_the_argmax():
     assert temperature == pytest.approx(best, rel=5e-3)
 
 
-def test_a_checkpoint_without_trust_still_predicts_and_says_it_is_unchecked(tiny_checkpoint):
+def test_a_checkpoint_without_trust_still_predicts_with_no_scores(tiny_checkpoint):
     prediction = Classifier.from_checkpoint(tiny_checkpoint).predict(Image.new("RGB", (64, 64)))
-    assert prediction.ood_score is None and prediction.out_of_distribution is None and prediction.status == "ok"
+    assert prediction.not_mri_score is None and prediction.atypical_score is None and prediction.status == "ok"
 
 
-def test_min_confidence_abstains(tiny_checkpoint):
+def test_min_confidence_gives_uncertain(tiny_checkpoint):
     classifier = Classifier.from_checkpoint(tiny_checkpoint)
     classifier.min_confidence = 0.99
     prediction = classifier.predict(Image.fromarray(make_phantom("glioma", 64, 1)))
-    assert prediction.abstained and prediction.status == "low_confidence"
-    assert prediction.to_dict()["status"] == "low_confidence"
+    assert prediction.status == "uncertain" and prediction.shown_class is None
+    assert prediction.to_dict()["status"] == "uncertain"

@@ -258,3 +258,17 @@ def test_calibrate_out_writes_a_two_tier_copy_and_leaves_the_source(tiny_checkpo
     assert sha256(source) == before
     assert trust_tiers(load_checkpoint(out)["trust"]) == ("not_mri", "atypical")
     assert main(["calibrate", str(source), "--data", str(phantom_dir), "--out", str(out)]) == 2  # exists now
+
+
+@pytest.mark.slow
+def test_the_ood_benchmark_runs_on_a_smoke_model(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"
+    spec = importlib.util.spec_from_file_location("ood_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke"]) == 0
+    table = capsys.readouterr().out
+    assert "stored: per-stage Gaussians (max) + colour" in table and "Mahalanobis to predicted class" in table
