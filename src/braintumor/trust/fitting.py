@@ -358,7 +358,7 @@ def store_trust(checkpoint_path: str | os.PathLike, trust: dict[str, Any], out: 
 
 
 def _rates(rates: dict[str, float]) -> str:
-    return ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items())
+    return ", ".join(f"{name} {rate:.1%}" if np.isfinite(rate) else f"{name} - (no slices)" for name, rate in rates.items())
 
 
 def describe_trust(trust: dict[str, Any]) -> str:
