@@ -237,7 +237,10 @@ def measure_atypical(sets, candidates, classes) -> dict:
     val, wrong, negative = sets["val"], sets["mri_wrong"], sets["negatives"]
     predicted = val["logits"].argmax(axis=1)
     results = {}
-    for name, score in candidates.items():
+    for name, raw in candidates.items():
+        # Mondrian thresholds are positive numbers: shift each score (ranks unchanged) so real slices score >= 1.
+        offset = 1.0 - float(raw(val).min())
+        score = raw if name.startswith("stored") else (lambda d, raw=raw, offset=offset: raw(d) + offset)
         v = score(val)
         if name.startswith("stored"):
             thresholds, flagged_of = np.ones(len(classes)), lambda d, s: s > 1.0
