@@ -268,10 +268,11 @@ def mean_maps_figure(rows: dict[str, dict[str, np.ndarray]], references: dict[st
     ``references`` ({class: map}, e.g. how often each pixel lies in a box), each panel scaled to its own maximum."""
     classes = list(references)
     names = list(rows) + [reference_label]
-    fig = Figure(figsize=(2.2 * len(classes) + 1.6, 2.25 * len(names) + 0.6))
+    height = 2.25 * len(names) + 0.9
+    fig = Figure(figsize=(2.2 * len(classes) + 1.6, height))
     axes = np.asarray(fig.subplots(len(names), len(classes), squeeze=False,
                                    gridspec_kw={"wspace": 0.04, "hspace": 0.08}))
-    fig.subplots_adjust(left=0.2, right=0.98, top=1 - 0.5 / (2.25 * len(names) + 0.6), bottom=0.01)
+    fig.subplots_adjust(left=0.2, right=0.98, top=1 - 0.8 / height, bottom=0.01)
     for r, name in enumerate(names):
         panels = rows[name] if name in rows else references
         for c, label in enumerate(classes):
@@ -285,5 +286,5 @@ def mean_maps_figure(rows: dict[str, dict[str, np.ndarray]], references: dict[st
                 ax.set_title(label, fontsize=10)
             if c == 0:
                 ax.set_ylabel(_fit(name, 22), fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
     return figure_to_image(fig)
