@@ -18,9 +18,10 @@ per image (1 marks the region that most supports the explained class, 0 none; a 
 
 The CAM methods share one computation (:func:`cam_maps`: captum's ``LayerGradientXActivation`` hooks the
 layers and returns the class score's gradient there; the four methods differ only in how they combine gradient
-and activation), so several methods and layers cost one backward pass. They read the block named by ``layer`` (dotted, e.g. ``"layer3"``; default ``DEFAULT_LAYERS[method]``) and upsample
-bilinearly. "Black" is each image's per-channel minimum, the background of an MRI slice. The class score is the
-logit (a softmax near 1 barely moves when evidence is removed).
+and activation), so several methods and layers cost one backward pass. They read the block named by ``layer``
+(dotted, e.g. ``"layer3"``; default ``DEFAULT_LAYERS[method]``) and upsample bilinearly. "Black" is each image's
+per-channel minimum, the background of an MRI slice. The class score is the logit (a softmax near 1 barely moves
+when evidence is removed). ``DEFAULT_METHOD`` was chosen by ``benchmarks/localization.py`` (docs/localization.md).
 
 :func:`explain_batch` touches nothing but the model it is given: captum registers its hooks for one call and
 removes them afterwards, and the model's train/eval mode and its parameters' ``requires_grad`` flags are
@@ -145,9 +146,9 @@ def explain_batch(model: nn.Module, batch: torch.Tensor, method: str = DEFAULT_M
     """Softmax probabilities (B, C) and explanation maps (B, S, S) float32 in [0, 1] of a preprocessed batch
     (B, 3, S, S) on the model's device; ``targets`` holds each image's class index (None: its predicted class).
 
-    ``method`` is one of METHODS; ``layer`` names the block a CAM method reads (None: DEFAULT_LAYERS[method]). The model runs
-    in eval mode (a map does not depend on the rest of the batch); its modes, ``requires_grad`` flags and hooks are
-    as before when this returns.
+    ``method`` is one of METHODS; ``layer`` names the block a CAM method reads (None: DEFAULT_LAYERS[method]). The
+    model runs in eval mode (a map does not depend on the rest of the batch); its modes, ``requires_grad`` flags and
+    hooks are as before when this returns.
     """
     check_method(method, layer)
     if method in CAM_METHODS:
