@@ -100,6 +100,7 @@ def test_health_model_docs_and_page(client, classifier):
     assert "Research use only" in model["note"]
     assert model["limits"]["max_file_bytes"] == 200_000 and model["limits"]["max_files"] == 4
     assert set(model["explain_methods"]) >= {"gradcam"} and model["default_explain_method"] in model["explain_methods"]
+    assert model["explain_method_labels"]["gradcam"] == "Grad-CAM"
 
     schema = client.get("/openapi.json")
     assert schema.status_code == 200

@@ -142,14 +142,16 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(overlay).to_be_visible(timeout=30_000)
             expect(toggle).to_have_attribute("aria-pressed", "true")
             assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0
-            assert "Grad-CAM" in overlay.get_attribute("alt")
+            default = model["default_explain_method"]
+            labels = model["explain_method_labels"]
+            assert labels[default] in overlay.get_attribute("alt")
             expect(card.get_by_test_id("slice-image")).to_be_visible()
             slice_box = card.get_by_test_id("slice-image").bounding_box()
             overlay_box = overlay.bounding_box()
             assert overlay_box["x"] >= slice_box["x"] + slice_box["width"] - 1  # side by side
             expect(card.locator(".colour-bar")).to_be_visible()
             label = answers[slice_path.name]["predicted_class"]
-            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"Grad-CAM for {label}")
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"{labels[default]} for {label}")
             card.get_by_test_id("gradcam-opacity").fill("80")
             assert overlay.evaluate("img => getComputedStyle(img).opacity") == "0.8"
             toggle.click()
@@ -159,9 +161,11 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(overlay).to_be_visible()
             assert sum("explain=1" in url for url in requested) == 1
             # Another method: fetched once, named in the caption.
-            card.get_by_test_id("explain-method").select_option("gradcampp")
-            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"Grad-CAM++ for {label}", timeout=30_000)
-            assert sum("method=gradcampp" in url for url in requested) == 1
+            other = "gradcam" if default != "gradcam" else "gradcampp"
+            card.get_by_test_id("explain-method").select_option(other)
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"{labels[other]} for {label}",
+                                                                            timeout=30_000)
+            assert sum(f"method={other}&" in url or url.endswith(f"method={other}") for url in requested) == 1
 
             # A photo is not a brain MRI slice: a plain card with no class and no class bars; the probabilities
             # only behind "show anyway", and even then no class is named as the answer.

@@ -13,9 +13,7 @@
     methods: ["gradcam"], defaultMethod: "gradcam" };
   const PARALLEL_UPLOADS = 2;
   const NOT_RECOGNISED = "Not recognised as a brain MRI slice";
-  const METHOD_LABELS = { gradcam: "Grad-CAM", gradcampp: "Grad-CAM++", hirescam: "HiResCAM", layercam: "LayerCAM",
-    occlusion: "Occlusion", "integrated-gradients": "Integrated gradients" };
-  const methodLabel = (name) => METHOD_LABELS[name] || name;
+  const methodLabel = (name) => (state.model && state.model.explain_method_labels || {})[name] || name;
 
   const $ = (selector, root = document) => root.querySelector(selector);
 
