@@ -564,6 +564,9 @@ def write_mean_maps(boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Pat
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
     for row, by_class in rows.items():
         for c, mean in by_class.items():
+            if not mean.sum() > 0:
+                print(f"{row} {c}: every map is zero (no centroid)")
+                continue
             cy, cx = np.array(np.nonzero(np.ones_like(mean))).reshape(2, -1) / size
             weights = mean.ravel() / mean.sum()
             print(f"{row} {c}: mean-map centroid x {100 * (weights * cx).sum() + 50 / size:.1f} % "

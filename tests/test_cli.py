@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,12 +143,35 @@ def test_explain_writes_overlays(trained_run, phantom_dir, tmp_path, capsys):
     assert (tmp_path / "cam").is_dir() and any((tmp_path / "cam").iterdir())
 
 
+@pytest.mark.parametrize("method, layer", [("gradcam", "layer3"), ("layercam", None), ("occlusion", None)])
+def test_explain_method_and_layer_flags(tiny_checkpoint, phantom_dir, tmp_path, capsys, method, layer):
+    image = phantom_dir / "glioma" / "glioma_0001.png"
+    flags = ["--method", method] + (["--layer", layer] if layer else [])
+    code, out, err = run(["explain", tiny_checkpoint, image, "--out", tmp_path / "cam", *flags], capsys)
+    [written] = out.strip().splitlines()
+    assert code == 0 and Path(written).name.startswith(f"glioma_0001_{method}_") and Path(written).is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "smoothgrad"], "unknown explanation method 'smoothgrad'"),
+    (["--method", "occlusion", "--layer", "layer3"], "--layer applies to the CAM methods"),
+    (["--layer", "layer9"], "layer9"),
+])
+def test_explain_bad_method_or_layer_is_one_line(tiny_checkpoint, phantom_dir, tmp_path, capsys, flags, message):
+    code, out, err = run(["explain", tiny_checkpoint, phantom_dir / "glioma" / "glioma_0001.png",
+                          "--out", tmp_path / "cam", *flags], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "cam").exists()  # a failed explain leaves nothing behind
+
+
 def test_audit_and_fail_on_leak(phantom_dir, tmp_path, capsys):
     code, out, _ = run(["audit", phantom_dir, "--out", tmp_path / "a"], capsys)
     assert code == 0 and (tmp_path / "a" / "audit.md").is_file() and (tmp_path / "a" / "audit.json").is_file()
     code, _, err = run(["audit", phantom_dir, "--against", phantom_dir, "--out", tmp_path / "b",
                         "--fail-on-leak"], capsys)
-    assert code == 1 and "duplicate training images" in err
+    # The audited set first: its images that duplicate one of --against (here the same folder: all of them).
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: leak: 24 image(s) of {phantom_dir} duplicate images of {phantom_dir} (24 of ")
 
 
 def test_make_phantoms(tmp_path, capsys):

@@ -191,3 +191,61 @@ def test_deletion_and_insertion_reward_the_map_that_names_the_evidence():
     deletion_wrong, insertion_wrong = loc.faithfulness(CornerModel(), batch, wrong, [1], steps=4)
     assert deletion_right[0] < deletion_wrong[0] and insertion_right[0] > insertion_wrong[0]
     assert 0 < deletion_right[0] < 1 and 0 < insertion_right[0] < 1
+
+
+def test_peak_regions_and_maskings_on_a_phantom():
+    import torch
+
+    from braintumor.synthetic.phantom import make_phantom
+
+    image, mask = make_phantom("meningioma", 64, 3, return_mask=True)
+    head = loc.head_mask(image.astype(np.float32))
+    assert head[32, 32] and not head[0, 0] and 0.3 < head.mean() < 0.95
+    ys, xs = np.nonzero(mask)
+    lesion = box(xs.min() / 64, ys.min() / 64, (xs.max() + 1) / 64, (ys.max() + 1) / 64)
+    heat = np.zeros((64, 64), np.float32)
+    heat[ys[0], xs[0]] = 1.0
+    assert loc.peak_region(heat, head, lesion) == "box"
+    heat[:] = 0
+    heat[1, 1] = 1.0
+    assert loc.peak_region(heat, head, lesion) == "background" and loc.in_margin(heat)
+    assert loc.peak_region(np.zeros((64, 64), np.float32), head, lesion) == "none"
+    batch = torch.from_numpy(image.astype(np.float32) / 255.0)[None, None].repeat(1, 3, 1, 1)
+    heads = head[None]
+    assert torch.equal(loc.masked(batch, heads, [lesion], "original"), batch)
+    no_background = loc.masked(batch, heads, [lesion], "no-background")
+    assert torch.equal(no_background[0, :, head], batch[0, :, head])
+    assert (no_background[0, :, ~head] == batch.min()).all()
+    inside = torch.from_numpy(loc.box_mask(lesion, 64, loc.GROW))
+    only = loc.masked(batch, heads, [lesion], "tumour-only")
+    assert torch.equal(only[0, :, inside], batch[0, :, inside]) and (only[0, :, ~inside] == batch.min()).all()
+    removed = loc.masked(batch, heads, [lesion], "no-tumour")[0, 0]
+    assert removed[inside].std() == 0 and torch.equal(removed[~inside], batch[0, 0][~inside])
+
+
+def test_diagnose_montage_and_mean_maps_from_saved_maps(tmp_path, tiny_checkpoint, capsys):
+    from braintumor.synthetic.phantom import make_phantom
+
+    rows = []
+    for k, label in enumerate(("glioma", "meningioma", "pituitary")):
+        image, mask = make_phantom(label, 64, 50 + k, return_mask=True)
+        (tmp_path / label).mkdir()
+        Image.fromarray(image).save(tmp_path / label / f"s{k}.png")
+        ys, xs = np.nonzero(mask)
+        x0, x1, y0, y1 = xs.min() / 64, (xs.max() + 1) / 64, ys.min() / 64, (ys.max() + 1) / 64
+        rows.append(f"{label}/s{k}.png,{label},{(x0 + x1) / 2},{(y0 + y1) / 2},{x1 - x0},{y1 - y0}")
+    csv_path = write_csv(tmp_path / "boxes.csv", rows)
+    common = [str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "--layers", "layer4",
+              "--image-size", "32"]
+    assert loc.main(common + ["--save-maps", str(tmp_path / "maps.npz")]) == 0
+    capsys.readouterr()
+    assert loc.main(common + ["--diagnose", str(tmp_path / "maps.npz"), "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["masking"]) == set(loc.MASKINGS) and result["slices"] == 3
+    assert sum(result["peaks"]["gradcam@layer4"][k] for k in ("box", "brain", "rim", "background", "none")) == \
+        pytest.approx(1.0)
+    for flag in ("--montage", "--mean-maps"):
+        out = tmp_path / f"{flag[2:]}.png"
+        assert loc.main(common + ["--diagnose", str(tmp_path / "maps.npz"), flag, str(out)]) == 0
+        with Image.open(out) as picture:
+            assert picture.mode == "RGB" and min(picture.size) > 200

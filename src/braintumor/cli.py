@@ -403,7 +403,7 @@ def cmd_explain(args) -> int:
                         f"{classifier.backend} export")
     note_cpu_only(classifier.backend, args.device)
     found = discover_inputs(args.images)
-    options = {"method": args.method} if args.method else {}
+    options = {"method": args.method, "layer": args.layer}
     with staged_output_dir(args.out, "gradcam", overwrite=args.overwrite) as staged:  # all or nothing
         out = staged.path
         written = write_explanations(classifier, found.images, out, target=args.target, **options) \
@@ -413,7 +413,7 @@ def cmd_explain(args) -> int:
             result = predict_volume(classifier, volume, rule)
             print(one_line(f"{result.source}: volume verdict {result.verdict or 'NOT RECOGNISED'} (status "
                            f"{result.status}; {result.evidence})"), file=sys.stderr)
-            written.extend(write_volume_outputs(classifier, volume, result, out))
+            written.extend(write_volume_outputs(classifier, volume, result, out, **options))
     for path in written:
         print(staged.final(path))
     return 0
@@ -530,8 +530,10 @@ def _explain_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", metavar="PATH", help="images, folders or volumes, as for predict")
     p.add_argument("--class", dest="target", help="class to explain (default: the predicted class)")
-    p.add_argument("--method", default=None, help="explanation method, e.g. gradcam, occlusion or "
-                   "integrated-gradients (default: gradcam; a wrong name lists them all)")
+    p.add_argument("--method", default=None, help="explanation method: gradcampp, gradcam, hirescam, layercam, "
+                   "occlusion or integrated-gradients (default: gradcampp, the best of the localisation benchmark)")
+    p.add_argument("--layer", default=None, help="the block a CAM method reads, e.g. layer2, layer3, layer4 (default: "
+                   "the method's own: layer4 for gradcam, layer3 for the others)")
     _out_flags(p, "gradcam")
     _volume_flags(p)
     _compute_flags(p)

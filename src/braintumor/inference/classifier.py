@@ -162,7 +162,7 @@ class Classifier:
         """Explanation for one input (an Explanation) or a list (a list, same order): the heat map of ``target``
         (a class name; None: each image's predicted class) by ``method`` (None: the default), with the
         calibrated probabilities and ``explanation.prediction`` (status included); ``layer`` for the CAM methods
-        (None: the last block). Needs the PyTorch backend."""
+        (None: the method's default, ``visualize.explain.DEFAULT_LAYERS``). Needs the PyTorch backend."""
         single = _is_single(x)
         items = [x] if single else list(x)
         results = service.explain_items(self, items, target=target, method=method, layer=layer,

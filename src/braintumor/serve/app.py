@@ -394,7 +394,9 @@ class Analyzer:
             chosen = options.target if options.target is not None else explained_class(outcome)
             result["explanation"] = self.explanation(shown, key.source, chosen, options)
             with self._explaining():
-                details["montage_png_base64"] = png_base64(montage_image(self.classifier, volume, outcome))
+                details["montage_png_base64"] = png_base64(montage_image(self.classifier, volume, outcome,
+                                                                           method=options.method,
+                                                                           layer=options.layer))
         return result
 
     @contextmanager
@@ -412,7 +414,10 @@ class Analyzer:
         size = preview_size(image)
         overlay = explained.overlay().resize(size, Image.Resampling.BILINEAR)
         heatmap = explained.overlay(alpha=1.0).resize(size, Image.Resampling.BILINEAR)
-        return {"method": explained.method, "layer": options.layer, "target": explained.target,
+        from braintumor.visualize.explain import DEFAULT_LAYERS
+
+        layer = options.layer or DEFAULT_LAYERS.get(explained.method)  # None: a method without layers
+        return {"method": explained.method, "layer": layer, "target": explained.target,
                 "overlay_png_base64": png_base64(overlay), "heatmap_png_base64": png_base64(heatmap)}
 
 
@@ -474,7 +479,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
         explain: bool = Query(False, description="add an explanation (overlay and heat-map PNGs) per file"),
         method: str | None = Query(None, description=f"explanation method: {', '.join(methods)} "
                                                      f"(default {default_method})"),
-        layer: str | None = Query(None, description="the layer a CAM method reads (default: the last block)"),
+        layer: str | None = Query(None, description="the layer a CAM method reads, e.g. layer3 (default: the method's own, visualize.explain.DEFAULT_LAYERS)"),
         preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
         target: str | None = Query(None, description="class explained (default: the predicted one)"),
     ) -> dict:

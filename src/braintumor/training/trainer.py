@@ -462,10 +462,11 @@ def train(cfg: TrainConfig, *, model_factory: ModelFactory = build_model) -> Run
         try:
             if (run_dir / "last.pt").exists():
                 raise UserError(f"{run_dir} already holds a run (last.pt); use --resume {run_dir} or another --out")
-            for warning in config_warnings(cfg):
-                log.warning(warning)
             runstate.remove_stale_temp_files(run_dir)
-            return _fit(Trainer(cfg, run_dir, model_factory=model_factory))
+            trainer = Trainer(cfg, run_dir, model_factory=model_factory)
+            for warning in config_warnings(cfg):  # after the data checks: a user error stays one line
+                log.warning(warning)
+            return _fit(trainer)
         except BaseException:
             if created and not (run_dir / "last.pt").exists():  # a run that wrote no epoch leaves nothing behind
                 shutil.rmtree(run_dir, ignore_errors=True)
