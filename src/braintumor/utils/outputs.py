@@ -33,24 +33,13 @@ def _listing(folder: Path, limit: int = 3) -> str:
 def prepare_output_dir(out: str | os.PathLike | None, default_parent: str | os.PathLike, *,
                        overwrite: bool = False, now: datetime | None = None) -> Path:
     """The folder to write into, created; see the module docstring for the rules."""
-    if out is None:
-        stamp = f"{(now or datetime.now()):%Y%m%d-%H%M%S}"
-        parent = Path(default_parent)
-        folder, counter = parent / stamp, 1
-        while folder.exists():
-            counter += 1
-            folder = parent / f"{stamp}-{counter}"
-        folder.mkdir(parents=True)
-        return folder
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} is a file, not a folder; choose another --out")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"output folder {folder} already holds files ({_listing(folder)}); pass --overwrite to "
-                        "write into it anyway, or choose another --out (without --out a new time-stamped "
-                        "folder is made)")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    folder = _target(out, default_parent, overwrite, now)
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=out is not None)
+            return folder
+        except FileExistsError:  # another run took the time-stamped name meanwhile
+            folder = _free_name(folder)
 
 
 class StagedFolder:
