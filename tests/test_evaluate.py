@@ -35,6 +35,7 @@ def test_full_and_leak_free_metrics_side_by_side(tiny_checkpoint, phantom_dir, p
     assert report["subsets"]["leak_free_subset"]["n"] == 8
     markdown = (tmp_path / "report.md").read_text()
     assert "| Metric | full set | leak-free subset |" in markdown
+    assert "- Trust tiers: none (the model has no fitted trust scores" in markdown  # an untrained tiny checkpoint
 
 
 @pytest.mark.slow
@@ -162,3 +163,7 @@ def test_predictions_csv_carries_the_status_and_metrics_count_it_per_status_and_
     assert set(trust["flag_rate_by_class"]["glioma"]) == {"atypical", "not_mri", "uncertain"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "slices_per_status" in report["extra"] and report["trust"]["statuses"] == trust["statuses"]
+    summary = (tmp_path / "out" / "report.md").read_text().split("## Per class")[0]
+    counts = trust["statuses"]
+    assert (f"- Status of the slices: ok {counts['ok']} ({counts['ok'] / 10:.1%}), atypical {counts['atypical']} "
+            f"({counts['atypical'] / 10:.1%}), not_mri {counts['not_mri']} ({counts['not_mri'] / 10:.1%})") in summary

@@ -313,6 +313,9 @@ def test_volume_verdict_is_data_in_json_and_a_stderr_line_otherwise(context, cap
     code, out, err = run_cli(["predict", context["checkpoint"], context["nifti"], "--json", "--device", "cpu"], capsys)
     (record,) = json.loads(out)
     assert {"verdict", "status", "rule", "evidence", "slices"} <= set(record) and "volume verdict" not in err
+    code, out, err = run_cli(["predict", context["checkpoint"], context["nifti"], "--device", "cpu"], capsys)
+    [header, row] = out.splitlines()  # the table: one row for the volume, labelled as its key slice's numbers
+    assert code == 0 and row.startswith(str(context["nifti"])) and "of its key slice" in err
 
 
 def test_a_file_given_twice_is_predicted_once(context, capsys):

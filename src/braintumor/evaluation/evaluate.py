@@ -125,11 +125,6 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
     tiers = tuple(classifier.trust_tiers)
     trust = trust_metrics(predictions, classes)
     metrics["trust"] = {"tiers": list(tiers), **trust}
-    metrics["ood"] = {"detector": bool(tiers)}  # the report's summary line: slices flagged by either tier
-    if tiers:
-        flagged = trust["statuses"][NOT_MRI] + trust["statuses"][ATYPICAL]
-        metrics["ood"].update(n_flagged=int(flagged), fraction_flagged=flagged / max(len(predictions), 1),
-                              accept_rate=classifier.trust.get("accept_rate", 0.95))
     extra = {"checkpoint": f"{classifier.source_path} (sha256 {classifier.fingerprint})", **(extra or {}),
              **_trust_lines(trust, tiers, len(predictions))}
     subsets = None

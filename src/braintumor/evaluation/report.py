@@ -66,14 +66,25 @@ _SUBSET_ROWS = (("Images (n)", lambda m: m["n"]), ("Accuracy", lambda m: _fmt(m[
                 ("Macro ROC-AUC", lambda m: _fmt(m["roc_auc_macro"])))
 
 
-def _ood_lines(m: dict) -> list[str]:
-    ood = m.get("ood")
-    if not ood:
+def _status_counts(m: dict) -> str | None:
+    """"ok 94 (94.0%), atypical 6 (6.0%), ..." from the trust metrics, or None for a model without trust tiers."""
+    trust = m.get("trust") or {}
+    if not trust.get("tiers"):
+        return None
+    n = max(m["n"], 1)
+    return ", ".join(f"{status} {count} ({count / n:.1%})" for status, count in trust["statuses"].items())
+
+
+def _trust_lines(m: dict) -> list[str]:
+    if "trust" not in m:
         return []
-    if not ood.get("detector"):
-        return ["- Out-of-distribution check: none (the model has no fitted detector; see `braintumor calibrate`)"]
-    return [f"- Flagged out of distribution: {ood['n_flagged']} of {m['n']} ({ood['fraction_flagged']:.1%}); the "
-            f"detector's threshold accepts {ood.get('accept_rate', 0.95):.0%} of validation slices"]
+    counts = _status_counts(m)
+    if counts is None:
+        return ["- Trust tiers: none (the model has no fitted trust scores; see `braintumor calibrate`)"]
+    accuracy = m["trust"]["accuracy_by_status"]
+    shown = [f"{status} {_fmt(value)}" for status, value in accuracy.items() if value is not None]
+    return [f"- Status of the slices: {counts}; accuracy by status: {', '.join(shown)} (rates per class below, "
+            "under Notes)"]
 
 
 def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliability: bool,
@@ -86,7 +97,7 @@ def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliabi
              f"- Accuracy: {_fmt(m['accuracy'])} (95 % CI {_fmt(m['accuracy_ci95'])}, exact Clopper–Pearson)",
              f"- Macro-F1: {_fmt(m['macro_f1'])} (95 % CI {_fmt(m['macro_f1_ci95'])}, bootstrap)",
              f"- Expected calibration error: {_fmt(m['ece'])}{calibration}",
-             f"- Macro ROC-AUC (one-vs-rest): {_fmt(m['roc_auc_macro'])}", *_ood_lines(m), "",
+             f"- Macro ROC-AUC (one-vs-rest): {_fmt(m['roc_auc_macro'])}", *_trust_lines(m), "",
              "Confidence intervals: accuracy, an exact Clopper–Pearson binomial interval; macro-F1, a percentile "
              f"bootstrap over images ({boot.get('n_resamples', 0)} resamples, seed {boot.get('seed')}). "
              "ECE: top-label, equal-width confidence bins.", ""]
@@ -168,9 +179,6 @@ def format_table(metrics: dict) -> str:
               for label in ("macro", "weighted")]
     before = f" (before temperature scaling {_fmt(m['ece_uncalibrated'])})" if m.get("ece_uncalibrated") else ""
     lines.append(f"ECE {_fmt(m['ece'])}{before}   macro ROC-AUC {_fmt(m['roc_auc_macro'])}")
-    ood = m.get("ood") or {}
-    if ood.get("detector"):
-        lines.append(f"out of distribution: {ood['n_flagged']} of {m['n']} ({ood['fraction_flagged']:.1%})")
     return "\n".join(lines)
 
 

@@ -74,6 +74,7 @@ class PredictionWriter:
         self.min_confidence = min_confidence
         self.count = 0
         self.statuses: set[str] = set()
+        self.volumes = 0
         self._records: list[dict] = []
         if fmt == "csv":
             self._csv = csv_writer(out)
@@ -108,6 +109,7 @@ class PredictionWriter:
         """One volume (a VolumeResult): its slices (CSV), one object (JSON), or one verdict row (table)."""
         summary = result.summary()
         self.statuses.add(summary.status)
+        self.volumes += 1
         if self.fmt == "csv":
             for p in summary.slices:
                 self._csv.writerow(csv_row(p, self.classes))
@@ -134,6 +136,9 @@ class PredictionWriter:
             lines.append(f"uncertain: highest probability below --min-confidence {self.min_confidence:g}")
         if ATYPICAL in self.statuses:
             lines.append("atypical: a brain MRI slice unlike the training data; its class is less reliable")
+        if self.volumes:
+            lines.append("a volume's row: its verdict and status, with the probabilities and scores of its key slice "
+                         "(the most suspicious one), not of the volume")
         return lines
 
     def close(self) -> None:
