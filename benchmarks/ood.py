@@ -98,7 +98,7 @@ def cached(cache: Path | None, name: str, compute) -> dict[str, np.ndarray]:
 
 def as_arrays(features: fitting.Features, **extra) -> dict[str, np.ndarray]:
     return {"pooled": features.pooled, "statistics": features.statistics, "logits": features.logits,
-            "colour": features.colour, **extra}
+            "colour": features.colour, "blank": features.blank, **extra}
 
 
 def collect(args, checkpoint: Path, split, cache: Path | None) -> dict[str, dict[str, np.ndarray]]:
@@ -155,7 +155,7 @@ def gaussian_distance(train: np.ndarray, start: int, stop: int):
 
 def stored_not_mri(state):
     tier = trust_head_from_state(state).not_mri
-    return lambda d: fitting.score_not_mri(tier, d["statistics"], d["colour"])
+    return lambda d: fitting.score_not_mri(tier, d["statistics"], d["colour"], d.get("blank"))
 
 
 def stored_atypical(state):
@@ -302,7 +302,8 @@ def markdown(results: dict, classes) -> str:
         lines.append(f"| {name} | {per_class} | {row['auroc_mri_wrong']:.4f} | {row['mri_wrong_flagged']:.1%} | "
                      f"{row['negatives_flagged']:.1%} |")
     lines += ["", "Stored atypical rule, out of sample (thresholds from one half of the validation split, rates on "
-              "the other, averaged): " + ", ".join(f"{c} {r:.2%}" for c, r in results["atypical_cross_fitted"].items())]
+              "the other, averaged): " + ", ".join(f"{c} {r:.2%}" if np.isfinite(r) else f"{c} -"
+                                              for c, r in results["atypical_cross_fitted"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -365,7 +366,9 @@ def main(argv=None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from braintumor.inference.results import json_safe
+
+        Path(args.json).write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")  # nan: null
     return 0
 
 

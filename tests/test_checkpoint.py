@@ -200,4 +200,5 @@ def test_the_shipped_reference_model_reads_as_a_spec():
     loaded = spec_of(load_checkpoint("reference"), REFERENCE_MODEL)
     assert loaded.arch == "resnet18" and loaded.classes == ("glioma", "meningioma", "notumor", "pituitary")
     # stored without TTA (MODEL_CARD.md: mirror TTA did not improve its validation accuracy)
-    assert loaded.tta is False and loaded.ood_state is not None and loaded.temperature != 1.0
+    assert loaded.tta is False and loaded.temperature != 1.0
+    assert {"not_mri", "atypical"} <= set(loaded.trust) and loaded.ood_state is None  # two tiers, no legacy entry

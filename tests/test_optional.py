@@ -41,6 +41,7 @@ def test_volumes_without_nibabel(monkeypatch, tmp_path):
     from braintumor.data.volumes import read_volume
 
     monkeypatch.setitem(sys.modules, "nibabel", None)
+    (tmp_path / "scan.nii.gz").write_bytes(b"\x1f\x8b" + bytes(100))  # exists: reading it needs nibabel
     with pytest.raises(MissingExtra, match=r"pip install 'braintumor\[volumes\]'"):
         read_volume(tmp_path / "scan.nii.gz")
 

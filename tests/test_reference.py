@@ -20,7 +20,9 @@ CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
 
 
 def test_file_is_small_and_its_checksum_is_the_model_cards():
-    assert REFERENCE_MODEL.is_file() and REFERENCE_MODEL.stat().st_size <= 25 * 10**6
+    # 22.9 MB of float16 weights and 6.6 MB of float32 trust statistics (the not-MRI tier's per-stage whitening
+    # matrices, 128² … 1024², and the atypical tier's 512²): the wheel and every clone carry it.
+    assert REFERENCE_MODEL.is_file() and REFERENCE_MODEL.stat().st_size <= 30 * 10**6
     quoted = re.search(r"SHA-256[^`]*`([0-9a-f]{64})`", CARD.read_text())
     assert quoted, "MODEL_CARD.md must quote the file's SHA-256"
     assert hashlib.sha256(REFERENCE_MODEL.read_bytes()).hexdigest() == quoted.group(1)

@@ -200,6 +200,29 @@ def test_a_training_into_a_folder_another_process_holds_exits_2_naming_its_pid(p
             resume(run)
 
 
+def test_the_lock_file_goes_with_its_owner_and_a_lock_on_a_removed_file_does_not_count(tmp_path):
+    import os
+
+    from braintumor.utils.locking import _names, exclusive_folder
+
+    run = tmp_path / "run"
+    with exclusive_folder(run, "test"):
+        assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+    assert run.is_dir() and not (run / ".lock").exists()  # nothing left behind
+    # A process that opened the lock file just before its owner removed it holds a file the path no longer names
+    # (a newcomer creates a new one): it must not count as the owner.
+    (run / ".lock").write_text("")
+    fd = os.open(run / ".lock", os.O_RDWR)
+    try:
+        assert _names(run / ".lock", fd)
+        os.unlink(run / ".lock")
+        assert not _names(run / ".lock", fd)
+        (run / ".lock").write_text("")
+        assert not _names(run / ".lock", fd)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.slow
 def test_two_trainings_into_one_folder_at_once_one_wins_and_the_folder_is_its(phantom_dir, tmp_path):
     import subprocess

@@ -260,15 +260,26 @@ def test_calibrate_out_writes_a_two_tier_copy_and_leaves_the_source(tiny_checkpo
     assert main(["calibrate", str(source), "--data", str(phantom_dir), "--out", str(out)]) == 2  # exists now
 
 
-@pytest.mark.slow
-def test_the_ood_benchmark_runs_on_a_smoke_model(capsys):
-    import importlib.util
-    from pathlib import Path
+def test_a_flat_image_of_any_value_is_blank_and_a_slice_is_not():
+    """The pixel check every not-MRI tier with a colour check applies: fewer than BLANK_LEVELS 8-bit levels."""
+    import torch
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"
-    spec = importlib.util.spec_from_file_location("ood_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--smoke"]) == 0
-    table = capsys.readouterr().out
-    assert "stored: per-stage Gaussians (max) + colour" in table and "Mahalanobis to predicted class" in table
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from braintumor.synthetic.phantom import make_phantom
+    from braintumor.trust.ood import BLANK_LEVELS, ColourCheck, blankness
+
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+
+    def normalized(pixels: np.ndarray) -> torch.Tensor:  # (H, W) 8-bit gray -> (1, 3, H, W) as preprocessing does
+        image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None].repeat(3, 1, 1)
+        return ((image - mean[:, None, None]) / std[:, None, None])[None]
+
+    flat = [np.full((32, 32), value, np.uint8) for value in (0, 128, 255)]
+    faint = np.zeros((32, 32), np.uint8)
+    faint[::2] = 3  # 3 levels: still blank
+    slice_ = make_phantom("glioma", 32, 1)
+    scores = [float(blankness(normalized(p), mean, std)) for p in (*flat, faint, slice_)]
+    assert all(score > 1 for score in scores[:4]) and scores[4] < 0.05
+    assert scores[3] == pytest.approx(BLANK_LEVELS / 3, rel=1e-3)
+    check = ColourCheck(mean, std, threshold=8.0)  # gray: the colour part stays 0, the blank part decides
+    assert float(check(normalized(flat[1]))) > 1 and float(check(normalized(slice_))) < 1

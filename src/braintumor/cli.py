@@ -572,8 +572,8 @@ def _audit_parser(p: argparse.ArgumentParser) -> None:
 def _calibrate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt checkpoint or run folder (its best.pt); rewritten in place unless "
                    "--out is given; `reference` and any model inside the installed package need --out")
-    p.add_argument("--out", metavar="NEW.pt", help="write the refitted checkpoint here instead (a new file; an "
-                   "existing one needs --overwrite)")
+    p.add_argument("--out", metavar="NEW.pt", help="write the refitted checkpoint to this new file (an existing one "
+                   "needs --overwrite) (default: rewrite CHECKPOINT in place; required for reference)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     p.add_argument("--data", help="training folder (default: the one stored in the checkpoint's config)")
     p.add_argument("--val", help="separate validation folder (default: the run's own split of --data)")
@@ -616,8 +616,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-file-mb", type=bounded(int, 1, 1024), default=20, help="largest upload, in MiB")
     p.add_argument("--max-files", type=bounded(int, 1, 1024), default=16, help="most files in one request")
     p.add_argument("--memory-budget-mb", type=bounded(int, 64, 1 << 20), default=None, metavar="MB",
-                   help="memory for uploads and decoding in flight, all requests together (default 1024); "
-                        "requests beyond it get 503 with Retry-After")
+                   help="memory for uploads and decoding in flight, all requests together; requests beyond it "
+                        "get 503 with Retry-After (default: 1024)")
     _compute_flags(p)
     p.add_argument("--backend", default="torch", help="torch (needed for Grad-CAM) or onnx")
     p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
@@ -637,7 +637,8 @@ COMMANDS = {  # name -> (help, the function that adds its arguments)
     "explain": ("Grad-CAM panels for images; per-slice results and a montage for volumes", _explain_parser),
     "export": ("export a checkpoint to ONNX or TorchScript", _export_parser),
     "audit": ("find unreadable files, duplicates and train/test leakage", _audit_parser),
-    "calibrate": ("fit the OOD detector and temperature into a trained checkpoint", _calibrate_parser),
+    "calibrate": ("refit the trust tiers (not_mri, atypical) and the temperature of a trained checkpoint",
+                  _calibrate_parser),
     "make-phantoms": ("write a synthetic phantom data set (PNG folders) or volumes", _make_phantoms_parser),
     "demo": ("phantom data → train a small model on the CPU → report", _demo_parser),
     "serve": ("web page and JSON API for predictions", _serve_parser),

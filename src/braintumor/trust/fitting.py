@@ -39,7 +39,7 @@ from braintumor.evaluation.metrics import expected_calibration_error
 from braintumor.models.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from braintumor.trust import negatives
 from braintumor.trust.ood import (ATYPICAL, ATYPICAL_RATE, LAYERS, NOT_MRI, NOT_MRI_RATE, AtypicalTier,
-                                  ColourCheck, GaussianBlock, NotMriTier, backbone_features, colourfulness,
+                                  ColourCheck, GaussianBlock, NotMriTier, backbone_features, blankness, colourfulness,
                                   fit_mahalanobis,
                                   acceptance_threshold, mondrian_thresholds, trust_tiers, whiten)
 from braintumor.trust.temperature import fit_temperature, softmax, temperature_at_bound
@@ -63,6 +63,7 @@ class Features:
     statistics: np.ndarray
     logits: np.ndarray
     colour: np.ndarray | None = None  # colourfulness of the input (8-bit levels)
+    blank: np.ndarray | None = None  # blankness of the input (trust.ood.blankness: above 1 when blank)
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -112,7 +113,7 @@ def extract_features(model: nn.Module, preprocess: Callable, images: Sequence, *
     else:
         batches = (torch.stack([preprocess(image) for image in images[start:start + batch_size]])
                    for start in range(0, len(images), batch_size))
-    pooled, statistics, logits, colour = [], [], [], []
+    pooled, statistics, logits, colour, blank = [], [], [], [], []
     for batch in batches:
         batch = batch.to(device)
         batch_pooled, batch_statistics = backbone_features(model, batch)
@@ -120,11 +121,13 @@ def extract_features(model: nn.Module, preprocess: Callable, images: Sequence, *
         statistics.append(batch_statistics.float().cpu().numpy())
         logits.append(model.fc(batch_pooled).float().cpu().numpy())
         if mean is not None and std is not None:
-            colour.append(colourfulness(batch, torch.tensor(mean, device=device), torch.tensor(std, device=device)).cpu().numpy())
+            mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+            colour.append(colourfulness(batch, mean_t, std_t).cpu().numpy())
+            blank.append(blankness(batch, mean_t, std_t).cpu().numpy())
     if not logits:
         raise ValueError("no images to extract features from")
     return Features(np.concatenate(pooled), np.concatenate(statistics), np.concatenate(logits),
-                    np.concatenate(colour) if colour else None)
+                    np.concatenate(colour) if colour else None, np.concatenate(blank) if blank else None)
 
 
 def logits_and_features(classifier, paths, batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +195,8 @@ def fit_atypical(train_pooled: np.ndarray, train_labels: Sequence[int], val_pool
 def fit_not_mri(train_statistics: np.ndarray, mri_statistics: np.ndarray, widths: Sequence[int], *,
                 negative_statistics: np.ndarray | None = None, rate: float = NOT_MRI_RATE,
                 margin: float = NOT_MRI_MARGIN, mri_colour: np.ndarray | None = None,
-                negative_colour: np.ndarray | None = None, mean=None, std=None) -> tuple[NotMriTier, dict[str, Any]]:
+                negative_colour: np.ndarray | None = None, negative_blank: np.ndarray | None = None, mean=None,
+                std=None) -> tuple[NotMriTier, dict[str, Any]]:
     """One Gaussian per stage's statistics (training slices); each stage's distance divided by its scale (the
     conformal (1 - rate) order statistic on ``mri_statistics``, real MRI not used for the Gaussians), the
     score the largest of them; the threshold ``margin`` times the conformal (1 - rate) order statistic of that
@@ -217,16 +221,21 @@ def fit_not_mri(train_statistics: np.ndarray, mri_statistics: np.ndarray, widths
     summary = {"rate": float(rate), "margin": float(margin), "mri_rate": float(np.mean(mri_scores / scale > 1.0)),
                "n_mri": int(len(mri_scores))}
     if negative_statistics is not None and len(negative_statistics):
-        summary["fit_negatives_flagged"] = float(np.mean(score_not_mri(tier, negative_statistics, negative_colour) > 1.0))
+        summary["fit_negatives_flagged"] = float(np.mean(score_not_mri(tier, negative_statistics, negative_colour,
+                                                                        negative_blank) > 1.0))
     return tier, summary
 
 
-def score_not_mri(tier: NotMriTier, statistics: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray:
-    """The tier's score from extracted statistics (and colourfulness): what the graph computes from the images."""
+def score_not_mri(tier: NotMriTier, statistics: np.ndarray, colour: np.ndarray | None = None,
+                  blank: np.ndarray | None = None) -> np.ndarray:
+    """The tier's score from extracted statistics (and the pixel checks: colourfulness, blankness): what the graph
+    computes from the images."""
     with torch.no_grad():
         score = tier(torch.from_numpy(np.asarray(statistics, dtype=np.float32))).numpy()
     if tier.colour is not None and colour is not None:
         score = np.maximum(score, np.asarray(colour, dtype=np.float32) / float(tier.colour.threshold))
+    if tier.colour is not None and blank is not None:
+        score = np.maximum(score, np.asarray(blank, dtype=np.float32))
     return score
 
 
@@ -262,15 +271,17 @@ def fit_trust_from_features(train: Features, train_labels: Sequence[int], val: F
     mri_colour = None if any(part.colour is None for part in parts) else np.concatenate([part.colour for part in parts])
     not_mri, not_mri_summary = fit_not_mri(
         train.statistics, mri, widths, negative_statistics=None if fit_negatives is None else fit_negatives.statistics,
-        negative_colour=None if fit_negatives is None else fit_negatives.colour, rate=not_mri_rate, margin=margin,
+        negative_colour=None if fit_negatives is None else fit_negatives.colour,
+        negative_blank=None if fit_negatives is None else fit_negatives.blank, rate=not_mri_rate, margin=margin,
         mri_colour=mri_colour, mean=mean, std=std)
-    val_not_mri = score_not_mri(not_mri, val.statistics, val.colour) > 1.0
+    val_not_mri = score_not_mri(not_mri, val.statistics, val.colour, val.blank) > 1.0
     not_mri_summary["val_rate"] = float(val_not_mri.mean())
     not_mri_summary["val_rate_by_class"] = {name: float(val_not_mri[val_labels == k].mean())
                                             if (val_labels == k).any() else float("nan")
                                             for k, name in enumerate(classes)}
     if variants is not None:
-        not_mri_summary["variant_rate"] = float(np.mean(score_not_mri(not_mri, variants.statistics, variants.colour) > 1.0))
+        not_mri_summary["variant_rate"] = float(np.mean(score_not_mri(not_mri, variants.statistics, variants.colour,
+                                                                    variants.blank) > 1.0))
     for note in notes:
         log.warning("warning: %s", note)
     return {

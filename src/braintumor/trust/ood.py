@@ -191,8 +191,22 @@ class GaussianBlock(nn.Module):
                 "whitening": self.whitening.cpu(), "threshold": float(self.threshold)}
 
 
+# An input whose pixel values span fewer 8-bit levels than this is blank, not a slice: no brain MR slice is one
+# flat value (its 8-bit conversion stretches the content over the levels). Fixed, not fitted.
+BLANK_LEVELS = 4.0
+
+
+def blankness(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """BLANK_LEVELS over the range of the un-normalized pixel values in 8-bit levels (B,): above 1 for an image
+    that spans fewer than BLANK_LEVELS levels (black, white, any flat colour), about 0.016 for a full-range slice."""
+    pixels = (images.float() * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)).flatten(1)
+    levels = (pixels.amax(dim=1) - pixels.amin(dim=1)) * 255.0
+    return BLANK_LEVELS / levels.clamp(min=1e-3)
+
+
 class ColourCheck(nn.Module):
-    """:func:`colourfulness` of the input over a threshold: brain MR slices are gray."""
+    """The pixel checks of the not-MRI tier: :func:`colourfulness` of the input over a threshold (brain MR slices
+    are gray) and :func:`blankness` (no slice is one flat value); the larger of the two."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, threshold: float):
         super().__init__()
@@ -201,7 +215,8 @@ class ColourCheck(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(threshold)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return colourfulness(images, self.mean, self.std) / self.threshold
+        return torch.maximum(colourfulness(images, self.mean, self.std) / self.threshold,
+                             blankness(images, self.mean, self.std))
 
     def state(self) -> dict[str, Any]:
         return {"mean": self.mean.cpu(), "std": self.std.cpu(), "threshold": float(self.threshold)}

@@ -24,24 +24,49 @@ LOCK_NAME = ".lock"
 def exclusive_folder(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
     """Own ``folder`` (created if needed) while the block runs: an exclusive ``flock`` on ``folder/.lock``, which
     holds the owner's PID. A second owner gets a one-line UserError naming that PID instead of waiting. The OS
-    drops the lock when the owner exits, however it ends (even by SIGKILL), so a stale lock file is harmless."""
+    drops the lock when the owner exits, however it ends (even by SIGKILL), so a stale lock file is harmless.
+
+    The owner removes the lock file before it lets go (a finished or failed command leaves no ``.lock`` behind).
+    Whoever locked a file that was removed meanwhile (it opened the old file just before the removal) finds that
+    the path no longer names its file and tries again, so there is never more than one owner."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield folder
         return
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{folder} is in use by another {what} ({_holder(fd)}); wait for it to end, or "
+            holder = _holder(fd)
+            os.close(fd)
+            raise UserError(f"{folder} is in use by another {what} ({holder}); wait for it to end, or "
                             "choose another --out") from None
+        if _names(path, fd):
+            break
+        os.close(fd)  # locked a file its owner had just removed: lock the one the path names now
+    try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield folder
     finally:
+        try:
+            os.unlink(path)  # while still holding the lock (see the docstring)
+        except FileNotFoundError:  # the block removed the folder (a failed run that wrote nothing)
+            pass
         os.close(fd)  # releases the lock
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the open file ``fd``."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _holder(fd: int) -> str:
