@@ -121,6 +121,7 @@ def test_a_checkpoint_command_names_an_export_it_was_given(exports, capsys):
     assert code == 2 and err.count("\n") == 1 and "is a TorchScript export, not a .pt checkpoint" in err
 
 
+@pytest.mark.slow
 def test_a_model_file_is_sniffed_once_per_load(tiny_checkpoint, exports, monkeypatch):
     from braintumor.models import formats
 

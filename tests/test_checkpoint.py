@@ -126,6 +126,7 @@ def test_model_spec_round_trips_and_validates():
         ModelSpec.from_dict({"arch": "resnet18", "classes": ["a", "b"], "mean": [0] * 3, "std": [1] * 3})
 
 
+@pytest.mark.slow
 def test_old_checkpoints_load_with_defaults_and_ema_weights(tmp_path):
     """A checkpoint of the first format (no tta, no trust; an EMA run keeps its average under "ema") still loads."""
     from braintumor.models.checkpoint import spec_of

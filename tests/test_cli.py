@@ -144,6 +144,7 @@ def test_explain_writes_overlays(trained_run, phantom_dir, tmp_path, capsys):
     assert (tmp_path / "cam").is_dir() and any((tmp_path / "cam").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, layer", [("gradcam", "layer3"), ("layercam", None), ("occlusion", None)])
 def test_explain_method_and_layer_flags(tiny_checkpoint, phantom_dir, tmp_path, capsys, method, layer):
     image = phantom_dir / "glioma" / "glioma_0001.png"
@@ -158,6 +159,7 @@ def test_explain_method_and_layer_flags(tiny_checkpoint, phantom_dir, tmp_path, 
     (["--method", "occlusion", "--layer", "layer3"], "--layer applies to the CAM methods"),
     (["--layer", "layer9"], "layer9"),
 ])
+@pytest.mark.slow
 def test_explain_bad_method_or_layer_is_one_line(tiny_checkpoint, phantom_dir, tmp_path, capsys, flags, message):
     code, out, err = run(["explain", tiny_checkpoint, phantom_dir / "glioma" / "glioma_0001.png",
                           "--out", tmp_path / "cam", *flags], capsys)

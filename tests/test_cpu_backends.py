@@ -131,6 +131,7 @@ def test_auto_skips_an_export_measured_slower_than_pytorch(tiny_checkpoint, tmp_
     assert resolve_auto_backend(checkpoint) == (export_file, "onnx")
 
 
+@pytest.mark.slow
 def test_export_writes_the_verdict_that_auto_reads(tmp_path, capsys):
     from braintumor.cli import main
 

@@ -98,6 +98,7 @@ def teacher_trained_on(folder, path, **config):
     return teacher
 
 
+@pytest.mark.slow
 def test_a_teacher_is_judged_by_content_on_a_copy_of_its_training_folder(phantom_dir, tmp_path):
     import shutil
 

@@ -127,6 +127,7 @@ def test_training_validation_and_evaluate_run_one_routine_on_identical_tensors(p
     assert report["metrics"]["accuracy"] == trainer.validate()["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_predictions_csv_carries_the_status_and_metrics_count_it_per_status_and_class(tmp_path):
     """A trusted model on phantoms and a photo-like image: predictions.csv in the results schema, status per row,
     metrics.trust counts them (accuracy per status, flag rate per class and tier); a file name with a line

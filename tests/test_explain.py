@@ -309,6 +309,7 @@ def lesion_box_hit(heatmap: np.ndarray, mask: np.ndarray) -> bool:
     return loc.pointing_hit(heatmap, box)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_points_at_the_only_evidence(lesion_classifier, method):
     """A model whose only evidence for "tumor" is the lesion: every method's maximum lies in the lesion's box."""

@@ -209,6 +209,7 @@ def statuses(logits: np.ndarray, scores: np.ndarray, temperature: float) -> list
     return [status_of(float(c), float(s[0]), float(s[1])) for c, s in zip(confidence, scores)]
 
 
+@pytest.mark.slow
 def test_exports_keep_the_temperature_and_both_tiers_with_equal_scores_and_statuses(trusted_files):
     from braintumor.inference.runtimes import open_model
 
@@ -255,6 +256,7 @@ def test_onnx_export_has_logits_and_trust_scores(trusted_files):
     assert trust["tiers"] == ["not_mri", "atypical"] and trust["temperature"] == pytest.approx(1.7)
 
 
+@pytest.mark.slow
 def test_legacy_one_tier_checkpoint_exports_its_atypical_tier(tmp_path):
     from braintumor.inference.runtimes import open_model
 

@@ -103,6 +103,7 @@ def test_the_data_layer_never_imports_training():
     assert not offenders
 
 
+@pytest.mark.slow
 def test_module_level_imports_have_no_cycle():
     graph: dict[str, set[str]] = {}
     for path in all_modules():

@@ -138,6 +138,7 @@ def test_balanced_limit_takes_classes_in_turn():
     assert loc.balanced(boxes, None) == boxes
 
 
+@pytest.mark.slow
 def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     from braintumor.synthetic.phantom import make_phantom
 
@@ -223,6 +224,7 @@ def test_peak_regions_and_maskings_on_a_phantom():
     assert removed[inside].std() == 0 and torch.equal(removed[~inside], batch[0, 0][~inside])
 
 
+@pytest.mark.slow
 def test_diagnose_montage_and_mean_maps_from_saved_maps(tmp_path, tiny_checkpoint, capsys):
     from braintumor.synthetic.phantom import make_phantom
 

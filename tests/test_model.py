@@ -54,6 +54,7 @@ def test_weights_from_a_torchvision_state_dict_file(tmp_path):
     assert model.fc[3].out_features == 4  # head replaced, not loaded
 
 
+@pytest.mark.slow
 def test_weights_file_errors(tmp_path):
     with pytest.raises(UserError, match="weights file not found"):
         build_model("resnet18", weights=str(tmp_path / "nope.pth"))

@@ -98,6 +98,7 @@ def test_bad_checkpoint_fields_are_one_line(checkpoint, image, tmp_path, capsys,
     assert_one_line(*run(["predict", bad, image], capsys), expected)
 
 
+@pytest.mark.slow
 def test_bad_trust_tensors_are_one_line(trusted, image, tmp_path, capsys):
     ckpt = load_checkpoint(trusted)
     atypical = ckpt["trust"]["atypical"]
@@ -117,6 +118,7 @@ def test_bad_trust_tensors_are_one_line(trusted, image, tmp_path, capsys):
         assert "refit" in err or "NaN" in err, name
 
 
+@pytest.mark.slow
 def test_nan_weights_are_refused_at_load(checkpoint, image, tmp_path, capsys):
     # The choice: refuse at load (a NaN weight makes every prediction NaN; no status would make it useful).
     ckpt = load_checkpoint(checkpoint)
@@ -325,6 +327,7 @@ def test_spec_from_metadata_is_the_model_spec_check():
 # ------------------------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_export_refuses_to_overwrite_without_the_flag(checkpoint, tmp_path, capsys):
     out = tmp_path / "model.ts"
     out.write_bytes(b"precious")
@@ -341,6 +344,7 @@ def test_export_refuses_to_overwrite_without_the_flag(checkpoint, tmp_path, caps
     assert not onnx_out.exists()
 
 
+@pytest.mark.slow
 def test_a_graph_that_allocates_by_batch_size_fails_in_one_line_within_the_arena(tmp_path):
     """Shape inference cannot size a tensor that grows with the batch: the capped ONNX Runtime arena stops it.
     In a subprocess, because the arena's cap is set once per process."""

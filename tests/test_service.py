@@ -244,6 +244,7 @@ def test_the_json_of_a_prediction_is_strict_json():
                           "atypical_score", "volume", "slice_index"]
 
 
+@pytest.mark.slow
 def test_predict_csv_on_a_name_that_is_not_utf8_under_a_strict_stdout(tmp_path):
     """Through the real CLI process: a UTF-8 stdout in strict mode must not crash on the name."""
     import subprocess

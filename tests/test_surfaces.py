@@ -334,6 +334,7 @@ def test_explain_on_an_export_is_one_stderr_line(context, capsys):
         assert not (context["root"] / f"cam-{model}").exists()
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(context):
     command = (f"{sys.executable} -m braintumor predict {context['checkpoint']} {context['data']} {context['nifti']} "
                f"--device cpu --batch-size 1 2>{context['root'] / 'pipe-err.txt'} | head -1")

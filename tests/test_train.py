@@ -272,6 +272,7 @@ def nan_in_validation_from(evaluation: int):
     return factory
 
 
+@pytest.mark.slow
 def test_a_non_finite_validation_loss_stops_the_run_keeping_the_last_finite_checkpoints(phantom_dir, tmp_path):
     cfg = tiny_config(phantom_dir, tmp_path / "run", epochs=3, max_steps_per_epoch=1)
     with pytest.raises(UserError) as raised:
@@ -334,6 +335,7 @@ def test_one_optimizer_table_gives_the_config_choices_and_the_trainer_optimizers
     assert len(inspect.getsource(Trainer.__init__).splitlines()) <= 15
 
 
+@pytest.mark.slow
 def test_a_tiny_run_from_random_weights_at_the_default_lr_says_so_on_stderr(phantom_dir, tmp_path, capsys):
     from braintumor.cli import main
 

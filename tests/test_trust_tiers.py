@@ -73,6 +73,7 @@ def two_tier(tiny_checkpoint, tmp_path_factory):
     return path, trust
 
 
+@pytest.mark.slow
 def test_fitting_reports_per_class_rates_and_flags_the_fit_negatives(two_tier):
     _, trust = two_tier
     assert trust_tiers(trust) == ("not_mri", "atypical")
