@@ -31,12 +31,12 @@ browser:
 
 # The whole suite in one pytest run (with its xdist workers); ends with pytest's own summary line and exit code.
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit tier: every test not marked slow (slow = trains a model, starts a process, server or browser, or
 # takes a second or more on 2 cores).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The documentation site (mkdocs.yml, docs/) into site/, offline; any warning (a broken link, a page missing from
 # the navigation) fails the build. Also checks the links of README.md and MODEL_CARD.md.

@@ -30,6 +30,20 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+# The test files with the most work (worker-seconds of a whole run on 2 cores, 2026-12-04) run first. pytest-xdist's
+# loadfile hands each worker one file, then the next file in collection order to whichever worker runs dry (with
+# --no-loadscope-reorder, which `make test` passes; by default xdist orders the files by their number of tests, and
+# the few long tests of test_distributed then ran last, on one worker, while the others idled). Longest first, the
+# short files fill the workers at the end.
+HEAVY_FIRST = ("test_bad_inputs.py", "test_train.py", "test_distributed.py", "test_cli.py", "test_crash_points.py",
+               "test_train_step.py", "test_benchmarks.py", "test_backends.py", "test_cpu_backends.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: position for position, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shipped_models_unchanged():
     """Nothing a test runs may rewrite a model shipped inside the package (issue 25: `calibrate reference` once did):
