@@ -138,20 +138,26 @@ def test_balanced_limit_takes_classes_in_turn():
     assert loc.balanced(boxes, None) == boxes
 
 
-@pytest.mark.slow
-def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+def phantom_boxes(folder, seed: int):
+    """A glioma, a meningioma and a pituitary phantom (64 px) in class folders, and boxes.csv with each lesion's
+    exact box (from the phantom's lesion mask)."""
     from braintumor.synthetic.phantom import make_phantom
 
-    monkeypatch.setattr(loc, "FAITHFULNESS_STEPS", 2)  # 3 passes instead of 17: the plumbing, not the figure
     rows = []
     for k, label in enumerate(("glioma", "meningioma", "pituitary")):
-        image, mask = make_phantom(label, 64, 40 + k, return_mask=True)
-        (tmp_path / label).mkdir()
-        Image.fromarray(image).save(tmp_path / label / f"s{k}.png")
+        image, mask = make_phantom(label, 64, seed + k, return_mask=True)
+        (folder / label).mkdir()
+        Image.fromarray(image).save(folder / label / f"s{k}.png")
         ys, xs = np.nonzero(mask)
         x0, x1, y0, y1 = xs.min() / 64, (xs.max() + 1) / 64, ys.min() / 64, (ys.max() + 1) / 64
         rows.append(f"{label}/s{k}.png,{label},{(x0 + x1) / 2},{(y0 + y1) / 2},{x1 - x0},{y1 - y0}")
-    csv_path = write_csv(tmp_path / "boxes.csv", rows)
+    return write_csv(folder / "boxes.csv", rows)
+
+
+@pytest.mark.slow
+def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(loc, "FAITHFULNESS_STEPS", 2)  # 3 passes instead of 17: the plumbing, not the figure
+    csv_path = phantom_boxes(tmp_path, seed=40)
     argv = [str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "hirescam", "occlusion",
             "--layers", "layer3", "layer4", "--faithfulness", "--save-maps", str(tmp_path / "maps.npz"),
             "--image-size", "32"]
@@ -164,7 +170,7 @@ def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, ca
     assert set(row) == {"all", "glioma", "meningioma", "pituitary"} and row["all"]["n"] == 3
     assert 0 <= row["all"]["pointing"] <= 1 and 0 <= result["runs"]["gradcam@layer4"]["deletion"] <= 1
     saved = np.load(tmp_path / "maps.npz")
-    assert saved["gradcam@layer4"].shape == (3, 32, 32) and list(saved["files"]) == [r.split(",")[0] for r in rows]
+    assert saved["gradcam@layer4"].shape == (3, 32, 32) and list(saved["files"]) == [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]]
     assert loc.main([str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "--limit", "1",
                      "--image-size", "32"]) == 0
     table = capsys.readouterr().out
@@ -226,17 +232,7 @@ def test_peak_regions_and_maskings_on_a_phantom():
 
 @pytest.mark.slow
 def test_diagnose_montage_and_mean_maps_from_saved_maps(tmp_path, tiny_checkpoint, capsys):
-    from braintumor.synthetic.phantom import make_phantom
-
-    rows = []
-    for k, label in enumerate(("glioma", "meningioma", "pituitary")):
-        image, mask = make_phantom(label, 64, 50 + k, return_mask=True)
-        (tmp_path / label).mkdir()
-        Image.fromarray(image).save(tmp_path / label / f"s{k}.png")
-        ys, xs = np.nonzero(mask)
-        x0, x1, y0, y1 = xs.min() / 64, (xs.max() + 1) / 64, ys.min() / 64, (ys.max() + 1) / 64
-        rows.append(f"{label}/s{k}.png,{label},{(x0 + x1) / 2},{(y0 + y1) / 2},{x1 - x0},{y1 - y0}")
-    csv_path = write_csv(tmp_path / "boxes.csv", rows)
+    csv_path = phantom_boxes(tmp_path, seed=50)
     common = [str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "--layers", "layer4",
               "--image-size", "32"]
     assert loc.main(common + ["--save-maps", str(tmp_path / "maps.npz")]) == 0
