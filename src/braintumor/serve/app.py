@@ -408,16 +408,16 @@ class Analyzer:
 
     def explanation(self, image: Image.Image, source: str, target: str | None, options: "Options") -> dict[str, Any]:
         """The explanation of one slice (the service's), as PNGs at the preview's geometry."""
+        from braintumor.visualize.explain import layer_of
+
         with self._explaining():
             [explained] = service.explain_items(self.classifier, [image], sources=[source], target=target,
                                                 method=options.method, layer=options.layer)
         size = preview_size(image)
         overlay = explained.overlay().resize(size, Image.Resampling.BILINEAR)
         heatmap = explained.overlay(alpha=1.0).resize(size, Image.Resampling.BILINEAR)
-        from braintumor.visualize.explain import DEFAULT_LAYERS
-
-        layer = options.layer or DEFAULT_LAYERS.get(explained.method)  # None: a method without layers
-        return {"method": explained.method, "layer": layer, "target": explained.target,
+        return {"method": explained.method, "layer": layer_of(explained.method, options.layer),
+                "target": explained.target,
                 "overlay_png_base64": png_base64(overlay), "heatmap_png_base64": png_base64(heatmap)}
 
 
@@ -479,7 +479,8 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
         explain: bool = Query(False, description="add an explanation (overlay and heat-map PNGs) per file"),
         method: str | None = Query(None, description=f"explanation method: {', '.join(methods)} "
                                                      f"(default {default_method})"),
-        layer: str | None = Query(None, description="the layer a CAM method reads, e.g. layer3 (default: the method's own, visualize.explain.DEFAULT_LAYERS)"),
+        layer: str | None = Query(None, description="the layer a CAM method reads, e.g. layer3 (default: the "
+                                                    "method's own, visualize.explain.DEFAULT_LAYERS)"),
         preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
         target: str | None = Query(None, description="class explained (default: the predicted one)"),
     ) -> dict:

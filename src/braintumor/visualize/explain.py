@@ -140,6 +140,12 @@ def check_method(method: str, layer: str | nn.Module | None = None) -> str:
     return method
 
 
+def layer_of(method: str, layer: str | nn.Module | None = None) -> str | nn.Module | None:
+    """The block ``method`` reads: ``layer`` when given, else the method's default (None for a method without
+    layers: occlusion, integrated gradients)."""
+    return layer if layer is not None else DEFAULT_LAYERS.get(method)
+
+
 def explain_batch(model: nn.Module, batch: torch.Tensor, method: str = DEFAULT_METHOD,
                   layer: str | nn.Module | None = None,
                   targets: Sequence[int] | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +159,7 @@ def explain_batch(model: nn.Module, batch: torch.Tensor, method: str = DEFAULT_M
     check_method(method, layer)
     if method in CAM_METHODS:
         probabilities, maps = explain_cam_batch(model, batch, [method],
-                                                [DEFAULT_LAYERS[method] if layer is None else layer], targets)
+                                                [layer_of(method, layer)], targets)
         return probabilities, maps[method, 0]
     with _explaining(model), torch.inference_mode(False), torch.enable_grad():
         probabilities, inputs, indices = _prepare(model, batch, targets, requires_grad=False)
