@@ -267,7 +267,7 @@ def test_a_flat_image_of_any_value_is_blank_and_a_slice_is_not():
 
     from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from braintumor.synthetic.phantom import make_phantom
-    from braintumor.trust.ood import BLANK_LEVELS, ColourCheck, blankness
+    from braintumor.trust.ood import BLANK_LEVELS, ColourCheck, pixel_checks
 
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
@@ -279,7 +279,7 @@ def test_a_flat_image_of_any_value_is_blank_and_a_slice_is_not():
     faint = np.zeros((32, 32), np.uint8)
     faint[::2] = 3  # 3 levels: still blank
     slice_ = make_phantom("glioma", 32, 1)
-    scores = [float(blankness(normalized(p), mean, std)) for p in (*flat, faint, slice_)]
+    scores = [float(pixel_checks(normalized(p), mean, std)[1]) for p in (*flat, faint, slice_)]
     assert all(score > 1 for score in scores[:4]) and scores[4] < 0.05
     assert scores[3] == pytest.approx(BLANK_LEVELS / 3, rel=1e-3)
     check = ColourCheck(mean, std, threshold=8.0)  # gray: the colour part stays 0, the blank part decides

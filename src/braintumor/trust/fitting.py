@@ -39,7 +39,7 @@ from braintumor.evaluation.metrics import expected_calibration_error
 from braintumor.models.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from braintumor.trust import negatives
 from braintumor.trust.ood import (ATYPICAL, ATYPICAL_RATE, LAYERS, NOT_MRI, NOT_MRI_RATE, AtypicalTier,
-                                  ColourCheck, GaussianBlock, NotMriTier, backbone_features, blankness, colourfulness,
+                                  ColourCheck, GaussianBlock, NotMriTier, backbone_features, pixel_checks,
                                   fit_mahalanobis,
                                   acceptance_threshold, mondrian_thresholds, trust_tiers, whiten)
 from braintumor.trust.temperature import fit_temperature, softmax, temperature_at_bound
@@ -63,7 +63,7 @@ class Features:
     statistics: np.ndarray
     logits: np.ndarray
     colour: np.ndarray | None = None  # colourfulness of the input (8-bit levels)
-    blank: np.ndarray | None = None  # blankness of the input (trust.ood.blankness: above 1 when blank)
+    blank: np.ndarray | None = None  # blankness of the input (trust.ood.pixel_checks: above 1 when blank)
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -104,7 +104,7 @@ def network_and_preprocess(source: Any, preprocess: Callable | None = None, devi
 def extract_features(model: nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
                      workers: int = 0, mean=None, std=None) -> Features:
     """Features of image files (read with the project's reader) or of PIL images, evaluation preprocessing;
-    with the preprocessing's ``mean`` and ``std`` also each input's colourfulness."""
+    with the preprocessing's ``mean`` and ``std`` also each input's colourfulness and blankness."""
     device = next(model.parameters()).device
     if images and not isinstance(images[0], Image.Image):
         batches = DataLoader(ImageFolderDataset(list(images), [0] * len(images), preprocess), batch_size=batch_size,
@@ -121,9 +121,10 @@ def extract_features(model: nn.Module, preprocess: Callable, images: Sequence, *
         statistics.append(batch_statistics.float().cpu().numpy())
         logits.append(model.fc(batch_pooled).float().cpu().numpy())
         if mean is not None and std is not None:
-            mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-            colour.append(colourfulness(batch, mean_t, std_t).cpu().numpy())
-            blank.append(blankness(batch, mean_t, std_t).cpu().numpy())
+            batch_colour, batch_blank = pixel_checks(batch, torch.tensor(mean, device=device),
+                                                     torch.tensor(std, device=device))
+            colour.append(batch_colour.cpu().numpy())
+            blank.append(batch_blank.cpu().numpy())
     if not logits:
         raise ValueError("no images to extract features from")
     return Features(np.concatenate(pooled), np.concatenate(statistics), np.concatenate(logits),

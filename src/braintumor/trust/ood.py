@@ -72,16 +72,6 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.flatten(model.avgpool(x), 1)
 
 
-def colourfulness(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between the colour channels of the un-normalized images, in 8-bit levels (B,).
-
-    0 for a gray image (every MR slice is one: on the training data at most 2.6 levels, JPEG chroma noise)."""
-    pixels = images.float() * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)
-    red, green, blue = pixels[:, 0], pixels[:, 1], pixels[:, 2]
-    difference = (red - green).abs() + (green - blue).abs() + (red - blue).abs()
-    return difference.flatten(1).mean(dim=1) * (255.0 / 3.0)
-
-
 def _tensor(value: Any, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"trust entry {name} must be a tensor, got {type(value).__name__}")
@@ -196,17 +186,24 @@ class GaussianBlock(nn.Module):
 BLANK_LEVELS = 4.0
 
 
-def blankness(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """BLANK_LEVELS over the range of the un-normalized pixel values in 8-bit levels (B,): above 1 for an image
-    that spans fewer than BLANK_LEVELS levels (black, white, any flat colour), about 0.016 for a full-range slice."""
-    pixels = (images.float() * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)).flatten(1)
-    levels = (pixels.amax(dim=1) - pixels.amin(dim=1)) * 255.0
-    return BLANK_LEVELS / levels.clamp(min=1e-3)
+def pixel_checks(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colourfulness, blankness), each (B,), of a preprocessed batch, from its un-normalized pixels:
+
+    - colourfulness: the mean absolute difference between the colour channels in 8-bit levels; 0 for a gray image
+      (every MR slice is one: on the training data at most 2.6 levels, JPEG chroma noise);
+    - blankness: BLANK_LEVELS over the range of the pixel values in 8-bit levels; above 1 for an image that spans
+      fewer than BLANK_LEVELS levels (black, white, any flat colour), about 0.016 for a full-range slice."""
+    pixels = images.float() * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)
+    red, green, blue = pixels[:, 0], pixels[:, 1], pixels[:, 2]
+    difference = (red - green).abs() + (green - blue).abs() + (red - blue).abs()
+    colour = difference.flatten(1).mean(dim=1) * (255.0 / 3.0)
+    levels = (pixels.flatten(1).amax(dim=1) - pixels.flatten(1).amin(dim=1)) * 255.0
+    return colour, BLANK_LEVELS / levels.clamp(min=1e-3)
 
 
 class ColourCheck(nn.Module):
-    """The pixel checks of the not-MRI tier: :func:`colourfulness` of the input over a threshold (brain MR slices
-    are gray) and :func:`blankness` (no slice is one flat value); the larger of the two."""
+    """The pixel checks of the not-MRI tier (:func:`pixel_checks`): colourfulness over a threshold (brain MR
+    slices are gray) and blankness (no slice is one flat value); the larger of the two."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, threshold: float):
         super().__init__()
@@ -215,8 +212,8 @@ class ColourCheck(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(threshold)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(colourfulness(images, self.mean, self.std) / self.threshold,
-                             blankness(images, self.mean, self.std))
+        colour, blank = pixel_checks(images, self.mean, self.std)
+        return torch.maximum(colour / self.threshold, blank)
 
     def state(self) -> dict[str, Any]:
         return {"mean": self.mean.cpu(), "std": self.std.cpu(), "threshold": float(self.threshold)}
