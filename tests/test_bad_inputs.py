@@ -554,6 +554,25 @@ def test_streamed_windowing_equals_the_in_memory_one(tmp_path, monkeypatch):
     assert streamed.window == whole.window
     np.testing.assert_array_equal(streamed.slices, whole.slices)
 
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_percentiles_equal_numpy_for_any_percentiles(seed, monkeypatch):
+    """The multi-pass order statistics (ranks that share bins share each chunk's histogram) give numpy's
+    percentiles exactly, for percentiles close together, far apart and equal, on data with ties and outliers."""
+    from braintumor.data import volumes
+
+    monkeypatch.setattr(volumes, "_GATHER_VOXELS", 40)
+    monkeypatch.setattr(volumes, "_HISTOGRAM_BINS", 8)
+    rng = np.random.default_rng(seed)
+    values = [rng.standard_normal(3001) * 100, rng.integers(0, 6, 2500).astype(float),
+              np.concatenate([rng.exponential(5.0, 2000), [1e30, -1e29]]),
+              rng.integers(-32768, 32767, 4000).astype(float)][seed].astype(np.float32)
+    chunks = lambda: iter(np.array_split(values, 7))  # noqa: E731
+    for percentiles in ((0.5, 99.5), (10.0, 10.0, 10.1), (0.0, 50.0, 100.0), tuple(rng.uniform(0, 100, 5))):
+        streamed = volumes.volume_percentiles(chunks, values.size, float(values.min()), float(values.max()),
+                                              percentiles)
+        assert streamed == [float(v) for v in np.percentile(values, percentiles)]
+
+
 
 def test_wide_planes_are_box_reduced_while_read(tmp_path, monkeypatch):
     from braintumor.data import volumes

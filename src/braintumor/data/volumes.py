@@ -337,10 +337,18 @@ def _order_statistics(chunks, count: int, low: float, high: float, ranks: list[i
         extremes = {rank: [math.inf, -math.inf] for rank in pending}
         for values in chunks():
             values = np.asarray(values, dtype=np.float32)
+            # Ranks whose candidates lie in the same nested bins (all of them in the first pass, the two ranks
+            # around one percentile after it) share the filtering and the histogram of each chunk.
+            filtered: dict[tuple, np.ndarray] = {}
+            binned: dict[tuple, np.ndarray] = {}
             for rank, (levels, _, candidates, lo, hi) in pending.items():
-                inside = values
-                for level_low, level_high, index in levels:
-                    inside = inside[_bin_index(inside, level_low, level_high) == index]
+                key = tuple(levels)
+                if key not in filtered:
+                    inside = values
+                    for level_low, level_high, index in levels:
+                        inside = inside[_bin_index(inside, level_low, level_high) == index]
+                    filtered[key] = inside
+                inside = filtered[key]
                 if not inside.size:
                     continue
                 extremes[rank][0] = min(extremes[rank][0], float(inside.min()))
@@ -348,7 +356,9 @@ def _order_statistics(chunks, count: int, low: float, high: float, ranks: list[i
                 if candidates <= _GATHER_VOXELS:
                     gathered[rank].append(inside)
                 elif hi > lo:
-                    histograms[rank] += np.bincount(_bin_index(inside, lo, hi), minlength=_HISTOGRAM_BINS)
+                    if (key, lo, hi) not in binned:
+                        binned[key, lo, hi] = np.bincount(_bin_index(inside, lo, hi), minlength=_HISTOGRAM_BINS)
+                    histograms[rank] += binned[key, lo, hi]
         for rank, (levels, within, candidates, lo, hi) in pending.items():
             smallest, largest = extremes[rank]
             if smallest == largest:
@@ -374,7 +384,8 @@ def volume_percentiles(chunks, count: int, low: float, high: float,
     if count <= _GATHER_VOXELS:
         values = np.concatenate([np.asarray(c, np.float32) for c in chunks()] or [np.zeros(0, np.float32)])
         return [float(v) for v in np.percentile(values, percentiles)]
-    positions = [(count - 1) * q / 100.0 for q in percentiles]
+    # numpy's linear method operation for operation: q = percentile / 100, then the virtual index (n - 1) * q.
+    positions = [(count - 1) * (q / 100.0) for q in percentiles]
     ranks = sorted({r for h in positions for r in (math.floor(h), min(count - 1, math.floor(h) + 1))})
     stats = _order_statistics(chunks, count, low, high, ranks)
     result = []
