@@ -65,8 +65,7 @@ def _augment_both_paths(augmentation: Augmentation, size: int = 32, repeats: int
     transform = train_transform(size, augmentation.rotation, *IDENTITY, augmentation=augmentation)
     cpu = torch.stack([torch.stack([transform(p) for _ in range(repeats)]) for p in pils])
     cached = augment_batch(batch.repeat_interleave(repeats, 0), augmentation.rotation,
-                           torch.Generator().manual_seed(1), *IDENTITY, scale=augmentation.scale,
-                           translate=augmentation.translate, **augmentation.intensity_kwargs()).view(cpu.shape)
+                           torch.Generator().manual_seed(1), *IDENTITY, **augmentation.batch_kwargs()).view(cpu.shape)
     return cpu, cached
 
 
@@ -79,8 +78,9 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     Augmentation(rotation=10.0, scale=0.2),
     Augmentation(rotation=0.0, translate=0.1),
     Augmentation(rotation=0.0, brightness=0.3, contrast=0.3, gamma=0.3),
+    Augmentation(rotation=0.0, erasing=0.5),
     Augmentation(rotation=10.0, scale=0.1, translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1),
-], ids=["scale", "translate", "intensity", "recipe"])
+], ids=["scale", "translate", "intensity", "erasing", "recipe"])
 @pytest.mark.slow
 def test_both_data_paths_agree_in_distribution(augmentation):
     cpu, cached = _augment_both_paths(augmentation)
@@ -96,5 +96,50 @@ def test_switching_nothing_on_replays_the_flip_and_rotation_stream():
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     plain = augment_batch(images, 15.0, torch.Generator().manual_seed(3))
     zeros = augment_batch(images, 15.0, torch.Generator().manual_seed(3), scale=0.0, translate=0.0,
-                          brightness=0.0, contrast=0.0, gamma=0.0)
+                          brightness=0.0, contrast=0.0, gamma=0.0, erasing=0.0)
     assert torch.equal(plain, zeros)
+
+
+def test_erasing_rectangles_are_drawn_as_torchvision_draws_them():
+    """sample_erasing (vectorised) against torchvision's RandomErasing.get_params (per image): the same
+    distributions of height, width, top and left, and of how often an image is erased."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomErasing
+
+    from braintumor.data.augment import ERASING_AREA, ERASING_RATIO, sample_erasing
+
+    height, width, n, probability = 24, 40, 4000, 0.7
+    ours = sample_erasing(n, height, width, probability, torch.Generator().manual_seed(0), torch.device("cpu"))
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    reference = []
+    for _ in range(n):
+        if torch.rand(1).item() < probability:
+            top, left, h, w, _ = RandomErasing.get_params(image, scale=ERASING_AREA, ratio=ERASING_RATIO, value=[0])
+            reference.append((top, left, h, w) if (h, w) != (height, width) else (0, 0, 0, 0))  # (H, W): no fit
+        else:
+            reference.append((0, 0, 0, 0))
+    reference = torch.tensor(reference)
+    top, left, h, w = ours.T
+    erased, erased_reference = h > 0, reference[:, 2] > 0
+    assert abs(erased.float().mean() - erased_reference.float().mean()) < 0.03
+    assert ((top + h <= height) & (left + w <= width) & (top >= 0) & (left >= 0)).all()
+    for k in range(4):
+        assert ks_2samp(ours[erased, k].numpy(), reference[erased_reference, k].numpy()).pvalue > 1e-3, k
+    # The test has power: a narrower area range is told apart.
+    narrow = sample_erasing(n, height, width, probability, torch.Generator().manual_seed(1), torch.device("cpu"))
+    narrow_area = (narrow[:, 2] * narrow[:, 3])[narrow[:, 2] > 0].float() * 0.5
+    assert ks_2samp(narrow_area.numpy(), (h * w)[erased].float().numpy()).pvalue < 1e-3
+
+
+def test_erasing_blacks_out_exactly_the_drawn_rectangle_before_normalizing():
+    from braintumor.data.augment import random_erasing, sample_erasing
+
+    batch = torch.rand(64, 3, 20, 30) * 0.5 + 0.5  # nowhere black before
+    out = random_erasing(batch, 1.0, torch.Generator().manual_seed(4))
+    boxes = sample_erasing(64, 20, 30, 1.0, torch.Generator().manual_seed(4), torch.device("cpu"))
+    for image, (top, left, h, w) in zip(out, boxes.tolist()):
+        expected = torch.zeros(20, 30, dtype=torch.bool)
+        expected[top:top + h, left:left + w] = True
+        assert torch.equal((image == 0).all(dim=0), expected)
+    assert torch.equal(random_erasing(batch, 0.0, torch.Generator().manual_seed(4)), batch)

@@ -197,6 +197,8 @@ CASES = [
     ("batch-size-negative", ["train", "{data}", "--batch-size", "-4"], {"data": data}, "--batch-size"),
     ("workers-negative", ["train", "{data}", "--workers", "-1"], {"data": data}, "--workers must be between"),
     ("lr-inf", ["train", "{data}", "--lr", "inf"], {"data": data}, "--lr must be positive and finite"),
+    ("erasing-above-1", ["train", "{data}", "--erasing", "1.5"], {"data": data},
+     "--erasing must be a probability in [0, 1]"),
     ("lr-nan", ["train", "{data}", "--lr", "nan"], {"data": data}, "--lr must be positive and finite"),
     ("weight-decay-nan", ["train", "{data}", "--weight-decay", "nan"], {"data": data}, "--weight-decay"),
     ("lookahead-k-0", ["train", "{data}", "--lookahead-k", "0"], {"data": data}, "--lookahead-k must be at least 1"),

@@ -1,4 +1,5 @@
-"""Training augmentation options, and random brightness / contrast / gamma shared by both data paths.
+"""Training augmentation options, and random brightness / contrast / gamma and random erasing shared by both data
+paths.
 
 Scanners and protocols differ in overall intensity, contrast and the shape of the grey-level curve; small random
 changes of the three make a classifier less sensitive to them. Per image, on float pixels in [0, 1] and in this
@@ -10,10 +11,18 @@ functional ``adjust_*`` clip after each step; the two differ only where brightne
 shipped reference model was trained with this arithmetic). Zero-valued background stays zero under
 gamma and brightness. The DataLoader path calls :class:`RandomIntensity` per image, the cached path calls
 :func:`random_intensity` per batch: the same arithmetic, so the two paths agree in distribution.
+
+Random erasing (Zhong et al., 2020; the Cutout / Hide-and-Seek family) blacks out one rectangle of an image with
+probability ``erasing``: the rectangle covers U(0.02, 0.33) of the image with aspect ratio log-uniform in
+[0.3, 3.3], placed uniformly where it fits (up to 10 draws; none fits: the image stays whole), torchvision's
+``RandomErasing`` algorithm and defaults. A classifier then cannot rely on any one region, the margins included.
+The DataLoader path uses torchvision's ``v2.RandomErasing`` (value 0 before normalizing: black), the cached path
+:func:`random_erasing`, vectorised over the batch with the same draws' distribution.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +32,8 @@ import torch
 class Augmentation:
     """What training randomizes, shared by the DataLoader path (:func:`braintumor.data.transforms.train_transform`)
     and the cached path (:func:`braintumor.data.transforms.augment_batch`): horizontal flip (always, p = 0.5),
-    rotation in degrees, RandomAffine's scale (U(1 - s, 1 + s)) and shift (fraction of the size), and the intensity
-    changes below. Zero switches a change off."""
+    rotation in degrees, RandomAffine's scale (U(1 - s, 1 + s)) and shift (fraction of the size), the intensity
+    changes below and random erasing's probability. Zero switches a change off."""
 
     rotation: float = 0.0
     scale: float = 0.0
@@ -32,20 +41,23 @@ class Augmentation:
     brightness: float = 0.0
     contrast: float = 0.0
     gamma: float = 0.0
+    erasing: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> "Augmentation":
         """The augmentation a :class:`braintumor.training.config.TrainConfig` asks for."""
         return cls(rotation=cfg.rotation, scale=cfg.scale, translate=cfg.translate, brightness=cfg.brightness,
-                   contrast=cfg.contrast, gamma=cfg.gamma)
+                   contrast=cfg.contrast, gamma=cfg.gamma, erasing=cfg.erasing)
 
     @property
     def affine(self) -> bool:
         """Whether scale or shift is on (then RandomAffine replaces RandomRotation on the DataLoader path)."""
         return self.scale > 0 or self.translate > 0
 
-    def intensity_kwargs(self) -> dict[str, float]:
-        return {"brightness": self.brightness, "contrast": self.contrast, "gamma": self.gamma}
+    def batch_kwargs(self) -> dict[str, float]:
+        """The keyword arguments of :func:`braintumor.data.transforms.augment_batch` besides the rotation."""
+        return {"scale": self.scale, "translate": self.translate, "brightness": self.brightness,
+                "contrast": self.contrast, "gamma": self.gamma, "erasing": self.erasing}
 
 
 def intensity_enabled(brightness: float, contrast: float, gamma: float) -> bool:
@@ -96,3 +108,47 @@ class RandomIntensity:
 
     def __repr__(self) -> str:
         return f"RandomIntensity(brightness={self.brightness}, contrast={self.contrast}, gamma={self.gamma})"
+
+
+ERASING_AREA = (0.02, 0.33)  # torchvision RandomErasing's defaults: share of the image, and aspect ratio h / w
+ERASING_RATIO = (0.3, 3.3)
+_ERASING_ATTEMPTS = 10
+
+
+def sample_erasing(batch_size: int, height: int, width: int, probability: float,
+                   generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Per-image rectangles (B, 4) as (top, left, height, width), height 0 where nothing is erased.
+
+    torchvision's ``RandomErasing.get_params`` per image: with probability ``probability``, up to 10 draws of an
+    area U(0.02, 0.33) x H x W and an aspect ratio exp(U(log 0.3, log 3.3)), h = round(sqrt(area ratio)),
+    w = round(sqrt(area / ratio)); the first draw with h < H and w < W is placed at a uniform top-left corner."""
+    draws = torch.rand(batch_size, 1 + 4 * _ERASING_ATTEMPTS, generator=generator, device=device)
+    erase = draws[:, 0] < probability
+    area_u, ratio_u, top_u, left_u = draws[:, 1:].view(batch_size, _ERASING_ATTEMPTS, 4).unbind(-1)
+    area = height * width * (ERASING_AREA[0] + area_u * (ERASING_AREA[1] - ERASING_AREA[0]))
+    log_low, log_high = math.log(ERASING_RATIO[0]), math.log(ERASING_RATIO[1])
+    ratio = torch.exp(log_low + ratio_u * (log_high - log_low))
+    h, w = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+    fits = (h < height) & (w < width) & (h > 0) & (w > 0)
+    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)  # the first draw that fits (0 if none does)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    top = torch.floor(top_u.gather(1, first)[:, 0] * (height - h + 1))
+    left = torch.floor(left_u.gather(1, first)[:, 0] * (width - w + 1))
+    h = torch.where(erase & fits.any(dim=1), h, torch.zeros_like(h))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def random_erasing(batch: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Black out (0) one random rectangle per image of a float batch (B, C, H, W) with probability
+    ``probability`` (:func:`sample_erasing`); identity, drawing nothing, when it is 0."""
+    if probability <= 0:
+        return batch
+    height, width = batch.shape[-2:]
+    boxes = sample_erasing(batch.shape[0], height, width, probability, generator, batch.device)
+    top, left, h, w = (boxes[:, k].view(-1, 1) for k in range(4))
+    rows = torch.arange(height, device=batch.device).view(1, -1)
+    columns = torch.arange(width, device=batch.device).view(1, -1)
+    inside_rows = (rows >= top) & (rows < top + h)  # (B, H)
+    inside_columns = (columns >= left) & (columns < left + w)  # (B, W)
+    inside = inside_rows[:, :, None] & inside_columns[:, None, :]
+    return batch.masked_fill(inside[:, None], 0.0)

@@ -324,9 +324,8 @@ class CachedBatches:
             images, labels = self._gather(index)
             if self.augment:
                 aug = self.augmentation
-                yield augment_batch(images, aug.rotation, generator, self.mean, self.std, scale=aug.scale,
-                                    translate=aug.translate, out_size=self.out_size,
-                                    **aug.intensity_kwargs()), labels
+                yield augment_batch(images, aug.rotation, generator, self.mean, self.std, out_size=self.out_size,
+                                    **aug.batch_kwargs()), labels
             else:
                 batch = normalize_batch(images, self.mean, self.std)
                 if self.out_size is not None:

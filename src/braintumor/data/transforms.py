@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from braintumor.data.augment import Augmentation, RandomIntensity, intensity_enabled, random_intensity
+from braintumor.data.augment import (ERASING_AREA, ERASING_RATIO, Augmentation, RandomIntensity, intensity_enabled,
+                                     random_erasing, random_intensity)
 from braintumor.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,7 +44,7 @@ def train_transform(
     degrees (bilinear, zero fill; 0 disables it), float tensor in [0, 1], normalize.
 
     ``augmentation`` (its rotation replaces ``rotation``) adds RandomAffine's scale and shift (RandomAffine then
-    replaces RandomRotation) and random gamma / brightness / contrast before normalizing.
+    replaces RandomRotation), random gamma / brightness / contrast and random erasing (black) before normalizing.
     """
     aug = augmentation if augmentation is not None else Augmentation(rotation=rotation)
     _check_sizes(image_size, aug.rotation)
@@ -57,6 +58,8 @@ def train_transform(
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if intensity_enabled(aug.brightness, aug.contrast, aug.gamma):
         steps.append(RandomIntensity(aug.brightness, aug.contrast, aug.gamma))
+    if aug.erasing > 0:
+        steps.append(v2.RandomErasing(aug.erasing, scale=ERASING_AREA, ratio=ERASING_RATIO, value=0))
     return v2.Compose(steps + [v2.Normalize(list(mean), list(std))])
 
 
@@ -169,6 +172,7 @@ def augment_batch(
     brightness: float = 0.0,
     contrast: float = 0.0,
     gamma: float = 0.0,
+    erasing: float = 0.0,
     out_size: int | None = None,
 ) -> torch.Tensor:
     """Random flip (p = 0.5) and rotation (U(-deg, deg), bilinear, zero fill) per sample, then normalize.
@@ -176,7 +180,8 @@ def augment_batch(
     uint8 (B, 3, H, W) -> float32 on the same device; the random draws come from ``generator``, which must live on
     that device. rotation_deg = 0 flips only. ``scale`` / ``translate`` add RandomAffine's scale U(1 - s, 1 + s) and
     shift of up to ``translate`` of the size; ``brightness`` / ``contrast`` / ``gamma`` add
-    :func:`braintumor.data.augment.random_intensity`; each draws random numbers only when switched on, so switching
+    :func:`braintumor.data.augment.random_intensity`, ``erasing`` :func:`braintumor.data.augment.random_erasing`
+    (black, before normalizing); each draws random numbers only when switched on, so switching
     none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
     the DataLoader path's Resize; progressive resizing).
     """
@@ -200,5 +205,6 @@ def augment_batch(
         batch = F.interpolate(batch, size=(out_size, out_size), mode="bilinear", antialias=True,
                               align_corners=False)
     batch = random_intensity(batch, brightness, contrast, gamma, generator)
+    batch = random_erasing(batch, erasing, generator)
     mean_t, std_t = _mean_std(mean, std, batch.device)
     return (batch - mean_t) / std_t

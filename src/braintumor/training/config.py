@@ -67,6 +67,8 @@ class TrainConfig:
     brightness: float = option(0.0, "random brightness factor U(1-b, 1+b); 0: off")
     contrast: float = option(0.0, "random contrast factor U(1-c, 1+c); 0: off")
     gamma: float = option(0.0, "random gamma exp(U(-g, g)); 0: off")
+    erasing: float = option(0.0, "probability of blacking out one random rectangle (2-33 % of the slice, aspect "
+                            "0.3-3.3) per training slice, random erasing; 0: off")
     progressive_resize: int = option(0, "train at START_SIZE first, growing to --image-size; 0: off",
                                      metavar="START_SIZE")
     progressive_until: float = option(0.5, "fraction of the epochs after which training is at full size")
@@ -140,6 +142,7 @@ class TrainConfig:
             (0.0 <= self.brightness < 1.0, f"--brightness must be in [0, 1), got {self.brightness}"),
             (0.0 <= self.contrast < 1.0, f"--contrast must be in [0, 1), got {self.contrast}"),
             (0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}"),
+            (0.0 <= self.erasing <= 1.0, f"--erasing must be a probability in [0, 1], got {self.erasing}"),
             (self.progressive_resize == 0 or 32 <= self.progressive_resize <= self.image_size,
              f"--progressive-resize must be 0 (off) or a start size in [32, --image-size], got {self.progressive_resize}"),
             (0.0 < self.progressive_until <= 1.0,
