@@ -16,7 +16,11 @@ from helpers import make_checkpoint
 
 # Nothing a test runs writes under the user's home: the caches and configs of braintumor, matplotlib and torch
 # (hub, inductor) go to one folder for this session, removed at exit; subprocesses inherit it. The hash cache
-# moves further, into each test's own tmp_path (private_cache below).
+# moves further, into each test's own tmp_path (private_cache below). Each pytest process (xdist's controller and
+# each worker) has its own session folder, in the temporary folder the run started with: a worker inherits the
+# controller's TMPDIR redirect below, and nesting there made paths too long for Chromium's socket (108 bytes).
+_OUTER_TMPDIR = os.environ.setdefault("_BRAINTUMOR_TESTS_OUTER_TMPDIR", tempfile.gettempdir())
+tempfile.tempdir = _OUTER_TMPDIR
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="braintumor-tests-"))
 atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
 for _variable, _folder in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("MPLCONFIGDIR", "matplotlib"),
@@ -24,8 +28,8 @@ for _variable, _folder in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "con
     os.environ[_variable] = str(_SESSION_HOME / _folder)
 os.environ.pop("BRAINTUMOR_CACHE_DIR", None)
 # Processes the tests start put their temporary files there too (torchrun leaves a torchelastic_* folder per run,
-# volumes spool their planes), so that nothing outlives the session. This process keeps its own temporary folder
-# (tempfile computed it above), where pytest's tmp_path lives.
+# volumes spool their planes), so that nothing outlives the session. This process keeps the outer temporary folder,
+# where pytest's tmp_path lives.
 (_SESSION_HOME / "tmp").mkdir()
 os.environ["TMPDIR"] = str(_SESSION_HOME / "tmp")
 # torch.compile's tests build a few tiny kernels: compiling them in this process is faster than starting
