@@ -556,6 +556,19 @@ def test_streamed_windowing_equals_the_in_memory_one(tmp_path, monkeypatch):
     assert streamed.window == whole.window
     np.testing.assert_array_equal(streamed.slices, whole.slices)
 
+def test_windowing_a_plane_known_to_be_finite_skips_nothing_that_matters():
+    """The shortcut for planes without NaN or infinity gives the full path's bytes, overflowing values included."""
+    from braintumor.data.volumes import _window_block
+
+    rng = np.random.default_rng(5)
+    block = (rng.standard_normal((40, 50)) * 1e3).astype(np.float32)
+    block[0, :4] = [3.4e38, -3.4e38, 1e38, -1e38]
+    for window in [(-500.0, 800.0), (-3.4e38, 3.4e38), (0.0, 1e-30), (7.0, 7.0)]:
+        np.testing.assert_array_equal(_window_block(block, window, True), _window_block(block, window))
+    eight_bit = rng.integers(0, 256, (8, 9)).astype(np.float32)
+    np.testing.assert_array_equal(_window_block(eight_bit, None, True), _window_block(eight_bit, None))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_streamed_percentiles_equal_numpy_for_any_percentiles(seed, monkeypatch):
     """The multi-pass order statistics (ranks that share bins share each chunk's histogram) give numpy's

@@ -418,17 +418,19 @@ def _box_reduce(block: np.ndarray, factor: int) -> np.ndarray:
     return np.rint(sums / row_counts[:, None] / column_counts[None, :]).astype(np.uint8)
 
 
-def _window_block(block: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+def _window_block(block: np.ndarray, window: tuple[float, float] | None, finite: bool = False) -> np.ndarray:
     """A float32 block to uint8: as it is for 8-bit volumes (``window`` None), else linearly in float32 between
-    the window's ends; NaN and -inf give 0, +inf 255."""
+    the window's ends; NaN and -inf give 0, +inf 255. ``finite``: the caller knows the block holds no NaN or
+    infinity (then only an overflow can give ±inf, which the clip maps as above, and the NaN pass is skipped)."""
     with np.errstate(invalid="ignore", over="ignore"):
         if window is None:
-            return np.nan_to_num(block, nan=0.0, posinf=255.0, neginf=0.0).astype(np.uint8)
+            return (block if finite else np.nan_to_num(block, nan=0.0, posinf=255.0, neginf=0.0)).astype(np.uint8)
         low, high = window
         if not high > low:
             return np.zeros(block.shape, np.uint8)
         scaled = (block - np.float32(low)) * np.float32(255.0 / (high - low))
-        scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+        if not finite:
+            scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
@@ -481,10 +483,11 @@ def _to_volume(source: _Source, label: str, kind: str) -> Volume:
         stored = np.empty((source.count, rows_out, columns_out), np.uint8)  # (slice order, row, column)
         step = _block_rows(source.columns, factor)
         for out_plane, plane in enumerate(source.order):
+            finite = spool.nonfinite[2][plane] == 0
             for row in range(0, source.rows, step):
                 block = spool.read(int(plane), row, min(step, source.rows - row))
                 stored[out_plane, row // factor: row // factor + -(-block.shape[0] // factor)] = \
-                    _box_reduce(_window_block(block, window), factor)
+                    _box_reduce(_window_block(block, window, finite), factor)
     finally:
         spool.close()
     nonfinite = [spool.nonfinite[0], spool.nonfinite[1], spool.nonfinite[2][source.order]]
