@@ -18,17 +18,14 @@ PYTEST := $(if $(TEST_TMPDIR),TMPDIR=$(TEST_TMPDIR) )$(PY) -m pytest
 
 .PHONY: demo test test-fast install browser docs clean reference-model
 
-# --no-compile: pip would byte-compile every module of every package (torch alone has thousands, most never
-# imported); Python compiles and caches the ones a program imports on first use (2 cores, 2026-12-05: 49 s against
-# 75 s for the installation).
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "braintumor needs Python >= 3.11"' \
 		|| { echo "error: braintumor needs Python >= 3.11 (set PYTHON=python3.11)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --no-compile torch torchvision --index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -51,7 +48,7 @@ test-fast: $(STAMP)
 DOCS_STAMP := $(VENV)/.docs-stamp
 
 $(DOCS_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --no-compile -e '.[docs]'
+	$(PY) -m pip install --quiet -e '.[docs]'
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
