@@ -35,6 +35,13 @@ os.environ["TMPDIR"] = str(_SESSION_HOME / "tmp")
 # torch.compile's tests build a few tiny kernels: compiling them in this process is faster than starting
 # inductor's pool of compile workers (2026-12-05, 2 cores: 22 s against 27 s for test_train_step's compiled step).
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# inductor's precompiled headers (~0.9 GB) go to tempfile.gettempdir()/torchinductor_<user>/precompiled_headers,
+# fixed when torch._inductor.codecache is imported, whatever TORCHINDUCTOR_CACHE_DIR says: import it with the
+# session's temporary folder in place, so that they leave with the session instead of staying in /dev/shm or /tmp.
+tempfile.tempdir = os.environ["TMPDIR"]
+import torch._inductor.codecache  # noqa: E402,F401
+
+tempfile.tempdir = _OUTER_TMPDIR
 
 # Tests share 2 cores with other processes in CI: at most 2 intra-op threads, divided among pytest-xdist's workers
 # (PYTEST_XDIST_WORKER_COUNT), so that workers, the DDP test and servers do not oversubscribe the cores.
