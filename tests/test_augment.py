@@ -143,3 +143,46 @@ def test_erasing_blacks_out_exactly_the_drawn_rectangle_before_normalizing():
         expected[top:top + h, left:left + w] = True
         assert torch.equal((image == 0).all(dim=0), expected)
     assert torch.equal(random_erasing(batch, 0.0, torch.Generator().manual_seed(4)), batch)
+
+
+def test_cutmix_pastes_the_neighbours_rectangle_and_shares_labels_by_its_area():
+    from braintumor.data.augment import batch_mixer
+
+    assert batch_mixer(0.0, 0.0, 4) is None
+    images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 20, 30).contiguous()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.manual_seed(0)
+    pasted_somewhere = 0
+    for _ in range(20):
+        mixed, shares = batch_mixer(1.0, 0.0, 4)(images, labels)
+        pasted_somewhere += int((mixed[:, 0] != images[:, 0]).any())
+        assert shares.shape == (6, 4) and torch.allclose(shares.sum(1), torch.ones(6))
+        for i in range(6):
+            pasted = (mixed[i, 0] == (i - 1) % 6).float().mean().item()  # the neighbour's share of the pixels
+            own = labels[i].item()
+            expected = torch.zeros(4)
+            expected[own] += 1 - pasted
+            expected[labels[(i - 1) % 6]] += pasted
+            assert torch.allclose(shares[i], expected, atol=1e-6), (i, shares[i], pasted)
+            assert torch.equal(mixed[i, 0] == i, mixed[i, 1] == i)  # one rectangle through every channel
+    assert pasted_somewhere >= 15  # the rectangle is empty only when the Beta(1, 1) share rounds to nothing
+
+
+def test_mixup_blends_with_the_labels_weight_and_both_take_turns():
+    from braintumor.data.augment import batch_mixer
+
+    images, labels = torch.rand(8, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    torch.manual_seed(1)
+    mixed, shares = batch_mixer(0.0, 0.2, 4)(images, labels)
+    weight = shares[torch.arange(8), labels]  # own class share (neighbours always differ in class here)
+    torch.testing.assert_close(mixed, weight.view(-1, 1, 1, 1) * images
+                               + (1 - weight).view(-1, 1, 1, 1) * images.roll(1, 0))
+    torch.manual_seed(2)
+    both = batch_mixer(1.0, 0.2, 4)
+    kinds = set()
+    for _ in range(40):
+        mixed, _ = both(images, labels)
+        # CutMix keeps each pixel of one of the two slices; MixUp blends (almost) every pixel.
+        kept = ((mixed == images) | (mixed == images.roll(1, 0))).float().mean().item()
+        kinds.add("cutmix" if kept == 1.0 else "mixup")
+    assert kinds == {"cutmix", "mixup"}

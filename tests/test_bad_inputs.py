@@ -199,6 +199,8 @@ CASES = [
     ("lr-inf", ["train", "{data}", "--lr", "inf"], {"data": data}, "--lr must be positive and finite"),
     ("erasing-above-1", ["train", "{data}", "--erasing", "1.5"], {"data": data},
      "--erasing must be a probability in [0, 1]"),
+    ("cutmix-negative", ["train", "{data}", "--cutmix", "-1"], {"data": data}, "--cutmix must be a Beta"),
+    ("mixup-nan", ["train", "{data}", "--mixup", "nan"], {"data": data}, "--mixup must be a Beta"),
     ("lr-nan", ["train", "{data}", "--lr", "nan"], {"data": data}, "--lr must be positive and finite"),
     ("weight-decay-nan", ["train", "{data}", "--weight-decay", "nan"], {"data": data}, "--weight-decay"),
     ("lookahead-k-0", ["train", "{data}", "--lookahead-k", "0"], {"data": data}, "--lookahead-k must be at least 1"),

@@ -122,7 +122,8 @@ def test_every_optimizer_choice_builds_and_steps(name):
 def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentation(phantom_dir, tmp_path,
                                                                                      data_cache, monkeypatch):
     options = dict(image_size=48, progressive_resize=32, progressive_until=0.5, ema=0.9, tta=True, scale=0.1,
-                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, data_cache=data_cache, epochs=4)
+                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, erasing=0.5, cutmix=1.0, mixup=0.2,
+                   data_cache=data_cache, epochs=4)
     straight = train(tiny_config(phantom_dir, tmp_path / "straight", **options))
     # The same 4-epoch run, stopped after epoch 2 (its checkpoint and metrics written), then resumed.
     import braintumor.training.trainer as train_module

@@ -1,5 +1,5 @@
-"""Training augmentation options, and random brightness / contrast / gamma and random erasing shared by both data
-paths.
+"""Training augmentation options, random brightness / contrast / gamma and random erasing shared by both data
+paths, and CutMix / MixUp of whole batches.
 
 Scanners and protocols differ in overall intensity, contrast and the shape of the grey-level curve; small random
 changes of the three make a classifier less sensitive to them. Per image, on float pixels in [0, 1] and in this
@@ -18,6 +18,14 @@ probability ``erasing``: the rectangle covers U(0.02, 0.33) of the image with as
 ``RandomErasing`` algorithm and defaults. A classifier then cannot rely on any one region, the margins included.
 The DataLoader path uses torchvision's ``v2.RandomErasing`` (value 0 before normalizing: black), the cached path
 :func:`random_erasing`, vectorised over the batch with the same draws' distribution.
+
+CutMix (Yun et al., 2019) and MixUp (Zhang et al., 2018) act on a normalized batch on the training device, after
+either data path (:func:`batch_mixer`): torchvision's ``v2.CutMix`` / ``v2.MixUp``, which pair each slice with its
+neighbour in the (shuffled) batch and turn the labels into class shares. CutMix pastes a rectangle of the other
+slice (its area a Beta(a, a) share), so a slice's label must be found in the part of the image that carries it;
+the mixed labels train with the same cross-entropy (soft targets). They draw from torch's global generator, which
+the trainer reseeds every epoch (``utils.seeding``, stream "global"), so a resumed run mixes as an uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torchvision.transforms import v2
 
 
 @dataclass(frozen=True)
@@ -152,3 +161,14 @@ def random_erasing(batch: torch.Tensor, probability: float, generator: torch.Gen
     inside_columns = (columns >= left) & (columns < left + w)  # (B, W)
     inside = inside_rows[:, :, None] & inside_columns[:, None, :]
     return batch.masked_fill(inside[:, None], 0.0)
+
+
+def batch_mixer(cutmix: float, mixup: float, num_classes: int) -> v2.Transform | None:
+    """CutMix and / or MixUp of a training batch: ``mixer(images, labels)`` gives the mixed images and (B, classes)
+    label shares. ``cutmix`` and ``mixup`` are the Beta(a, a) concentrations (0: off); with both on, each batch
+    takes one of the two with equal chance (as timm does). None when both are off."""
+    mixers = ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else []) + \
+             ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else [])
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

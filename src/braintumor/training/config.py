@@ -69,6 +69,12 @@ class TrainConfig:
     gamma: float = option(0.0, "random gamma exp(U(-g, g)); 0: off")
     erasing: float = option(0.0, "probability of blacking out one random rectangle (2-33 % of the slice, aspect "
                             "0.3-3.3) per training slice, random erasing; 0: off")
+    cutmix: float = option(0.0, "CutMix: each training slice gets a rectangle of another slice of its batch pasted "
+                           "in, labels mixed by area; the Beta(a, a) concentration a of the kept share (1: "
+                           "uniform); 0: off")
+    mixup: float = option(0.0, "MixUp: each training slice is blended with another slice of its batch, labels "
+                          "mixed alike; the Beta(a, a) concentration a of the weight (e.g. 0.2); 0: off; with "
+                          "--cutmix, each batch takes one of the two at random")
     progressive_resize: int = option(0, "train at START_SIZE first, growing to --image-size; 0: off",
                                      metavar="START_SIZE")
     progressive_until: float = option(0.5, "fraction of the epochs after which training is at full size")
@@ -143,6 +149,10 @@ class TrainConfig:
             (0.0 <= self.contrast < 1.0, f"--contrast must be in [0, 1), got {self.contrast}"),
             (0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}"),
             (0.0 <= self.erasing <= 1.0, f"--erasing must be a probability in [0, 1], got {self.erasing}"),
+            (math.isfinite(self.cutmix) and self.cutmix >= 0,
+             f"--cutmix must be a Beta concentration > 0, or 0 (off), got {self.cutmix}"),
+            (math.isfinite(self.mixup) and self.mixup >= 0,
+             f"--mixup must be a Beta concentration > 0, or 0 (off), got {self.mixup}"),
             (self.progressive_resize == 0 or 32 <= self.progressive_resize <= self.image_size,
              f"--progressive-resize must be 0 (off) or a start size in [32, --image-size], got {self.progressive_resize}"),
             (0.0 < self.progressive_until <= 1.0,

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
                       weight: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The combined loss above; weight 0 is exactly the cross-entropy."""
+    """The combined loss above; weight 0 is exactly the cross-entropy. ``labels``: class indices (B,), or class
+    shares (B, classes) of a CutMix / MixUp batch."""
     hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     if weight == 0:
         return hard

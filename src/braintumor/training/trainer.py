@@ -25,6 +25,7 @@ from braintumor.training import runstate
 from braintumor.utils.atomic import atomic_write
 from braintumor.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_inference_checkpoint
 from braintumor.training.config import TrainConfig, config_warnings, cpu_time_hint, resume_config, write_config
+from braintumor.data.augment import batch_mixer
 from braintumor.data.index import SplitData, prepare_split
 from braintumor.data.pipeline import build_batches
 from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -165,6 +166,7 @@ class Trainer:
                                         compiled=self.step_plan.compiles_optimizer)
         self.scheduler = make_scheduler(self.cfg, self.optimizer, self.steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        self.mixer = batch_mixer(self.cfg.cutmix, self.cfg.mixup, len(self.classes))
 
     def _restore(self, resume_from: dict[str, Any] | None) -> None:
         """Where the run stands: from scratch, or the weights, optimizer, schedule, EMA and history of last.pt."""
@@ -229,15 +231,19 @@ class Trainer:
             if step >= self.steps_per_epoch:
                 break
             images, labels = self._to_device(images, labels)
+            targets = labels
+            if self.mixer is not None:  # class shares (B, classes); accuracy counts the larger share's class
+                images, targets = self.mixer(images, labels)
+                images, labels = images.contiguous(memory_format=torch.channels_last), targets.argmax(1)
             with self.autocast:
                 logits = self.net(images)
                 if self.teacher is not None:
-                    loss = distillation_loss(logits.float(), self.teacher.logits(images), labels,
+                    loss = distillation_loss(logits.float(), self.teacher.logits(images), targets,
                                              weight=self.cfg.distill_weight,
                                              temperature=self.cfg.distill_temperature,
                                              label_smoothing=self.cfg.label_smoothing)
                 else:
-                    loss = self.criterion(logits.float(), labels)
+                    loss = self.criterion(logits.float(), targets)
             finite = torch.isfinite(loss.detach())
             if check_each_step and not bool(finite):
                 raise self.diverged(epoch, step)
