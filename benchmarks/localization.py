@@ -18,7 +18,7 @@ replaced by black (deletion, lower is better) or put onto a black image (inserti
 
     python benchmarks/localization.py ../shared/data/figshare-boxes/boxes.csv --checkpoint reference \\
         [--methods gradcam occlusion ...] [--layers layer3 layer4] [--limit 60] [--json out.json] \\
-        [--save-maps maps.npz] [--image-size 256] [--faithfulness]
+        [--save-maps maps.npz] [--image-size 256] [--faithfulness] [--mirror on|off|both]
 
 Results (a Markdown table, or JSON with --json -) go to stdout, progress to stderr. Boxes are for measuring only:
 never train on them or choose weights with them.
@@ -41,7 +41,8 @@ import torch
 from scipy import stats
 
 from braintumor.errors import UserError
-from braintumor.visualize.explain import CAM_METHODS, DEFAULT_LAYER, METHODS, explain_batch, explain_cam_batch
+from braintumor.visualize.explain import (CAM_METHODS, DEFAULT_LAYER, DEFAULT_MIRROR, METHODS, explain_batch,
+                                          explain_cam_batch)
 
 GROW = 15 / 512  # pointing-game tolerance, as a share of the side
 BASELINES = ("centre", "random")
@@ -216,16 +217,23 @@ def faithfulness(model: torch.nn.Module, batch: torch.Tensor, maps: np.ndarray, 
     return area(deletion), area(insertion)
 
 
-def method_runs(methods: Sequence[str], layers: Sequence[str]) -> list[tuple[str, str, str | None]]:
-    """(row name, method, layer) for every method; CAM methods once per layer."""
+MIRRORS = {"on": (True,), "off": (False,), "both": (False, True)}
+
+
+def method_runs(methods: Sequence[str], layers: Sequence[str],
+                mirrors: Sequence[bool] = (DEFAULT_MIRROR,)) -> list[tuple[str, str, str | None, bool]]:
+    """(row name, method, layer, mirror) for every method; CAM methods once per layer; each once per mirror
+    setting. Mirror-averaged rows end in "+mirror" ("gradcampp@layer3+mirror"), single-view rows do not."""
     runs = []
-    for method in methods:
-        if method not in METHODS:
-            raise UserError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
-        if method in CAM_METHODS:
-            runs.extend((f"{method}@{layer}", method, layer) for layer in layers)
-        else:
-            runs.append((method, method, None))
+    for mirror in mirrors:
+        suffix = "+mirror" if mirror else ""
+        for method in methods:
+            if method not in METHODS:
+                raise UserError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
+            if method in CAM_METHODS:
+                runs.extend((f"{method}@{layer}{suffix}", method, layer, mirror) for layer in layers)
+            else:
+                runs.append((f"{method}{suffix}", method, None, mirror))
     return runs
 
 
@@ -255,7 +263,7 @@ def load_batches(classifier, root: Path, boxes: Sequence[Box], batch_size: int):
 
 def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequence[str], limit: int | None,
         batch_size: int, image_size: int | None, with_faithfulness: bool, save_maps: Path | None,
-        log: Callable[[str], None]) -> dict:
+        log: Callable[[str], None], mirrors: Sequence[bool] = (DEFAULT_MIRROR,)) -> dict:
     """Explain every box slice with every method; the report as a dict (see ``report``)."""
     from braintumor.inference.classifier import Classifier
 
@@ -269,25 +277,29 @@ def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequen
     if unknown:
         raise UserError(f"box classes {', '.join(unknown)} are not among the model's: {', '.join(classifier.classes)}")
     size, labels = classifier.image_size, [b.label for b in boxes]
-    runs = method_runs(methods, layers)
-    # The CAM methods at every layer come from one backward pass per batch (explain_cam_batch); the others one by one.
-    cam_runs = [r for r in runs if r[1] in CAM_METHODS]
-    groups = ([cam_runs] if cam_runs else []) + [[r] for r in runs if r[1] not in CAM_METHODS]
+    runs = method_runs(methods, layers, mirrors)
+    # The CAM methods at every layer come from one backward pass per batch and view (explain_cam_batch), per mirror
+    # setting; the others one by one.
+    groups = [group for mirror in mirrors
+              if (group := [r for r in runs if r[1] in CAM_METHODS and r[3] == mirror])]
+    groups += [[r] for r in runs if r[1] not in CAM_METHODS]
     per_slice, extra, saved, correct = {}, {}, {}, []
     for group in groups:
-        maps = {row: [] for row, _, _ in group}
-        deletion = {row: [] for row, _, _ in group}
-        insertion = {row: [] for row, _, _ in group}
-        cam_methods = sorted({m for _, m, _ in group}, key=METHODS.index)
-        cam_layers = sorted({layer for _, _, layer in group if layer is not None})
+        maps = {row: [] for row, *_ in group}
+        deletion = {row: [] for row, *_ in group}
+        insertion = {row: [] for row, *_ in group}
+        cam_methods = sorted({m for _, m, _, _ in group}, key=METHODS.index)
+        cam_layers = sorted({layer for _, _, layer, _ in group if layer is not None})
+        mirror = group[0][3]
         started = time.perf_counter()
         for chunk, batch, targets in load_batches(classifier, boxes_csv.parent, boxes, batch_size):
             if group[0][1] in CAM_METHODS:
-                probabilities, cams = explain_cam_batch(classifier.model, batch, cam_methods, cam_layers, targets)
-                chunk_maps = {row: cams[method, cam_layers.index(layer)] for row, method, layer in group}
+                probabilities, cams = explain_cam_batch(classifier.model, batch, cam_methods, cam_layers, targets,
+                                                        mirror=mirror)
+                chunk_maps = {row: cams[method, cam_layers.index(layer)] for row, method, layer, _ in group}
             else:
-                (row, method, _), = group
-                probabilities, single = explain_batch(classifier.model, batch, method, targets=targets)
+                (row, method, _, _), = group
+                probabilities, single = explain_batch(classifier.model, batch, method, targets=targets, mirror=mirror)
                 chunk_maps = {row: single}
             if not correct or len(correct) < len(boxes):
                 correct.extend((probabilities.argmax(axis=1) == np.asarray(targets)).tolist())
@@ -300,10 +312,10 @@ def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequen
             done = sum(len(m) for m in next(iter(maps.values())))
             log(f"{', '.join(maps)}: {done}/{len(boxes)} slices ({time.perf_counter() - started:.0f} s)")
         seconds = round(time.perf_counter() - started, 1)  # shared by the rows of one group
-        for row, method, layer in group:
+        for row, method, layer, mirror in group:
             row_maps = np.concatenate(maps[row])
             per_slice[row] = score_maps(row_maps, boxes)
-            extra[row] = {"seconds": seconds, "method": method, "layer": layer}
+            extra[row] = {"seconds": seconds, "method": method, "layer": layer, "mirror": mirror}
             if with_faithfulness:
                 extra[row].update(deletion=float(np.mean(deletion[row])),
                                   deletion_ci=bootstrap_interval(deletion[row]),
@@ -311,11 +323,12 @@ def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequen
                                   insertion_ci=bootstrap_interval(insertion[row]))
             if save_maps:
                 saved[row] = row_maps.astype(np.float16)
+    per_slice = {row: per_slice[row] for row, *_ in runs}  # the rows in the order asked for
     for name in BASELINES:
         per_slice[name] = score_maps(baseline_maps(name, len(boxes), size), boxes)
     result = {"checkpoint": str(checkpoint), "boxes": str(boxes_csv), "slices": len(boxes), "image_size": size,
               "grow": GROW, "accuracy": float(np.mean(correct)) if correct else None,
-              "rows": report(per_slice, labels), "runs": {row: extra[row] for row, _, _ in runs},
+              "rows": report(per_slice, labels), "runs": {row: extra[row] for row, *_ in runs},
               "uniform_mass": float(np.mean([b.area for b in boxes]))}
     if save_maps:
         np.savez_compressed(save_maps, files=np.array([b.file for b in boxes]), **saved)
@@ -488,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="reference", help="model (.pt, run folder or 'reference')")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)}")
     parser.add_argument("--layers", nargs="+", default=[DEFAULT_LAYER], help="CAM layers (e.g. layer2 layer3 layer4)")
+    parser.add_argument("--mirror", choices=tuple(MIRRORS), default="on" if DEFAULT_MIRROR else "off",
+                        help="maps averaged with the mirrored slice's (rows '...+mirror', the default of explain), "
+                             "single-view maps, or both")
     parser.add_argument("--limit", type=int, help="at most this many slices, classes in turn")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, help="run the network at this input size instead of its own")
@@ -506,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_diagnosis(args)
     try:
         result = run(args.boxes, args.checkpoint, args.methods, args.layers, args.limit, args.batch_size,
-                     args.image_size, args.faithfulness, args.save_maps, lambda line: print(line, file=sys.stderr))
+                     args.image_size, args.faithfulness, args.save_maps, lambda line: print(line, file=sys.stderr),
+                     MIRRORS[args.mirror])
     except (UserError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -587,7 +604,7 @@ def run_diagnosis(args) -> int:
     by_file = {b.file: b for b in read_boxes(args.boxes)}
     boxes = balanced([by_file[f] for f in files], args.limit)
     keep = [files.index(b.file) for b in boxes]
-    wanted = {row for row, _, _ in method_runs(args.methods, args.layers)}
+    wanted = {row for row, *_ in method_runs(args.methods, args.layers, MIRRORS[args.mirror])}
     maps = {row: saved[row][keep] for row in saved.files if row != "files" and row in wanted}
     if args.montage:
         return write_montage(classifier, args.boxes.parent, boxes, maps, args.montage)

@@ -152,6 +152,11 @@ def test_explain_method_and_layer_flags(tiny_checkpoint, phantom_dir, tmp_path, 
     code, out, err = run(["explain", tiny_checkpoint, image, "--out", tmp_path / "cam", *flags], capsys)
     [written] = out.strip().splitlines()
     assert code == 0 and Path(written).name.startswith(f"glioma_0001_{method}_") and Path(written).is_file()
+    code, out, err = run(["explain", tiny_checkpoint, image, "--out", tmp_path / "single", "--no-mirror", *flags],
+                         capsys)
+    [single] = out.strip().splitlines()
+    assert code == 0 and Path(single).name == Path(written).name
+    assert Path(single).read_bytes() != Path(written).read_bytes()  # the single-view map differs
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -218,16 +218,37 @@ def test_batch_matches_single_images_and_hand_computed_reference(lesion_classifi
     images = [lesion_phantom(2000)[0], make_phantom("notumor", SIZE, 2001), lesion_phantom(2002)[0],
               make_phantom("notumor", SIZE, 2003)]
     pictures = [Image.fromarray(image) for image in images]
-    batch = explain(lesion_classifier, pictures, batch_size=3, method="gradcam")  # two chunks: 3 + 1
-    assert {r.predicted for r in batch} == {"tumor", "notumor"}
+    batch = explain(lesion_classifier, pictures, batch_size=3, method="gradcam", mirror=False)  # chunks: 3 + 1
+    assert {r.predicted for r in batch} == {"tumor", "notumor"} and not any(r.mirror for r in batch)
     for picture, together in zip(pictures, batch):
-        alone = explain(lesion_classifier, picture, method="gradcam")
+        alone = explain(lesion_classifier, picture, method="gradcam", mirror=False)
         assert alone.predicted == together.predicted
         np.testing.assert_allclose(together.heatmap, alone.heatmap, atol=1e-5)
     inputs = torch.stack([lesion_classifier.preprocess(p.convert("RGB")) for p in pictures])
     indices = [lesion_classifier.classes.index(r.predicted) for r in batch]
     reference = reference_gradcam(lesion_classifier.model, inputs, indices)
     np.testing.assert_allclose(np.stack([r.heatmap for r in batch]), reference, atol=1e-5)
+    # Mirror averaging (the default): the hand-made maps of the slice and of its mirror (flipped back), each
+    # normalized, summed and normalized again; the probabilities stay the slice's own.
+    mirrored = explain(lesion_classifier, pictures, method="gradcam")
+    assert all(r.mirror for r in mirrored)
+    flipped_back = reference_gradcam(lesion_classifier.model, inputs.flip(-1), indices)[..., ::-1]
+    expected = normalize_maps(torch.from_numpy(reference + flipped_back)).numpy()
+    np.testing.assert_allclose(np.stack([r.heatmap for r in mirrored]), expected, atol=1e-5)
+    assert [r.probability for r in mirrored] == [r.probability for r in batch]
+    assert not np.allclose(expected, reference, atol=0.05)  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("method", ["gradcampp", "occlusion"])
+def test_mirror_averaged_map_of_a_symmetric_slice_is_symmetric(lesion_classifier, method):
+    image, _ = lesion_phantom(2100)
+    symmetric = np.concatenate([image[:, : SIZE // 2], image[:, : SIZE // 2][:, ::-1]], axis=1)
+    inputs = lesion_classifier.preprocess(Image.fromarray(np.ascontiguousarray(symmetric)).convert("RGB"))[None]
+    layer = "layer4" if method in CAM_METHODS else None
+    _, single = explain_batch(lesion_classifier.model, inputs, method, layer=layer, targets=[1], mirror=False)
+    _, averaged = explain_batch(lesion_classifier.model, inputs, method, layer=layer, targets=[1])
+    np.testing.assert_allclose(averaged[0], averaged[0][:, ::-1], atol=1e-5)
+    assert np.abs(single[0] - single[0][:, ::-1]).max() > 0.01  # one view alone is not: the test has power
 
 
 @pytest.mark.slow
@@ -273,7 +294,7 @@ def test_grad_cam_is_a_pure_function_of_model_layer_and_batch(lesion_classifier)
     assert probabilities.shape == (2, 2) and maps.shape == (2, SIZE, SIZE)
     indices = list(probabilities.argmax(axis=1))
     np.testing.assert_allclose(maps, reference_gradcam(model, inputs, indices), atol=1e-5)
-    through_classifier = lesion_classifier.explain(pictures, method="gradcam")
+    through_classifier = lesion_classifier.explain(pictures, method="gradcam", mirror=False)
     np.testing.assert_allclose(maps, np.stack([e.heatmap for e in through_classifier]), atol=1e-5)
     # Per-image targets: each row explains its own class.
     _, chosen = grad_cam(model, model.layer4, inputs, targets=[1, 0])
@@ -340,11 +361,13 @@ def test_cam_methods_share_one_pass_and_match_captum(lesion_classifier):
     model = lesion_classifier.model
     inputs = torch.stack([lesion_classifier.preprocess(Image.fromarray(lesion_phantom(s)[0]).convert("RGB"))
                           for s in (5000, 5001)])
-    _, together = explain_cam_batch(model, inputs, CAM_METHODS, ["features.3", "layer4"], targets=[1, 0])
-    for method in CAM_METHODS:
-        for position, layer in enumerate(["features.3", "layer4"]):
-            _, alone = explain_batch(model, inputs, method, layer=layer, targets=[1, 0])
-            np.testing.assert_allclose(together[method, position], alone, atol=1e-6)
+    for mirror in (True, False):
+        _, together = explain_cam_batch(model, inputs, CAM_METHODS, ["features.3", "layer4"], targets=[1, 0],
+                                        mirror=mirror)
+        for method in CAM_METHODS:
+            for position, layer in enumerate(["features.3", "layer4"]):
+                _, alone = explain_batch(model, inputs, method, layer=layer, targets=[1, 0], mirror=mirror)
+                np.testing.assert_allclose(together[method, position], alone, atol=1e-6)
     reference = LayerGradCam(model, model.layer4).attribute(inputs, target=torch.tensor([1, 0]),
                                                             relu_attributions=False).detach()
     reference = F.interpolate(reference, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]

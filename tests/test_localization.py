@@ -160,11 +160,12 @@ def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, ca
     csv_path = phantom_boxes(tmp_path, seed=40)
     argv = [str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "hirescam", "occlusion",
             "--layers", "layer3", "layer4", "--faithfulness", "--save-maps", str(tmp_path / "maps.npz"),
-            "--image-size", "32"]
+            "--image-size", "32", "--mirror", "both"]
     assert loc.main(argv + ["--json", "-"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result["rows"]) == ["gradcam@layer3", "gradcam@layer4", "hirescam@layer3", "hirescam@layer4",
-                                    "occlusion", "centre", "random"]
+    single = ["gradcam@layer3", "gradcam@layer4", "hirescam@layer3", "hirescam@layer4", "occlusion"]
+    assert list(result["rows"]) == single + [f"{row}+mirror" for row in single] + ["centre", "random"]
+    assert result["runs"]["occlusion+mirror"]["mirror"] is True and result["runs"]["occlusion"]["mirror"] is False
     assert result["slices"] == 3 and result["image_size"] == 32
     row = result["rows"]["occlusion"]
     assert set(row) == {"all", "glioma", "meningioma", "pituitary"} and row["all"]["n"] == 3
@@ -175,6 +176,7 @@ def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, ca
                      "--image-size", "32"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| explanation | pointing (all)") and "| centre |" in table
+    assert "| gradcam@layer3+mirror |" in table  # explain's default: mirror averaging
     assert loc.main([str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "saliency"]) == 2
     assert "unknown method 'saliency'" in capsys.readouterr().err
 
@@ -240,7 +242,7 @@ def test_diagnose_montage_and_mean_maps_from_saved_maps(tmp_path, tiny_checkpoin
     assert loc.main(common + ["--diagnose", str(tmp_path / "maps.npz"), "--json", "-"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["masking"]) == set(loc.MASKINGS) and result["slices"] == 3
-    assert sum(result["peaks"]["gradcam@layer4"][k] for k in ("box", "brain", "rim", "background", "none")) == \
+    assert sum(result["peaks"]["gradcam@layer4+mirror"][k] for k in ("box", "brain", "rim", "background", "none")) == \
         pytest.approx(1.0)
     for flag in ("--montage", "--mean-maps"):
         out = tmp_path / f"{flag[2:]}.png"

@@ -200,6 +200,12 @@ def test_explain_returns_decodable_overlay(client):
     assert other.status_code == 200, other.text
     assert other.json()["results"][0]["explanation"]["method"] == "gradcampp"
     assert other.json()["results"][0]["explanation"]["layer"] == "layer3"
+    assert other.json()["results"][0]["explanation"]["mirror"] is True  # the default: averaged with the mirror
+    single = client.post("/api/predict?explain=1&method=gradcampp&layer=layer3&mirror=false",
+                         files=upload(("a.png", png_bytes())))
+    assert single.status_code == 200 and single.json()["results"][0]["explanation"]["mirror"] is False
+    assert (single.json()["results"][0]["explanation"]["heatmap_png_base64"]
+            != other.json()["results"][0]["explanation"]["heatmap_png_base64"])
     bad_layer = client.post("/api/predict?explain=1&layer=nowhere", files=upload(("a.png", png_bytes())))
     assert bad_layer.status_code == 422 and "nowhere" in bad_layer.json()["detail"]
     bad_method = client.post("/api/predict?explain=1&method=astrology", files=upload(("a.png", png_bytes())))

@@ -158,14 +158,16 @@ class Classifier:
         return service.predict_batch(self, batch, sources)
 
     def explain(self, x: ImageInput | Sequence[ImageInput], target: str | None = None, batch_size: int = 16,
-                method: str | None = None, layer: str | None = None) -> Explanation | list[Explanation]:
+                method: str | None = None, layer: str | None = None,
+                mirror: bool | None = None) -> Explanation | list[Explanation]:
         """Explanation for one input (an Explanation) or a list (a list, same order): the heat map of ``target``
         (a class name; None: each image's predicted class) by ``method`` (None: the default), with the
         calibrated probabilities and ``explanation.prediction`` (status included); ``layer`` for the CAM methods
-        (None: the method's default, ``visualize.explain.DEFAULT_LAYERS``). Needs the PyTorch backend."""
+        (None: the method's default, ``visualize.explain.DEFAULT_LAYERS``); ``mirror`` averages each map with the
+        mirrored slice's (None: ``visualize.explain.DEFAULT_MIRROR``, on). Needs the PyTorch backend."""
         single = _is_single(x)
         items = [x] if single else list(x)
-        results = service.explain_items(self, items, target=target, method=method, layer=layer,
+        results = service.explain_items(self, items, target=target, method=method, layer=layer, mirror=mirror,
                                         batch_size=batch_size)
         return results[0] if single else results
 

@@ -327,13 +327,13 @@ def predict_items(classifier: "Classifier", items: Sequence[ImageInput | Volume]
 # ------------------------------------------------------------------ explanations
 
 def _explain_maps(model: torch.nn.Module, batch: torch.Tensor, method: str, layer: str | None,
-                  targets: list[int]) -> np.ndarray:
+                  targets: list[int], mirror: bool) -> np.ndarray:
     """Heat maps (B, S, S) in [0, 1] from ``visualize.explain.explain_batch`` (an unknown method or layer is a
     UserError)."""
     from braintumor.visualize.explain import explain_batch
 
     try:
-        return explain_batch(model, batch, method=method, layer=layer, targets=targets)[1]
+        return explain_batch(model, batch, method=method, layer=layer, targets=targets, mirror=mirror)[1]
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -358,14 +358,16 @@ def explain_methods() -> tuple[str, ...]:
 
 
 def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, target: str | None = None,
-                  method: str | None = None, layer: str | None = None, batch_size: int = 16,
-                  sources: Sequence[str] | None = None) -> list["Explanation"]:
+                  method: str | None = None, layer: str | None = None, mirror: bool | None = None,
+                  batch_size: int = 16, sources: Sequence[str] | None = None) -> list["Explanation"]:
     """Explanations of image inputs: each the calibrated :class:`Prediction` (``explanation.prediction``, with
     its status), and a heat map of ``target`` (a class name; None: the predicted class) by ``method`` (None:
-    ``visualize.explain.DEFAULT_METHOD``). Needs a PyTorch model: exports have no gradients (UserError)."""
-    from braintumor.visualize.explain import DEFAULT_METHOD, Explanation
+    ``visualize.explain.DEFAULT_METHOD``), averaged with the mirror view's or not (``mirror``; None:
+    ``DEFAULT_MIRROR``). Needs a PyTorch model: exports have no gradients (UserError)."""
+    from braintumor.visualize.explain import DEFAULT_METHOD, DEFAULT_MIRROR, Explanation
 
     method = method or DEFAULT_METHOD
+    mirror = DEFAULT_MIRROR if mirror is None else bool(mirror)
     if classifier.model is None:
         raise UserError(f"explanations need gradients: load the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
@@ -385,11 +387,11 @@ def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, targ
                                            finite_inputs=finite)
             targets = [classes.index(target if target is not None else (p.predicted_class or classes[0]))
                        for p in predictions]
-            maps = _explain_maps(classifier.model, batch.to(classifier.device), method, layer, targets)
+            maps = _explain_maps(classifier.model, batch.to(classifier.device), method, layer, targets, mirror)
         for prediction, image, heatmap, explained in zip(predictions, images, maps, targets):
             explanation = Explanation.of(prediction.source, classes, np.array(list(prediction.probabilities.values())),
                                          np.asarray(heatmap, dtype=np.float32), image.resize(size, Image.BILINEAR),
-                                         explained, method=method)
+                                         explained, method=method, mirror=mirror)
             explanation.prediction = prediction  # calibrated probabilities and the status
             explanation.status = prediction.status
             results.append(explanation)

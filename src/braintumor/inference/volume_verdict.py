@@ -212,16 +212,16 @@ def explained_class(result: VolumeResult) -> str | None:
 
 
 def montage_image(classifier, volume: Volume, result: VolumeResult, *, method: str | None = None,
-                  layer: str | None = None):
+                  layer: str | None = None, mirror: bool | None = None):
     """Explanation montage of the most suspicious slices (explaining the verdict class when it is a tumour class)
-    by ``method`` at ``layer`` (None: the defaults of ``visualize.explain``)."""
+    by ``method`` at ``layer``, mirror-averaged or not (None: the defaults of ``visualize.explain``)."""
     from braintumor.visualize.explain import explain
     from braintumor.visualize.figures import gradcam_montage
 
     target = explained_class(result)
     images = volume.images()
     explanations = explain(classifier, [images[i] for i in result.suspicious], target=target, method=method,
-                           layer=layer)
+                           layer=layer, mirror=mirror)
     titles = [f"slice {i}: {e.predicted} {e.probability:.2f}" for i, e in zip(result.suspicious, explanations)]
     title = (f"{Path(result.source).name}: verdict {result.verdict} ({result.evidence})\n"
              f"rule: {result.rule}")
@@ -229,7 +229,8 @@ def montage_image(classifier, volume: Volume, result: VolumeResult, *, method: s
 
 
 def write_volume_outputs(classifier, volume: Volume, result: VolumeResult, out_dir, *,
-                         montage: bool = True, method: str | None = None, layer: str | None = None) -> list[Path]:
+                         montage: bool = True, method: str | None = None, layer: str | None = None,
+                         mirror: bool | None = None) -> list[Path]:
     """``<stem>_slices.csv``, ``<stem>_volume.json`` and (with ``montage``) ``<stem>_montage.png``, the
     explanations of the most suspicious slices by ``method`` at ``layer``, in ``out_dir``."""
     out = Path(out_dir)
@@ -237,7 +238,7 @@ def write_volume_outputs(classifier, volume: Volume, result: VolumeResult, out_d
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", volume.stem).strip("_") or "volume"
     written = []
     if montage and result.suspicious:
-        picture = montage_image(classifier, volume, result, method=method, layer=layer)
+        picture = montage_image(classifier, volume, result, method=method, layer=layer, mirror=mirror)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         path = atomic_write(out / f"{stem}_montage.png", lambda handle: handle.write(buffer.getvalue()))

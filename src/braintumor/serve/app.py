@@ -396,7 +396,8 @@ class Analyzer:
             with self._explaining():
                 details["montage_png_base64"] = png_base64(montage_image(self.classifier, volume, outcome,
                                                                            method=options.method,
-                                                                           layer=options.layer))
+                                                                           layer=options.layer,
+                                                                           mirror=options.mirror))
         return result
 
     @contextmanager
@@ -412,12 +413,13 @@ class Analyzer:
 
         with self._explaining():
             [explained] = service.explain_items(self.classifier, [image], sources=[source], target=target,
-                                                method=options.method, layer=options.layer)
+                                                method=options.method, layer=options.layer,
+                                                mirror=options.mirror)
         size = preview_size(image)
         overlay = explained.overlay().resize(size, Image.Resampling.BILINEAR)
         heatmap = explained.overlay(alpha=1.0).resize(size, Image.Resampling.BILINEAR)
         return {"method": explained.method, "layer": layer_of(explained.method, options.layer),
-                "target": explained.target,
+                "mirror": explained.mirror, "target": explained.target,
                 "overlay_png_base64": png_base64(overlay), "heatmap_png_base64": png_base64(heatmap)}
 
 
@@ -429,6 +431,7 @@ class Options:
     explain: bool = False
     method: str | None = None
     layer: str | None = None
+    mirror: bool | None = None
     target: str | None = None
 
 
@@ -481,6 +484,8 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
                                                      f"(default {default_method})"),
         layer: str | None = Query(None, description="the layer a CAM method reads, e.g. layer3 (default: the "
                                                     "method's own, visualize.explain.DEFAULT_LAYERS)"),
+        mirror: bool | None = Query(None, description="average each map with the mirrored slice's map (default: "
+                                                      "on, visualize.explain.DEFAULT_MIRROR)"),
         preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
         target: str | None = Query(None, description="class explained (default: the predicted one)"),
     ) -> dict:
@@ -490,7 +495,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
             raise HTTPException(422, f"unknown target class {target!r}; choose one of {', '.join(classifier.classes)}")
         if method is not None and method not in methods:
             raise HTTPException(422, f"unknown explanation method {method!r}; choose one of {', '.join(methods)}")
-        options = Options(preview=preview, explain=explain, method=method, layer=layer, target=target)
+        options = Options(preview=preview, explain=explain, method=method, layer=layer, mirror=mirror, target=target)
         if app.state.limiter is None:
             app.state.limiter = anyio.CapacityLimiter(threads)
             # Uploads that decode to large images take a lane of their own: one thread, at a lower CPU priority,

@@ -23,6 +23,14 @@ and activation), so several methods and layers cost one backward pass. They read
 per-channel minimum, the background of an MRI slice. The class score is the logit (a softmax near 1 barely moves
 when evidence is removed). ``DEFAULT_METHOD`` was chosen by ``benchmarks/localization.py`` (docs/localization.md).
 
+Mirror averaging (``mirror=True``, the default ``DEFAULT_MIRROR`` on every surface): each map is the mean of the
+image's map and its left-right mirror's map flipped back, each min–max normalized first, for the same explained
+class. The models train with random flips, so both views are inputs they know; a map that holds in only one of
+them is the view's artefact (a CAM's coarse grid and its left-right asymmetry), not the slice's evidence. It costs
+a second pass of the method. On the 600 box slices it raised Grad-CAM++ at layer3's pointing game from 45.7 % to
+53.0 % on the shipped model and from 53.2 % to 59.0 % on a 192 px model (docs/localization.md); ``mirror=False``
+gives the single-view map of the literature.
+
 :func:`explain_batch` touches nothing but the model it is given: captum registers its hooks for one call and
 removes them afterwards, and the model's train/eval mode and its parameters' ``requires_grad`` flags are
 restored. Reading files and locking a shared model belong to the caller (``Classifier.explain`` holds its lock for
@@ -60,6 +68,7 @@ METHODS = CAM_METHODS + ("occlusion", "integrated-gradients")
 DEFAULT_METHOD = "gradcampp"
 DEFAULT_LAYERS = {"gradcam": "layer4", "gradcampp": "layer3", "hirescam": "layer3", "layercam": "layer3"}
 DEFAULT_LAYER = DEFAULT_LAYERS[DEFAULT_METHOD]
+DEFAULT_MIRROR = True  # average each map with its mirror view's (see the module docstring); chosen by the benchmark
 METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM", "layercam": "LayerCAM",
                  "occlusion": "Occlusion", "integrated-gradients": "Integrated gradients"}
 
@@ -81,16 +90,18 @@ class Explanation:
     heatmap: np.ndarray
     image: Image.Image
     method: str = DEFAULT_METHOD
+    mirror: bool = DEFAULT_MIRROR
 
     @classmethod
     def of(cls, source: str, classes: Sequence[str], probabilities: np.ndarray, heatmap: np.ndarray,
-           image: Image.Image, target: int | None = None, method: str = DEFAULT_METHOD) -> "Explanation":
+           image: Image.Image, target: int | None = None, method: str = DEFAULT_METHOD,
+           mirror: bool = DEFAULT_MIRROR) -> "Explanation":
         """The explanation of one row of ``explain_batch``'s output (``target`` None: the predicted class)."""
         predicted = int(np.argmax(probabilities))
         explained = predicted if target is None else int(target)
         return cls(source=source, target=classes[explained], predicted=classes[predicted],
                    probability=float(probabilities[predicted]), target_probability=float(probabilities[explained]),
-                   heatmap=heatmap, image=image, method=method)
+                   heatmap=heatmap, image=image, method=method, mirror=bool(mirror))
 
     @property
     def method_label(self) -> str:
@@ -114,7 +125,7 @@ class Explanation:
 
 def explain(classifier, x, target: str | None = None, batch_size: int = 16, **options):
     """Explanations of one input or a list of inputs through a Classifier (see ``Classifier.explain``);
-    ``options`` (``method=``, ``layer=``) are passed on when given."""
+    ``options`` (``method=``, ``layer=``, ``mirror=``) are passed on when given."""
     return classifier.explain(x, target=target, batch_size=batch_size, **options)
 
 
@@ -148,31 +159,34 @@ def layer_of(method: str, layer: str | nn.Module | None = None) -> str | nn.Modu
 
 def explain_batch(model: nn.Module, batch: torch.Tensor, method: str = DEFAULT_METHOD,
                   layer: str | nn.Module | None = None,
-                  targets: Sequence[int] | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  targets: Sequence[int] | torch.Tensor | None = None,
+                  mirror: bool = DEFAULT_MIRROR) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (B, C) and explanation maps (B, S, S) float32 in [0, 1] of a preprocessed batch
     (B, 3, S, S) on the model's device; ``targets`` holds each image's class index (None: its predicted class).
 
-    ``method`` is one of METHODS; ``layer`` names the block a CAM method reads (None: DEFAULT_LAYERS[method]). The
-    model runs in eval mode (a map does not depend on the rest of the batch); its modes, ``requires_grad`` flags and
-    hooks are as before when this returns.
+    ``method`` is one of METHODS; ``layer`` names the block a CAM method reads (None: DEFAULT_LAYERS[method]);
+    ``mirror`` averages each map with its mirror view's (module docstring). The probabilities are the batch's own
+    (not the mirror's). The model runs in eval mode (a map does not depend on the rest of the batch); its modes,
+    ``requires_grad`` flags and hooks are as before when this returns.
     """
     check_method(method, layer)
     if method in CAM_METHODS:
         probabilities, maps = explain_cam_batch(model, batch, [method],
-                                                [layer_of(method, layer)], targets)
+                                                [layer_of(method, layer)], targets, mirror=mirror)
         return probabilities, maps[method, 0]
     with _explaining(model), torch.inference_mode(False), torch.enable_grad():
         probabilities, inputs, indices = _prepare(model, batch, targets, requires_grad=False)
         maps = _ATTRIBUTORS[method](model, inputs, indices)
-    return probabilities, _finish(maps)
+        mirrored = _ATTRIBUTORS[method](model, _mirror_view(inputs), indices).flip(-1) if mirror else None
+    return probabilities, _combined(maps, mirrored)
 
 
 def explain_cam_batch(model: nn.Module, batch: torch.Tensor, methods: Sequence[str] = CAM_METHODS,
                       layers: Sequence[str | nn.Module] = (DEFAULT_LAYER,),
-                      targets: Sequence[int] | torch.Tensor | None = None
+                      targets: Sequence[int] | torch.Tensor | None = None, mirror: bool = DEFAULT_MIRROR
                       ) -> tuple[np.ndarray, dict[tuple[str, int], np.ndarray]]:
-    """Several CAM methods at several layers from one backward pass (what ``explain_batch`` gives for each):
-    probabilities (B, C) and {(method, position of the layer in ``layers``): maps (B, S, S) in [0, 1]}."""
+    """Several CAM methods at several layers from one backward pass per view (what ``explain_batch`` gives for
+    each): probabilities (B, C) and {(method, position of the layer in ``layers``): maps (B, S, S) in [0, 1]}."""
     for method in methods:
         if method not in CAM_METHODS:
             raise ValueError(f"{method!r} is not a CAM method; choose from: {', '.join(CAM_METHODS)}")
@@ -181,7 +195,9 @@ def explain_cam_batch(model: nn.Module, batch: torch.Tensor, methods: Sequence[s
         # An input that requires grad keeps the graph to a layer alive even when every weight is frozen.
         probabilities, inputs, indices = _prepare(model, batch, targets, requires_grad=True)
         maps = cam_maps(model, inputs, indices, modules, methods)
-    return probabilities, {key: _finish(value) for key, value in maps.items()}
+        mirrored = cam_maps(model, _mirror_view(inputs), indices, modules, methods) if mirror else {}
+    return probabilities, {key: _combined(value, mirrored[key].flip(-1) if mirror else None)
+                           for key, value in maps.items()}
 
 
 def _prepare(model, batch, targets, requires_grad):
@@ -198,15 +214,29 @@ def _prepare(model, batch, targets, requires_grad):
     return probabilities.cpu().numpy(), inputs, indices
 
 
+def _mirror_view(inputs: torch.Tensor) -> torch.Tensor:
+    """The left-right mirror of a batch, a fresh leaf that requires grad when ``inputs`` does."""
+    return inputs.detach().flip(-1).requires_grad_(inputs.requires_grad)
+
+
 def _finish(maps: torch.Tensor) -> np.ndarray:
     """Positive part, per-map min–max normalization, float32 numpy."""
     return normalize_maps(F.relu(maps.detach().float())).cpu().numpy().astype(np.float32)
 
 
+def _combined(maps: torch.Tensor, mirrored: torch.Tensor | None) -> np.ndarray:
+    """``_finish`` of raw maps, or with ``mirrored`` (the mirror view's raw maps, flipped back) the normalized
+    mean of the two, each normalized first so that neither view's scale dominates."""
+    if mirrored is None:
+        return _finish(maps)
+    return _finish(normalize_maps(F.relu(maps.detach().float())) + normalize_maps(F.relu(mirrored.detach().float())))
+
+
 def grad_cam(model: nn.Module, layer: str | nn.Module, batch: torch.Tensor,
              targets: Sequence[int] | torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM at ``layer``: ``explain_batch(model, batch, "gradcam", layer, targets)``."""
-    return explain_batch(model, batch, "gradcam", layer=layer, targets=targets)
+    """Classic single-view Grad-CAM at ``layer``: ``explain_batch(model, batch, "gradcam", layer, targets,
+    mirror=False)``."""
+    return explain_batch(model, batch, "gradcam", layer=layer, targets=targets, mirror=False)
 
 
 @contextmanager
@@ -328,8 +358,8 @@ def write_explanations(classifier, paths: Sequence[str | os.PathLike], out_dir: 
 
     Each panel is the slice beside its overlay with a colour bar and a caption (``figures.gradcam_panel``, always
     the same size). Files are named ``<stem>_<method>_<class>.png`` after the method and the explained class, so a
-    rerun replaces its own files instead of leaving stale ones beside them. ``options`` (``method=``, ``layer=``)
-    go to ``classifier.explain`` when given.
+    rerun replaces its own files instead of leaving stale ones beside them. ``options`` (``method=``, ``layer=``,
+    ``mirror=``) go to ``classifier.explain`` when given.
     """
     from braintumor.visualize.figures import gradcam_panel
 
