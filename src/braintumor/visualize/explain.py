@@ -195,9 +195,9 @@ def explain_cam_batch(model: nn.Module, batch: torch.Tensor, methods: Sequence[s
         # An input that requires grad keeps the graph to a layer alive even when every weight is frozen.
         probabilities, inputs, indices = _prepare(model, batch, targets, requires_grad=True)
         maps = cam_maps(model, inputs, indices, modules, methods)
-        mirrored = cam_maps(model, _mirror_view(inputs), indices, modules, methods) if mirror else {}
-    return probabilities, {key: _combined(value, mirrored[key].flip(-1) if mirror else None)
-                           for key, value in maps.items()}
+        mirrored = ({key: value.flip(-1) for key, value in
+                     cam_maps(model, _mirror_view(inputs), indices, modules, methods).items()} if mirror else {})
+    return probabilities, {key: _combined(value, mirrored.get(key)) for key, value in maps.items()}
 
 
 def _prepare(model, batch, targets, requires_grad):
@@ -219,9 +219,14 @@ def _mirror_view(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.detach().flip(-1).requires_grad_(inputs.requires_grad)
 
 
+def _normalized(maps: torch.Tensor) -> torch.Tensor:
+    """Positive part, per-map min–max normalization."""
+    return normalize_maps(F.relu(maps.detach().float()))
+
+
 def _finish(maps: torch.Tensor) -> np.ndarray:
-    """Positive part, per-map min–max normalization, float32 numpy."""
-    return normalize_maps(F.relu(maps.detach().float())).cpu().numpy().astype(np.float32)
+    """``_normalized`` as float32 numpy."""
+    return _normalized(maps).cpu().numpy().astype(np.float32)
 
 
 def _combined(maps: torch.Tensor, mirrored: torch.Tensor | None) -> np.ndarray:
@@ -229,7 +234,7 @@ def _combined(maps: torch.Tensor, mirrored: torch.Tensor | None) -> np.ndarray:
     mean of the two, each normalized first so that neither view's scale dominates."""
     if mirrored is None:
         return _finish(maps)
-    return _finish(normalize_maps(F.relu(maps.detach().float())) + normalize_maps(F.relu(mirrored.detach().float())))
+    return _finish(_normalized(maps) + _normalized(mirrored))
 
 
 def grad_cam(model: nn.Module, layer: str | nn.Module, batch: torch.Tensor,
