@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "braintumor"
 # Lowest first. A module may import its own layer or any lower one, never a higher one.
 LAYERS = [
     # evaluation.metrics is pure arithmetic (numpy, scikit-learn) that trust fitting and training use too.
-    {"braintumor", "braintumor._compat", "braintumor.errors", "braintumor.utils", "braintumor.evaluation.metrics"},
+    {"braintumor", "braintumor._compat", "braintumor.choices", "braintumor.errors", "braintumor.utils", "braintumor.evaluation.metrics"},
     {"braintumor.data"},
     {"braintumor.synthetic"},
     {"braintumor.models", "braintumor.optim"},

@@ -21,9 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy.fft import dctn
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from braintumor.errors import UserError
 from braintumor.data.io import ImageReadError, read_image
@@ -87,6 +84,8 @@ def phash(gray: np.ndarray, *, crop_to_content: bool = True) -> int:
     so cropped margins, padding and re-scaling barely move the hash. Bit 255 (most significant) is
     coefficient (0, 0), then row-major. Half the AC bits are set, so distances are always even.
     """
+    from scipy.fft import dctn  # here, not at the top: the CLI's parser imports this module (--help stays fast)
+
     values = np.ascontiguousarray(gray, dtype=np.float32)
     box = content_box(values) if crop_to_content else None
     small = Image.fromarray(values).resize((4 * HASH_SIDE,) * 2, Image.Resampling.LANCZOS, box=box)
@@ -298,6 +297,9 @@ def near_pairs(hashes, threshold: int = DEFAULT_THRESHOLD) -> np.ndarray:
 
 def group_ids(records: list[dict], threshold: int) -> np.ndarray:
     """Connected components of the near-duplicate graph (union-find); exact copies share a hash."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     readable = [i for i, r in enumerate(records) if "error" not in r]
     inverse, pairs = _distinct_near_pairs([records[i]["phash"] for i in readable], threshold)
     n = len(np.unique(inverse))

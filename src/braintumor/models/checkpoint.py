@@ -23,21 +23,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from braintumor.choices import MAX_IMAGE_SIZE, REFERENCE_NAME
 from braintumor.utils.atomic import atomic_write
 from braintumor.errors import UserError
 from braintumor.models.formats import CHECKPOINT, TORCHSCRIPT, content_format, model_format
 from braintumor.models.network import build_model, torch_load_problem
 
 FORMAT_VERSION = 1
-# The largest input side a model may declare (training's --image-size bound too): ResNet-152 at 1024 px already
-# needs tens of GB per batch of 32, and a larger image_size read from a file would only allocate.
-MAX_IMAGE_SIZE = 1024
 REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
 # What best.pt keeps besides the weights and the spec: where the weights came from (small; ``calibrate`` reads
 # the recipe to rebuild the run's split).
 PROVENANCE_KEYS = ("config", "epoch", "best_val_accuracy")
-# The model shipped inside the package (see MODEL_CARD.md); "reference" names it wherever a checkpoint is expected.
-REFERENCE_NAME = "reference"
 REFERENCE_MODEL = Path(__file__).parents[1] / "reference" / "reference-resnet18.pt"
 
 

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from braintumor.choices import ARCHS
 from braintumor.errors import UserError
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # torchvision's best ImageNet weights for each architecture (V2 where torchvision has them).
 _IMAGENET_WEIGHTS = {

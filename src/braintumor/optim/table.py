@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
+from braintumor.choices import OPTIMIZERS
 from braintumor.optim.ranger import Ranger
 from braintumor.optim.ranger_compiled import CompiledRanger
 
@@ -36,7 +37,8 @@ OPTIMIZER_TABLE: dict[str, OptimizerEntry] = {
     "adamw": OptimizerEntry(torch.optim.AdamW),
     "sgd": OptimizerEntry(torch.optim.SGD, dict(momentum=0.9, nesterov=True)),
 }
-OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+if tuple(OPTIMIZER_TABLE) != OPTIMIZERS:  # the parser offers braintumor.choices' names without importing this
+    raise ImportError(f"OPTIMIZER_TABLE implements {tuple(OPTIMIZER_TABLE)}, braintumor.choices offers {OPTIMIZERS}")
 
 
 def build_optimizer(name: str, params: Iterable, *, lr: float, weight_decay: float = 0.0, compiled: bool = False,

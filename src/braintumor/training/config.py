@@ -19,11 +19,9 @@ from typing import Any
 
 import yaml
 
-from braintumor.models.checkpoint import MAX_IMAGE_SIZE, REFERENCE_NAME  # MAX_IMAGE_SIZE: one home, the ModelSpec
+# Only torch-free modules here: the CLI's parser is built from this file (``braintumor --help`` stays fast).
+from braintumor.choices import ARCHS, MAX_IMAGE_SIZE, OPTIMIZERS, PRECISIONS, REFERENCE_NAME, STEP_MODES
 from braintumor.errors import UserError
-from braintumor.models.network import ARCHS
-from braintumor.optim.table import OPTIMIZERS
-from braintumor.training.step import PRECISIONS, STEP_MODES
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from braintumor.choices import PRECISIONS, STEP_MODES
 from braintumor.optim.table import OPTIMIZER_TABLE
 
-STEP_MODES = ("auto", "eager", "compile", "compile-step", "cuda-graphs")
-PRECISIONS = ("auto", "bf16", "fp32")
 # auto compiles on CUDA from this many optimizer steps in the run. An estimate until measured on the GPU (see
 # benchmarks/gpu_session.sh, which prints the break-even): ~90 s to compile ResNet-152's forward and backward,
 # ~8 eager steps/s at batch 256 on an H200, ~1.25x faster when compiled -> 90 * 8 / 0.25 ~ 3,000 steps.
