@@ -163,7 +163,9 @@ def test_predictions_csv_carries_the_status_and_metrics_count_it_per_status_and_
         assert accuracy == (None if not members else pytest.approx(np.mean([r["correct"] == "true" for r in members])))
     assert set(trust["flag_rate_by_class"]["glioma"]) == {"atypical", "not_mri", "uncertain"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert "slices_per_status" in report["extra"] and report["trust"]["statuses"] == trust["statuses"]
+    assert "flag_rate_per_class" in report["extra"] and report["trust"]["statuses"] == trust["statuses"]
+    whole = (tmp_path / "out" / "report.md").read_text()
+    assert whole.count(f"ok {trust['statuses']['ok']} (") == 1  # the statuses once, in the summary, not again in Notes
     summary = (tmp_path / "out" / "report.md").read_text().split("## Per class")[0]
     counts = trust["statuses"]
     assert (f"- Status of the slices: ok {counts['ok']} ({counts['ok'] / 10:.1%}), atypical {counts['atypical']} "

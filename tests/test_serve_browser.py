@@ -151,7 +151,8 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             assert overlay_box["x"] >= slice_box["x"] + slice_box["width"] - 1  # side by side
             expect(card.locator(".colour-bar")).to_be_visible()
             label = answers[slice_path.name]["predicted_class"]
-            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"{labels[default]} for {label}")
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(
+                f"{labels[default]} for {label}, averaged with the mirrored slice's map")  # the default, said
             card.get_by_test_id("gradcam-opacity").fill("80")
             assert overlay.evaluate("img => getComputedStyle(img).opacity") == "0.8"
             toggle.click()

@@ -71,13 +71,10 @@ def trust_metrics(predictions: list[EvaluatedPrediction], classes: list[str]) ->
     return {"statuses": counts, "accuracy_by_status": accuracy, "flag_rate_by_class": rates}
 
 
-def _trust_lines(trust: dict[str, Any], tiers: tuple[str, ...], n: int) -> dict[str, str]:
-    """The trust metrics as report lines (the report's extra section)."""
+def _trust_notes(trust: dict[str, Any], tiers: tuple[str, ...]) -> dict[str, str]:
+    """The trust tiers and the flag rate per class for the report's notes (its summary already gives the slices
+    and the accuracy per status)."""
     lines = {"trust tiers": ", ".join(tiers) if tiers else "none (fit them with braintumor calibrate)"}
-    lines["slices per status"] = ", ".join(
-        f"{status} {count} ({count / max(n, 1):.1%})"
-        + ("" if trust["accuracy_by_status"][status] is None else f", accuracy {trust['accuracy_by_status'][status]:.2%}")
-        for status, count in trust["statuses"].items())
     lines["flag rate per class"] = "; ".join(
         f"{name}: " + ", ".join(f"{status} {rate:.1%}" for status, rate in rates.items() if rate is not None)
         for name, rates in trust["flag_rate_by_class"].items())
@@ -126,7 +123,7 @@ def evaluate_classifier(classifier: Classifier, paths: list[Path], labels: list[
     trust = trust_metrics(predictions, classes)
     metrics["trust"] = {"tiers": list(tiers), **trust}
     extra = {"checkpoint": f"{classifier.source_path} (sha256 {classifier.fingerprint})", **(extra or {}),
-             **_trust_lines(trust, tiers, len(predictions))}
+             **_trust_notes(trust, tiers)}
     subsets = None
     if leak_free is not None:
         mask = np.asarray(leak_free, dtype=bool)

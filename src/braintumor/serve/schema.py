@@ -63,7 +63,7 @@ class ExplanationImage(BaseModel):
 
     method: str = Field(description="one of braintumor.visualize.explain.METHODS")
     layer: str | None = Field(None, description="the layer a CAM method read (None: the method's default)")
-    mirror: bool = Field(True, description="whether the map is the mean of the slice's and its mirror's maps")
+    mirror: bool = Field(description="whether the map is the mean of the slice's and its mirror's maps")
     target: str = Field(description="the class whose evidence the map shows")
     overlay_png_base64: str = Field(description="the map blended over the slice, PNG (base64)")
     heatmap_png_base64: str = Field(description="the colour-mapped map alone, PNG (base64)")

@@ -237,8 +237,9 @@
       picture.alt = `Explanations of the most suspicious slices of ${card.dataset.filename}`;
       picture.hidden = false;
     }
+    const averaged = explanation.mirror ? ", averaged with the mirrored slice's map" : "";
     $('[data-testid="gradcam-caption"]', card).textContent = `${methodLabel(explanation.method)} for ` +
-      `${explanation.target}: red marks the strongest evidence, blue none.`;
+      `${explanation.target}${averaged}: red marks the strongest evidence, blue none.`;
   }
 
   async function fetchExplanation(card, file) {
