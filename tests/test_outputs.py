@@ -46,6 +46,9 @@ def test_commands_refuse_to_overwrite_without_the_flag(phantom_dir, tiny_checkpo
         code, err = main([*args, "--out", str(default)]), capsys.readouterr().err
         assert code == 2 and err.startswith(f"error: output folder {default} already holds files") \
             and err.count("\n") == 1, err
+    assert main(["explain", str(tiny_checkpoint), str(image), "-q"]) == 0
+    (explained,) = (tmp_path / "explanations").iterdir()  # explanations/<date-time>/, named for any method
+    assert any(explained.glob("*.png"))
     before = (default / "audit.md").stat().st_mtime_ns
     assert main(["audit", str(phantom_dir), "--out", str(default), "--overwrite", "-q"]) == 0
     assert (default / "audit.md").stat().st_mtime_ns != before

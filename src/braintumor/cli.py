@@ -404,7 +404,7 @@ def cmd_explain(args) -> int:
     note_cpu_only(classifier.backend, args.device)
     found = discover_inputs(args.images)
     options = {"method": args.method, "layer": args.layer, "mirror": args.mirror}
-    with staged_output_dir(args.out, "gradcam", overwrite=args.overwrite) as staged:  # all or nothing
+    with staged_output_dir(args.out, "explanations", overwrite=args.overwrite) as staged:  # all or nothing
         out = staged.path
         written = write_explanations(classifier, found.images, out, target=args.target, **options) \
             if found.images else []
@@ -537,7 +537,7 @@ def _explain_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="average each map with the map of the mirrored slice, flipped back (default: on, the better "
                         "of the localisation benchmark; --no-mirror: the single-view map, half the time)")
-    _out_flags(p, "gradcam")
+    _out_flags(p, "explanations")
     _volume_flags(p)
     _compute_flags(p)
     p.set_defaults(func=cmd_explain)
