@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from braintumor.errors import UserError
 from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
+from braintumor.visualize.explain import DEFAULT_MIRROR
 from braintumor.inference.classifier import Classifier
 from braintumor.serve import create_app, run_server
 from braintumor.serve.app import PREVIEW_SIZE, read_uploads
@@ -101,6 +102,7 @@ def test_health_model_docs_and_page(client, classifier):
     assert model["limits"]["max_file_bytes"] == 200_000 and model["limits"]["max_files"] == 4
     assert set(model["explain_methods"]) >= {"gradcam"} and model["default_explain_method"] in model["explain_methods"]
     assert model["explain_method_labels"]["gradcam"] == "Grad-CAM"
+    assert model["default_explain_mirror"] is DEFAULT_MIRROR  # the page's checkbox starts from it
 
     schema = client.get("/openapi.json")
     assert schema.status_code == 200

@@ -166,7 +166,17 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             card.get_by_test_id("explain-method").select_option(other)
             expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"{labels[other]} for {label}",
                                                                             timeout=30_000)
-            assert sum(f"method={other}&" in url or url.endswith(f"method={other}") for url in requested) == 1
+            assert sum(f"method={other}&" in url for url in requested) == 1
+            # The mirror checkbox: off fetches the single-view map once, and the caption no longer says averaged.
+            mirror_box = card.get_by_test_id("explain-mirror")
+            expect(mirror_box).to_be_checked()
+            mirror_box.uncheck()
+            expect(card.get_by_test_id("gradcam-caption")).not_to_contain_text("averaged", timeout=30_000)
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text(f"{labels[other]} for {label}")
+            assert sum(f"method={other}&mirror=false" in url for url in requested) == 1
+            mirror_box.check()  # cached: no new request
+            expect(card.get_by_test_id("gradcam-caption")).to_contain_text("averaged with the mirrored slice's map")
+            assert sum("explain=1" in url for url in requested) == 3
 
             # A photo is not a brain MRI slice: a plain card with no class and no class bars; the probabilities
             # only behind "show anyway", and even then no class is named as the answer.

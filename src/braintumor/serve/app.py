@@ -435,10 +435,10 @@ class Options:
     target: str | None = None
 
 
-def _explain_methods() -> tuple[tuple[str, ...], str, dict[str, str]]:
-    from braintumor.visualize.explain import DEFAULT_METHOD, METHOD_LABELS, METHODS
+def _explain_methods() -> tuple[tuple[str, ...], str, dict[str, str], bool]:
+    from braintumor.visualize.explain import DEFAULT_METHOD, DEFAULT_MIRROR, METHOD_LABELS, METHODS
 
-    return tuple(METHODS), DEFAULT_METHOD, {name: METHOD_LABELS.get(name, name) for name in METHODS}
+    return tuple(METHODS), DEFAULT_METHOD, {name: METHOD_LABELS.get(name, name) for name in METHODS}, DEFAULT_MIRROR
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
@@ -458,7 +458,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
     budget = MemoryBudget(int(budget_bytes or decode_budget_bytes or DEFAULT_BUDGET_BYTES))
     analyzer = Analyzer(classifier, budget, wait_seconds=budget_wait_seconds)
-    methods, default_method, method_labels = _explain_methods()
+    methods, default_method, method_labels, default_mirror = _explain_methods()
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
                   description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM) and volumes (NIfTI, "
                               f"multi-frame DICOM) slice by slice. {RESEARCH_NOTE}")
@@ -471,7 +471,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     async def model() -> dict:
         return {**classifier.describe(), "note": RESEARCH_NOTE, "gradcam": classifier.model is not None,
                 "explain_methods": list(methods), "default_explain_method": default_method,
-                "explain_method_labels": method_labels,
+                "explain_method_labels": method_labels, "default_explain_mirror": default_mirror,
                 "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files,
                            "budget_bytes": budget.capacity}}
 

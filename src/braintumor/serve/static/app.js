@@ -1,6 +1,7 @@
 // braintumor page: uploads each chosen file to /api/predict?preview=1 and shows the server's answer.
-// An explanation is fetched lazily (?explain=1&method=M for that one file) the first time its toggle is pressed,
-// because it costs a backward pass; each method's overlay is then cached on the card. The preview shown for every
+// An explanation is fetched lazily (?explain=1&method=M&mirror=B for that one file) the first time its toggle is
+// pressed, because it costs a backward pass; each method's overlay (with and without mirror averaging) is then
+// cached on the card. The preview shown for every
 // file is the server's decoded slice, so JPEG, PNG and DICOM (which browsers cannot display) look the same.
 // Each result has a status: "not_mri" shows no class and no class bars (a plain "not recognised" card, the
 // probabilities only behind "show anyway"); "atypical" shows the class with a calm warning; "uncertain" (below
@@ -10,7 +11,7 @@
 
 (function () {
   const state = { model: null, maxFileBytes: 20 * 1024 * 1024, gradcam: true, active: 0, queue: [],
-    methods: ["gradcam"], defaultMethod: "gradcam" };
+    methods: ["gradcam"], defaultMethod: "gradcam", defaultMirror: true };
   const PARALLEL_UPLOADS = 2;
   const NOT_RECOGNISED = "Not recognised as a brain MRI slice";
   const methodLabel = (name) => (state.model && state.model.explain_method_labels || {})[name] || name;
@@ -51,6 +52,7 @@
       state.gradcam = model.gradcam;
       state.methods = model.explain_methods || ["gradcam"];
       state.defaultMethod = model.default_explain_method || state.methods[0];
+      state.defaultMirror = model.default_explain_mirror !== false;
       $('[data-testid="model-arch"]').textContent = model.arch;
       $('[data-testid="model-image-size"]').textContent = `${model.image_size} × ${model.image_size} px`;
       $('[data-testid="model-classes"]').textContent = model.classes.join(", ");
@@ -191,8 +193,11 @@
     }));
     // An explanation of a class is not offered for a slice that gets no class.
     const explainable = state.gradcam && result.status !== "not_mri";
+    const mirror = $('[data-testid="explain-mirror"]', card);
+    mirror.checked = state.defaultMirror;
     toggle.disabled = !explainable;
     select.disabled = !explainable;
+    mirror.disabled = !explainable;
     $(".explain-controls", card).hidden = state.gradcam && !explainable;
     if (!state.gradcam) toggle.title = "Explanations need the PyTorch checkpoint (this server runs an export)";
   }
@@ -244,13 +249,15 @@
 
   async function fetchExplanation(card, file) {
     const method = $('[data-testid="explain-method"]', card).value || state.defaultMethod;
+    const mirror = $('[data-testid="explain-mirror"]', card).checked;
+    const key = `${method}|${mirror}`;
     card.explanations = card.explanations || {};
-    if (!card.explanations[method]) {
-      const result = await postFile(file, { explain: "1", method });
-      card.explanations[method] = { explanation: result.explanation,
+    if (!card.explanations[key]) {
+      const result = await postFile(file, { explain: "1", method, mirror: String(mirror) });
+      card.explanations[key] = { explanation: result.explanation,
         montage: result.volume_prediction ? result.volume_prediction.montage_png_base64 : null };
     }
-    const { explanation, montage } = card.explanations[method];
+    const { explanation, montage } = card.explanations[key];
     showExplanation(card, explanation, montage);
   }
 
@@ -297,6 +304,7 @@
     $('[data-testid="filename"]', card).textContent = file.name;
     $('[data-testid="gradcam-toggle"]', card).addEventListener("click", () => toggleGradcam(card, file));
     $('[data-testid="explain-method"]', card).addEventListener("change", () => changeMethod(card, file));
+    $('[data-testid="explain-mirror"]', card).addEventListener("change", () => changeMethod(card, file));
     $('[data-testid="show-probabilities"]', card).addEventListener("click", () => toggleProbabilities(card));
     const opacity = $('[data-testid="gradcam-opacity"]', card);
     opacity.addEventListener("input", () => {
