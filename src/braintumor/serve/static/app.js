@@ -1,8 +1,8 @@
 // braintumor page: uploads each chosen file to /api/predict?preview=1 and shows the server's answer.
 // An explanation is fetched lazily (?explain=1&method=M&mirror=B for that one file) the first time its toggle is
 // pressed, because it costs a backward pass; each method's overlay (with and without mirror averaging) is then
-// cached on the card. The preview shown for every
-// file is the server's decoded slice, so JPEG, PNG and DICOM (which browsers cannot display) look the same.
+// cached on the card. The preview shown for every file is the server's decoded slice, so JPEG, PNG and DICOM
+// (which browsers cannot display) look the same.
 // Each result has a status: "not_mri" shows no class and no class bars (a plain "not recognised" card, the
 // probabilities only behind "show anyway"); "atypical" shows the class with a calm warning; "uncertain" (below
 // the server's --min-confidence) says so and shows no class. A volume's card shows its key slice's prediction,
