@@ -485,7 +485,8 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
         layer: str | None = Query(None, description="the layer a CAM method reads, e.g. layer3 (default: the "
                                                     "method's own, visualize.explain.DEFAULT_LAYERS)"),
         mirror: bool | None = Query(None, description="average each map with the mirrored slice's map (default: "
-                                                      "on, visualize.explain.DEFAULT_MIRROR)"),
+                                                      f"{'on' if default_mirror else 'off'}, "
+                                                      "visualize.explain.DEFAULT_MIRROR)"),
         preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
         target: str | None = Query(None, description="class explained (default: the predicted one)"),
     ) -> dict:
