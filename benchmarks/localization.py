@@ -41,6 +41,7 @@ import torch
 from scipy import stats
 
 from braintumor.errors import UserError
+from braintumor.utils.atomic import atomic_write
 from braintumor.visualize.explain import (CAM_METHODS, DEFAULT_LAYER, DEFAULT_MIRROR, METHODS, explain_batch,
                                           explain_cam_batch)
 
@@ -531,15 +532,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            write_json(args.json, result)
         print(markdown(result))
     return 0
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """``result`` as indented JSON at ``path``, written atomically (never a torn file)."""
+    atomic_write(path, lambda handle: handle.write(json.dumps(result, indent=2) + "\n"), mode="w")
 
 
 def write_montage(classifier, root: Path, boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Path,
                   columns: int = 8) -> int:
     """A box-overlay montage of ``columns`` slices (spread over the set, classes in turn) for the first map row."""
-    from braintumor.utils.atomic import atomic_write
     from braintumor.visualize.explain import METHOD_LABELS
     from braintumor.visualize.figures import box_overlay_montage
 
@@ -565,7 +570,6 @@ def write_montage(classifier, root: Path, boxes: Sequence[Box], maps: dict[str, 
 
 def write_mean_maps(boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Path, model_name: str) -> int:
     """Per-class mean maps of every row beside the per-class frequency of box pixels."""
-    from braintumor.utils.atomic import atomic_write
     from braintumor.visualize.figures import mean_maps_figure
 
     labels = np.asarray([b.label for b in boxes])
@@ -617,7 +621,7 @@ def run_diagnosis(args) -> int:
         if args.json == "-":
             print(text)
             return 0
-        Path(args.json).write_text(text)
+        write_json(args.json, result)
     print(diagnosis_markdown(result))
     return 0
 

@@ -103,3 +103,46 @@ def test_ood_benchmark_smoke_mode(tmp_path, capsys):
 def test_ood_benchmark_needs_the_training_data(tiny_checkpoint, capsys):
     assert load("ood").main(["--checkpoint", str(tiny_checkpoint)]) == 2
     assert "does not name its training data; pass --data" in capsys.readouterr().err
+
+
+def _run_folder(folder: Path, rows: list[tuple[str, str, list[float]]]) -> Path:
+    """A run folder whose predictions.csv holds ``(source, true class, probabilities)`` rows."""
+    folder.mkdir(parents=True)
+    lines = ["source,predicted_class,p_glioma,p_notumor,true_class"]
+    lines += [f"{source},x,{p[0]},{p[1]},{truth}" for source, truth, p in rows]
+    (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_val_ensemble_scores_models_ensembles_and_the_slices_every_model_gets_wrong(tmp_path, capsys):
+    val_ensemble = load("val_ensemble")
+    # a: wrong on s2 and s4; b: wrong on s3 and s4, and its file lists the slices in another order.
+    a = _run_folder(tmp_path / "a", [("d/glioma/s1.png", "glioma", [0.9, 0.1]), ("d/glioma/s2.png", "glioma", [0.4, 0.6]),
+                                     ("d/notumor/s3.png", "notumor", [0.2, 0.8]),
+                                     ("d/notumor/s4.png", "notumor", [0.7, 0.3])])
+    b = _run_folder(tmp_path / "b", [("d/notumor/s4.png", "notumor", [0.8, 0.2]),
+                                     ("d/notumor/s3.png", "notumor", [0.6, 0.4]),
+                                     ("d/glioma/s2.png", "glioma", [0.9, 0.1]), ("d/glioma/s1.png", "glioma", [0.8, 0.2])])
+    summary = val_ensemble.summarize(*val_ensemble.load_models([str(a), str(b)]))
+    assert [(row["models"], row["errors"]) for row in summary["models"]] == [([str(a)], 2), ([str(b)], 2)]
+    # mean: s1 (0.85) right, s2 (0.65 glioma) right, s3 (0.6 notumor) right, s4 (0.75 glioma) wrong
+    (pair,) = summary["ensembles"][2]
+    assert pair["errors"] == 1 and pair["accuracy"] == 0.75
+    assert [row["source"] for row in summary["floor"]] == ["d/notumor/s4.png"] and summary["ceiling"] == 0.75
+    assert summary["floor"][0]["predicted"] == {str(a): "glioma", str(b): "glioma"}
+    assert val_ensemble.main([str(a), str(b), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["floor"][0]["true_class"] == "notumor"
+    assert val_ensemble.main([str(a), str(b)]) == 0
+    table = capsys.readouterr().out
+    assert "| notumor/s4.png | notumor | glioma |" in table and "ceiling 75.00 %" in table
+
+
+def test_val_ensemble_refuses_runs_of_different_splits_with_one_line(tmp_path, capsys):
+    val_ensemble = load("val_ensemble")
+    a = _run_folder(tmp_path / "a", [("s1.png", "glioma", [0.9, 0.1])])
+    b = _run_folder(tmp_path / "b", [("s2.png", "glioma", [0.9, 0.1])])
+    assert val_ensemble.main([str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "share one split" in err and len(err.strip().splitlines()) == 1
+    assert val_ensemble.main([str(tmp_path / "model.pt")]) == 2  # no run folder names the slices
+    assert "at least one training run folder" in capsys.readouterr().err

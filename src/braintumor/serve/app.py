@@ -435,10 +435,21 @@ class Options:
     target: str | None = None
 
 
-def _explain_methods() -> tuple[tuple[str, ...], str, dict[str, str], bool]:
-    from braintumor.visualize.explain import DEFAULT_METHOD, DEFAULT_MIRROR, METHOD_LABELS, METHODS
+@dataclass(frozen=True)
+class ExplainChoices:
+    """What the server offers for explanations, read from ``braintumor.visualize.explain`` (their one home)."""
 
-    return tuple(METHODS), DEFAULT_METHOD, {name: METHOD_LABELS.get(name, name) for name in METHODS}, DEFAULT_MIRROR
+    methods: tuple[str, ...]
+    default_method: str
+    labels: dict[str, str]
+    default_mirror: bool
+
+    @classmethod
+    def current(cls) -> "ExplainChoices":
+        from braintumor.visualize.explain import DEFAULT_METHOD, DEFAULT_MIRROR, METHOD_LABELS, METHODS
+
+        return cls(tuple(METHODS), DEFAULT_METHOD, {name: METHOD_LABELS.get(name, name) for name in METHODS},
+                   DEFAULT_MIRROR)
 
 
 def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int = 16,
@@ -458,7 +469,7 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     threads = int(inference_threads or min(8, os.cpu_count() or 1))
     budget = MemoryBudget(int(budget_bytes or decode_budget_bytes or DEFAULT_BUDGET_BYTES))
     analyzer = Analyzer(classifier, budget, wait_seconds=budget_wait_seconds)
-    methods, default_method, method_labels, default_mirror = _explain_methods()
+    explaining = ExplainChoices.current()
     app = FastAPI(title="braintumor", version=_version(), docs_url=None, redoc_url=None,
                   description=f"Classify 2-D brain MRI slices (JPEG, PNG, DICOM) and volumes (NIfTI, "
                               f"multi-frame DICOM) slice by slice. {RESEARCH_NOTE}")
@@ -470,8 +481,8 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     @app.get("/api/model", summary="The loaded model, the explanation methods and the upload limits")
     async def model() -> dict:
         return {**classifier.describe(), "note": RESEARCH_NOTE, "gradcam": classifier.model is not None,
-                "explain_methods": list(methods), "default_explain_method": default_method,
-                "explain_method_labels": method_labels, "default_explain_mirror": default_mirror,
+                "explain_methods": list(explaining.methods), "default_explain_method": explaining.default_method,
+                "explain_method_labels": explaining.labels, "default_explain_mirror": explaining.default_mirror,
                 "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files,
                            "budget_bytes": budget.capacity}}
 
@@ -480,12 +491,12 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
     async def predict(
         request: Request,
         explain: bool = Query(False, description="add an explanation (overlay and heat-map PNGs) per file"),
-        method: str | None = Query(None, description=f"explanation method: {', '.join(methods)} "
-                                                     f"(default {default_method})"),
+        method: str | None = Query(None, description=f"explanation method: {', '.join(explaining.methods)} "
+                                                     f"(default {explaining.default_method})"),
         layer: str | None = Query(None, description="the layer a CAM method reads, e.g. layer3 (default: the "
                                                     "method's own, visualize.explain.DEFAULT_LAYERS)"),
         mirror: bool | None = Query(None, description="average each map with the mirrored slice's map (default: "
-                                                      f"{'on' if default_mirror else 'off'}, "
+                                                      f"{'on' if explaining.default_mirror else 'off'}, "
                                                       "visualize.explain.DEFAULT_MIRROR)"),
         preview: bool = Query(False, description=f"add a preview PNG (base64, at most {PREVIEW_SIZE} px)"),
         target: str | None = Query(None, description="class explained (default: the predicted one)"),
@@ -494,8 +505,9 @@ def create_app(classifier, *, max_file_bytes: int = 20 * 2**20, max_files: int =
         field ``files``; a volume also gets its own status, verdict and every slice's prediction."""
         if target is not None and target not in classifier.classes:
             raise HTTPException(422, f"unknown target class {target!r}; choose one of {', '.join(classifier.classes)}")
-        if method is not None and method not in methods:
-            raise HTTPException(422, f"unknown explanation method {method!r}; choose one of {', '.join(methods)}")
+        if method is not None and method not in explaining.methods:
+            raise HTTPException(422, f"unknown explanation method {method!r}; "
+                                     f"choose one of {', '.join(explaining.methods)}")
         options = Options(preview=preview, explain=explain, method=method, layer=layer, mirror=mirror, target=target)
         if app.state.limiter is None:
             app.state.limiter = anyio.CapacityLimiter(threads)
