@@ -8,8 +8,8 @@ slices (so at least one run folder is needed, and every run folder must hold the
   ensembles       the mean of the members' probabilities, for every combination of 2 .. --max-size models (the
                   best --top of each size): the accuracy that distilling from that ensemble of teachers starts from
   floor           the slices that every model gets wrong, with the classes they called instead, and the ceiling: the
-                  accuracy of a model right on every slice but these (an ensemble is seldom right on one: its members
-                  agree on the wrong class there, with high confidence as a rule)
+                  accuracy of a model right on every slice but these (an ensemble of them can still be right on one
+                  where their wrong calls differ)
 
 Only validation predictions are read: no test data, and nothing here trains or chooses weights for a shipped model.
 Models meant to be compared must share one split (same data folder and split seed); the script checks that the
