@@ -616,11 +616,10 @@ def run_diagnosis(args) -> int:
         return write_mean_maps(boxes, maps, args.mean_maps, Path(str(classifier.source_path)).name)
     result = diagnose(classifier, args.boxes, boxes, maps, args.batch_size, lambda line: print(line, file=sys.stderr))
     result.update(checkpoint=str(args.checkpoint), slices=len(boxes), image_size=classifier.image_size)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return 0
     if args.json:
-        text = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(text)
-            return 0
         write_json(args.json, result)
     print(diagnosis_markdown(result))
     return 0
