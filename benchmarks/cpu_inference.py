@@ -18,7 +18,6 @@ calibration slices. On 2 cores, ResNet-152 at 224 px takes about 0.4 s per slice
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -37,6 +36,7 @@ from braintumor.utils.devices import available_cores
 from braintumor.inference.export import export_onnx, quantize_onnx
 from braintumor.utils.fingerprint import file_fingerprint
 from braintumor.inference.classifier import Classifier
+from braintumor.utils.jsonfiles import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
         if "verdict_file" in row:
             print(describe_verdict(name, row))
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": str(checkpoint), "data": source, "n": len(paths),
-                                               "threads": threads, "rows": rows}, indent=2))
+        write_json(args.json, {"checkpoint": str(checkpoint), "data": source, "n": len(paths), "threads": threads,
+                               "rows": rows})
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from scipy import stats
 
 from braintumor.errors import UserError
 from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import to_json, write_json
 from braintumor.visualize.explain import (CAM_METHODS, DEFAULT_LAYER, DEFAULT_MIRROR, METHODS, explain_batch,
                                           explain_cam_batch)
 
@@ -413,7 +413,6 @@ def diagnose(classifier, boxes_csv: Path, boxes: Sequence[Box], maps: dict[str, 
              log: Callable[[str], None]) -> dict:
     """Masking tests (accuracy and mean probability of the true class with parts of the slice removed) and, per
     map row, what the maximum sits on and how often it lies in the image margin."""
-    size = classifier.image_size
     heads, probabilities = [], {kind: [] for kind in MASKINGS}
     targets_all = []
     for chunk, batch, targets in load_batches(classifier, boxes_csv.parent, boxes, batch_size):
@@ -529,17 +528,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json == "-":
-        print(json.dumps(result, indent=2))
+        sys.stdout.write(to_json(result))
     else:
         if args.json:
             write_json(args.json, result)
         print(markdown(result))
     return 0
-
-
-def write_json(path: str | Path, result: dict) -> None:
-    """``result`` as indented JSON at ``path``, written atomically (never a torn file)."""
-    atomic_write(path, lambda handle: handle.write(json.dumps(result, indent=2) + "\n"), mode="w")
 
 
 def write_montage(classifier, root: Path, boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Path,
@@ -617,7 +611,7 @@ def run_diagnosis(args) -> int:
     result = diagnose(classifier, args.boxes, boxes, maps, args.batch_size, lambda line: print(line, file=sys.stderr))
     result.update(checkpoint=str(args.checkpoint), slices=len(boxes), image_size=classifier.image_size)
     if args.json == "-":
-        print(json.dumps(result, indent=2))
+        sys.stdout.write(to_json(result))
         return 0
     if args.json:
         write_json(args.json, result)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +44,8 @@ from braintumor.models.checkpoint import load_checkpoint, resolve_checkpoint
 from braintumor.trust import fitting, negatives
 from braintumor.trust.ood import (ATYPICAL_RATE, energy_score, max_softmax_score, mondrian_thresholds,
                                   trust_head_from_state, whiten)
+from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import write_json
 
 VARIANT_SEED = 5  # the fit's variants use seed 0 (trust.fitting.mri_variant_images)
 
@@ -312,13 +313,11 @@ def markdown(results: dict, classes) -> str:
 
 def smoke_setup(folder: Path) -> tuple[Path, object]:
     """An untrained resnet18 (32 px) with both tiers fitted on phantoms, and its split settings."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import make_checkpoint
-
+    from braintumor.models.checkpoint import random_checkpoint
     from braintumor.synthetic.phantom import write_phantom_set
     from braintumor.training.config import from_saved
 
-    checkpoint = make_checkpoint(folder / "smoke.pt", image_size=32)
+    checkpoint = random_checkpoint(folder / "smoke.pt", image_size=32)
     data = write_phantom_set(folder / "data", per_class=8, size=48, seed=1)
     settings = from_saved({"data": str(data), "val_split": 0.5, "group_split": False, "image_size": 32}, "smoke",
                           progress=False).validate()
@@ -364,11 +363,9 @@ def main(argv=None) -> int:
     table = markdown(results, classes)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        atomic_write(args.markdown, lambda handle: handle.write(table), "w")
     if args.json:
-        from braintumor.inference.results import json_safe
-
-        Path(args.json).write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")  # nan: null
+        write_json(args.json, results)  # nan: null
     return 0
 
 

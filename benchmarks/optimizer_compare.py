@@ -38,6 +38,9 @@ from braintumor.training.config import TrainConfig
 from braintumor.errors import UserError
 from braintumor.synthetic.phantom import write_phantom_set
 from braintumor.training.trainer import train
+from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import write_json
+from braintumor.visualize.figures import save_figure
 
 # name -> (label in table and plot, TrainConfig.optimizer, TrainConfig.gc)
 OPTIMIZERS: dict[str, tuple[str, str, str]] = {
@@ -189,7 +192,7 @@ def plot(results, args: argparse.Namespace, path: Path) -> None:
     acc_ax.legend(loc="lower right")
     fig.suptitle(f"{args.arch} from random init, {args.image_size} px, lr {args.lr:g}, batch {args.batch_size}: "
                  f"mean of {len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}, band = min–max")
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, tight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     report = format_report(results, args, machine, started, wall)
-    (out / "optimizer_compare.md").write_text(report)
-    (out / "optimizer_compare.json").write_text(json.dumps(
-        {"machine": machine, "date": started.isoformat(timespec="seconds"), "torch": torch.__version__,
-         "args": vars(args), "wall_seconds": wall, "runs": results}, indent=1))
+    atomic_write(out / "optimizer_compare.md", lambda handle: handle.write(report), "w")
+    write_json(out / "optimizer_compare.json",
+               {"machine": machine, "date": started.isoformat(timespec="seconds"), "torch": torch.__version__,
+                "args": vars(args), "wall_seconds": wall, "runs": results}, indent=1)
     plot(results, args, out / "optimizer_compare.png")
     print("\n" + report)
     print(f"wrote {out / 'optimizer_compare.md'}, {out / 'optimizer_compare.png'}, {out / 'optimizer_compare.json'}")

@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 
 from braintumor.inference.runtimes import OnnxBackend, load_onnx_session
-from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
-from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from braintumor.models.checkpoint import ModelSpec, random_checkpoint
 from braintumor.utils.devices import available_cores
 from braintumor.inference.export import export_onnx, quantize_onnx
-from braintumor.models.network import ARCHS, build_model
+from braintumor.models.network import ARCHS
 from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 from braintumor.inference.classifier import Classifier
 
@@ -105,13 +104,7 @@ def load_average() -> str:
 
 def build_classifiers(args, workdir: Path) -> dict[str, Classifier]:
     """The same random network behind both backends."""
-    torch.manual_seed(0)
-    classes = list(PHANTOM_CLASSES)
-    model = build_model(args.arch, num_classes=len(classes), weights="none").eval()
-    spec = ModelSpec(arch=args.arch, classes=classes, image_size=args.image_size, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD)
-    checkpoint = save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0,
-                                                   best_val_accuracy=0.0), workdir / "random.pt")
+    checkpoint = random_checkpoint(workdir / "random.pt", arch=args.arch, image_size=args.image_size)
     eager = Classifier.from_checkpoint(checkpoint)
     if args.channels_last:
         eager.model.to(memory_format=torch.channels_last)  # in place: the backend's network

@@ -69,23 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def random_checkpoint(arch: str, image_size: int, folder: Path) -> Path:
-    """An untrained (seeded) checkpoint with the four phantom classes."""
-    import torch
-
-    from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.models.network import build_model
-    from braintumor.synthetic.phantom import PHANTOM_CLASSES
-
-    torch.manual_seed(0)
-    model = build_model(arch, num_classes=len(PHANTOM_CLASSES), weights="none").eval()
-    path = folder / f"{arch}_{image_size}.pt"
-    spec = ModelSpec(arch=arch, classes=PHANTOM_CLASSES, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0, best_val_accuracy=0.0), path)
-    return path
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -312,10 +295,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import httpx
 
+    from braintumor.models.checkpoint import random_checkpoint
+
     deadline = time.monotonic() + args.timeout
     with tempfile.TemporaryDirectory(prefix="braintumor_load_") as folder:
         folder = Path(folder)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.arch, args.image_size, folder)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(
+            folder / f"{args.arch}_{args.image_size}.pt", arch=args.arch, image_size=args.image_size)
         port = free_port()
         base = f"http://{HOST}:{port}"
         log_path = folder / "server.log"

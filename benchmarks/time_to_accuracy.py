@@ -27,6 +27,7 @@ import torch
 from braintumor.training.config import read_recipe, resolve_config
 from braintumor.training.trainer import train
 from braintumor.training.step import PRECISIONS
+from braintumor.utils.jsonfiles import write_json
 
 THRESHOLDS = (0.97, 0.98, 0.99)
 
@@ -118,8 +119,7 @@ def main(argv=None) -> int:
         print_table(runs, f"Time to accuracy — recipe {args.recipe}, {device_name(args.device)}, "
                           f"{date.today().isoformat()}, torch {torch.__version__}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name(args.device), "args": vars(args),
-                                               "runs": runs}, indent=2))
+        write_json(args.json, {"device": device_name(args.device), "args": vars(args), "runs": runs})
     return 0
 
 

@@ -36,6 +36,7 @@ from braintumor.data.transforms import train_transform
 from braintumor.models.network import build_model
 from braintumor.optim import Ranger
 from braintumor.training.trainer import make_optimizer, train
+from braintumor.utils.jsonfiles import write_json
 from braintumor.training.step import (AUTO_COMPILE_MIN_STEPS, STEP_MODES, autocast, choose_precision, choose_step_mode,
                                   wrap_network)
 
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
                 print(f"{variant} repays its warm-up after {steps:,.0f} steps (auto compiles from "
                       f"{AUTO_COMPILE_MIN_STEPS:,} steps)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -34,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from braintumor.errors import UserError
-from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import to_json, write_json
 
 
 class Slices(NamedTuple):
@@ -155,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json == "-":
-        print(json.dumps(summary, indent=2))
+        sys.stdout.write(to_json(summary))
         return 0
     if args.json:
-        atomic_write(args.json, lambda handle: handle.write(json.dumps(summary, indent=2) + "\n"), mode="w")
+        write_json(args.json, summary)
     print(markdown(summary), end="")
     return 0
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from braintumor.models.checkpoint import random_checkpoint
 from braintumor.training.config import TrainConfig
 from braintumor.synthetic.phantom import PHANTOM_CLASSES, make_phantom
 
@@ -21,18 +22,7 @@ def tiny_config(data, out, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def make_checkpoint(path, arch="resnet18", classes=("glioma", "meningioma", "notumor", "pituitary"),
-                    image_size=64, seed=0):
-    """Save an untrained (seeded) checkpoint with everything predict needs."""
-    from braintumor.models.checkpoint import ModelSpec, inference_payload, save_checkpoint
-    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from braintumor.models.network import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=len(classes), weights="none").eval()
-    spec = ModelSpec(arch=arch, classes=classes, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    save_checkpoint(inference_payload(model.state_dict(), spec, config={}, epoch=0, best_val_accuracy=0.0), path)
-    return path
+make_checkpoint = random_checkpoint  # an untrained (seeded) checkpoint with everything predict needs
 
 
 # ---------------------------------------------------------------- planted duplicate folders (test_dedup, test_audit)

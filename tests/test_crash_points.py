@@ -70,7 +70,7 @@ CRASH_POINTS = {
     "between-last.pt-and-best.pt": lambda mp: kill_on_call(mp, train_module, "save_inference_checkpoint", 1),
     # after training, report.md written but not report.json
     "during-the-report": lambda mp: kill_on_call(
-        mp, report_module, "atomic_write", 1, when=lambda path, *a, **k: str(path).endswith("report.json")),
+        mp, report_module, "write_json", 1, when=lambda path, *a, **k: str(path).endswith("report.json")),
 }
 
 

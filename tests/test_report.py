@@ -1,5 +1,6 @@
 """Report files (JSON, markdown, PNGs), the terminal table, and atomic writes."""
 
+import errno
 import json
 
 import matplotlib.pyplot as plt
@@ -9,6 +10,7 @@ from PIL import Image
 
 from braintumor.evaluation.metrics import compute_metrics
 from braintumor.evaluation import report as reports
+from braintumor.utils import atomic
 
 # 3 present classes + 1 absent, 10 samples. Confusion matrix (rows true, columns predicted):
 #   [[2, 1, 1, 0], [1, 2, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]]
@@ -88,16 +90,19 @@ def test_plot_reliability_writes_png(tmp_path):
 
 def test_failed_write_keeps_previous_report_intact(tmp_path, monkeypatch):
     metrics = compute_metrics(Y_TRUE, Y_PRED, one_hot_probs(Y_PRED, 4), NAMES, bootstrap=0)
-    (tmp_path / "reports.json").write_text('{"old": true}')
+    (tmp_path / "report.json").write_text('{"old": true}')
+    original = atomic._WriteErrors.write
 
-    def dump_then_fail(obj, fh, **kwargs):
-        fh.write('{"accuracy": 0.')  # half a file, then the process "dies"
-        raise OSError("disk full")
+    def write_half_then_fail(self, payload):  # half the file reaches the disk, then the disk is full
+        if self.target.name == "report.json":
+            original(self, payload[:len(payload) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, payload)
 
-    monkeypatch.setattr(reports.json, "dump", dump_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(atomic._WriteErrors, "write", write_half_then_fail)
+    with pytest.raises(OSError, match="cannot write .*report.json.*No space left"):
         reports.write_report(metrics, tmp_path, title="t")
-    assert json.loads((tmp_path / "reports.json").read_text()) == {"old": True}
+    assert json.loads((tmp_path / "report.json").read_text()) == {"old": True}
     assert not list(tmp_path.glob(".*.tmp"))
 
 

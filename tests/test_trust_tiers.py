@@ -13,7 +13,7 @@ import torch
 
 from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, model_from_checkpoint
 from braintumor.trust.fitting import Features, describe_trust, fit_trust_from_features, stage_widths, store_trust
-from braintumor.trust.ood import (MISSING_NOT_MRI, MahalanobisDetector, ScoringNet, acceptance_threshold,
+from braintumor.trust.ood import (MISSING_NOT_MRI, ScoringNet, acceptance_threshold,
                                   backbone_features, fit_mahalanobis, missing_tiers_note, mondrian_thresholds,
                                   trust_head_from_state, trust_summary, trust_tiers)
 from braintumor.trust.status import NOT_MRI, status_of

@@ -6,7 +6,6 @@ the duplicate search are in :mod:`braintumor.data.dedup`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from braintumor.data.dedup import (
 )
 from braintumor.errors import UserError
 from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import write_json
 from braintumor.data.index import discover, full_suffix, unsupported_files
 from braintumor.data.io import IMAGE_EXTENSIONS, unsupported_type_reason
 
@@ -278,8 +278,7 @@ def write_audit(report: dict, out_dir) -> tuple[Path, Path]:
     json_path, md_path = out_dir / "audit.json", out_dir / "audit.md"
     # File names that are not valid UTF-8 (held with surrogate escapes): JSON escapes them (\udcXX, which reads
     # back to the same name), the Markdown shows their bytes as \xXX.
-    json_text = json.dumps(report, indent=1) + "\n"
     md_bytes = (_markdown(report).rstrip("\n") + "\n").encode("utf-8", "backslashreplace")
-    atomic_write(json_path, lambda handle: handle.write(json_text), "w")
+    write_json(json_path, report, indent=1)
     atomic_write(md_path, lambda handle: handle.write(md_bytes), "wb")
     return json_path, md_path

@@ -24,7 +24,7 @@ from braintumor.inference.classifier import Classifier, check_min_confidence
 from braintumor.inference.results import EvaluatedPrediction
 from braintumor.inference.service import calibrate, infer_batches, predictions_from, run_batches, tta_views
 from braintumor.inference.writers import write_predictions_csv
-from braintumor.trust.status import ATYPICAL, NOT_MRI, OK, STATUSES
+from braintumor.trust.status import OK, STATUSES
 
 __all__ = ["evaluate_checkpoint", "evaluate_classifier", "file_batches", "infer_batches", "loss_and_correct",
            "trust_metrics", "view_logits"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +10,8 @@ import numpy as np
 
 from braintumor import RESEARCH_NOTE
 from braintumor.utils.atomic import atomic_write
-from braintumor.visualize.figures import plot_confusion_matrix, save_figure
+from braintumor.utils.jsonfiles import json_safe, write_json
+from braintumor.visualize.figures import plot_confusion_matrix
 from braintumor.visualize.figures import plot_reliability as plot_reliability_bins
 from braintumor.evaluation.metrics import reliability_bins
 
@@ -21,18 +20,6 @@ def plot_reliability(probabilities, y_true, path, n_bins: int = 15) -> Path:
     """Reliability diagram PNG: accuracy per confidence bin against the diagonal, counts below, ECE in the title."""
     bins = reliability_bins(probabilities, y_true, n_bins)
     return plot_reliability_bins(bins, bins["ece"], path)
-
-
-def _json_safe(value):
-    """Plain JSON types: numpy scalars/arrays unwrapped, NaN/inf -> None, Path and other objects -> str."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in value]
-    value = value.item() if isinstance(value, np.generic) else value
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _snake(key) -> str:
@@ -129,7 +116,7 @@ def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliabi
             lines += [f"## {heading}", "", text, "", f"![{heading}]({figure})", ""]
     if extra:
         lines += ["## Notes", ""]
-        for key, value in _json_safe(extra).items():
+        for key, value in json_safe(extra).items():
             key = key.replace("_", " ")
             if isinstance(value, list) and value:  # long lists (e.g. skipped files) stay complete in report.json
                 lines += [f"- **{key}** ({len(value)}):", *[f"  - {v}" for v in value[:50]]]
@@ -158,9 +145,8 @@ def write_report(metrics: dict, out_dir, *, title: str, extra: dict | None = Non
     markdown = _markdown(metrics, title, extra or {}, subsets or {}, "reliability" in paths, figures)
     paths["markdown"], paths["json"] = out / "report.md", out / "report.json"
     atomic_write(paths["markdown"], lambda fh: fh.write(markdown), "w")
-    report = _json_safe({"title": title, "disclaimer": RESEARCH_NOTE, **metrics, "extra": _snake_keys(extra or {}),
-                         "subsets": _snake_keys(subsets or {})})
-    atomic_write(paths["json"], lambda fh: json.dump(report, fh, indent=2, allow_nan=False), "w")
+    write_json(paths["json"], {"title": title, "disclaimer": RESEARCH_NOTE, **metrics,
+                               "extra": _snake_keys(extra or {}), "subsets": _snake_keys(subsets or {})})
     return paths
 
 

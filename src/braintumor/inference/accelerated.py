@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import write_json
 from braintumor.inference.runtimes import read_onnx
 from braintumor.utils.devices import available_cores
 from braintumor.errors import UserError
@@ -77,8 +77,7 @@ def write_verdict(export_path: str | os.PathLike, backend: str, verdict: dict[st
     """Store ``verdict`` (with latency_ms and source_fingerprint filled in by the caller) beside the export;
     ``backend`` is "onnxruntime" or "openvino" followed by a precision, e.g. "openvino-int8"."""
     path = Path(f"{export_path}.{backend}{VERDICT_SUFFIX}")
-    text = json.dumps({**verdict, "backend": backend, "export": Path(export_path).name}, indent=2)
-    return atomic_write(path, lambda handle: handle.write(text), "w")
+    return write_json(path, {**verdict, "backend": backend, "export": Path(export_path).name})
 
 
 def read_verdicts(folder: str | os.PathLike) -> list[dict[str, Any]]:

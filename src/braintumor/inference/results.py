@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from braintumor.trust.status import WITHHELD
+from braintumor.utils.jsonfiles import json_safe
 
 __all__ = ["EVALUATION_FIELDS", "EvaluatedPrediction", "Prediction", "SLICE_FIELDS", "VOLUME_SLICE_FIELDS",
-           "VolumePrediction", "csv_columns", "csv_row", "json_safe"]
+           "VolumePrediction", "csv_columns", "csv_row"]
 
 # Schema order of the per-slice fields (the probabilities dict becomes p_<class> columns in its place).
 SLICE_FIELDS = ("source", "predicted_class", "confidence", "probabilities", "status", "not_mri_score",
@@ -115,19 +116,6 @@ class VolumePrediction:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as None and numpy scalars as Python numbers (valid JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def csv_columns(classes, *, volumes: bool = True, evaluation: bool = False) -> list[str]:

@@ -32,8 +32,7 @@ from braintumor.models.checkpoint import (ModelSpec, load_checkpoint, missing_mo
                                           non_finite_tensor, resolve_checkpoint, spec_of)
 from braintumor.models.formats import CHECKPOINT, ONNX, ONNX_RUNTIMES, TORCHSCRIPT, model_format
 from braintumor.models.network import build_model
-from braintumor.trust.ood import (TIERS, ScoringNet, missing_tiers_note, trust_head_from_state, trust_summary,
-                                  trust_tiers)
+from braintumor.trust.ood import TIERS, ScoringNet, missing_tiers_note, trust_head_from_state, trust_summary
 from braintumor.utils.devices import available_cores, resolve_device
 from braintumor.utils.optional import require
 

@@ -22,7 +22,6 @@ as brain MRI (noise, a photo, NaN voxels); ``atypical`` when most accepted conte
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from braintumor.inference.results import VolumePrediction
 from braintumor.inference.writers import write_predictions_csv
 from braintumor.trust.status import ATYPICAL, NOT_MRI, OK
 from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import write_json
 
 _NO_TUMOUR_NAMES = {"notumor", "notumour", "normal", "healthy", "none", "negative", "nofinding", "nolesion"}
 NO_FINDING = "no tumour class found"
@@ -245,6 +245,5 @@ def write_volume_outputs(classifier, volume: Volume, result: VolumeResult, out_d
         result.montage = path.name
         written.append(path)
     written.append(write_predictions_csv(out / f"{stem}_slices.csv", result.predictions, result.classes))
-    data = json.dumps(result.to_dict(), indent=2)
-    written.append(atomic_write(out / f"{stem}_volume.json", lambda handle: handle.write(data), "w"))
+    written.append(write_json(out / f"{stem}_volume.json", result.to_dict()))
     return written

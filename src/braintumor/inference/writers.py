@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from braintumor.inference.results import Prediction, csv_columns, csv_row, json_safe
+from braintumor.inference.results import Prediction, csv_columns, csv_row
 from braintumor.trust.status import ATYPICAL, NOT_MRI, UNCERTAIN
 from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import to_json
 
 NOT_RECOGNISED = "not recognised as a brain MRI slice like the training data"
 # What the table's prediction column shows for a slice that gets no class (its probabilities stay).
@@ -144,5 +144,5 @@ class PredictionWriter:
     def close(self) -> None:
         """Finish the document (JSON: the whole array)."""
         if self.fmt == "json":
-            self.out.write(json.dumps(json_safe(self._records), indent=2) + "\n")
+            self.out.write(to_json(self._records))
         self.out.flush()
