@@ -19,6 +19,7 @@ replaced by black (deletion, lower is better) or put onto a black image (inserti
     python benchmarks/localization.py ../shared/data/figshare-boxes/boxes.csv --checkpoint reference \\
         [--methods gradcam occlusion ...] [--layers layer3 layer4] [--limit 60] [--json out.json] \\
         [--save-maps maps.npz] [--image-size 256] [--faithfulness] [--mirror on|off|both]
+    python benchmarks/localization.py BOXES_CSV --average a.npz b.npz ... [--methods gradcampp --layers layer3]
 
 Results (a Markdown table, or JSON with --json -) go to stdout, progress to stderr. Boxes are for measuring only:
 never train on them or choose weights with them.
@@ -468,8 +469,10 @@ def markdown(result: dict) -> str:
     """The report as a Markdown table: pointing game and mass in box per class, with 95 % intervals."""
     classes = [key for key in next(iter(result["rows"].values())) if key != "all"]
     faithful = any("deletion" in run for run in result["runs"].values())
+    timed = bool(result["runs"])  # --average scores saved maps: nothing was timed
     header = ["explanation", "pointing (all)", "mass in box (all)"] + [f"pointing {c}" for c in classes] + \
-             [f"mass {c}" for c in classes] + (["deletion AUC ↓", "insertion AUC ↑"] if faithful else []) + ["s"]
+             [f"mass {c}" for c in classes] + (["deletion AUC ↓", "insertion AUC ↑"] if faithful else []) + \
+             (["s"] if timed else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def pct(value, interval=None):
@@ -484,7 +487,8 @@ def markdown(result: dict) -> str:
         if faithful:
             cells += [f"{run['deletion']:.3f}" if "deletion" in run else "",
                       f"{run['insertion']:.3f}" if "insertion" in run else ""]
-        cells.append(f"{run['seconds']:.0f}" if run else "")
+        if timed:
+            cells.append(f"{run['seconds']:.0f}" if run else "")
         lines.append("| " + " | ".join(cells) + " |")
     accuracy = result["accuracy"]
     lines.append("")
@@ -517,9 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--diagnose", type=Path, metavar="MAPS_NPZ",
                         help="instead of explaining: masking tests on the slices, and where the maxima of the maps "
                              "saved by --save-maps sit (the rows named by --methods/--layers, if in the file)")
+    parser.add_argument("--average", type=Path, nargs="+", metavar="MAPS_NPZ",
+                        help="instead of explaining: score the maps of several models saved by --save-maps on the same "
+                             "slices, each and their mean (each map min-max normalized, at the first file's size)")
     args = parser.parse_args(argv)
     if args.diagnose:
         return run_diagnosis(args)
+    if args.average:
+        return run_average(args)
     try:
         result = run(args.boxes, args.checkpoint, args.methods, args.layers, args.limit, args.batch_size,
                      args.image_size, args.faithfulness, args.save_maps, lambda line: print(line, file=sys.stderr),
@@ -587,6 +596,61 @@ def write_mean_maps(boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Pat
             print(f"{row} {c}: mean-map centroid x {100 * (weights * cx).sum() + 50 / size:.1f} % "
                   f"y {100 * (weights * cy).sum() + 50 / size:.1f} % of the side; "
                   f"left half {100 * mean[:, :size // 2].sum() / mean.sum():.1f} % of the mass")
+    return 0
+
+
+def averaged_rows(paths: Sequence[Path], row: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The slice files and {model: maps} of ``row`` in each saved-maps file, plus "mean of N": every map resized
+    (bilinear) to the first file's size and min-max normalized, then averaged over the models."""
+    files, maps = None, {}
+    for path in paths:
+        saved = np.load(path)
+        if row not in saved.files:
+            raise UserError(f"{path} has no row {row}; it has: {', '.join(r for r in saved.files if r != 'files')}")
+        if files is not None and list(saved["files"]) != files:
+            raise UserError(f"{path} holds other slices than {paths[0]}: save the maps of every model on one box file")
+        files = list(saved["files"])
+        name = path.stem if path.stem not in maps else str(path)
+        maps[name] = saved[row].astype(np.float32)
+    size = next(iter(maps.values())).shape[-1]
+    for name, row_maps in maps.items():
+        resized = torch.nn.functional.interpolate(torch.from_numpy(row_maps)[:, None], size=(size, size),
+                                                  mode="bilinear", align_corners=False)[:, 0].numpy()
+        low = resized.min(axis=(1, 2), keepdims=True)
+        maps[name] = (resized - low) / np.maximum(resized.max(axis=(1, 2), keepdims=True) - low, 1e-12)
+    maps[f"mean of {len(paths)}"] = np.mean(list(maps.values()), axis=0)
+    return files, maps
+
+
+def run_average(args) -> int:
+    """--average: one row per model and one for the mean map, scored like a benchmark run (Markdown or JSON)."""
+    (row, *_), *others = method_runs(args.methods, args.layers, MIRRORS[args.mirror])
+    try:
+        if others:
+            raise UserError("--average scores one map row: give one method, one layer and --mirror on or off")
+        files, maps = averaged_rows(args.average, row)
+        by_file = {b.file: b for b in read_boxes(args.boxes)}
+        missing = [f for f in files if f not in by_file]
+        if missing:
+            raise UserError(f"{len(missing)} saved slices have no box in {args.boxes}, e.g. {missing[0]}")
+    except (UserError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    boxes = [by_file[f] for f in files]
+    size = next(iter(maps.values())).shape[-1]
+    per_slice = {name: score_maps(row_maps, boxes) for name, row_maps in maps.items()}
+    per_slice.update({name: score_maps(baseline_maps(name, len(boxes), size), boxes) for name in BASELINES})
+    result = {"row": row, "maps": [str(path) for path in args.average], "boxes": str(args.boxes),
+              "slices": len(boxes), "image_size": size, "grow": GROW, "accuracy": None,
+              "rows": report(per_slice, [b.label for b in boxes]), "runs": {},
+              "uniform_mass": float(np.mean([b.area for b in boxes]))}
+    if args.json == "-":
+        sys.stdout.write(to_json(result))
+        return 0
+    if args.json:
+        write_json(args.json, result)
+    print(f"{row} of each model and of their mean map\n")
+    print(markdown(result))
     return 0
 
 

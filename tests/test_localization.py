@@ -249,3 +249,40 @@ def test_diagnose_montage_and_mean_maps_from_saved_maps(tmp_path, tiny_checkpoin
         assert loc.main(common + ["--diagnose", str(tmp_path / "maps.npz"), flag, str(out)]) == 0
         with Image.open(out) as picture:
             assert picture.mode == "RGB" and min(picture.size) > 200
+
+
+def quadrant_maps(size: int, values: list[tuple[float, float]]) -> np.ndarray:
+    """One map per slice: its top-left quadrant at the first value, bottom-right at the second, the rest 0."""
+    maps = np.zeros((len(values), size, size), np.float16)
+    half = size // 2
+    for m, (top_left, bottom_right) in zip(maps, values):
+        m[:half, :half], m[half:, half:] = top_left, bottom_right
+    return maps
+
+
+def test_average_scores_each_model_and_the_mean_of_their_maps(tmp_path, capsys):
+    csv_path = write_csv(tmp_path / "b.csv", ["a.jpg,glioma,0.25,0.25,0.5,0.5",        # top-left quadrant
+                                              "b.jpg,pituitary,0.75,0.75,0.5,0.5"])  # bottom-right quadrant
+    files = np.array(["a.jpg", "b.jpg"])
+    row = "gradcampp@layer3+mirror"
+    # model A (8 px maps) hits on a, misses on b; model B (16 px) misses on a, hits on b; their mean hits on both.
+    np.savez(tmp_path / "A.npz", files=files, **{row: quadrant_maps(8, [(1.0, 0.0), (1.0, 0.6)])})
+    np.savez(tmp_path / "B.npz", files=files, **{row: quadrant_maps(16, [(0.7, 1.0), (0.0, 1.0)])})
+    common = [str(csv_path), "--methods", "gradcampp", "--layers", "layer3", "--mirror", "on", "--average",
+              str(tmp_path / "A.npz"), str(tmp_path / "B.npz")]
+    assert loc.main(common + ["--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    pointing = {name: row_["all"]["pointing"] for name, row_ in result["rows"].items()}
+    assert pointing["A"] == 0.5 and pointing["B"] == 0.5 and pointing["mean of 2"] == 1.0
+    assert result["image_size"] == 8 and result["slices"] == 2  # the first file's size and {"centre", "random"} <= set(pointing)
+    assert result["rows"]["mean of 2"]["glioma"]["pointing"] == 1.0
+    assert loc.main(common) == 0
+    assert "| mean of 2 | 100.0" in capsys.readouterr().out
+
+    np.savez(tmp_path / "C.npz", files=files[::-1], **{row: quadrant_maps(8, [(1.0, 0.0)] * 2)})
+    for extra, message in ((["--average", str(tmp_path / "A.npz"), str(tmp_path / "C.npz")], "other slices"),
+                           (["--layers", "layer2"], "has no row gradcampp@layer2"),
+                           (["--mirror", "both"], "one map row")):
+        assert loc.main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
