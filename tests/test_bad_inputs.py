@@ -136,6 +136,10 @@ def newline_name(work: Path, phantom_dir: Path) -> Path:
     return path
 
 
+def first_slice(work: Path, phantom_dir: Path) -> Path:
+    return sorted((phantom_dir / "glioma").iterdir())[0]
+
+
 def gif_file(work: Path, phantom_dir: Path) -> Path:
     Image.new("P", (40, 40)).save(work / "slice.gif")
     return work / "slice.gif"
@@ -244,6 +248,10 @@ CASES = [
      "not a PyTorch checkpoint file"),
     ("ckpt-evil-pickle", ["predict", "{ckpt}", "{data}"], {"ckpt": evil_pickle, "data": data},
      "will not unpickle"),
+    ("ckpt-is-an-image", ["predict", "{image}", "{data}"], {"image": first_slice, "data": data},
+     "it is an image or volume, not a model: give the model first"),
+    ("ckpt-is-a-nifti", ["explain", "{volume}", "{data}"], {"volume": text_file("scan.nii.gz"), "data": data},
+     "it is an image or volume, not a model"),
     ("ckpt-foreign", ["evaluate", "{ckpt}", "{data}", "--out", "{work}/eval"],
      {"ckpt": foreign_torch_file, "data": data}, "not a braintumor checkpoint"),
     ("ckpt-arch-mismatch", ["predict", "{ckpt}", "{data}"], {"ckpt": arch_mismatch, "data": data},

@@ -243,7 +243,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch's loader fails on foreign bytes in many ways
-        raise UserError(f"cannot read checkpoint {path}: {torch_load_problem(err)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {_input_given_as_model(path) or torch_load_problem(err)}"
+                        ) from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
         raise UserError(f"{path} is not a braintumor checkpoint (missing classes, arch or weights)")
     version = ckpt.get("format_version", 0)
@@ -252,6 +253,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if version > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer braintumor (format {version}); upgrade")
     return ckpt
+
+
+def _input_given_as_model(path: Path) -> str | None:
+    """Why an image or volume cannot be read as a model, when one was given where the model belongs (the model is
+    the first argument of predict, explain, evaluate, ...); None for any other file."""
+    from braintumor.data.io import IMAGE_EXTENSIONS
+    from braintumor.data.volumes import is_nifti
+
+    if path.suffix.lower() in IMAGE_EXTENSIONS or is_nifti(path):
+        return ("it is an image or volume, not a model: give the model first (a .pt checkpoint, a run folder, an "
+                "export or 'reference'), then the images")
+    return None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike = "the checkpoint", *,
