@@ -32,6 +32,7 @@ import csv
 import io
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -604,14 +605,18 @@ def averaged_rows(paths: Sequence[Path], row: str) -> tuple[list[str], dict[str,
     (bilinear) to the first file's size and min-max normalized, then averaged over the models."""
     files, maps = None, {}
     for path in paths:
-        saved = np.load(path)
-        if row not in saved.files:
-            raise UserError(f"{path} has no row {row}; it has: {', '.join(r for r in saved.files if r != 'files')}")
-        if files is not None and list(saved["files"]) != files:
+        try:
+            with np.load(path) as saved:
+                if "files" not in saved.files or row not in saved.files:
+                    raise UserError(f"{path} has no row {row}; it has: "
+                                    f"{', '.join(r for r in saved.files if r != 'files') or 'no maps'}")
+                slices, row_maps = list(saved["files"]), saved[row].astype(np.float32)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise UserError(f"cannot read {path} as maps saved by --save-maps ({err})") from None
+        if files is not None and slices != files:
             raise UserError(f"{path} holds other slices than {paths[0]}: save the maps of every model on one box file")
-        files = list(saved["files"])
-        name = path.stem if path.stem not in maps else str(path)
-        maps[name] = saved[row].astype(np.float32)
+        files = slices
+        maps[path.stem if path.stem not in maps else str(path)] = row_maps
     size = next(iter(maps.values())).shape[-1]
     for name, row_maps in maps.items():
         resized = torch.nn.functional.interpolate(torch.from_numpy(row_maps)[:, None], size=(size, size),

@@ -280,7 +280,9 @@ def test_average_scores_each_model_and_the_mean_of_their_maps(tmp_path, capsys):
     assert "| mean of 2 | 100.0" in capsys.readouterr().out
 
     np.savez(tmp_path / "C.npz", files=files[::-1], **{row: quadrant_maps(8, [(1.0, 0.0)] * 2)})
+    (tmp_path / "torn.npz").write_bytes((tmp_path / "A.npz").read_bytes()[:40])  # a zip cut short
     for extra, message in ((["--average", str(tmp_path / "A.npz"), str(tmp_path / "C.npz")], "other slices"),
+                           (["--average", str(tmp_path / "torn.npz")], "cannot read"),
                            (["--layers", "layer2"], "has no row gradcampp@layer2"),
                            (["--mirror", "both"], "one map row")):
         assert loc.main(common + extra) == 2
