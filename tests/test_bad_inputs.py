@@ -136,6 +136,14 @@ def newline_name(work: Path, phantom_dir: Path) -> Path:
     return path
 
 
+def error_line(err: str) -> str:
+    """The one error line that ends a failed command's stderr (progress lines of a training may come before it)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in err, err
+    return lines[-1]
+
+
 def first_slice(work: Path, phantom_dir: Path) -> Path:
     return sorted((phantom_dir / "glioma").iterdir())[0]
 
@@ -319,8 +327,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, phantom_dir, tmp_
 def test_full_disk_during_a_checkpoint_names_it_and_keeps_nothing_torn(phantom_dir, tmp_path, capsys, monkeypatch):
     full_disk_for("last.pt")(monkeypatch)
     code, _, err = run_cli(["train", phantom_dir, *TINY_TRAIN, "--out", tmp_path / "run"], capsys)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "cannot write" in lines[0] and "last.pt" in lines[0], err
+    line = error_line(err)
+    assert code == 2 and "cannot write" in line and "last.pt" in line, err
     assert not (tmp_path / "run" / "last.pt").exists() and not list((tmp_path / "run").glob(".*.tmp"))
 
 
@@ -336,9 +344,8 @@ def test_full_disk_keeps_the_previous_audit(phantom_dir, tmp_path, capsys, monke
 def test_diverging_run_stops_at_the_first_non_finite_loss(phantom_dir, tmp_path, capsys):
     code, _, err = run_cli(["train", phantom_dir, *TINY_TRAIN, "--optimizer", "sgd", "--lr", "1e30",
                             "--out", tmp_path / "run"], capsys)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert "non-finite at epoch 1, step" in lines[0] and "no checkpoint had been written yet" in lines[0]
+    line = error_line(err)
+    assert code == 2 and "non-finite at epoch 1, step" in line and "no checkpoint had been written yet" in line
     assert not (tmp_path / "run" / "last.pt").exists() and not list((tmp_path / "run").glob(".*.tmp"))
 
 

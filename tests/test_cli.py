@@ -99,9 +99,9 @@ def test_calibrate_refits_a_checkpoint_from_its_own_run(trained_run, tmp_path, c
     copy = tmp_path / "copy.pt"
     shutil.copy(trained_run / "last.pt", copy)  # last.pt has no trust entry: as a checkpoint trained earlier
     assert "trust" not in torch.load(copy, weights_only=True)
-    code, out, _ = run(["calibrate", copy, "--device", "cpu", "--atypical-rate", "0.1"], capsys)
+    code, out, err = run(["calibrate", copy, "--device", "cpu", "--atypical-rate", "0.1"], capsys)
     trust = torch.load(copy, weights_only=True)["trust"]
-    assert code == 0 and "temperature" in out and trust["n_val"] == 4
+    assert code == 0 and out.strip() == str(copy) and "temperature" in err and trust["n_val"] == 4
     assert trust["atypical"]["rate"] == 0.1 and {"not_mri", "atypical"} <= set(trust)
 
 

@@ -41,7 +41,7 @@ def run_worker(tmp_path, name, args, nproc=None, mode="batch-norm", expect_succe
                             env=env, timeout=300)
     if expect_success:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return dump, result.stdout if expect_success else result
+    return dump, result.stderr if expect_success else result  # the log: progress lines go to stderr
 
 
 def train_args(data, out, **extra):
@@ -133,7 +133,7 @@ def run_two_nodes(tmp_path, name, args, mode="group-norm"):
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return dump, "".join(stdout for stdout, _ in outputs)
+    return dump, "".join(stderr for _, stderr in outputs)  # the nodes' logs (stderr)
 
 
 @pytest.mark.slow

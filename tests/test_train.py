@@ -292,8 +292,9 @@ def test_a_run_diverging_in_its_first_epoch_leaves_no_folder_behind(phantom_dir,
 
     run = tmp_path / "run"
     code = main(["train", str(phantom_dir), *TINY_TRAIN, "--optimizer", "sgd", "--lr", "1e4", "--out", str(run)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: training diverged"), lines
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]  # progress, then the error
+    assert code == 2 and lines[-1].startswith("error: training diverged"), lines
+    assert sum(line.startswith("error") for line in lines) == 1 and not any("Traceback" in line for line in lines)
     assert not run.exists()
 
 

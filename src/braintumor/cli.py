@@ -472,7 +472,7 @@ def _common_flags() -> argparse.ArgumentParser:
     group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no progress messages: only warnings and errors (on stderr)")
     group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="also debug messages (progress on stdout, warnings and errors on stderr)")
+                       help="also debug messages (on stderr, like progress, warnings and errors)")
     return common
 
 
@@ -666,18 +666,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 class _TqdmHandler(logging.Handler):
-    """Log lines through tqdm.write, so they land above any progress bar: information (the run's progress) on
-    stdout, warnings and errors on stderr, which a failing command keeps to its one error line. Commands whose
-    stdout is data (DATA_COMMANDS) send information to stderr too."""
-
-    info_to_stderr = False
+    """Log lines through tqdm.write, so they land above any progress bar, on stderr: progress, status, warnings
+    and errors are human lines; stdout holds only each command's results (printed by the command itself)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
         try:
-            to_stdout = record.levelno < logging.WARNING and not self.info_to_stderr
-            tqdm.write(self.format(record), file=sys.stdout if to_stdout else sys.stderr)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -693,9 +689,6 @@ def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
-
-# Commands whose stdout is their result (a table, CSV, JSON, written paths): every other line goes to stderr.
-DATA_COMMANDS = ("predict", "explain", "evaluate")
 
 
 def _keep_file_names() -> None:
@@ -721,7 +714,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for user errors, 130 when interrupted, 141 for a closed pipe)."""
     args = build_parser().parse_args(argv)
     configure_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
-    _TqdmHandler.info_to_stderr = args.command in DATA_COMMANDS
     _keep_file_names()
     try:
         with warnings.catch_warnings():

@@ -409,7 +409,7 @@ class Trainer:
                           self.split.val_paths, self.split.val_labels, batch_size=self.cfg.batch_size,
                           workers=self.cfg.workers)
         store_trust(best, trust)  # last.pt stays as trained
-        print(f"fitted into best.pt: {describe_trust(trust)}", flush=True)
+        log.info("fitted into best.pt: %s", describe_trust(trust))
 
         extra = {"validation data": self.split.val_source,
                  "note": "best.pt was selected on this validation set, so these figures are optimistic; "
@@ -509,7 +509,7 @@ def _resume(run_dir: Path, overrides: dict[str, Any] | None, model_factory: Mode
         if runstate.report_is_current(run_dir):
             raise UserError(f"{run_dir} already finished {ckpt['epoch']} epochs and its report; "
                             f"pass --epochs N with N > {ckpt['epoch']} to train longer")
-        print(f"{run_dir} finished training but not its report: making the report", flush=True)
+        log.info("%s finished training but not its report: making the report", run_dir)
     return _fit(Trainer(cfg, run_dir, resume_from=ckpt, model_factory=model_factory))
 
 
