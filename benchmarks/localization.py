@@ -537,12 +537,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json == "-":
+    return emit(result, args.json, markdown)
+
+
+def emit(result: dict, json_target: str | None, render: Callable[[dict], str]) -> int:
+    """A mode's output: ``--json -`` prints the result as JSON instead of Markdown; ``--json FILE`` saves it as
+    JSON besides printing ``render(result)``."""
+    if json_target == "-":
         sys.stdout.write(to_json(result))
-    else:
-        if args.json:
-            write_json(args.json, result)
-        print(markdown(result))
+        return 0
+    if json_target:
+        write_json(json_target, result)
+    print(render(result))
     return 0
 
 
@@ -649,14 +655,7 @@ def run_average(args) -> int:
               "slices": len(boxes), "image_size": size, "grow": GROW, "accuracy": None,
               "rows": report(per_slice, [b.label for b in boxes]), "runs": {},
               "uniform_mass": float(np.mean([b.area for b in boxes]))}
-    if args.json == "-":
-        sys.stdout.write(to_json(result))
-        return 0
-    if args.json:
-        write_json(args.json, result)
-    print(f"{row} of each model and of their mean map\n")
-    print(markdown(result))
-    return 0
+    return emit(result, args.json, lambda scored: f"{row} of each model and of their mean map\n\n{markdown(scored)}")
 
 
 def run_diagnosis(args) -> int:
@@ -679,13 +678,7 @@ def run_diagnosis(args) -> int:
         return write_mean_maps(boxes, maps, args.mean_maps, Path(str(classifier.source_path)).name)
     result = diagnose(classifier, args.boxes, boxes, maps, args.batch_size, lambda line: print(line, file=sys.stderr))
     result.update(checkpoint=str(args.checkpoint), slices=len(boxes), image_size=classifier.image_size)
-    if args.json == "-":
-        sys.stdout.write(to_json(result))
-        return 0
-    if args.json:
-        write_json(args.json, result)
-    print(diagnosis_markdown(result))
-    return 0
+    return emit(result, args.json, diagnosis_markdown)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from braintumor.utils.jsonfiles import json_safe, to_json, write_json
 
 def test_json_safe_gives_plain_types():
     value = {1: np.float32(0.5), "nan": float("nan"), "inf": -math.inf, "n": np.int64(3), "flag": np.bool_(True),
-             "tensor": torch.tensor(2.5), "array": np.array([[1, 2], [3, 4]]), "tuple": (np.float64("nan"), "a"),
+             "tensor": torch.tensor(2.5), "array": np.array([[1, 2], [3, 4]]), "scalar array": np.array(2.5), "tuple": (np.float64("nan"), "a"),
              "path": Path("runs") / "x.pt", "none": None, "nested": [{"k": np.float16(1.5)}]}
     safe = json_safe(value)
     assert safe == {"1": 0.5, "nan": None, "inf": None, "n": 3, "flag": True, "tensor": 2.5,
-                    "array": [[1, 2], [3, 4]], "tuple": [None, "a"], "path": str(Path("runs") / "x.pt"),
+                    "array": [[1, 2], [3, 4]], "scalar array": 2.5, "tuple": [None, "a"], "path": str(Path("runs") / "x.pt"),
                     "none": None, "nested": [{"k": 1.5}]}
     assert type(safe["n"]) is int and type(safe["flag"]) is bool and type(safe["tensor"]) is float
 

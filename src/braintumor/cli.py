@@ -690,7 +690,6 @@ def configure_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     logger.propagate = False
 
 
-
 def _keep_file_names() -> None:
     """File names that are not valid UTF-8 reach stdout/stderr as their own bytes instead of crashing."""
     for stream in (sys.stdout, sys.stderr):

@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,12 +24,10 @@ import torch
 from torch import nn
 
 from braintumor.choices import MAX_IMAGE_SIZE, REFERENCE_NAME
-from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from braintumor.utils.atomic import atomic_write
 from braintumor.errors import UserError
 from braintumor.models.formats import CHECKPOINT, TORCHSCRIPT, content_format, model_format
 from braintumor.models.network import build_model, torch_load_problem
-from braintumor.synthetic.phantom import PHANTOM_CLASSES
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "classes", "image_size", "mean", "std", "arch")
@@ -165,10 +164,15 @@ def inference_payload(weights: dict[str, Any], spec: ModelSpec, **provenance: An
     return {"model": weights, **spec.to_dict(), **provenance}
 
 
-def random_checkpoint(path: str | os.PathLike, *, arch: str = "resnet18",
-                      classes: tuple[str, ...] = PHANTOM_CLASSES, image_size: int = 64, seed: int = 0) -> Path:
+def random_checkpoint(path: str | os.PathLike, *, arch: str = "resnet18", classes: Sequence[str] | None = None,
+                      image_size: int = 64, seed: int = 0) -> Path:
     """An untrained network (weights drawn from ``seed``) saved as a checkpoint that predicts, explains and
-    exports like a trained one: for tests and benchmarks whose figures must not depend on a trained model."""
+    exports like a trained one: for tests and benchmarks whose figures must not depend on a trained model.
+    ``classes`` defaults to the phantoms' four."""
+    from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # only here: not on every model load
+    from braintumor.synthetic.phantom import PHANTOM_CLASSES
+
+    classes = PHANTOM_CLASSES if classes is None else classes
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=len(classes), weights="none").eval()
     spec = ModelSpec(arch=arch, classes=tuple(classes), image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -1,8 +1,9 @@
 """JSON as the project writes it: plain types only (NaN and infinity, which are not JSON, become null), and
 files written whole or not at all.
 
-Every JSON the project writes goes through here: evaluate's report.json, the audit, a volume's verdict, the
-accelerated backends' verdicts, the results schema's ``to_dict`` and the benchmarks' ``--json`` files.
+Every JSON document the project writes goes through here: evaluate's report.json, the audit, a volume's verdict,
+the accelerated backends' verdicts, the results schema's ``to_dict`` and the benchmarks' ``--json`` files (a run's
+metrics.jsonl, one JSON object per line, is the trainer's own).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def json_safe(value: Any) -> Any:
     tensor scalars as Python numbers, non-finite floats as None, paths and any other object as str."""
     if isinstance(value, dict):
         return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, np.ndarray):  # any shape, 0-d included: nested lists of Python numbers
+        return json_safe(value.tolist())
+    if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
     if isinstance(value, np.generic) or (hasattr(value, "item") and getattr(value, "shape", None) == ()):
         value = value.item()
