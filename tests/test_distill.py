@@ -42,8 +42,8 @@ def test_loss_matches_a_hand_computation_on_fixed_logits():
 
 @pytest.mark.slow
 def test_weight_zero_trains_exactly_like_no_teacher(phantom_dir, tmp_path):
-    # An untrained teacher serves; its 48 px input size exercises resizing the student's 32 px batches.
-    teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=48, seed=5)
+    # An untrained teacher serves; its 24 px input size exercises resizing the student's 32 px batches down.
+    teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=24, seed=5)
     plain = train(tiny_config(phantom_dir, tmp_path / "plain", epochs=1, data_cache="memory", seed=3))
     taught = train(tiny_config(phantom_dir, tmp_path / "taught", epochs=1, data_cache="memory", seed=3,
                                teacher=str(teacher), distill_weight=0.0))
@@ -52,6 +52,46 @@ def test_weight_zero_trains_exactly_like_no_teacher(phantom_dir, tmp_path):
     a, b, c = (load_checkpoint(run.run_dir / "last.pt")["model"] for run in (plain, taught, nonzero))
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert not all(torch.equal(a[key], c[key]) for key in a)  # the teacher really takes part
+
+
+@pytest.mark.parametrize("data_cache", ["memory", "none"])
+def test_a_larger_teacher_sees_the_slices_at_its_own_size_and_the_student_a_resized_copy(
+        phantom_dir, tmp_path, monkeypatch, data_cache):
+    # Resizing the student's 32 px batch up to a 48 px teacher would show it blurred slices: the batches are
+    # decoded and augmented at 48 px instead, and the student's copy is that batch resized down.
+    from braintumor.data.transforms import eval_transform, resize_batch
+    from braintumor.training.distill import Teacher
+    from PIL import Image
+
+    seen = []
+    original = Teacher.logits
+    monkeypatch.setattr(Teacher, "logits", lambda self, images: seen.append(images.clone()) or original(self, images))
+    students = []
+
+    def factory(arch, classes, weights):
+        from braintumor.models.network import build_model
+
+        model = build_model(arch, classes, weights)
+        model.register_forward_pre_hook(lambda module, args: students.append(args[0].clone()) if module.training
+                                        else None)
+        return model
+
+    teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=48, seed=5)
+    train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, max_steps_per_epoch=2, rotation=0.0, seed=3,
+                      data_cache=data_cache, teacher=str(teacher), distill_weight=0.5), model_factory=factory)
+    assert len(seen) == len(students) == 2
+    for big, small in zip(seen, students):
+        assert big.shape[-2:] == (48, 48) and small.shape[-2:] == (32, 32)
+        assert torch.allclose(resize_batch(big, 32), small, atol=1e-5)  # the same slices, flipped alike
+    # At 48 px the teacher's slices are decoded from the files, not upsampled from 32 px: every one is a phantom
+    # of the folder at 48 px, as it is or mirrored.
+    at_48 = torch.stack([eval_transform(48)(Image.open(path).convert("RGB"))
+                         for path in sorted(phantom_dir.rglob("*.png"))])
+    for image in torch.cat(seen):
+        distance = min((image - view).abs().max().item() for x in at_48 for view in (x, x.flip(-1)))
+        assert distance < 0.05
+    upsampled = resize_batch(resize_batch(seen[0], 32), 48)
+    assert (upsampled - seen[0]).abs().max() > 0.2  # what the teacher saw before: measurably blurred
 
 
 def test_teacher_with_other_classes_is_refused(phantom_dir, tmp_path):

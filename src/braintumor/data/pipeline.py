@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from braintumor.data.augment import Augmentation
@@ -20,7 +19,7 @@ from braintumor.data.cache import decode_to_tensor
 from braintumor.data.index import SplitData
 from braintumor.data.io import read_image
 from braintumor.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_transform,
-                                        normalize_batch, train_transform)
+                                        normalize_batch, resize_batch, train_transform)
 from braintumor.errors import UserError
 from braintumor.utils.seeding import derive_seed
 
@@ -329,6 +328,5 @@ class CachedBatches:
             else:
                 batch = normalize_batch(images, self.mean, self.std)
                 if self.out_size is not None:
-                    batch = F.interpolate(batch, size=(self.out_size, self.out_size), mode="bilinear",
-                                          antialias=True, align_corners=False)
+                    batch = resize_batch(batch, self.out_size)
                 yield batch, labels

@@ -93,6 +93,13 @@ def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
     return EvalTransform(image_size, mean, std)
 
 
+def resize_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """float (B, C, H, W) -> (B, C, size, size) by antialiased bilinear interpolation (as the DataLoader path's
+    Resize); the batch itself when it has that size already."""
+    if batch.shape[-2:] == (size, size):
+        return batch
+    return F.interpolate(batch, size=(int(size), int(size)), mode="bilinear", antialias=True, align_corners=False)
+
 
 def _mean_std(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, ...]:
     # (3, 1, 1) broadcasts over one image (3, H, W) and over a batch (B, 3, H, W) alike.
@@ -201,9 +208,8 @@ def augment_batch(
         batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     else:
         batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-    if out_size is not None and out_size != batch.shape[-1]:
-        batch = F.interpolate(batch, size=(out_size, out_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+    if out_size is not None:
+        batch = resize_batch(batch, out_size)
     batch = random_intensity(batch, brightness, contrast, gamma, generator)
     batch = random_erasing(batch, erasing, generator)
     mean_t, std_t = _mean_std(mean, std, batch.device)

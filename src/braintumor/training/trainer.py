@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +28,9 @@ from braintumor.training.config import TrainConfig, config_warnings, cpu_time_hi
 from braintumor.data.augment import batch_mixer
 from braintumor.data.index import SplitData, prepare_split
 from braintumor.data.pipeline import build_batches
-from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from braintumor.training.distill import Teacher, check_teacher, distillation_loss
+from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_batch
+from braintumor.training.distill import (Teacher, check_teacher, distillation_loss, teacher_image_size,
+                                         training_source_size)
 from braintumor.training.ema import ModelEma
 from braintumor.errors import UserError
 from braintumor.visualize.figures import plot_training_curves
@@ -116,17 +117,24 @@ class Trainer:
     def _load_data(self, resume_from: dict[str, Any] | None) -> None:
         """Check and split the files, then the batch iterators (and their cache) over each side."""
         cfg = self.cfg
+        # A teacher larger than the student sees the training batches at its own size (braintumor.training.distill).
+        self.source_size = training_source_size(cfg.image_size, teacher_image_size(cfg.teacher) if cfg.teacher
+                                                else None)
+        if self.source_size > cfg.image_size and self.dist.is_main:
+            log.info(f"the teacher runs at {self.source_size} px: training slices are decoded and augmented at "
+                     f"{self.source_size} px for it, and resized to the student's size for the student")
         # Rank 0 checks the files and splits (hashing for duplicate groups once, not once per rank).
         # It also picks the data cache for every rank and, in a single process, keeps what it decoded.
         self.split: SplitData = distributed.run_on_main(
-            lambda: prepare_split(cfg.split_settings(), self.show_progress, device=self.device,
-                                  keep_images=not self.dist.enabled),
+            lambda: prepare_split(replace(cfg.split_settings(), image_size=self.source_size),
+                                  self.show_progress, device=self.device, keep_images=not self.dist.enabled),
             self.dist)
         self.classes = self.split.classes
         if resume_from is not None and resume_from["classes"] != self.classes:
             raise UserError(f"the data's classes {self.classes} differ from the checkpoint's {resume_from['classes']}")
         self.train_batches, self.val_batches, self.cache_mode = build_batches(
-            self.split, cfg.batch_settings(), self.device, self.dist, self.show_progress)
+            self.split, replace(cfg.batch_settings(), image_size=self.source_size), self.device,
+            self.dist, self.show_progress)
         self.split.train_images = self.split.val_images = None  # the batches hold them (on the device with gpu)
         self.steps_per_epoch = len(self.train_batches)
         if cfg.max_steps_per_epoch:
@@ -225,6 +233,7 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)  # first non-finite loss
         check_each_step = self.device.type == "cpu" and not self.dist.enabled  # free on the CPU: stop at once
+        student_size = self.cfg.train_image_size(epoch)
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not self.show_progress, unit="batch")
         for step, (images, labels) in enumerate(self.train_batches):
@@ -235,10 +244,12 @@ class Trainer:
             if self.mixer is not None:  # class shares (B, classes); accuracy counts the larger share's class
                 images, targets = self.mixer(images, labels)
                 images, labels = images.contiguous(memory_format=torch.channels_last), targets.argmax(1)
+            teacher_images = images  # at a larger teacher's size, the same slices as the student's
+            images = resize_batch(images, student_size).contiguous(memory_format=torch.channels_last)
             with self.autocast:
                 logits = self.net(images)
                 if self.teacher is not None:
-                    loss = distillation_loss(logits.float(), self.teacher.logits(images), targets,
+                    loss = distillation_loss(logits.float(), self.teacher.logits(teacher_images), targets,
                                              weight=self.cfg.distill_weight,
                                              temperature=self.cfg.distill_temperature,
                                              label_smoothing=self.cfg.label_smoothing)
@@ -350,7 +361,9 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter()
                 train_size = self.cfg.train_image_size(epoch)
-                self.train_batches.set_image_size(train_size)
+                # Batches for a larger teacher keep its size; train_one_epoch resizes the student's copy.
+                self.train_batches.set_image_size(self.source_size if self.source_size > self.cfg.image_size
+                                                  else train_size)
                 row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                                        "image_size": train_size}
                 row.update(self.train_one_epoch(epoch))
