@@ -93,8 +93,9 @@ class TrainConfig:
                         "(e.g. 0.999); 0: off", metavar="DECAY")
     tta: bool = option(False, "test-time augmentation: validate each slice averaged with its mirror (stored in "
                        "the model)")
-    teacher: str | None = option(None, "distil from this trained checkpoint (same classes)", metavar="CKPT",
-                                 path=True, shown="no distillation")
+    teacher: str | None = option(None, "distil from this trained checkpoint (same classes; one with a larger input "
+                                 "size sees the slices at that size)", metavar="CKPT", path=True,
+                                 shown="no distillation")
     distill_weight: float = option(0.5, "weight of the teacher's soft targets")
     distill_temperature: float = option(4.0, "softening temperature of the distillation")
     recipe: str | None = option(None, "the shipped recipe the run started from", flag=False)
