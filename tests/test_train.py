@@ -13,7 +13,7 @@ from braintumor.models.checkpoint import load_checkpoint
 from braintumor.training.config import TrainConfig
 from braintumor.errors import UserError
 from braintumor.training.trainer import format_epoch, make_optimizer, make_scheduler, resume, train
-from helpers import tiny_config
+from helpers import make_checkpoint, tiny_config
 
 
 @pytest.mark.slow
@@ -118,12 +118,15 @@ def test_every_optimizer_choice_builds_and_steps(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data_cache", ["none", "memory"])
+@pytest.mark.parametrize("data_cache, teacher_size", [("none", 0), ("memory", 0), ("memory", 64)])
 def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentation(phantom_dir, tmp_path,
-                                                                                     data_cache, monkeypatch):
+                                                                                     data_cache, teacher_size,
+                                                                                     monkeypatch):
     options = dict(image_size=48, progressive_resize=32, progressive_until=0.5, ema=0.9, tta=True, scale=0.1,
                    translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, erasing=0.5, cutmix=1.0, mixup=0.2,
                    data_cache=data_cache, epochs=4)
+    if teacher_size:  # a larger teacher: batches at its 64 px, the student's copy resized to 32, then 48 px
+        options["teacher"] = str(make_checkpoint(tmp_path / "teacher.pt", image_size=teacher_size, seed=5))
     straight = train(tiny_config(phantom_dir, tmp_path / "straight", **options))
     # The same 4-epoch run, stopped after epoch 2 (its checkpoint and metrics written), then resumed.
     import braintumor.training.trainer as train_module
