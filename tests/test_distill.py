@@ -77,8 +77,19 @@ def test_a_larger_teacher_sees_the_slices_at_its_own_size_and_the_student_a_resi
         return model
 
     teacher = make_checkpoint(tmp_path / "teacher.pt", image_size=48, seed=5)
+    import braintumor.training.distill as distill_module
+    import braintumor.training.trainer as train_module
+
+    reads = []
+
+    def counting(load):
+        return lambda path, *args, **kwargs: reads.append(str(path)) or load(path, *args, **kwargs)
+
+    for module in (distill_module, train_module):
+        monkeypatch.setattr(module, "load_checkpoint", counting(module.load_checkpoint))
     train(tiny_config(phantom_dir, tmp_path / "run", epochs=1, max_steps_per_epoch=2, rotation=0.0, seed=3,
                       data_cache=data_cache, teacher=str(teacher), distill_weight=0.5), model_factory=factory)
+    assert reads.count(str(teacher)) == 1  # its size, the checks and the network come from one read
     assert len(seen) == len(students) == 2
     for big, small in zip(seen, students):
         assert big.shape[-2:] == (48, 48) and small.shape[-2:] == (32, 32)

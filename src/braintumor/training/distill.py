@@ -111,21 +111,18 @@ def content_conflict(teacher_config: dict[str, Any] | None, student_config: dict
             f"pixels of images it trained on in {teacher_config['data']}")
 
 
-def check_teacher(path: str, student_config: dict[str, Any], student_val_paths: list[Path]) -> None:
-    """UserError when the teacher checkpoint at ``path`` trained on any of this run's validation images,
-    by its recorded split settings (:func:`split_conflict`) or by content (:func:`content_conflict`)."""
-    teacher_config = load_checkpoint(path).get("config")
+def check_teacher(path: str, student_config: dict[str, Any], student_val_paths: list[Path], *,
+                  ckpt: dict[str, Any] | None = None) -> None:
+    """UserError when the teacher checkpoint at ``path`` (``ckpt``: the one already loaded from it) trained on any
+    of this run's validation images, by its recorded split settings (:func:`split_conflict`) or by content
+    (:func:`content_conflict`)."""
+    teacher_config = (ckpt if ckpt is not None else load_checkpoint(path)).get("config")
     conflict = (split_conflict(teacher_config, student_config)
                 or content_conflict(teacher_config, student_config, student_val_paths))
     if conflict:
         raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
                         "distil on the teacher's own split (same --split-seed, --val-split and grouping) "
                         "so the validation figures stay honest")
-
-
-def teacher_image_size(path: str) -> int:
-    """The input size of the teacher checkpoint at ``path`` (``reference`` for the shipped model)."""
-    return int(load_checkpoint(path)["image_size"])
 
 
 def training_source_size(student_size: int, teacher_size: int | None) -> int:
@@ -136,8 +133,9 @@ def training_source_size(student_size: int, teacher_size: int | None) -> int:
 class Teacher:
     """A frozen trained model that gives logits for the student's batches."""
 
-    def __init__(self, path: str, classes: list[str], device: torch.device, *, student_config: dict[str, Any]):
-        ckpt = load_checkpoint(path)
+    def __init__(self, path: str, classes: list[str], device: torch.device, *, student_config: dict[str, Any],
+                 ckpt: dict[str, Any] | None = None):
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)  # ckpt: the one already loaded from ``path``
         if list(ckpt["classes"]) != list(classes):
             raise UserError(f"the teacher {path} knows the classes {ckpt['classes']}, but the data has {classes}")
         conflict = split_conflict(ckpt.get("config"), student_config)

@@ -29,8 +29,7 @@ from braintumor.data.augment import batch_mixer
 from braintumor.data.index import SplitData, prepare_split
 from braintumor.data.pipeline import build_batches
 from braintumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_batch
-from braintumor.training.distill import (Teacher, check_teacher, distillation_loss, teacher_image_size,
-                                         training_source_size)
+from braintumor.training.distill import Teacher, check_teacher, distillation_loss, training_source_size
 from braintumor.training.ema import ModelEma
 from braintumor.errors import UserError
 from braintumor.visualize.figures import plot_training_curves
@@ -117,8 +116,10 @@ class Trainer:
     def _load_data(self, resume_from: dict[str, Any] | None) -> None:
         """Check and split the files, then the batch iterators (and their cache) over each side."""
         cfg = self.cfg
+        # Read once here (its input size sets the data's) and handed to the teacher checks and the Teacher.
+        self.teacher_ckpt = load_checkpoint(cfg.teacher) if cfg.teacher else None
         # A teacher larger than the student sees the training batches at its own size (braintumor.training.distill).
-        self.source_size = training_source_size(cfg.image_size, teacher_image_size(cfg.teacher) if cfg.teacher
+        self.source_size = training_source_size(cfg.image_size, self.teacher_ckpt["image_size"] if self.teacher_ckpt
                                                 else None)
         if self.source_size > cfg.image_size and self.dist.is_main:
             log.info(f"the teacher runs at {self.source_size} px: training slices are decoded and augmented at "
@@ -164,9 +165,11 @@ class Trainer:
         self.teacher = None
         if cfg.teacher:
             # Rank 0 compares the teacher's training images with this run's validation images (hashing both).
-            distributed.run_on_main(lambda: check_teacher(cfg.teacher, cfg.to_dict(), self.split.val_paths),
-                                    self.dist)
-            self.teacher = Teacher(cfg.teacher, self.classes, self.device, student_config=cfg.to_dict())
+            distributed.run_on_main(lambda: check_teacher(cfg.teacher, cfg.to_dict(), self.split.val_paths,
+                                                          ckpt=self.teacher_ckpt), self.dist)
+            self.teacher = Teacher(cfg.teacher, self.classes, self.device, student_config=cfg.to_dict(),
+                                   ckpt=self.teacher_ckpt)
+        self.teacher_ckpt = None  # the Teacher holds the network; the loaded file is not needed any more
 
     def _build_optimization(self) -> None:
         """The optimizer of the one table, the lr schedule and the loss."""
