@@ -120,9 +120,14 @@ def check_teacher(path: str, student_config: dict[str, Any], student_val_paths: 
     conflict = (split_conflict(teacher_config, student_config)
                 or content_conflict(teacher_config, student_config, student_val_paths))
     if conflict:
-        raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
-                        "distil on the teacher's own split (same --split-seed, --val-split and grouping) "
-                        "so the validation figures stay honest")
+        raise seen_validation_error(path, conflict)
+
+
+def seen_validation_error(path: str, conflict: str) -> UserError:
+    """The one-line refusal of a teacher that may have trained on this run's validation images."""
+    return UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; distil on the "
+                     "teacher's own split (same --split-seed, --val-split and grouping) so the validation figures "
+                     "stay honest")
 
 
 def training_source_size(student_size: int, teacher_size: int | None) -> int:
@@ -140,9 +145,7 @@ class Teacher:
             raise UserError(f"the teacher {path} knows the classes {ckpt['classes']}, but the data has {classes}")
         conflict = split_conflict(ckpt.get("config"), student_config)
         if conflict:  # check_teacher also compares content; this cheap check stays for direct users
-            raise UserError(f"the teacher {path} may have seen this run's validation images: {conflict}; "
-                            "distil on the teacher's own split (same --split-seed, --val-split and grouping) "
-                            "so the validation figures stay honest")
+            raise seen_validation_error(path, conflict)
         self.model: nn.Module = model_from_checkpoint(ckpt).to(device)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
