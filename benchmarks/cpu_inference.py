@@ -32,11 +32,13 @@ from braintumor.inference.runtimes import OnnxBackend, export_tiers, load_onnx_s
 from braintumor.models.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
 from braintumor.inference.accelerated import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
 from braintumor.data.index import discover
+from braintumor.errors import UserError
 from braintumor.utils.devices import available_cores
 from braintumor.inference.export import export_onnx, quantize_onnx
 from braintumor.utils.fingerprint import file_fingerprint
 from braintumor.inference.classifier import Classifier
 from braintumor.utils.jsonfiles import write_json
+from braintumor.utils.outputs import refuse_overwrites
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="folder for the exports and verdicts (default: beside the checkpoint)")
     parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO even when it is installed")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing exports (and their verdicts) in --out and the --json file")
     return parser.parse_args(argv)
 
 
@@ -150,6 +154,13 @@ def main(argv=None) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent
+    # Checked before the work: the default --out is the checkpoint's folder, which may hold the user's own exports.
+    try:
+        refuse_overwrites([("--out", out / f"{checkpoint.stem}.onnx"), ("--out", out / f"{checkpoint.stem}-int8.onnx"),
+                           ("--json", args.json)], args.overwrite)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     paths, labels, calibration, source = evaluation_set(args, ckpt)
     start = time.perf_counter()

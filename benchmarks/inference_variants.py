@@ -20,7 +20,9 @@ from braintumor.training.config import TrainConfig, field_names
 from braintumor.evaluation.evaluate import evaluate_classifier, file_batches
 from braintumor.inference.service import run_batches
 from braintumor.data.index import prepare_split
+from braintumor.errors import UserError
 from braintumor.inference.classifier import Classifier
+from braintumor.utils.outputs import staged_output_dir
 
 
 def main(argv=None) -> int:
@@ -30,20 +32,31 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 144, 160])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", metavar="DIR",
-                        help="also write the full evaluation report of the model's own setting to DIR")
+                        help="also write the full evaluation report of the model's own setting to DIR (a new or "
+                             "empty folder, written all or nothing)")
+    parser.add_argument("--overwrite", action="store_true", help="write --report into a folder that holds files")
     args = parser.parse_args(argv)
+    try:
+        return measure(args)
+    except (UserError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def measure(args) -> int:
+    """The table (and --report) for parsed arguments."""
     values = yaml.safe_load((args.run_dir / "config.yaml").read_text())
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
     split = prepare_split(cfg, progress=False)
     labels = np.asarray(split.val_labels)
     classifier = Classifier.from_checkpoint(args.checkpoint or args.run_dir)  # a run folder: its best.pt
     if args.report:
-        report = evaluate_classifier(classifier, split.val_paths, split.val_labels, args.report,
-                                     title=f"Validation report ({Path(classifier.source_path).name})",
-                                     extra={"validation data": split.val_source,
-                                            "test-time augmentation": "mirror" if classifier.tta else "off"},
-                                     workers=args.workers)
+        with staged_output_dir(args.report, args.report, overwrite=args.overwrite) as staged:
+            report = evaluate_classifier(classifier, split.val_paths, split.val_labels, staged.path,
+                                         title=f"Validation report ({Path(classifier.source_path).name})",
+                                         extra={"validation data": split.val_source,
+                                                "test-time augmentation": "mirror" if classifier.tta else "off"},
+                                         workers=args.workers)
         print(f"report of the stored setting (size {classifier.image_size}, TTA {classifier.tta}): "
               f"accuracy {report['metrics']['accuracy']:.4f}, written to {args.report}\n")
     print(f"{len(labels)} validation slices ({split.val_source})\n")

@@ -41,9 +41,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from braintumor.data.transforms import resize_batch
 from braintumor.errors import UserError
 from braintumor.utils.atomic import atomic_write
-from braintumor.utils.jsonfiles import to_json, write_json
+from braintumor.utils.jsonfiles import emit_report
+from braintumor.utils.outputs import refuse_overwrites
 from braintumor.visualize.explain import (CAM_METHODS, DEFAULT_LAYER, DEFAULT_MIRROR, METHODS, explain_batch,
                                           explain_cam_batch)
 
@@ -333,8 +335,9 @@ def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequen
               "grow": GROW, "accuracy": float(np.mean(correct)) if correct else None,
               "rows": report(per_slice, labels), "runs": {row: extra[row] for row, *_ in runs},
               "uniform_mass": float(np.mean([b.area for b in boxes]))}
-    if save_maps:
-        np.savez_compressed(save_maps, files=np.array([b.file for b in boxes]), **saved)
+    if save_maps:  # whole or not at all, like every file the project writes
+        atomic_write(save_maps, lambda handle: np.savez_compressed(handle, files=np.array([b.file for b in boxes]),
+                                                                   **saved))
     return result
 
 
@@ -525,7 +528,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--average", type=Path, nargs="+", metavar="MAPS_NPZ",
                         help="instead of explaining: score the maps of several models saved by --save-maps on the same "
                              "slices, each and their mean (each map min-max normalized, at the first file's size)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --json/--save-maps/--montage/--mean-maps files (default: refuse)")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrites({"--json": args.json, "--save-maps": args.save_maps, "--montage": args.montage,
+                           "--mean-maps": args.mean_maps}, args.overwrite)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.diagnose:
         return run_diagnosis(args)
     if args.average:
@@ -537,19 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return emit(result, args.json, markdown)
-
-
-def emit(result: dict, json_target: str | None, render: Callable[[dict], str]) -> int:
-    """A mode's output: ``--json -`` prints the result as JSON instead of Markdown; ``--json FILE`` saves it as
-    JSON besides printing ``render(result)``."""
-    if json_target == "-":
-        sys.stdout.write(to_json(result))
-        return 0
-    if json_target:
-        write_json(json_target, result)
-    print(render(result))
-    return 0
+    return emit_report(result, args.json, markdown)
 
 
 def write_montage(classifier, root: Path, boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Path,
@@ -608,7 +607,7 @@ def write_mean_maps(boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Pat
 
 def averaged_rows(paths: Sequence[Path], row: str) -> tuple[list[str], dict[str, np.ndarray]]:
     """The slice files and {model: maps} of ``row`` in each saved-maps file, plus "mean of N": every map resized
-    (bilinear) to the first file's size and min-max normalized, then averaged over the models."""
+    (antialiased bilinear, as the model's inputs) to the first file's size and min-max normalized, then averaged over the models."""
     files, maps = None, {}
     for path in paths:
         try:
@@ -625,8 +624,7 @@ def averaged_rows(paths: Sequence[Path], row: str) -> tuple[list[str], dict[str,
         maps[path.stem if path.stem not in maps else str(path)] = row_maps
     size = next(iter(maps.values())).shape[-1]
     for name, row_maps in maps.items():
-        resized = torch.nn.functional.interpolate(torch.from_numpy(row_maps)[:, None], size=(size, size),
-                                                  mode="bilinear", align_corners=False)[:, 0].numpy()
+        resized = resize_batch(torch.from_numpy(row_maps)[:, None], size)[:, 0].numpy()
         low = resized.min(axis=(1, 2), keepdims=True)
         maps[name] = (resized - low) / np.maximum(resized.max(axis=(1, 2), keepdims=True) - low, 1e-12)
     maps[f"mean of {len(paths)}"] = np.mean(list(maps.values()), axis=0)
@@ -655,19 +653,26 @@ def run_average(args) -> int:
               "slices": len(boxes), "image_size": size, "grow": GROW, "accuracy": None,
               "rows": report(per_slice, [b.label for b in boxes]), "runs": {},
               "uniform_mass": float(np.mean([b.area for b in boxes]))}
-    return emit(result, args.json, lambda scored: f"{row} of each model and of their mean map\n\n{markdown(scored)}")
+    return emit_report(result, args.json, lambda scored: f"{row} of each model and of their mean map\n\n{markdown(scored)}")
 
 
 def run_diagnosis(args) -> int:
     """--diagnose: masking tests and peak regions of saved maps, Markdown (or JSON) on stdout."""
     from braintumor.inference.classifier import Classifier
 
-    classifier = Classifier.from_checkpoint(args.checkpoint)
-    if args.image_size:
-        classifier.set_image_size(args.image_size)
-    saved = np.load(args.diagnose)
-    files = list(saved["files"])
-    by_file = {b.file: b for b in read_boxes(args.boxes)}
+    try:
+        classifier = Classifier.from_checkpoint(args.checkpoint)
+        if args.image_size:
+            classifier.set_image_size(args.image_size)
+        saved = np.load(args.diagnose)
+        files = list(saved["files"])
+        by_file = {b.file: b for b in read_boxes(args.boxes)}
+        missing = [f for f in files if f not in by_file]
+        if missing:
+            raise UserError(f"{len(missing)} saved slices have no box in {args.boxes}, e.g. {missing[0]}")
+    except (UserError, OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     boxes = balanced([by_file[f] for f in files], args.limit)
     keep = [files.index(b.file) for b in boxes]
     wanted = {row for row, *_ in method_runs(args.methods, args.layers, MIRRORS[args.mirror])}
@@ -678,7 +683,7 @@ def run_diagnosis(args) -> int:
         return write_mean_maps(boxes, maps, args.mean_maps, Path(str(classifier.source_path)).name)
     result = diagnose(classifier, args.boxes, boxes, maps, args.batch_size, lambda line: print(line, file=sys.stderr))
     result.update(checkpoint=str(args.checkpoint), slices=len(boxes), image_size=classifier.image_size)
-    return emit(result, args.json, diagnosis_markdown)
+    return emit_report(result, args.json, diagnosis_markdown)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from braintumor.data.index import prepare_split
+from braintumor.errors import UserError
 from braintumor.data.io import read_image
 from braintumor.models.checkpoint import load_checkpoint, resolve_checkpoint
 from braintumor.trust import fitting, negatives
@@ -46,6 +47,7 @@ from braintumor.trust.ood import (ATYPICAL_RATE, energy_score, max_softmax_score
                                   trust_head_from_state, whiten)
 from braintumor.utils.atomic import atomic_write
 from braintumor.utils.jsonfiles import write_json
+from braintumor.utils.outputs import refuse_overwrites
 
 VARIANT_SEED = 5  # the fit's variants use seed 0 (trust.fitting.mri_variant_images)
 
@@ -61,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache", help="folder for cached features (reused when present)")
     parser.add_argument("--markdown", help="also write the tables here")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     parser.add_argument("--smoke", action="store_true", help="tiny phantom model and sets (for the test suite)")
     return parser.parse_args(argv)
 
@@ -332,6 +335,11 @@ def main(argv=None) -> int:
     import warnings
 
     args = parse_args(argv)
+    try:
+        refuse_overwrites({"--markdown": args.markdown, "--json": args.json}, args.overwrite)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     warnings.filterwarnings("ignore", "Mean of empty slice")  # a class without slices: its rate is nan
     warnings.filterwarnings("ignore", "invalid value encountered")
     with tempfile.TemporaryDirectory() as tmp:

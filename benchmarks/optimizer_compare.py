@@ -40,6 +40,7 @@ from braintumor.synthetic.phantom import write_phantom_set
 from braintumor.training.trainer import train
 from braintumor.utils.atomic import atomic_write
 from braintumor.utils.jsonfiles import write_json
+from braintumor.utils.outputs import refuse_overwrites
 from braintumor.visualize.figures import save_figure
 
 # name -> (label in table and plot, TrainConfig.optimizer, TrainConfig.gc)
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep-runs", action="store_true", help="keep every run folder under OUT/runs "
                         "(checkpoints included) instead of a temporary folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the table, plot and JSON of an earlier run in --out (default: refuse)")
     args = parser.parse_args(argv)
     if (args.data is None) != (args.val is None):
         raise UserError("--data and --val go together: every optimizer must validate on the same fixed folder")
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         out = Path(args.out)
+        refuse_overwrites([("--out", out / f"optimizer_compare{suffix}") for suffix in (".md", ".json", ".png")],
+                          args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         machine = machine_description(args.device)
         started = datetime.now()

@@ -27,7 +27,9 @@ import torch
 from braintumor.training.config import read_recipe, resolve_config
 from braintumor.training.trainer import train
 from braintumor.training.step import PRECISIONS
+from braintumor.errors import UserError
 from braintumor.utils.jsonfiles import write_json
+from braintumor.utils.outputs import refuse_overwrites
 
 THRESHOLDS = (0.97, 0.98, 0.99)
 
@@ -93,7 +95,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="keep the run folders under this folder (default: temporary)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="report finished runs, train nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file (default: refuse)")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrites({"--json": args.json}, args.overwrite)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     runs: dict[str, dict] = {}
     if args.summarize:

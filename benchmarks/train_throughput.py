@@ -36,7 +36,9 @@ from braintumor.data.transforms import train_transform
 from braintumor.models.network import build_model
 from braintumor.optim import Ranger
 from braintumor.training.trainer import make_optimizer, train
+from braintumor.errors import UserError
 from braintumor.utils.jsonfiles import write_json
+from braintumor.utils.outputs import refuse_overwrites
 from braintumor.training.step import (AUTO_COMPILE_MIN_STEPS, STEP_MODES, autocast, choose_precision, choose_step_mode,
                                   wrap_network)
 
@@ -175,7 +177,13 @@ def main(argv=None) -> int:
                              f"(default: all on CUDA, {', '.join(CPU_VARIANTS)} on the CPU)")
     parser.add_argument("--variant-steps", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file (default: refuse)")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrites({"--json": args.json}, args.overwrite)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

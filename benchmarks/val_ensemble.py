@@ -33,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 
 from braintumor.errors import UserError
-from braintumor.utils.jsonfiles import to_json, write_json
+from braintumor.utils.jsonfiles import emit_report
+from braintumor.utils.outputs import refuse_overwrites
 
 
 class Slices(NamedTuple):
@@ -145,21 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=3, help="largest ensemble (default: 3)")
     parser.add_argument("--top", type=int, default=5, help="best ensembles shown per size (default: 5)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout, no table)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file (default: refuse)")
     args = parser.parse_args(argv)
     try:
+        refuse_overwrites({"--json": args.json}, args.overwrite)
         if args.max_size < 1 or args.top < 1:
             raise UserError("--max-size and --top must be at least 1")
         summary = summarize(*load_models(args.models), max_size=args.max_size, top=args.top)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.json == "-":
-        sys.stdout.write(to_json(summary))
-        return 0
-    if args.json:
-        write_json(args.json, summary)
-    print(markdown(summary), end="")
-    return 0
+    return emit_report(summary, args.json, markdown)
 
 
 if __name__ == "__main__":

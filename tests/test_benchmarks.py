@@ -146,3 +146,29 @@ def test_val_ensemble_refuses_runs_of_different_splits_with_one_line(tmp_path, c
     assert "share one split" in err and len(err.strip().splitlines()) == 1
     assert val_ensemble.main([str(tmp_path / "model.pt")]) == 2  # no run folder names the slices
     assert "at least one training run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, argv, taken", [
+    ("val_ensemble", ["{tmp}/run", "--json", "{tmp}/taken"], "taken"),
+    ("time_to_accuracy", ["--summarize", "{tmp}/run", "--json", "{tmp}/taken"], "taken"),
+    ("train_throughput", ["--data", "{tmp}/no-data", "--json", "{tmp}/taken"], "taken"),
+    ("ood", ["--smoke", "--markdown", "{tmp}/taken"], "taken"),
+    ("optimizer_compare", ["--out", "{tmp}"], "optimizer_compare.png"),
+    ("cpu_inference", ["--checkpoint", "{ckpt}", "--data", "{tmp}/no-data", "--out", "{tmp}"], "tiny-int8.onnx"),
+])
+def test_benchmarks_refuse_to_replace_an_output_before_any_work(name, argv, taken, tmp_path, tiny_checkpoint, capsys):
+    # The check comes first: nothing is trained, exported or read (the data folders do not even exist).
+    (tmp_path / taken).write_text("the user's own file")
+    ckpt = tmp_path / "tiny.pt"
+    ckpt.write_bytes(Path(tiny_checkpoint).read_bytes())
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
+    assert load(name).main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"{taken} already exists; pass --overwrite" in err and "\n" not in err
+    assert (tmp_path / taken).read_text() == "the user's own file"
+
+
+def test_inference_variants_ends_a_missing_run_folder_with_one_line(tmp_path, capsys):
+    assert load("inference_variants").main([str(tmp_path / "no-run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "config.yaml" in err and "\n" not in err

@@ -53,3 +53,17 @@ def test_a_value_that_cannot_be_serialised_leaves_the_previous_file(tmp_path):
         write_json(path, {"bad": circular})
     assert json.loads(path.read_text()) == {"kept": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # no temporary file left
+
+
+def test_emit_report_prints_json_or_the_rendering_and_saves_the_file(tmp_path, capsys):
+    from braintumor.utils.jsonfiles import emit_report
+
+    result = {"rows": {"a": float("nan")}, "n": np.int64(2)}
+    render = lambda value: f"table of {value['n']} rows"  # noqa: E731
+    assert emit_report(result, "-", render) == 0
+    assert json.loads(capsys.readouterr().out) == {"rows": {"a": None}, "n": 2}  # JSON only: no table on stdout
+    assert emit_report(result, tmp_path / "r.json", render) == 0
+    assert capsys.readouterr().out == "table of 2 rows\n"
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 2
+    assert emit_report(result, None, lambda value: "already ends\n") == 0
+    assert capsys.readouterr().out == "already ends\n"

@@ -288,3 +288,14 @@ def test_average_scores_each_model_and_the_mean_of_their_maps(tmp_path, capsys):
         assert loc.main(common + extra) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--json", "--save-maps", "--montage", "--mean-maps"])
+def test_an_existing_output_file_is_refused_before_any_work(tmp_path, flag, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    csv_path = write_csv(tmp_path / "b.csv", ["a.jpg,glioma,0.5,0.5,0.2,0.2"])
+    assert loc.main([str(csv_path), "--checkpoint", str(tmp_path / "no-such.pt"), flag, str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {taken} already exists; pass --overwrite to replace it, or choose another {flag}"
+    assert taken.read_text() == "kept"

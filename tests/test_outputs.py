@@ -155,3 +155,21 @@ def test_explain_prints_the_final_paths_and_a_failed_explain_leaves_nothing(tiny
     monkeypatch.setattr(explain_module, "write_explanations", fails_after_writing)
     assert main(["explain", str(tiny_checkpoint), str(image), "--out", str(tmp_path / "work" / "new"), "-q"]) == 2
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["cams"]
+
+
+def test_refuse_overwrites_names_the_flag_and_skips_stdout_and_unset(tmp_path):
+    from braintumor.utils.outputs import refuse_overwrite, refuse_overwrites
+
+    taken = tmp_path / "report.json"
+    taken.write_text("{}")
+    dangling = tmp_path / "link.json"
+    dangling.symlink_to(tmp_path / "nowhere")
+    refuse_overwrites({"--json": "-", "--markdown": None, "--save-maps": tmp_path / "free.npz"}, False)
+    with pytest.raises(UserError, match=r"report.json already exists; pass --overwrite to replace it, or choose "
+                                        r"another --json$"):
+        refuse_overwrites({"--markdown": None, "--json": taken}, False)
+    with pytest.raises(UserError, match="another --out$"):
+        refuse_overwrites([("--out", tmp_path / "free.onnx"), ("--out", dangling)], False)  # a dangling link counts
+    refuse_overwrites([("--json", taken), ("--out", dangling)], True)
+    refuse_overwrite(taken, True)
+    assert taken.read_text() == "{}"  # checking never writes

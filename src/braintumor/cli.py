@@ -347,6 +347,7 @@ def cmd_calibrate(args) -> int:
     from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, resolve_checkpoint
     from braintumor.training.config import from_saved
     from braintumor.trust.fitting import describe_trust, fit_trust_for_checkpoint
+    from braintumor.utils.outputs import refuse_overwrite
 
     source = resolve_checkpoint(args.checkpoint)
     package = REFERENCE_MODEL.parents[1].resolve()
@@ -364,8 +365,7 @@ def cmd_calibrate(args) -> int:
                             "choose a path outside it")
         if out.is_dir():
             raise UserError(f"--out {out} is a folder; give a file name such as {out / 'calibrated.pt'}")
-        if out.exists() and not args.overwrite:
-            raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        refuse_overwrite(out, args.overwrite)
         if not out.parent.is_dir():
             raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     values = dict(load_checkpoint(source).get("config") or {})

@@ -40,6 +40,7 @@ from braintumor.models.checkpoint import (REFERENCE_MODEL, load_checkpoint, miss
 from braintumor.errors import UserError
 from braintumor.utils.fingerprint import file_fingerprint
 from braintumor.utils.optional import require
+from braintumor.utils.outputs import refuse_overwrite
 from braintumor.models.formats import ONNX, SUFFIXES, TORCHSCRIPT
 
 FORMATS = (ONNX, TORCHSCRIPT)
@@ -74,12 +75,6 @@ def export_target(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLik
     check_export_suffix(out, fmt)
     refuse_overwrite(out, overwrite)
     return source, out
-
-
-def refuse_overwrite(path: Path, overwrite: bool) -> None:
-    """A one-line UserError when ``path`` exists and ``overwrite`` was not asked for."""
-    if not overwrite and (path.exists() or path.is_symlink()):
-        raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def check_export_suffix(out: Path, fmt: str) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from braintumor.utils.atomic import atomic_write
 
-__all__ = ["json_safe", "to_json", "write_json"]
+__all__ = ["emit_report", "json_safe", "to_json", "write_json"]
 
 
 def json_safe(value: Any) -> Any:
@@ -49,3 +51,17 @@ def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2) -
     be, then renamed into place (the previous file or the complete new one, never a torn one)."""
     text = to_json(value, indent=indent)
     return atomic_write(path, lambda handle: handle.write(text), "w")
+
+
+def emit_report(result: Any, json_target: str | os.PathLike | None, render: Callable[[Any], str]) -> int:
+    """A benchmark's output, as ``--json`` asks: ``-`` prints ``result`` as JSON on stdout instead of the
+    human-readable ``render(result)``; a file name saves it as JSON besides printing ``render(result)``; None
+    prints ``render(result)`` only. Returns 0, the exit status."""
+    if json_target is not None and str(json_target) == "-":
+        sys.stdout.write(to_json(result))
+        return 0
+    if json_target:
+        write_json(json_target, result)
+    text = render(result)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0

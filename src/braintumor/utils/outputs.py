@@ -16,18 +16,37 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from braintumor.errors import UserError
 
+PathOrNone = str | os.PathLike | None
+
 
 def _listing(folder: Path, limit: int = 3) -> str:
     names = sorted(p.name for p in folder.iterdir())
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names)} entries)" if len(names) > limit else "")
+
+
+def refuse_overwrite(path: str | os.PathLike, overwrite: bool, option: str = "--out") -> None:
+    """A one-line UserError when the file ``path`` exists (a dangling link too) and ``overwrite`` was not asked
+    for; ``option`` names the flag that gave the path, for the message."""
+    path = Path(path)
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose another {option}")
+
+
+def refuse_overwrites(paths: Mapping[str, PathOrNone] | Iterable[tuple[str, PathOrNone]], overwrite: bool) -> None:
+    """:func:`refuse_overwrite` for each ``{option: path}`` (or ``(option, path)`` pair) given (None: not asked
+    for; "-": stdout), checked before a command starts its work, so that a long run never ends by refusing to
+    write its result."""
+    for option, path in (paths.items() if isinstance(paths, Mapping) else paths):
+        if path is not None and str(path) != "-":
+            refuse_overwrite(path, overwrite, option)
 
 
 def prepare_output_dir(out: str | os.PathLike | None, default_parent: str | os.PathLike, *,
