@@ -133,7 +133,7 @@ def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentat
 
     plots = []
 
-    def stop_after_second_epoch(rows, path):
+    def stop_after_second_epoch(rows, path, *_):
         plots.append(path)
         if len(plots) == 2:
             raise KeyboardInterrupt
@@ -348,3 +348,20 @@ def test_a_tiny_run_from_random_weights_at_the_default_lr_says_so_on_stderr(phan
     assert main(["train", str(phantom_dir), *args, "--max-steps-per-epoch", "1", "--out", str(tmp_path / "r")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --weights none")]
     assert len(warnings) == 1 and "learns next to nothing" in warnings[0]
+
+
+def test_loss_curves_are_titled_by_the_loss_the_run_optimised(tmp_path):
+    from braintumor.training.config import TrainConfig
+    from braintumor.training.trainer import loss_title
+    from braintumor.visualize.figures import plot_training_curves
+
+    assert loss_title(TrainConfig(data="d")) == "Cross-entropy loss"
+    assert loss_title(TrainConfig(data="d", distill_weight=0.5)) == "Cross-entropy loss"  # no teacher: no distillation
+    distilled = loss_title(TrainConfig(data="d", teacher="t.pt", distill_weight=0.7, distill_temperature=2.0))
+    assert distilled == "Loss\ntrain: 0.3 × cross-entropy + 0.7 × distillation (T 2)\nvalidation: cross-entropy"
+    assert loss_title(TrainConfig(data="d", teacher="t.pt", distill_weight=0.0)) == "Cross-entropy loss"
+    mixed = loss_title(TrainConfig(data="d", label_smoothing=0.1, mixup=0.2))
+    assert mixed == "Loss\ntrain: cross-entropy, label smoothing 0.1, CutMix / MixUp labels\nvalidation: cross-entropy"
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5, "val_accuracy": 0.4 + e / 10,
+             "lr": 1e-3} for e in (1, 2)]
+    assert plot_training_curves(rows, tmp_path / "curves.png", distilled).stat().st_size > 0

@@ -391,7 +391,7 @@ class Trainer:
                     save_checkpoint(payload, self.run_dir / "last.pt")
                     if improved:  # best.pt: the validated weights and the spec only, for inference
                         save_inference_checkpoint(payload, self.run_dir / "best.pt")
-                    plot_training_curves(history, self.run_dir / "training_curves.png")
+                    plot_training_curves(history, self.run_dir / "training_curves.png", loss_title(self.cfg))
                     if board is not None:
                         board.log_epoch(row)
                     # the CLI's handler keeps bars intact
@@ -404,7 +404,7 @@ class Trainer:
             raise
         epochs_bar.close()
         if self.dist.is_main and history and not (self.run_dir / "training_curves.png").is_file():
-            plot_training_curves(history, self.run_dir / "training_curves.png")
+            plot_training_curves(history, self.run_dir / "training_curves.png", loss_title(self.cfg))
         distributed.barrier(self.dist)
         report = None
         if self.dist.is_main:
@@ -440,6 +440,22 @@ class Trainer:
         """best.pt as it is on disk, its network rebuilt by this run's model factory."""
         return Classifier.from_checkpoint(self.run_dir / "best.pt", device=str(self.device),
                                           model_factory=self.model_factory)
+
+
+def loss_title(cfg: TrainConfig) -> str:
+    """What a run's ``train_loss`` and ``val_loss`` measure, as the title of its loss curves: validation is always
+    the plain cross-entropy; training's loss is what the run optimised (distillation, label smoothing, the mixed
+    labels of CutMix / MixUp), so the two curves are not the same quantity when any of these is on."""
+    if cfg.teacher and cfg.distill_weight > 0:
+        train = (f"{1 - cfg.distill_weight:g} × cross-entropy + {cfg.distill_weight:g} × distillation "
+                 f"(T {cfg.distill_temperature:g})")
+    else:
+        train = "cross-entropy"
+    extras = ([f"label smoothing {cfg.label_smoothing:g}"] if cfg.label_smoothing else []) + \
+        (["CutMix / MixUp labels"] if cfg.cutmix or cfg.mixup else [])
+    if train == "cross-entropy" and not extras:
+        return "Cross-entropy loss"
+    return f"Loss\ntrain: {train}{''.join(', ' + extra for extra in extras)}\nvalidation: cross-entropy"
 
 
 def format_epoch(row: dict[str, Any], epochs: int, improved: bool, image_size: int | None = None) -> str:

@@ -132,8 +132,9 @@ def plot_roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], pat
     return save_figure(fig, path)
 
 
-def plot_training_curves(rows: Sequence[dict], path) -> Path:
-    """Loss, accuracy and learning rate per epoch; the best epoch (highest validation accuracy) is marked."""
+def plot_training_curves(rows: Sequence[dict], path, loss_title: str = "Cross-entropy loss") -> Path:
+    """Loss, accuracy and learning rate per epoch; the best epoch (highest validation accuracy) is marked.
+    ``loss_title`` names the loss the run optimised (training.trainer.loss_title)."""
     epochs = [row["epoch"] for row in rows]
     fig = Figure(figsize=(13, 4), layout="constrained")
     loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
@@ -151,7 +152,7 @@ def plot_training_curves(rows: Sequence[dict], path) -> Path:
     positive = [v for v in lrs if v and v > 0 and math.isfinite(v)]
     if positive and max(positive) / min(positive) > 20:
         lr_ax.set_yscale("log")
-    loss_ax.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
+    loss_ax.set(title=loss_title, xlabel="epoch", ylabel="loss")
     acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     lr_ax.set(title="Learning rate (at the start of the epoch)", xlabel="epoch", ylabel="lr")
     for ax in (loss_ax, acc_ax, lr_ax):
