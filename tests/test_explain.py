@@ -395,3 +395,18 @@ def test_unknown_method_and_layer_are_clear_errors():
     with pytest.raises(ValueError, match="2 targets for 1 images"):
         explain_batch(TinyCNN(), batch, "gradcam", targets=[0, 1])
     assert DEFAULT_METHOD in METHODS and len(set(METHODS)) == len(METHODS)
+
+
+def test_an_explanation_says_how_its_map_was_made(lesion_classifier):
+    from braintumor.visualize.figures import gradcam_panel
+
+    picture = Image.fromarray(lesion_phantom(2200)[0])  # (this phantom model's blocks: features, layer4, head)
+    default = explain(lesion_classifier, picture, method="gradcam")
+    assert (default.method, default.layer, default.mirror) == ("gradcam", "layer4", True)  # its default block
+    assert default.setting == "Grad-CAM at layer4, averaged with the mirrored slice's map"
+    chosen = explain(lesion_classifier, picture, method="gradcampp", layer="layer4", mirror=False)
+    assert chosen.layer == "layer4" and chosen.setting == "Grad-CAM++ at layer4, single view (not mirror-averaged)"
+    occlusion = explain(lesion_classifier, picture, method="occlusion")
+    assert occlusion.layer is None and occlusion.setting == "Occlusion, averaged with the mirrored slice's map"
+    panels = [np.asarray(gradcam_panel(e)) for e in (default, chosen)]
+    assert panels[0].shape == panels[1].shape and not np.array_equal(panels[0][:60], panels[1][:60])  # the caption

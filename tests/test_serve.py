@@ -206,6 +206,9 @@ def test_explain_returns_decodable_overlay(client):
     single = client.post("/api/predict?explain=1&method=gradcampp&layer=layer3&mirror=false",
                          files=upload(("a.png", png_bytes())))
     assert single.status_code == 200 and single.json()["results"][0]["explanation"]["mirror"] is False
+    for query, layer in (("method=gradcam", "layer4"), ("method=occlusion", None)):  # the method's own block, or none
+        reply = client.post(f"/api/predict?explain=1&{query}", files=upload(("a.png", png_bytes())))
+        assert reply.status_code == 200 and reply.json()["results"][0]["explanation"]["layer"] == layer
     assert (single.json()["results"][0]["explanation"]["heatmap_png_base64"]
             != other.json()["results"][0]["explanation"]["heatmap_png_base64"])
     bad_layer = client.post("/api/predict?explain=1&layer=nowhere", files=upload(("a.png", png_bytes())))

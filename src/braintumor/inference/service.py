@@ -364,10 +364,11 @@ def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, targ
     its status), and a heat map of ``target`` (a class name; None: the predicted class) by ``method`` (None:
     ``visualize.explain.DEFAULT_METHOD``), averaged with the mirror view's or not (``mirror``; None:
     ``DEFAULT_MIRROR``). Needs a PyTorch model: exports have no gradients (UserError)."""
-    from braintumor.visualize.explain import DEFAULT_METHOD, DEFAULT_MIRROR, Explanation
+    from braintumor.visualize.explain import DEFAULT_METHOD, DEFAULT_MIRROR, Explanation, layer_of
 
     method = method or DEFAULT_METHOD
     mirror = DEFAULT_MIRROR if mirror is None else bool(mirror)
+    block = layer_of(method, layer)  # the CAM block the maps read (None: a method without layers)
     if classifier.model is None:
         raise UserError(f"explanations need gradients: load the PyTorch checkpoint (.pt), not the "
                         f"{classifier.backend} export")
@@ -391,7 +392,7 @@ def explain_items(classifier: "Classifier", items: Sequence[ImageInput], *, targ
         for prediction, image, heatmap, explained in zip(predictions, images, maps, targets):
             explanation = Explanation.of(prediction.source, classes, np.array(list(prediction.probabilities.values())),
                                          np.asarray(heatmap, dtype=np.float32), image.resize(size, Image.BILINEAR),
-                                         explained, method=method, mirror=mirror)
+                                         explained, method=method, mirror=mirror, layer=block)
             explanation.prediction = prediction  # calibrated probabilities and the status
             explanation.status = prediction.status
             results.append(explanation)

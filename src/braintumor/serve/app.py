@@ -409,8 +409,6 @@ class Analyzer:
 
     def explanation(self, image: Image.Image, source: str, target: str | None, options: "Options") -> dict[str, Any]:
         """The explanation of one slice (the service's), as PNGs at the preview's geometry."""
-        from braintumor.visualize.explain import layer_of
-
         with self._explaining():
             [explained] = service.explain_items(self.classifier, [image], sources=[source], target=target,
                                                 method=options.method, layer=options.layer,
@@ -418,7 +416,7 @@ class Analyzer:
         size = preview_size(image)
         overlay = explained.overlay().resize(size, Image.Resampling.BILINEAR)
         heatmap = explained.overlay(alpha=1.0).resize(size, Image.Resampling.BILINEAR)
-        return {"method": explained.method, "layer": layer_of(explained.method, options.layer),
+        return {"method": explained.method, "layer": explained.layer,
                 "mirror": explained.mirror, "target": explained.target,
                 "overlay_png_base64": png_base64(overlay), "heatmap_png_base64": png_base64(heatmap)}
 

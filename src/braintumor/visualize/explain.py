@@ -79,8 +79,9 @@ IG_SMOOTHING = 1 / 64  # Gaussian sigma as a share of the input side
 
 @dataclass
 class Explanation:
-    """One image's explanation: the explained class, the prediction, the method and its map at the model input
-    size."""
+    """One image's explanation: the explained class, the prediction, the method (with its block ``layer`` for the
+    CAM methods, None otherwise, and whether the map is averaged with the mirror view's) and its map at the model
+    input size."""
 
     source: str
     target: str
@@ -91,22 +92,30 @@ class Explanation:
     image: Image.Image
     method: str = DEFAULT_METHOD
     mirror: bool = DEFAULT_MIRROR
+    layer: str | None = None
 
     @classmethod
     def of(cls, source: str, classes: Sequence[str], probabilities: np.ndarray, heatmap: np.ndarray,
            image: Image.Image, target: int | None = None, method: str = DEFAULT_METHOD,
-           mirror: bool = DEFAULT_MIRROR) -> "Explanation":
+           mirror: bool = DEFAULT_MIRROR, layer: str | None = None) -> "Explanation":
         """The explanation of one row of ``explain_batch``'s output (``target`` None: the predicted class)."""
         predicted = int(np.argmax(probabilities))
         explained = predicted if target is None else int(target)
         return cls(source=source, target=classes[explained], predicted=classes[predicted],
                    probability=float(probabilities[predicted]), target_probability=float(probabilities[explained]),
-                   heatmap=heatmap, image=image, method=method, mirror=bool(mirror))
+                   heatmap=heatmap, image=image, method=method, mirror=bool(mirror), layer=layer)
 
     @property
     def method_label(self) -> str:
         """The method's display name (e.g. "Grad-CAM")."""
         return METHOD_LABELS.get(self.method, self.method)
+
+    @property
+    def setting(self) -> str:
+        """How the map was made, for captions: e.g. "Grad-CAM++ at layer3, averaged with the mirrored slice's map"."""
+        where = f" at {self.layer}" if self.layer else ""
+        return f"{self.method_label}{where}, " + ("averaged with the mirrored slice's map" if self.mirror
+                                                  else "single view (not mirror-averaged)")
 
     def overlay(self, alpha: float = 0.45, colormap: str = "jet") -> Image.Image:
         """The heat map in a matplotlib colour map blended over the grayscale slice (RGB, S x S)."""

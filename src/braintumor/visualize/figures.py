@@ -174,6 +174,10 @@ def _method_label(explanation) -> str:
     return getattr(explanation, "method_label", "Grad-CAM")
 
 
+def _setting(explanation) -> str:
+    return getattr(explanation, "setting", _method_label(explanation))
+
+
 def _show(ax, image, title: str | None = None) -> None:
     ax.imshow(np.asarray(image), interpolation="nearest")
     ax.set_axis_off()
@@ -190,13 +194,14 @@ def gradcam_panel(explanation, *, alpha: float = 0.45, colormap: str = "jet") ->
     width, height = GRADCAM_SIZE_PX
     fig = Figure(figsize=(width / _DPI, height / _DPI))
     left, right = fig.subplots(1, 2, gridspec_kw={"wspace": 0.04})
-    fig.subplots_adjust(left=0.02, right=0.86, top=0.84, bottom=0.03)
+    fig.subplots_adjust(left=0.02, right=0.86, top=0.80, bottom=0.03)
     _show(left, explanation.image.convert("L").convert("RGB"), "slice")
     label = _method_label(explanation)
     _show(right, explanation.overlay(alpha=alpha, colormap=colormap), f"{label} for: {_fit(explanation.target, 28)}")
     _heat_colorbar(fig, [left, right], colormap, label)
     fig.suptitle(_fit(f"predicted {explanation.predicted} (p = {explanation.probability:.2f})   ·   "
-                      f"{explanation.target}: p = {explanation.target_probability:.2f}", 95), fontsize=12)
+                      f"{explanation.target}: p = {explanation.target_probability:.2f}", 95), fontsize=12, y=0.985)
+    fig.text(0.5, 0.905, _fit(_setting(explanation), 110), ha="center", va="center", fontsize=9, color="0.3")
     image = figure_to_image(fig)
     return image if image.size == GRADCAM_SIZE_PX else image.resize(GRADCAM_SIZE_PX, Image.BILINEAR)
 
@@ -208,7 +213,7 @@ def gradcam_montage(explanations: Sequence, titles: Sequence[str], title: str, *
     columns = max(1, len(explanations))
     fig = Figure(figsize=(2.3 * columns + 1.2, 5.6))
     axes = np.asarray(fig.subplots(2, columns, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.12}))
-    fig.subplots_adjust(left=0.01, right=0.88, top=0.86, bottom=0.02)
+    fig.subplots_adjust(left=0.01, right=0.88, top=0.83, bottom=0.02)
     for column, (explanation, caption) in enumerate(zip(explanations, titles)):
         _show(axes[0, column], explanation.image.convert("L").convert("RGB"), caption)
         _show(axes[1, column], explanation.overlay(alpha=alpha, colormap=colormap))
@@ -218,7 +223,7 @@ def gradcam_montage(explanations: Sequence, titles: Sequence[str], title: str, *
         axes[1, column].set_axis_off()
     label = _method_label(explanations[0]) if explanations else "Grad-CAM"
     _heat_colorbar(fig, axes.ravel().tolist(), colormap, label)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(f"{title}\n{_setting(explanations[0])}" if explanations else title, fontsize=11)
     return figure_to_image(fig)
 
 
