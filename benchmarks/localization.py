@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import sys
 import time
 import zipfile
@@ -379,6 +380,24 @@ def peak_region(heatmap: np.ndarray, head: np.ndarray, box: Box) -> str:
     return "brain" if inner[row, col] else "rim"
 
 
+def box_distance(point: tuple[float, float] | None, box: Box) -> float:
+    """How far ``point`` (x, y in fractions of the side; None: a zero map's missing maximum, infinitely far) lies
+    from ``box``, in box sides (the square root of its area): 0 inside the box, 1 one box side away from its edge."""
+    if point is None:
+        return math.inf
+    dx = max(box.x0 - point[0], 0.0, point[0] - box.x1)
+    dy = max(box.y0 - point[1], 0.0, point[1] - box.y1)
+    return math.hypot(dx, dy) / math.sqrt(box.area)
+
+
+def distance_summary(distances: Sequence[float], labels: Sequence[str]) -> dict:
+    """Per class and over all: the median distance (box sides) and the share within one box side of the box."""
+    distances, labels = np.asarray(distances, dtype=np.float64), np.asarray(labels)
+    groups = {"all": np.ones(len(labels), bool), **{c: labels == c for c in sorted(set(labels))}}
+    return {name: {"median": float(np.median(distances[chosen])), "within_one_side": float(np.mean(distances[chosen] <= 1))}
+            for name, chosen in groups.items()}
+
+
 def in_margin(heatmap: np.ndarray) -> bool:
     """Whether the map's maximum lies within MARGIN of an image edge."""
     point = peak(heatmap)
@@ -449,7 +468,12 @@ def diagnose(classifier, boxes_csv: Path, boxes: Sequence[Box], maps: dict[str, 
         left = [p is not None and p[0] < 0.5 for p in (peak(m) for m in row_maps)]
         peaks[row] = {**counts, "margin": float(np.mean([in_margin(m) for m in row_maps])),
                       "left_half": float(np.mean(left))}
-    return {"masking": masking, "peaks": peaks, "head_share": float(heads.mean())}
+    # How far the maxima lie from the tumour, against the centre point's distance: are the misses next to the box
+    # (around the tumour) or elsewhere?
+    distance = {row: distance_summary([box_distance(peak(m), b) for m, b in zip(row_maps, boxes)], labels)
+                for row, row_maps in maps.items()}
+    distance["centre"] = distance_summary([box_distance((0.5, 0.5), b) for b in boxes], labels)
+    return {"masking": masking, "peaks": peaks, "distance": distance, "head_share": float(heads.mean())}
 
 
 def diagnosis_markdown(result: dict) -> str:
@@ -466,6 +490,12 @@ def diagnosis_markdown(result: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(f"{100 * counts[k]:.1f}" for k in
                                                 ("box", "brain", "rim", "background", "none", "margin", "left_half"))
                      + " |")
+    groups = list(next(iter(result["distance"].values())))
+    lines += ["", "Distance of the maximum from the (ungrown) box, in box sides: median, and % within one box side",
+              "", "| map | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for row, summary in result["distance"].items():
+        lines.append(f"| {row} | " + " | ".join(f"{summary[g]['median']:.2f} ({100 * summary[g]['within_one_side']:.0f} %)"
+                                                 for g in groups) + " |")
     return "\n".join(lines)
 
 

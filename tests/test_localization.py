@@ -244,6 +244,8 @@ def test_diagnose_montage_and_mean_maps_from_saved_maps(tmp_path, tiny_checkpoin
     assert set(result["masking"]) == set(loc.MASKINGS) and result["slices"] == 3
     assert sum(result["peaks"]["gradcam@layer4+mirror"][k] for k in ("box", "brain", "rim", "background", "none")) == \
         pytest.approx(1.0)
+    assert set(result["distance"]) == {"gradcam@layer4+mirror", "centre"}
+    assert set(result["distance"]["centre"]) == {"all", "glioma", "meningioma", "pituitary"}
     for flag in ("--montage", "--mean-maps"):
         out = tmp_path / f"{flag[2:]}.png"
         assert loc.main(common + ["--diagnose", str(tmp_path / "maps.npz"), flag, str(out)]) == 0
@@ -299,3 +301,16 @@ def test_an_existing_output_file_is_refused_before_any_work(tmp_path, flag, caps
     err = capsys.readouterr().err.strip()
     assert err == f"error: {taken} already exists; pass --overwrite to replace it, or choose another {flag}"
     assert taken.read_text() == "kept"
+
+
+def test_distance_of_a_maximum_from_the_box_in_box_sides():
+    square = box(0.4, 0.4, 0.6, 0.6)  # side 0.2
+    assert loc.box_distance((0.5, 0.5), square) == 0.0 and loc.box_distance((0.4, 0.6), square) == 0.0  # edge: inside
+    assert loc.box_distance((0.8, 0.5), square) == pytest.approx(1.0)  # one side to the right
+    assert loc.box_distance((0.1, 0.5), square) == pytest.approx(1.5)
+    assert loc.box_distance((0.8, 0.8), square) == pytest.approx(2 ** 0.5)  # diagonal from the corner
+    assert loc.box_distance(None, square) == float("inf")  # a zero map points nowhere
+    summary = loc.distance_summary([0.0, 2.0, 0.5, float("inf")], ["glioma", "glioma", "pituitary", "pituitary"])
+    assert summary["all"] == {"median": 1.25, "within_one_side": 0.5}
+    assert summary["glioma"] == {"median": 1.0, "within_one_side": 0.5}
+    assert summary["pituitary"]["within_one_side"] == 0.5 and summary["pituitary"]["median"] == float("inf")

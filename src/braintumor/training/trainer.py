@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from braintumor.training import distributed
 from braintumor.training import runstate
 from braintumor.utils.atomic import atomic_write
+from braintumor.utils.jsonfiles import to_json
 from braintumor.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint, save_inference_checkpoint
 from braintumor.training.config import TrainConfig, config_warnings, cpu_time_hint, resume_config, write_config
 from braintumor.data.augment import batch_mixer
@@ -477,7 +478,7 @@ def read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(row) + "\n" for row in rows)
+    text = "".join(to_json(row, indent=None) for row in rows)  # one JSON object per line, each parses
     atomic_write(path, lambda handle: handle.write(text), "w")
 
 

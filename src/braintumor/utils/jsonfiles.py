@@ -2,8 +2,8 @@
 files written whole or not at all.
 
 Every JSON document the project writes goes through here: evaluate's report.json, the audit, a volume's verdict,
-the accelerated backends' verdicts, the results schema's ``to_dict`` and the benchmarks' ``--json`` files (a run's
-metrics.jsonl, one JSON object per line, is the trainer's own).
+the accelerated backends' verdicts, the results schema's ``to_dict``, the benchmarks' ``--json`` files and a run's
+metrics.jsonl (one ``to_json(row, indent=None)`` per line).
 """
 
 from __future__ import annotations
