@@ -223,6 +223,28 @@ def faithfulness(model: torch.nn.Module, batch: torch.Tensor, maps: np.ndarray, 
     return area(deletion), area(insertion)
 
 
+def baseline_faithfulness(classifier, boxes_csv: Path, boxes: Sequence[Box], batch_size: int, size: int,
+                          log: Callable[[str], None]) -> dict[str, dict]:
+    """Deletion and insertion AUC of the baseline maps (centre, random), as ``run`` reports a method's: the
+    reference a method's AUCs are read against."""
+    maps = {name: baseline_maps(name, len(boxes), size) for name in BASELINES}
+    curves = {name: ([], []) for name in BASELINES}
+    started, done = time.perf_counter(), 0
+    for chunk, batch, targets in load_batches(classifier, boxes_csv.parent, boxes, batch_size):
+        for name, (deletion, insertion) in curves.items():
+            d, i = faithfulness(classifier.model, batch, np.ascontiguousarray(maps[name][done:done + len(chunk)]),
+                                targets)
+            deletion.extend(d.tolist())
+            insertion.extend(i.tolist())
+        done += len(chunk)
+        log(f"baselines' deletion and insertion: {done}/{len(boxes)} slices ({time.perf_counter() - started:.0f} s)")
+    seconds = round(time.perf_counter() - started, 1)
+    return {name: {"seconds": seconds, "method": name, "layer": None, "mirror": None,
+                   "deletion": float(np.mean(deletion)), "deletion_ci": bootstrap_interval(deletion),
+                   "insertion": float(np.mean(insertion)), "insertion_ci": bootstrap_interval(insertion)}
+            for name, (deletion, insertion) in curves.items()}
+
+
 MIRRORS = {"on": (True,), "off": (False,), "both": (False, True)}
 
 
@@ -332,9 +354,12 @@ def run(boxes_csv: Path, checkpoint: str, methods: Sequence[str], layers: Sequen
     per_slice = {row: per_slice[row] for row, *_ in runs}  # the rows in the order asked for
     for name in BASELINES:
         per_slice[name] = score_maps(baseline_maps(name, len(boxes), size), boxes)
+    if with_faithfulness:  # the baselines' curves: what deleting pixels in the centre's or a random order does
+        extra.update(baseline_faithfulness(classifier, boxes_csv, boxes, batch_size, size, log))
     result = {"checkpoint": str(checkpoint), "boxes": str(boxes_csv), "slices": len(boxes), "image_size": size,
               "grow": GROW, "accuracy": float(np.mean(correct)) if correct else None,
-              "rows": report(per_slice, labels), "runs": {row: extra[row] for row, *_ in runs},
+              "rows": report(per_slice, labels),
+              "runs": {row: extra[row] for row in [r for r, *_ in runs] + list(BASELINES) if row in extra},
               "uniform_mass": float(np.mean([b.area for b in boxes]))}
     if save_maps:  # whole or not at all, like every file the project writes
         atomic_write(save_maps, lambda handle: np.savez_compressed(handle, files=np.array([b.file for b in boxes]),

@@ -170,6 +170,8 @@ def test_script_runs_on_phantoms_with_lesion_boxes(tmp_path, tiny_checkpoint, ca
     row = result["rows"]["occlusion"]
     assert set(row) == {"all", "glioma", "meningioma", "pituitary"} and row["all"]["n"] == 3
     assert 0 <= row["all"]["pointing"] <= 1 and 0 <= result["runs"]["gradcam@layer4"]["deletion"] <= 1
+    for baseline in ("centre", "random"):  # the references a method's deletion and insertion AUC are read against
+        assert 0 <= result["runs"][baseline]["deletion"] <= 1 and 0 <= result["runs"][baseline]["insertion"] <= 1
     saved = np.load(tmp_path / "maps.npz")
     assert saved["gradcam@layer4"].shape == (3, 32, 32) and list(saved["files"]) == [r.split(",")[0] for r in csv_path.read_text().splitlines()[1:]]
     assert loc.main([str(csv_path), "--checkpoint", str(tiny_checkpoint), "--methods", "gradcam", "--limit", "1",
