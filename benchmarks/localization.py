@@ -419,8 +419,8 @@ def distance_summary(distances: Sequence[float], labels: Sequence[str]) -> dict:
     """Per class and over all: the median distance (box sides) and the share within one box side of the box."""
     distances, labels = np.asarray(distances, dtype=np.float64), np.asarray(labels)
     groups = {"all": np.ones(len(labels), bool), **{c: labels == c for c in sorted(set(labels))}}
-    return {name: {"median": float(np.median(distances[chosen])), "within_one_side": float(np.mean(distances[chosen] <= 1))}
-            for name, chosen in groups.items()}
+    return {name: {"median": float(np.median(distances[chosen])),
+                   "within_one_side": float(np.mean(distances[chosen] <= 1))} for name, chosen in groups.items()}
 
 
 def in_margin(heatmap: np.ndarray) -> bool:
@@ -519,8 +519,8 @@ def diagnosis_markdown(result: dict) -> str:
     lines += ["", "Distance of the maximum from the (ungrown) box, in box sides: median, and % within one box side",
               "", "| map | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     for row, summary in result["distance"].items():
-        lines.append(f"| {row} | " + " | ".join(f"{summary[g]['median']:.2f} ({100 * summary[g]['within_one_side']:.0f} %)"
-                                                 for g in groups) + " |")
+        cells = [f"{summary[g]['median']:.2f} ({100 * summary[g]['within_one_side']:.0f} %)" for g in groups]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -662,7 +662,8 @@ def write_mean_maps(boxes: Sequence[Box], maps: dict[str, np.ndarray], path: Pat
 
 def averaged_rows(paths: Sequence[Path], row: str) -> tuple[list[str], dict[str, np.ndarray]]:
     """The slice files and {model: maps} of ``row`` in each saved-maps file, plus "mean of N": every map resized
-    (antialiased bilinear, as the model's inputs) to the first file's size and min-max normalized, then averaged over the models."""
+    (antialiased bilinear, as the model's inputs) to the first file's size and min-max normalized, then averaged
+    over the models."""
     files, maps = None, {}
     for path in paths:
         try:
@@ -708,7 +709,8 @@ def run_average(args) -> int:
               "slices": len(boxes), "image_size": size, "grow": GROW, "accuracy": None,
               "rows": report(per_slice, [b.label for b in boxes]), "runs": {},
               "uniform_mass": float(np.mean([b.area for b in boxes]))}
-    return emit_report(result, args.json, lambda scored: f"{row} of each model and of their mean map\n\n{markdown(scored)}")
+    return emit_report(result, args.json,
+                       lambda scored: f"{row} of each model and of their mean map\n\n{markdown(scored)}")
 
 
 def run_diagnosis(args) -> int:

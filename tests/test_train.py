@@ -362,6 +362,6 @@ def test_loss_curves_are_titled_by_the_loss_the_run_optimised(tmp_path):
     assert loss_title(TrainConfig(data="d", teacher="t.pt", distill_weight=0.0)) == "Cross-entropy loss"
     mixed = loss_title(TrainConfig(data="d", label_smoothing=0.1, mixup=0.2))
     assert mixed == "Loss\ntrain: cross-entropy, label smoothing 0.1, CutMix / MixUp labels\nvalidation: cross-entropy"
-    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5, "val_accuracy": 0.4 + e / 10,
-             "lr": 1e-3} for e in (1, 2)]
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5,
+             "val_accuracy": 0.4 + e / 10, "lr": 1e-3} for e in (1, 2)]
     assert plot_training_curves(rows, tmp_path / "curves.png", distilled).stat().st_size > 0

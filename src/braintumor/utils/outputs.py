@@ -9,6 +9,9 @@ given; then files of the same name are replaced and other files are left as they
 (``.NAME.XXXX.partial``), which becomes the target by one rename when the command succeeds (or, with
 ``--overwrite`` into a folder that holds files, whose files each replace theirs by an atomic rename). A command
 that fails leaves no folder, no partial file, and an overwritten folder as it was.
+
+A single output file (an export, a calibrated checkpoint, a benchmark's ``--json`` or figure) that exists is
+refused the same way unless ``--overwrite`` is given (:func:`refuse_overwrite`), and checked before the work.
 """
 
 from __future__ import annotations
