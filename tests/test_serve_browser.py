@@ -23,6 +23,7 @@ from PIL import Image
 
 from braintumor.serve import create_app
 from braintumor.synthetic.phantom import make_phantom
+from braintumor.visualize.explain import DEFAULT_LAYERS
 from test_serve import flagging_classifier, marked_phantom_png
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -152,7 +153,8 @@ def test_page_uploads_shows_probabilities_and_gradcam(server, tmp_path):
             expect(card.locator(".colour-bar")).to_be_visible()
             label = answers[slice_path.name]["predicted_class"]
             expect(card.get_by_test_id("gradcam-caption")).to_contain_text(
-                f"{labels[default]} for {label}, averaged with the mirrored slice's map")  # the default, said
+                f"{labels[default]} for {label}, averaged with the mirrored slice's map, read at "
+                f"{DEFAULT_LAYERS[default]}")  # the default, said
             card.get_by_test_id("gradcam-opacity").fill("80")
             assert overlay.evaluate("img => getComputedStyle(img).opacity") == "0.8"
             toggle.click()

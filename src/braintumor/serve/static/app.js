@@ -243,8 +243,9 @@
       picture.hidden = false;
     }
     const averaged = explanation.mirror ? ", averaged with the mirrored slice's map" : "";
+    const block = explanation.layer ? `, read at ${explanation.layer}` : "";  // CAM methods name their block
     $('[data-testid="gradcam-caption"]', card).textContent = `${methodLabel(explanation.method)} for ` +
-      `${explanation.target}${averaged}: red marks the strongest evidence, blue none.`;
+      `${explanation.target}${averaged}${block}: red marks the strongest evidence, blue none.`;
   }
 
   async function fetchExplanation(card, file) {
