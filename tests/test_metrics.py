@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from braintumor.evaluation import metrics
+from braintumor.evaluation.report import format_table
 from braintumor.errors import UserError
 
 # 3 present classes + 1 absent, 10 samples. Confusion matrix (rows true, columns predicted):
@@ -29,7 +30,7 @@ def test_metrics_match_hand_computed_values():
     assert m["accuracy"] == pytest.approx(6 / 10)
     # glioma: TP 2, FP 1, FN 2; meningioma: TP 2, FP 2, FN 1; pituitary: TP 2, FP 1, FN 1.
     expected = {"glioma": (2 / 3, 2 / 4, 4 / 7, 4), "meningioma": (2 / 4, 2 / 3, 4 / 7, 3),
-                "pituitary": (2 / 3, 2 / 3, 2 / 3, 3), "notumor": (0.0, 0.0, 0.0, 0)}
+                "pituitary": (2 / 3, 2 / 3, 2 / 3, 3), "notumor": (None, None, None, 0)}
     for name, (precision, recall, f1, support) in expected.items():
         row = m["per_class"][name]
         assert row["precision"] == pytest.approx(precision)
@@ -37,6 +38,14 @@ def test_metrics_match_hand_computed_values():
         assert row["accuracy"] == pytest.approx(recall)  # fraction of the class's images classified correctly
         assert row["f1"] == pytest.approx(f1)
         assert row["support"] == support
+    # notumor is neither present nor predicted: its ratios are undefined (None, "n/a"), not 0 (a class the
+    # model got all wrong); the terminal table says so.
+    notumor_line = next(line for line in format_table(m).splitlines() if line.startswith("notumor"))
+    assert notumor_line.split()[1:] == ["n/a", "n/a", "n/a", "n/a", "0", "n/a"]
+    # Present but never predicted: recall 0, precision undefined; predicted but absent: precision 0, recall undefined.
+    edge = metrics.compute_metrics([0, 1, 0], [0, 0, 2], None, ["a", "b", "c"], bootstrap=0)["per_class"]
+    assert (edge["b"]["precision"], edge["b"]["recall"], edge["b"]["f1"]) == (None, 0.0, 0.0)
+    assert (edge["c"]["precision"], edge["c"]["recall"], edge["c"]["f1"], edge["c"]["sensitivity"]) == (0.0, None, 0.0, None)
     # Macro over the classes present in y_true or y_pred (the absent "notumor" is left out, as sklearn does).
     assert m["macro_avg"]["precision"] == pytest.approx(11 / 18)
     assert m["macro_avg"]["recall"] == pytest.approx(11 / 18)

@@ -56,7 +56,7 @@ def test_write_report_files_json_markdown_and_images(tmp_path):
     assert "# Test report" in md and "not a medical device" in md
     assert "| Class | Accuracy | Precision | Sensitivity (recall) | Specificity | F1 | Support | ROC-AUC |" in md
     assert "| glioma | 0.5000 | 0.6667 | 0.5000 | 0.8333 | 0.5714 | 4 | " in md
-    assert "| notumor | 0.0000 | 0.0000 | 0.0000 | 1.0000 | 0.0000 | 0 | n/a |" in md
+    assert "| notumor | n/a | n/a | n/a | 1.0000 | n/a | 0 | n/a |" in md
     assert "exact Clopper–Pearson" in md and "bootstrap over images (100 resamples" in md
     assert "| Metric | full set | leak-free subset |" in md and "| Images (n) | 10 | 7 |" in md
     assert "| glioma | 2 | 1 | 1 | 0 |" in md  # confusion matrix counts

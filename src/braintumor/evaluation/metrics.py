@@ -112,7 +112,9 @@ def compute_metrics(y_true, y_pred, probabilities, class_names: Sequence[str], *
     """All evaluation metrics as a JSON-safe dict (see module docstring); probabilities may be None.
 
     Per-class accuracy is the fraction of that class's images classified correctly (= its recall). Per-class
-    rows cover every class, present or not; macro averages run over the classes present in y_true or y_pred
+    rows cover every class, present or not; a ratio with nothing to count is None (n/a), not 0: accuracy, recall
+    and sensitivity of a class with no images, precision of a class never predicted, F1 of a class neither present
+    nor predicted (a class present but never predicted has F1 0, one predicted but absent F1 0); macro averages run over the classes present in y_true or y_pred
     (scikit-learn's convention), and the macro ROC-AUC over the classes where one-vs-rest AUC is defined.
     bootstrap=0 skips the macro-F1 interval (None); the accuracy interval is exact (Clopper–Pearson) and always
     there. Sensitivity is a class's recall, specificity the fraction of the other classes' images not predicted
@@ -148,6 +150,11 @@ def compute_metrics(y_true, y_pred, probabilities, class_names: Sequence[str], *
     cis = {"accuracy_ci95": list(clopper_pearson(int((y_true == y_pred).sum()), len(y_true))),
            "macro_f1_ci95": macro_f1_ci}
     matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    predicted = matrix.sum(axis=0)  # images predicted as each class
+
+    def defined(value: float, count: int) -> float | None:
+        return float(value) if count else None  # a ratio over nothing: undefined
+
     negatives = len(y_true) - matrix.sum(axis=1)
     false_positives = matrix.sum(axis=0) - np.diagonal(matrix)
     specificity = [float((negatives[k] - false_positives[k]) / negatives[k]) if negatives[k] else None
@@ -159,9 +166,11 @@ def compute_metrics(y_true, y_pred, probabilities, class_names: Sequence[str], *
         "n": int(len(y_true)), "classes": names,
         "accuracy": accuracy(y_true, y_pred), "accuracy_ci95": cis["accuracy_ci95"],
         "macro_f1": averages["macro"]["f1"], "macro_f1_ci95": cis["macro_f1_ci95"],
-        "per_class": {name: {"accuracy": float(recall[k]), "precision": float(precision[k]),
-                             "recall": float(recall[k]), "f1": float(f1[k]), "support": int(support[k]),
-                             "roc_auc": class_auc[name], "sensitivity": float(recall[k]) if support[k] else None,
+        "per_class": {name: {"accuracy": defined(recall[k], support[k]),
+                             "precision": defined(precision[k], predicted[k]),
+                             "recall": defined(recall[k], support[k]),
+                             "f1": defined(f1[k], support[k] + predicted[k]), "support": int(support[k]),
+                             "roc_auc": class_auc[name], "sensitivity": defined(recall[k], support[k]),
                              "specificity": specificity[k]} for k, name in enumerate(names)},
         "macro_avg": averages["macro"], "weighted_avg": averages["weighted"],
         "confusion_matrix": matrix.tolist(),

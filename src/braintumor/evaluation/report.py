@@ -155,8 +155,8 @@ def format_table(metrics: dict) -> str:
     m, w = metrics, max(12, *(len(name) for name in metrics["classes"]))
     lines = [f"{'':<{w}}" + "".join(f"{h:>10}" for h in ("accuracy", "precision", "recall", "f1", "support",
                                                           "roc_auc"))]
-    lines += [f"{name:<{w}}{c['accuracy']:>10.4f}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
-              f"{c['support']:>10d}{_fmt(c['roc_auc']):>10}" for name, c in m["per_class"].items()]
+    lines += [f"{name:<{w}}" + "".join(f"{_fmt(c[key]):>10}" for key in ("accuracy", "precision", "recall", "f1"))
+              + f"{c['support']:>10d}{_fmt(c['roc_auc']):>10}" for name, c in m["per_class"].items()]
     ci = (f"  95% CI {m['accuracy_ci95'][0]:.4f}-{m['accuracy_ci95'][1]:.4f} (Clopper-Pearson)"
           if m["accuracy_ci95"] else "")
     lines += ["", f"{'accuracy':<{w}}{m['accuracy']:>10.4f}{'':>30}{m['n']:>10d}{ci}"]
