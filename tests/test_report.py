@@ -115,3 +115,10 @@ def test_format_table_lines():
     accuracy_line = next(line for line in lines if line.startswith("accuracy"))
     assert "0.6000" in accuracy_line and "95% CI" in accuracy_line
     assert len({len(line) for line in lines[:5]}) == 1  # fixed width
+
+
+def test_confusion_cells_of_a_class_without_slices_have_no_share():
+    from braintumor.visualize.figures import confusion_cell_text
+
+    assert confusion_cell_text(3, 4) == "3\n75.0 %" and confusion_cell_text(0, 4) == "0\n0.0 %"
+    assert confusion_cell_text(0, 0) == "0\n–"  # not "0.0 %": there is nothing to be a share of

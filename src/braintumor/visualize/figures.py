@@ -41,6 +41,12 @@ def figure_to_image(fig: Figure, dpi: int = _DPI) -> Image.Image:
         return image.convert("RGB")
 
 
+def confusion_cell_text(count: int, row_total: int) -> str:
+    """A confusion-matrix cell's label: its count over its share of the true class ("–" for a class with no
+    slices, whose row has no share)."""
+    return f"{count}\n{100 * count / row_total:.1f} %" if row_total else f"{count}\n–"
+
+
 def plot_confusion_matrix(counts, class_names: Sequence[str], path) -> Path:
     """Confusion matrix PNG: each cell its count and its share of the true class (row %), coloured by that share."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -59,7 +65,8 @@ def plot_confusion_matrix(counts, class_names: Sequence[str], path) -> Path:
     small = len(class_names) > 6
     for (row, col), count in np.ndenumerate(counts):
         share = fraction[row, col]
-        ax.text(col, row, f"{count}\n{100 * share:.1f} %", ha="center", va="center", fontsize=8 if small else 11,
+        ax.text(col, row, confusion_cell_text(count, int(totals[row, 0])), ha="center", va="center",
+                fontsize=8 if small else 11,
                 color="white" if share > 0.5 else "black", fontweight="bold" if row == col else "normal")
     ax.set(xlabel="Predicted class", ylabel="True class",
            title=f"Confusion matrix: counts and row % (n={int(counts.sum())})")
