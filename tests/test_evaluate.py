@@ -170,3 +170,12 @@ def test_predictions_csv_carries_the_status_and_metrics_count_it_per_status_and_
     counts = trust["statuses"]
     assert (f"- Status of the slices: ok {counts['ok']} ({counts['ok'] / 10:.1%}), atypical {counts['atypical']} "
             f"({counts['atypical'] / 10:.1%}), not_mri {counts['not_mri']} ({counts['not_mri'] / 10:.1%})") in summary
+
+
+def test_report_notes_say_a_class_without_slices_has_no_flag_rates():
+    from braintumor.evaluation.evaluate import _trust_notes
+
+    trust = {"flag_rate_by_class": {"glioma": {"atypical": 0.25, "not_mri": 0.0, "uncertain": None},
+                                    "pituitary": {"atypical": None, "not_mri": None, "uncertain": None}}}
+    notes = _trust_notes(trust, ("not_mri", "atypical"))
+    assert notes["flag rate per class"] == "glioma: atypical 25.0%, not_mri 0.0%; pituitary: no slices"

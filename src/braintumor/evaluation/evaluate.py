@@ -76,7 +76,8 @@ def _trust_notes(trust: dict[str, Any], tiers: tuple[str, ...]) -> dict[str, str
     and the accuracy per status)."""
     lines = {"trust tiers": ", ".join(tiers) if tiers else "none (fit them with braintumor calibrate)"}
     lines["flag rate per class"] = "; ".join(
-        f"{name}: " + ", ".join(f"{status} {rate:.1%}" for status, rate in rates.items() if rate is not None)
+        f"{name}: " + (", ".join(f"{status} {rate:.1%}" for status, rate in rates.items() if rate is not None)
+                       or "no slices")
         for name, rates in trust["flag_rate_by_class"].items())
     return lines
 

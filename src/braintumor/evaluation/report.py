@@ -100,9 +100,10 @@ def _markdown(metrics: dict, title: str, extra: dict, subsets: dict, has_reliabi
                                            "F1", "Support", "ROC-AUC"], rows), "",
               "Per-class accuracy is the fraction of that class's images classified correctly (equal to its "
               "recall, the sensitivity); specificity is the fraction of the other classes' images not predicted "
-              "as this class. ROC-AUC is one-vs-rest on the predicted probabilities; n/a where the set holds no "
-              "images of the class (or only that class). Macro averages weigh classes equally, weighted "
-              "averages by support.", "", "## Confusion matrix", "",
+              "as this class. ROC-AUC is one-vs-rest on the predicted probabilities. n/a: a ratio with nothing "
+              "to count (accuracy and sensitivity of a class the set holds no images of, precision of a class "
+              "never predicted, ROC-AUC of a class absent or alone in the set). Macro averages weigh the classes "
+              "present or predicted equally, weighted averages by support.", "", "## Confusion matrix", "",
               "Counts; rows are the true class, columns the predicted class.", "",
               *_table(["true \\ predicted", *names], [(n, *r) for n, r in zip(names, m["confusion_matrix"])]),
               "", "![Confusion matrix (counts and row %)](confusion_matrix.png)", ""]
