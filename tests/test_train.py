@@ -123,8 +123,8 @@ def test_resume_is_exact_across_a_progressive_size_change_with_ema_and_augmentat
                                                                                      data_cache, teacher_size,
                                                                                      monkeypatch):
     options = dict(image_size=48, progressive_resize=32, progressive_until=0.5, ema=0.9, tta=True, scale=0.1,
-                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, erasing=0.5, cutmix=1.0, mixup=0.2,
-                   data_cache=data_cache, epochs=4)
+                   translate=0.05, brightness=0.1, contrast=0.1, gamma=0.1, erasing=0.5, crop_area=0.3, cutmix=1.0,
+                   mixup=0.2, data_cache=data_cache, epochs=4)
     if teacher_size:  # a larger teacher: batches at its 64 px, the student's copy resized to 32, then 48 px
         options["teacher"] = str(make_checkpoint(tmp_path / "teacher.pt", image_size=teacher_size, seed=5))
     straight = train(tiny_config(phantom_dir, tmp_path / "straight", **options))

@@ -42,7 +42,8 @@ class Augmentation:
     """What training randomizes, shared by the DataLoader path (:func:`braintumor.data.transforms.train_transform`)
     and the cached path (:func:`braintumor.data.transforms.augment_batch`): horizontal flip (always, p = 0.5),
     rotation in degrees, RandomAffine's scale (U(1 - s, 1 + s)) and shift (fraction of the size), the intensity
-    changes below and random erasing's probability. Zero switches a change off."""
+    changes below, random erasing's probability and a random-resized crop's smallest share of the area (before
+    the flip). Zero switches a change off."""
 
     rotation: float = 0.0
     scale: float = 0.0
@@ -51,12 +52,13 @@ class Augmentation:
     contrast: float = 0.0
     gamma: float = 0.0
     erasing: float = 0.0
+    crop_area: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> "Augmentation":
         """The augmentation a :class:`braintumor.training.config.TrainConfig` asks for."""
         return cls(rotation=cfg.rotation, scale=cfg.scale, translate=cfg.translate, brightness=cfg.brightness,
-                   contrast=cfg.contrast, gamma=cfg.gamma, erasing=cfg.erasing)
+                   contrast=cfg.contrast, gamma=cfg.gamma, erasing=cfg.erasing, crop_area=cfg.crop_area)
 
     @property
     def affine(self) -> bool:
@@ -66,7 +68,7 @@ class Augmentation:
     def batch_kwargs(self) -> dict[str, float]:
         """The keyword arguments of :func:`braintumor.data.transforms.augment_batch` besides the rotation."""
         return {"scale": self.scale, "translate": self.translate, "brightness": self.brightness,
-                "contrast": self.contrast, "gamma": self.gamma, "erasing": self.erasing}
+                "contrast": self.contrast, "gamma": self.gamma, "erasing": self.erasing, "crop_area": self.crop_area}
 
 
 def intensity_enabled(brightness: float, contrast: float, gamma: float) -> bool:
@@ -117,6 +119,42 @@ class RandomIntensity:
 
     def __repr__(self) -> str:
         return f"RandomIntensity(brightness={self.brightness}, contrast={self.contrast}, gamma={self.gamma})"
+
+
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect ratios (w / h)
+_CROP_ATTEMPTS = 10
+
+
+def sample_crop(batch_size: int, height: int, width: int, min_area: float, generator: torch.Generator | None,
+                device: torch.device) -> torch.Tensor:
+    """Per-image crop boxes (B, 4) as (top, left, height, width) in whole pixels, as torchvision's
+    ``RandomResizedCrop.get_params(scale=(min_area, 1), ratio=CROP_RATIO)`` draws them per image: up to 10 draws
+    of an area U(min_area, 1) x H x W and an aspect ratio exp(U(log 3/4, log 4/3)), w = round(sqrt(area ratio)),
+    h = round(sqrt(area / ratio)); the first draw that fits is placed at a uniform top-left corner; when none
+    fits, the central crop of the nearest allowed aspect (the whole image for a square one)."""
+    draws = torch.rand(batch_size, 4 * _CROP_ATTEMPTS, generator=generator, device=device)
+    area_u, ratio_u, top_u, left_u = draws.view(batch_size, _CROP_ATTEMPTS, 4).unbind(-1)
+    area = height * width * (min_area + area_u * (1.0 - min_area))
+    log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(log_low + ratio_u * (log_high - log_low))
+    w, h = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
+    fits = (w <= width) & (h <= height) & (w > 0) & (h > 0)
+    first = torch.argmax(fits.to(torch.int8), dim=1, keepdim=True)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    top = torch.floor(top_u.gather(1, first)[:, 0] * (height - h + 1))
+    left = torch.floor(left_u.gather(1, first)[:, 0] * (width - w + 1))
+    # The fallback: torchvision's central crop.
+    fall_h, fall_w = height, width
+    if width / height < CROP_RATIO[0]:
+        fall_h = round(width / CROP_RATIO[0])
+    elif width / height > CROP_RATIO[1]:
+        fall_w = round(height * CROP_RATIO[1])
+    any_fit = fits.any(dim=1)
+    h = torch.where(any_fit, h, torch.full_like(h, fall_h))
+    w = torch.where(any_fit, w, torch.full_like(w, fall_w))
+    top = torch.where(any_fit, top, torch.full_like(top, (height - fall_h) // 2))
+    left = torch.where(any_fit, left, torch.full_like(left, (width - fall_w) // 2))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
 
 
 ERASING_AREA = (0.02, 0.33)  # torchvision RandomErasing's defaults: share of the image, and aspect ratio h / w

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from braintumor.data.augment import (ERASING_AREA, ERASING_RATIO, Augmentation, RandomIntensity, intensity_enabled,
-                                     random_erasing, random_intensity)
+from braintumor.data.augment import (CROP_RATIO, ERASING_AREA, ERASING_RATIO, Augmentation, RandomIntensity,
+                                     intensity_enabled, random_erasing, random_intensity, sample_crop)
 from braintumor.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,12 +43,18 @@ def train_transform(
     """Training transform for a PIL RGB image: resize to (s, s), flip p=0.5, rotate U(-rotation, rotation)
     degrees (bilinear, zero fill; 0 disables it), float tensor in [0, 1], normalize.
 
-    ``augmentation`` (its rotation replaces ``rotation``) adds RandomAffine's scale and shift (RandomAffine then
-    replaces RandomRotation), random gamma / brightness / contrast and random erasing (black) before normalizing.
+    ``augmentation`` (its rotation replaces ``rotation``) adds a random-resized crop of the resized slice (its
+    ``crop_area``: torchvision's RandomResizedCrop with scale (crop_area, 1) and ratio CROP_RATIO, back to (s, s),
+    before the flip), RandomAffine's scale and shift (RandomAffine then replaces RandomRotation), random gamma /
+    brightness / contrast and random erasing (black) before normalizing.
     """
     aug = augmentation if augmentation is not None else Augmentation(rotation=rotation)
     _check_sizes(image_size, aug.rotation)
-    steps = [v2.Resize((int(image_size), int(image_size)), antialias=True), v2.RandomHorizontalFlip(0.5)]
+    size = (int(image_size), int(image_size))
+    steps = [v2.Resize(size, antialias=True)]
+    if aug.crop_area > 0:
+        steps.append(v2.RandomResizedCrop(size, scale=(aug.crop_area, 1.0), ratio=CROP_RATIO, antialias=True))
+    steps.append(v2.RandomHorizontalFlip(0.5))
     if aug.affine:
         steps.append(v2.RandomAffine(aug.rotation, translate=(aug.translate, aug.translate),
                                      scale=(1.0 - aug.scale, 1.0 + aug.scale),
@@ -156,6 +162,23 @@ def _affine_theta(flip: torch.Tensor, angle_deg: torch.Tensor, scale: torch.Tens
     return torch.stack([row_x, row_y], dim=1)
 
 
+def _crop_theta(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """affine_grid matrices (B, 2, 3) that resize each (top, left, h, w) pixel box of ``boxes`` to the whole
+    output (resized_crop's geometry: the box's outer pixel edges map to the output's)."""
+    top, left, h, w = boxes.to(torch.float32).unbind(1)
+    zeros = torch.zeros_like(h)
+    row_x = torch.stack([w / width, zeros, (2.0 * left + w) / width - 1.0], dim=1)
+    row_y = torch.stack([zeros, h / height, (2.0 * top + h) / height - 1.0], dim=1)
+    return torch.stack([row_x, row_y], dim=1)
+
+
+def _then(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The affine_grid matrix of sampling through ``second`` and then ``first``: output p -> first(second(p))."""
+    linear = first[:, :, :2] @ second[:, :, :2]
+    offset = (first[:, :, :2] @ second[:, :, 2:]) + first[:, :, 2:]
+    return torch.cat([linear, offset], dim=2)
+
+
 def _sample_affine(batch_size: int, scale: float, translate: float, size: int, generator: torch.Generator | None,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (scale, shift_x, shift_y) as RandomAffine draws them: scale ~ U(1 - s, 1 + s); shifts in whole
@@ -180,6 +203,7 @@ def augment_batch(
     contrast: float = 0.0,
     gamma: float = 0.0,
     erasing: float = 0.0,
+    crop_area: float = 0.0,
     out_size: int | None = None,
 ) -> torch.Tensor:
     """Random flip (p = 0.5) and rotation (U(-deg, deg), bilinear, zero fill) per sample, then normalize.
@@ -188,7 +212,8 @@ def augment_batch(
     that device. rotation_deg = 0 flips only. ``scale`` / ``translate`` add RandomAffine's scale U(1 - s, 1 + s) and
     shift of up to ``translate`` of the size; ``brightness`` / ``contrast`` / ``gamma`` add
     :func:`braintumor.data.augment.random_intensity`, ``erasing`` :func:`braintumor.data.augment.random_erasing`
-    (black, before normalizing); each draws random numbers only when switched on, so switching
+    (black, before normalizing), ``crop_area`` a random-resized crop (:func:`braintumor.data.augment.sample_crop`,
+    resized back to the full size before the flip, in the same sampling pass); each draws random numbers only when switched on, so switching
     none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
     the DataLoader path's Resize; progressive resizing).
     """
@@ -202,6 +227,11 @@ def augment_batch(
         theta = _flip_rotate_theta(flip, angle, batch.shape[-2], batch.shape[-1])
     else:
         theta = None
+    if crop_area > 0:  # crop and resize first, then flip / rotate / shift the crop: one sampling pass
+        boxes = sample_crop(batch.shape[0], batch.shape[-2], batch.shape[-1], crop_area, generator, batch.device)
+        if theta is None:
+            theta = _flip_rotate_theta(flip, torch.zeros_like(angle), batch.shape[-2], batch.shape[-1])
+        theta = _then(_crop_theta(boxes, batch.shape[-2], batch.shape[-1]), theta)
     if theta is not None:
         grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
         # Zero padding before normalization is RandomRotation's fill=0 (black) in [0, 1] pixel space.

@@ -67,6 +67,8 @@ class TrainConfig:
     gamma: float = option(0.0, "random gamma exp(U(-g, g)); 0: off")
     erasing: float = option(0.0, "probability of blacking out one random rectangle (2-33 % of the slice, aspect "
                             "0.3-3.3) per training slice, random erasing; 0: off")
+    crop_area: float = option(0.0, "random-resized crop: each training slice is cropped to U(a, 1) of its area "
+                              "(aspect 3/4-4/3, anywhere in the slice) and resized back, before the flip; 0: off")
     cutmix: float = option(0.0, "CutMix: each training slice gets a rectangle of another slice of its batch pasted "
                            "in, labels mixed by area; the Beta(a, a) concentration a of the kept share (1: "
                            "uniform); 0: off")
@@ -148,6 +150,8 @@ class TrainConfig:
             (0.0 <= self.contrast < 1.0, f"--contrast must be in [0, 1), got {self.contrast}"),
             (0.0 <= self.gamma < 1.0, f"--gamma must be in [0, 1), got {self.gamma}"),
             (0.0 <= self.erasing <= 1.0, f"--erasing must be a probability in [0, 1], got {self.erasing}"),
+            (0.0 <= self.crop_area < 1.0, f"--crop-area must be a share of the slice in (0, 1), or 0 (off), "
+                                          f"got {self.crop_area}"),
             (math.isfinite(self.cutmix) and self.cutmix >= 0,
              f"--cutmix must be a Beta concentration > 0, or 0 (off), got {self.cutmix}"),
             (math.isfinite(self.mixup) and self.mixup >= 0,
