@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from braintumor.inference.runtimes import OnnxBackend, export_tiers, load_onnx_session
-from braintumor.models.checkpoint import ModelSpec, load_checkpoint, resolve_checkpoint
+from braintumor.models.checkpoint import ModelSpec, inside_package, load_checkpoint, resolve_checkpoint
 from braintumor.inference.accelerated import compare_predictions, describe_verdict, judge, load_openvino, write_verdict
 from braintumor.data.index import discover
 from braintumor.errors import UserError
@@ -154,8 +154,12 @@ def main(argv=None) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent
-    # Checked before the work: the default --out is the checkpoint's folder, which may hold the user's own exports.
+    # Checked before the work: the default --out is the checkpoint's folder, which may hold the user's own exports
+    # and, for the shipped model, is the installed package.
     try:
+        if inside_package(out):
+            raise UserError(f"{out} lies inside the installed braintumor package, where nothing is written; pass "
+                            "--out DIR for the exports and their verdicts")
         refuse_overwrites([("--out", out / f"{checkpoint.stem}.onnx"), ("--out", out / f"{checkpoint.stem}-int8.onnx"),
                            ("--json", args.json)], args.overwrite)
     except UserError as err:

@@ -172,3 +172,10 @@ def test_inference_variants_ends_a_missing_run_folder_with_one_line(tmp_path, ca
     assert load("inference_variants").main([str(tmp_path / "no-run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "config.yaml" in err and "\n" not in err
+
+
+def test_cpu_inference_never_writes_its_exports_into_the_installed_package(tmp_path, capsys):
+    # The shipped model's folder is its default --out: refused, before anything is read or exported.
+    assert load("cpu_inference").main(["--checkpoint", "reference", "--data", str(tmp_path / "no-data")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "inside the installed braintumor package" in err and "--out DIR" in err and "\n" not in err

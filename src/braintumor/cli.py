@@ -344,23 +344,18 @@ def cmd_audit(args) -> int:
 def cmd_calibrate(args) -> int:
     """Refit the temperature and both trust tiers; never writes a shipped model (issue 25): the reference model
     and any file inside the installed package need --out, and --out never replaces a file without --overwrite."""
-    from braintumor.models.checkpoint import REFERENCE_MODEL, load_checkpoint, resolve_checkpoint
+    from braintumor.models.checkpoint import inside_package, load_checkpoint, resolve_checkpoint
     from braintumor.training.config import from_saved
     from braintumor.trust.fitting import describe_trust, fit_trust_for_checkpoint
     from braintumor.utils.outputs import refuse_overwrite
 
     source = resolve_checkpoint(args.checkpoint)
-    package = REFERENCE_MODEL.parents[1].resolve()
-
-    def shipped(path: Path) -> bool:
-        return path.resolve().is_relative_to(package)
-
-    if args.out is None and (str(args.checkpoint) == "reference" or shipped(source)):
+    if args.out is None and (str(args.checkpoint) == "reference" or inside_package(source)):
         raise UserError(f"{args.checkpoint} is a model shipped inside the installed package, which calibrate never "
                         "rewrites; pass --out NEW.pt to write the refitted model to a new file")
     out = Path(args.out) if args.out is not None else source
     if args.out is not None:
-        if shipped(out):
+        if inside_package(out):
             raise UserError(f"--out {out} lies inside the installed package, which calibrate never writes; "
                             "choose a path outside it")
         if out.is_dir():

@@ -186,6 +186,12 @@ def save_inference_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> 
     return save_checkpoint(inference_payload(validated_weights(ckpt), spec_of(ckpt), **provenance), path)
 
 
+def inside_package(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies inside the installed braintumor package (the shipped model's folder included), where
+    no command writes: an upgrade or reinstall would replace it, and it may be read-only."""
+    return Path(path).resolve().is_relative_to(REFERENCE_MODEL.parents[1].resolve())
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint file a user means: "reference" (the shipped model), a run folder (its best.pt, else
     last.pt), or the path itself."""
