@@ -45,7 +45,8 @@ def test_metrics_match_hand_computed_values():
     # Present but never predicted: recall 0, precision undefined; predicted but absent: precision 0, recall undefined.
     edge = metrics.compute_metrics([0, 1, 0], [0, 0, 2], None, ["a", "b", "c"], bootstrap=0)["per_class"]
     assert (edge["b"]["precision"], edge["b"]["recall"], edge["b"]["f1"]) == (None, 0.0, 0.0)
-    assert (edge["c"]["precision"], edge["c"]["recall"], edge["c"]["f1"], edge["c"]["sensitivity"]) == (0.0, None, 0.0, None)
+    c = edge["c"]
+    assert (c["precision"], c["recall"], c["f1"], c["sensitivity"]) == (0.0, None, 0.0, None)
     # Macro over the classes present in y_true or y_pred (the absent "notumor" is left out, as sklearn does).
     assert m["macro_avg"]["precision"] == pytest.approx(11 / 18)
     assert m["macro_avg"]["recall"] == pytest.approx(11 / 18)

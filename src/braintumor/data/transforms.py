@@ -213,8 +213,8 @@ def augment_batch(
     shift of up to ``translate`` of the size; ``brightness`` / ``contrast`` / ``gamma`` add
     :func:`braintumor.data.augment.random_intensity`, ``erasing`` :func:`braintumor.data.augment.random_erasing`
     (black, before normalizing), ``crop_area`` a random-resized crop (:func:`braintumor.data.augment.sample_crop`,
-    resized back to the full size before the flip, in the same sampling pass); each draws random numbers only when switched on, so switching
-    none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
+    resized back to the full size before the flip, in the same sampling pass); each draws random numbers only
+    when switched on, so switching none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
     the DataLoader path's Resize; progressive resizing).
     """
     batch = images_uint8.to(torch.float32) / 255.0
