@@ -214,8 +214,8 @@ def augment_batch(
     :func:`braintumor.data.augment.random_intensity`, ``erasing`` :func:`braintumor.data.augment.random_erasing`
     (black, before normalizing), ``crop_area`` a random-resized crop (:func:`braintumor.data.augment.sample_crop`,
     resized back to the full size before the flip, in the same sampling pass); each draws random numbers only
-    when switched on, so switching none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the result (antialiased bilinear, as
-    the DataLoader path's Resize; progressive resizing).
+    when switched on, so switching none on replays the flip-and-rotate stream exactly. ``out_size`` resizes the
+    result (antialiased bilinear, as the DataLoader path's Resize; progressive resizing).
     """
     batch = images_uint8.to(torch.float32) / 255.0
     flip, angle = _sample_params(batch.shape[0], rotation_deg, generator, batch.device)
