@@ -115,8 +115,8 @@ def compute_metrics(y_true, y_pred, probabilities, class_names: Sequence[str], *
     rows cover every class, present or not; a ratio with nothing to count is None (n/a), not 0: accuracy, recall
     and sensitivity of a class with no images, precision of a class never predicted, F1 of a class neither present
     nor predicted (a class present but never predicted has F1 0, one predicted but absent F1 0); macro averages
-    run over the classes present in y_true or y_pred (scikit-learn's convention), and the macro ROC-AUC over the classes where one-vs-rest AUC is defined.
-    bootstrap=0 skips the macro-F1 interval (None); the accuracy interval is exact (Clopper–Pearson) and always
+    run over the classes present in y_true or y_pred (scikit-learn's convention), and the macro ROC-AUC over the
+    classes where one-vs-rest AUC is defined. bootstrap=0 skips the macro-F1 interval (None); the accuracy interval is exact (Clopper–Pearson) and always
     there. Sensitivity is a class's recall, specificity the fraction of the other classes' images not predicted
     as it. ``uncalibrated_probabilities`` (before temperature scaling) adds ``ece_uncalibrated``.
     """
