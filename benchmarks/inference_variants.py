@@ -51,7 +51,7 @@ def measure(args) -> int:
     labels = np.asarray(split.val_labels)
     classifier = Classifier.from_checkpoint(args.checkpoint or args.run_dir)  # a run folder: its best.pt
     if args.report:
-        with staged_output_dir(args.report, args.report, overwrite=args.overwrite) as staged:
+        with staged_output_dir(args.report, args.report, overwrite=args.overwrite, option="--report") as staged:
             report = evaluate_classifier(classifier, split.val_paths, split.val_labels, staged.path,
                                          title=f"Validation report ({Path(classifier.source_path).name})",
                                          extra={"validation data": split.val_source,

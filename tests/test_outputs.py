@@ -173,3 +173,17 @@ def test_refuse_overwrites_names_the_flag_and_skips_stdout_and_unset(tmp_path):
     refuse_overwrites([("--json", taken), ("--out", dangling)], True)
     refuse_overwrite(taken, True)
     assert taken.read_text() == "{}"  # checking never writes
+
+
+def test_refusals_name_the_flag_that_gave_the_folder(tmp_path):
+    from braintumor.utils.outputs import staged_output_dir
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "old.md").write_text("kept")
+    with pytest.raises(UserError, match=r"choose another --report$"):
+        with staged_output_dir(tmp_path / "report", tmp_path, option="--report"):
+            pass
+    with pytest.raises(UserError, match=r"choose another --out \(without --out a new time-stamped folder is made\)$"):
+        with staged_output_dir(tmp_path / "report", tmp_path):
+            pass
+    assert (tmp_path / "report" / "old.md").read_text() == "kept"

@@ -81,18 +81,19 @@ class StagedFolder:
 
 
 def _target(out: str | os.PathLike | None, default_parent: str | os.PathLike, overwrite: bool,
-            now: datetime | None) -> Path:
-    """The folder a command's files are for, checked as :func:`prepare_output_dir` checks it; not created."""
+            now: datetime | None, option: str = "--out") -> Path:
+    """The folder a command's files are for, checked as :func:`prepare_output_dir` checks it; not created.
+    ``option`` names the flag that gave ``out``, for the messages."""
     if out is None:
         stamp = f"{(now or datetime.now()):%Y%m%d-%H%M%S}"
         return _free_name(Path(default_parent) / stamp)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} is a file, not a folder; choose another --out")
+        raise UserError(f"{option} {folder} is a file, not a folder; choose another {option}")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        default = f" (without {option} a new time-stamped folder is made)" if option == "--out" else ""
         raise UserError(f"output folder {folder} already holds files ({_listing(folder)}); pass --overwrite to "
-                        "write into it anyway, or choose another --out (without --out a new time-stamped "
-                        "folder is made)")
+                        f"write into it anyway, or choose another {option}{default}")
     return folder
 
 
@@ -137,10 +138,11 @@ def _umask() -> int:
 
 @contextmanager
 def staged_output_dir(out: str | os.PathLike | None, default_parent: str | os.PathLike, *,
-                      overwrite: bool = False, now: datetime | None = None) -> Iterator[StagedFolder]:
+                      overwrite: bool = False, now: datetime | None = None,
+                      option: str = "--out") -> Iterator[StagedFolder]:
     """Write a command's output folder all-or-nothing (see the module docstring); the folder rules are
-    :func:`prepare_output_dir`'s and are checked before the block runs."""
-    target = _target(out, default_parent, overwrite, now)
+    :func:`prepare_output_dir`'s and are checked before the block runs (``option``: the flag named in refusals)."""
+    target = _target(out, default_parent, overwrite, now, option)
     created = _make_parents(target)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
