@@ -14,7 +14,10 @@ with the same for two baselines: ``centre`` (a Gaussian centred on the image, si
 centre) and ``random`` (i.i.d. uniform noise, seeded: the chance level). 95 % intervals: Wilson for hit rates,
 percentile bootstrap (2,000 resamples, seeded) for mean mass. ``--faithfulness`` adds deletion and insertion AUC
 (Petsiuk et al. 2018): the explained class's probability as the map's pixels, most important first, are
-replaced by black (deletion, lower is better) or put onto a black image (insertion, higher is better), in 16 steps.
+replaced by black (deletion, lower is better) or put onto a black image (insertion, higher is better), in 16 steps,
+for the baselines too (a random order is the reference: on MRI slices it scores the best deletion of all, because
+scattered black pixels alone make a model fail, so read deletion against it). ``--diagnose`` adds masking tests,
+where each map's maximum sits and how far it lies from the box (in box sides, against the image centre's).
 
     python benchmarks/localization.py ../shared/data/figshare-boxes/boxes.csv --checkpoint reference \\
         [--methods gradcam occlusion ...] [--layers layer3 layer4] [--limit 60] [--json out.json] \\
@@ -570,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="at most this many slices, classes in turn")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, help="run the network at this input size instead of its own")
-    parser.add_argument("--faithfulness", action="store_true", help="add deletion/insertion AUC (17 x 2 passes)")
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="add deletion/insertion AUC (17 x 2 passes per map and slice), baselines included")
     parser.add_argument("--save-maps", type=Path, help="write every map (float16) to this .npz")
     parser.add_argument("--json", help="write the report as JSON to this file ('-': stdout instead of Markdown)")
     parser.add_argument("--montage", type=Path, metavar="PNG",
@@ -579,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --diagnose: per-class mean maps of the chosen rows beside the box frequency")
     parser.add_argument("--diagnose", type=Path, metavar="MAPS_NPZ",
                         help="instead of explaining: masking tests on the slices, and where the maxima of the maps "
-                             "saved by --save-maps sit (the rows named by --methods/--layers, if in the file)")
+                             "saved by --save-maps sit and how far from the box (the rows named by --methods / "
+                             "--layers, if in the file)")
     parser.add_argument("--average", type=Path, nargs="+", metavar="MAPS_NPZ",
                         help="instead of explaining: score the maps of several models saved by --save-maps on the same "
                              "slices, each and their mean (each map min-max normalized, at the first file's size)")
