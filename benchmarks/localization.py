@@ -488,18 +488,17 @@ def diagnose(classifier, boxes_csv: Path, boxes: Sequence[Box], maps: dict[str, 
         masking[kind] = {"accuracy": float(right.mean()), "accuracy_ci": wilson_interval(int(right.sum()), len(right)),
                          "p_true": float(true_p.mean()),
                          "per_class": {c: float(right[labels == c].mean()) for c in sorted(set(labels))}}
-    peaks = {}
+    peaks, distance = {}, {}
     for row, row_maps in maps.items():
         row_maps = np.asarray(row_maps, dtype=np.float32)
         regions = [peak_region(m, h, b) for m, h, b in zip(row_maps, heads, boxes)]
         counts = {name: regions.count(name) / len(regions) for name in ("box", "brain", "rim", "background", "none")}
-        left = [p is not None and p[0] < 0.5 for p in (peak(m) for m in row_maps)]
+        points = [peak(m) for m in row_maps]
         peaks[row] = {**counts, "margin": float(np.mean([in_margin(m) for m in row_maps])),
-                      "left_half": float(np.mean(left))}
-    # How far the maxima lie from the tumour, against the centre point's distance: are the misses next to the box
-    # (around the tumour) or elsewhere?
-    distance = {row: distance_summary([box_distance(peak(m), b) for m, b in zip(row_maps, boxes)], labels)
-                for row, row_maps in maps.items()}
+                      "left_half": float(np.mean([p is not None and p[0] < 0.5 for p in points]))}
+        # How far the maxima lie from the tumour, against the centre point's distance below: are the misses next
+        # to the box (around the tumour) or elsewhere?
+        distance[row] = distance_summary([box_distance(p, b) for p, b in zip(points, boxes)], labels)
     distance["centre"] = distance_summary([box_distance((0.5, 0.5), b) for b in boxes], labels)
     return {"masking": masking, "peaks": peaks, "distance": distance, "head_share": float(heads.mean())}
 
